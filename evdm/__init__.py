@@ -1,0 +1,1 @@
+"""evdm: endpoint-conditioned video diffusion (fill in the middle of a clip)."""

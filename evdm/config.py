@@ -1,0 +1,301 @@
+"""Typed, frozen run configuration loaded from TOML.
+
+`load_config(path, overrides)` reads a TOML file, applies `--set section.key=value` overrides
+(values parsed as TOML), rejects unknown keys and wrong types naming the key and the file, and
+checks invariants (T > 2K, ...) once, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and the file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train_shards: str | list[str] = "shards/train-*.tar"  # glob, brace pattern, list or pipe: URL
+    val_shards: str | list[str] = "shards/val-*.tar"
+    size: int = 64
+    T: int = 8
+    endpoint_context: int = 2  # K: observed frames at each end
+    frame_stride: int = 1
+    color_mode: str = "rgb"  # rgb | gray
+    loader: str = "webdataset"  # webdataset | dali
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    val_clips: int = 64  # fixed val subset size
+    hflip: bool = False  # random horizontal flip, applied on the training device
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    base_channels: int = 96
+    channel_mults: tuple[int, ...] = (1, 2, 4)
+    res_blocks: int = 2
+    temporal_attn_levels: tuple[int, ...] = (1, 2)  # indices into channel_mults; bottleneck always
+    attn_head_channels: int = 32
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "linear"  # linear | cosine
+    prediction: str = "eps"  # eps | v
+    temporal_loss_weight: float = 0.05
+    noise_offset: float = 0.0
+    cfg_drop_prob: float = 0.08
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    out_dir: str = "runs/bair"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"  # cosine | constant
+    lr_warmup_steps: int = 1000
+    lr_min_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    amp: bool = True  # used on CUDA; on CPU only when amp_on_cpu
+    amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 uses a GradScaler)
+    amp_on_cpu: bool = False
+    compile: bool = True  # applied on CUDA; on CPU only when compile_on_cpu
+    compile_on_cpu: bool = False
+    channels_last: bool = True
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup_steps: int = 1000  # decay ramps as min(ema_decay, (1 + step) / (10 + step))
+    log_every: int = 50
+    val_every: int = 1000
+    vis_every: int = 1  # previews every N validations
+    ckpt_every: int = 1000  # out_dir/last.pt
+    snapshot_every: int = 10_000  # out_dir/step_XXXXXXX.pt
+    preview_clips: int = 4
+    preview_steps: int = 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 40
+    eta: float = 0.0
+    guidance_scale: float = 1.8
+    dynamic_threshold: bool = False
+    dynamic_threshold_percentile: float = 0.995
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.data.color_mode == "gray" else 3
+
+    @property
+    def middle_frames(self) -> int:
+        return self.data.T - 2 * self.data.endpoint_context
+
+
+_CHOICES = {
+    ("data", "color_mode"): ("rgb", "gray"),
+    ("data", "loader"): ("webdataset", "dali"),
+    ("diffusion", "schedule"): ("linear", "cosine"),
+    ("diffusion", "prediction"): ("eps", "v"),
+    ("train", "lr_schedule"): ("cosine", "constant"),
+    ("train", "amp_dtype"): ("bf16", "fp16"),
+    ("sample", "sampler"): ("ddim", "ddpm"),
+}
+
+
+def check_context(T: int, K: int) -> None:
+    """Raise unless T > 2K >= 2: the middle must hold at least one frame."""
+    if K < 1:
+        raise ValueError(f"endpoint_context K must be >= 1, got {K}")
+    if T <= 2 * K:
+        raise ValueError(
+            f"T must be greater than 2*endpoint_context to leave a middle to generate: "
+            f"T={T}, endpoint_context={K} (2K={2 * K})"
+        )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; convert lists to tuples where asked."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{where}: expected {len(item_types)} items, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+    """Build a RunConfig from a nested dict; errors name `section.key` and `source`."""
+    sections = {}
+    hints = typing.get_type_hints(RunConfig)
+    for name, value in raw.items():
+        if name not in hints:
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(hints)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        cls = hints[name]
+        field_types = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in field_types:
+                raise ConfigError(
+                    f"{source}: unknown key {name}.{key} (known: {', '.join(field_types)})"
+                )
+            kwargs[key] = _coerce(v, field_types[key], f"{source}: {name}.{key}")
+        sections[name] = cls(**kwargs)
+    cfg = RunConfig(**sections)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str = "<config>") -> None:
+    """Check value ranges and cross-field invariants once, at load time."""
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {section}.{key} must be one of {allowed}, got {value!r}")
+    d, m = cfg.data, cfg.model
+    try:
+        check_context(d.T, d.endpoint_context)
+    except ValueError as err:
+        raise ConfigError(f"{source}: data.T / data.endpoint_context: {err}") from None
+    positive = {
+        "data.size": d.size, "data.frame_stride": d.frame_stride, "model.base_channels": m.base_channels,
+        "model.res_blocks": m.res_blocks, "diffusion.timesteps": cfg.diffusion.timesteps,
+        "train.batch_size": cfg.train.batch_size, "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.max_steps": cfg.train.max_steps, "sample.steps": cfg.sample.steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: {key} must be >= 1, got {value}")
+    if not m.channel_mults:
+        raise ConfigError(f"{source}: model.channel_mults must not be empty")
+    factor = 2 ** (len(m.channel_mults) - 1)
+    if d.size % factor:
+        raise ConfigError(
+            f"{source}: data.size={d.size} must be divisible by 2**(len(model.channel_mults)-1)={factor}"
+        )
+    bad_levels = [lv for lv in m.temporal_attn_levels if not 0 <= lv < len(m.channel_mults)]
+    if bad_levels:
+        raise ConfigError(
+            f"{source}: model.temporal_attn_levels {bad_levels} out of range 0..{len(m.channel_mults) - 1}"
+        )
+    if not 0.0 <= cfg.diffusion.cfg_drop_prob < 1.0:
+        raise ConfigError(f"{source}: diffusion.cfg_drop_prob must be in [0, 1)")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"{source}: sample.steps must be <= diffusion.timesteps")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4); the value is parsed as TOML, bare words as strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    path = dotted.strip().split(".")
+    if len(path) != 2:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomli.loads(f"v = {raw}")["v"]
+    except tomli.TOMLDecodeError:
+        value = raw  # a bare string such as out_dir=runs/x
+    return path, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load TOML at `path` (None: defaults), apply `section.key=value` overrides, validate."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomli.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomli.TOMLDecodeError as err:
+            raise ConfigError(f"{source}: invalid TOML: {err}") from None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw, source)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (tuples as lists), suitable for TOML and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return {
+        name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+        for name in ("data", "model", "diffusion", "train", "sample")
+    }
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Serialize to TOML text (flat sections of strings, numbers, bools and lists)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)

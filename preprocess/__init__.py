@@ -1,0 +1,1 @@
+"""Offline data tools: videos (or BAIR TFRecords) -> WebDataset tar shards. Never imports torch."""

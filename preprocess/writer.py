@@ -1,0 +1,69 @@
+"""Deterministic, atomic WebDataset shard writing, shared by preprocess.shard and preprocess.bair."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+TMP_SUFFIX = ".tmp"
+
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    # Fixed metadata so the same samples give byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+def write_shard(path: str | Path, samples: Iterable[dict[str, bytes | str]]) -> tuple[int, str]:
+    """Write samples ({"__key__": str, ext: bytes, ...}) to a tar at `path`; return (count, sha256).
+
+    Written to `path.tmp`, fsynced, then renamed: a crash never leaves a half-written shard
+    under the final name.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in samples:
+                    key = sample["__key__"]
+                    for ext in sorted(k for k in sample if k != "__key__"):
+                        tar.addfile(*_tar_member(f"{key}.{ext}", sample[ext]))
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count, digest
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, text: str) -> None:
+    """Write text to `path` via a temporary name, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
