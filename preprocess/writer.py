@@ -67,3 +67,32 @@ def write_json_atomic(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_manifest(
+    shard_dir: str | Path,
+    *,
+    options: dict,
+    clip_shape: tuple[int, ...],
+    splits: dict[str, dict],
+    skipped: list[dict],
+) -> dict:
+    """Write SHARD_DIR/manifest.json atomically (last, after every shard) and return it.
+
+    splits: {"train": {"videos": n, "clips": n, "shards": [{"name", "clips", "sha256"}]}, ...}
+    skipped: [{"path": rel path, "reason": str}, ...]
+    """
+    import json
+
+    from evdm.schema import MANIFEST_NAME
+
+    manifest = {
+        "format": 1,
+        "options": options,
+        "clip_shape": list(clip_shape),
+        "dtype": "uint8",
+        "splits": splits,
+        "skipped": skipped,
+    }
+    write_json_atomic(Path(shard_dir) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
