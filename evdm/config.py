@@ -80,7 +80,7 @@ class TrainConfig:
     channels_last: bool = True
     ema: bool = True
     ema_decay: float = 0.9999
-    ema_warmup_steps: int = 1000  # decay ramps as min(ema_decay, (1 + step) / (10 + step))
+    ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + step) / (10 + step))
     log_every: int = 50
     val_every: int = 1000
     vis_every: int = 1  # previews every N validations

@@ -36,10 +36,19 @@ def ffmpeg_exe() -> str:
         ) from err
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: int = 1) -> None:
+def write_mp4(
+    frames: np.ndarray,
+    path: str | Path,
+    fps: float = 4.0,
+    upscale: int = 1,
+    *,
+    crf: int = 18,
+    pix_fmt: str = "yuv420p",
+) -> None:
     """Encode uint8 frames [T, H, W, C] (C = 1 or 3) as H.264 MP4, atomically (temp name, rename).
 
-    `upscale` enlarges with nearest-neighbour so small frames stay crisp.
+    `upscale` enlarges with nearest-neighbour so small frames stay crisp. A lower `crf` and
+    pix_fmt="yuv444p" keep decoded frames closer to the input (used by the synthetic dataset).
     """
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
         raise ValueError(f"frames must be uint8 [T, H, W, 1|3], got {frames.dtype} {frames.shape}")
@@ -56,7 +65,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: i
         ffmpeg_exe(), "-y", "-loglevel", "error",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:",
         "-vf", f"scale={out_w}:{out_h}:flags=neighbor",
-        "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", str(tmp),
+        "-c:v", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf), str(tmp),
     ]
     proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
     if proc.returncode != 0:

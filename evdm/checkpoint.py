@@ -1,0 +1,109 @@
+"""One-file, atomic, weights_only-loadable checkpoints.
+
+Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng"}.
+Only tensors and primitives: `torch.load(path, weights_only=True)` reads it, no pickled modules.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from evdm.config import ConfigError, RunConfig, from_dict, to_dict
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupt or incompatible checkpoint; the message names the file."""
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write `payload` to `path` atomically: temporary name, fsync, rename.
+
+    A crash mid-write leaves the previous file at `path` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def make_payload(
+    *, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+) -> dict:
+    """Everything needed to resume; `model`/`ema` must be the unwrapped (uncompiled, non-DDP) modules."""
+    return {
+        "step": step,
+        "config": to_dict(cfg),
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+    }
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and sanity-check a checkpoint; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/foreign files
+        raise CheckpointError(f"{path}: not a readable evdm checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an evdm checkpoint (format {FORMAT} expected)")
+    for key in ("step", "config", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    return ckpt
+
+
+def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
+    try:
+        return from_dict(ckpt["config"], f"{path} (stored config)")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[torch.nn.Module, RunConfig]:
+    """Build the model from the checkpoint's stored config and load EMA (default) or raw weights."""
+    from evdm.models import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = config_of(ckpt, path)
+    model = build_model(cfg)
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match the stored config: {err}") from None
+    return model.to(device).eval(), cfg

@@ -1,0 +1,259 @@
+"""train(cfg): the one training loop. Single process or under torchrun (DDP: NCCL on GPU, gloo on CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from evdm import data
+from evdm.checkpoint import load_checkpoint, make_payload, save_checkpoint, set_rng_state
+from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
+from evdm.dashboard import Dashboard
+from evdm.diffusion.loss import diffusion_loss, draw_training_noise
+from evdm.diffusion.schedule import Schedule, make_schedule
+from evdm.ema import ema_decay_at, make_ema, update_ema
+from evdm.models import build_model
+from evdm.preview import write_preview
+from evdm.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
+
+VAL_SEED = 1234  # fixed noise and timesteps for every validation
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then constant or cosine decay to lr * lr_min_ratio at max_steps."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps))
+    floor = cfg.lr * cfg.lr_min_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Per-step seed from (seed, rank, step), so a resumed run draws the same noise as a straight one."""
+    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63)
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, local_rank
+
+
+def amp_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    use = cfg.amp and (device.type == "cuda" or cfg.amp_on_cpu)
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=use)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, s: Schedule, val_u8: torch.Tensor, cfg: RunConfig, device: torch.device) -> float:
+    """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop."""
+    gen = torch.Generator(device=device).manual_seed(VAL_SEED)
+    total, count = 0.0, 0
+    for chunk in val_u8.split(cfg.train.batch_size):
+        x = data.to_model_input(chunk, device, channels_last=cfg.train.channels_last)
+        K = cfg.data.endpoint_context
+        middle_shape = (x.shape[0], x.shape[1], x.shape[2] - 2 * K, *x.shape[3:])
+        t, noise, cond_drop = draw_training_noise(
+            middle_shape, timesteps=cfg.diffusion.timesteps, cfg_drop_prob=0.0,
+            noise_offset=cfg.diffusion.noise_offset, generator=gen, device=device,
+        )
+        with amp_context(cfg.train, device):
+            loss, _ = diffusion_loss(
+                model, s, x, t, noise, cond_drop, K=K, prediction=cfg.diffusion.prediction,
+                temporal_loss_weight=cfg.diffusion.temporal_loss_weight,
+            )
+        total += loss.float().item() * x.shape[0]
+        count += x.shape[0]
+    return total / count
+
+
+def _install_sigterm_handler() -> None:
+    # Turn SIGTERM (cluster preemption, `kill`) into KeyboardInterrupt so the loop saves last.pt.
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, handler)
+
+
+def train(cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Train from `cfg`; returns the output directory holding last.pt, metrics.jsonl, loss.png, previews/."""
+    # --- setup ---------------------------------------------------------------------------------
+    tc = cfg.train
+    rank, world_size, local_rank = setup_distributed()
+    is_main = rank == 0
+    device = resolve_device(tc.device, local_rank)
+    if cfg.data.loader == "dali" and device.type != "cuda":
+        raise ConfigError("data.loader = 'dali' needs a CUDA device; use data.loader = 'webdataset' on CPU")
+    data.check_shards(cfg)
+    out_dir = Path(tc.out_dir)
+    ckpt_path = out_dir / "last.pt"
+    if is_main:
+        (out_dir / "previews").mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / "config.toml.tmp"
+        tmp.write_text(to_toml(cfg))
+        os.replace(tmp, out_dir / "config.toml")
+    torch.manual_seed(tc.seed)
+    raw_model = build_model(cfg).to(device)
+    if tc.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last_3d)
+    ema = make_ema(raw_model) if tc.ema else None
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+    use_fp16_scaler = tc.amp and tc.amp_dtype == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16_scaler)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+
+    # --- resume --------------------------------------------------------------------------------
+    step = 0
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        raw_model.load_state_dict(ckpt["model"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        if ckpt.get("optimizer") is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        if is_main:
+            truncate_metrics(out_dir / "metrics.jsonl", step)
+
+    # Wrap after loading weights: DDP, then compile; checkpoints always save raw_model.
+    model: torch.nn.Module = raw_model
+    if world_size > 1:
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile and (device.type == "cuda" or tc.compile_on_cpu):
+        model = torch.compile(model)
+    eval_model = ema if ema is not None else raw_model
+    loader = iter(data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, step)))
+    val_u8 = data.load_val_clips(cfg) if is_main else None
+    K = cfg.data.endpoint_context
+    validations = 0
+
+    def save(path: Path) -> None:
+        if is_main:
+            save_checkpoint(path, make_payload(step=step, cfg=cfg, model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler))
+
+    # --- loop ----------------------------------------------------------------------------------
+    _install_sigterm_handler()
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = torch.zeros((), device=device)
+    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+    dashboard = Dashboard(tc.max_steps, step, enabled=is_main)
+    try:
+        with dashboard:
+            while step < tc.max_steps:
+                gen = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step))
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.train()
+                for micro in range(tc.grad_accum_steps):
+                    wait_start = time.perf_counter()
+                    batch_u8 = next(loader)
+                    window_wait += time.perf_counter() - wait_start
+                    x = data.to_model_input(
+                        batch_u8, device, channels_last=tc.channels_last,
+                        hflip_generator=gen if cfg.data.hflip else None,
+                    )
+                    middle_shape = (x.shape[0], x.shape[1], x.shape[2] - 2 * K, *x.shape[3:])
+                    t, noise, cond_drop = draw_training_noise(
+                        middle_shape, timesteps=cfg.diffusion.timesteps, cfg_drop_prob=cfg.diffusion.cfg_drop_prob,
+                        noise_offset=cfg.diffusion.noise_offset, generator=gen, device=device,
+                    )
+                    # Gradients are all-reduced only on the last micro-step of an accumulation.
+                    last_micro = micro == tc.grad_accum_steps - 1
+                    sync = contextlib.nullcontext() if last_micro or world_size == 1 else model.no_sync()
+                    with sync, amp_context(tc, device):
+                        loss, _ = diffusion_loss(
+                            model, schedule, x, t, noise, cond_drop, K=K, prediction=cfg.diffusion.prediction,
+                            temporal_loss_weight=cfg.diffusion.temporal_loss_weight,
+                        )
+                        scaler.scale(loss / tc.grad_accum_steps).backward()
+                    loss_sum += loss.detach().float() / tc.grad_accum_steps
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    update_ema(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                step += 1
+                window_steps += 1
+
+                # --- log, validate, preview, checkpoint: all functions of `step` -------------------
+                val_loss = None
+                is_val_step = step % tc.val_every == 0 or step == tc.max_steps
+                if is_val_step:
+                    if is_main:
+                        val_loss = validation_loss(eval_model, schedule, val_u8, cfg, device)
+                        validations += 1
+                        if validations % tc.vis_every == 0:
+                            write_preview(eval_model, schedule, val_u8, cfg, out_dir / "previews", step, device)
+                if step % tc.log_every == 0 or is_val_step:
+                    if world_size > 1:
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= world_size
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": step,
+                        "loss": loss_sum.item() / window_steps,  # the one sync per log interval
+                        "val_loss": val_loss,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "samples_per_s": window_steps * tc.batch_size * tc.grad_accum_steps * world_size / elapsed,
+                        "data_wait": window_wait / elapsed,
+                        "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                    }
+                    if is_main:
+                        append_metrics(out_dir / "metrics.jsonl", record)
+                        if val_loss is not None:
+                            plot_losses(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
+                    dashboard.update(step, record)
+                    loss_sum.zero_()
+                    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+                if step % tc.ckpt_every == 0:
+                    save(ckpt_path)
+                if step % tc.snapshot_every == 0:
+                    save(out_dir / f"step_{step:07d}.pt")
+    except KeyboardInterrupt:
+        dashboard.message(f"interrupted at step {step}: saving {ckpt_path}")
+
+    # --- final save ----------------------------------------------------------------------------
+    save(ckpt_path)
+    dashboard.message(f"saved {ckpt_path} at step {step}")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir
