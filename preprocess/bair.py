@@ -1,0 +1,462 @@
+"""`python -m preprocess.bair SOURCE_DIR SHARD_DIR [options]`: BAIR robot pushing TFRecords -> shards.
+
+Reads the original softmotion30_44k release (train/ and test/ folders of traj_*.tfrecords; one
+tf.train.Example per 30-frame trajectory) without TensorFlow and writes shards in the format of
+preprocess.shard: train shards from train/, val shards from test/. `--to-mp4 OUT_DIR` writes
+OUT_DIR/videos_train/*.mp4 and OUT_DIR/videos_val/*.mp4 instead.
+
+Per frame i a record holds (tensorflow_datasets video/bair_robot_pushing.py): `{i}/image_aux1/encoded`
+and `{i}/image_main/encoded`, raw RGB uint8 64x64x3 (12,288 bytes, not PNG), `{i}/action` (4 floats) and
+`{i}/endeffector_pos` (3 floats). The dataset states no frame rate: meta.json and the MP4s say 10 fps.
+
+Plan, then work, as preprocess.shard does: a framing scan lists every record; a seeded permutation
+deals each split's records into fixed groups, one group per shard; each shard's clips are shuffled
+with a seed of their own and written atomically. Same input and options -> same bytes, whatever
+--workers. A corrupt record is reported (file + record index) and skipped; see preprocess.tfrecords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe, write_mp4
+from evdm.schema import COLOR_CHANNELS, MANIFEST_NAME, SHARD_PATTERN, clip_shape, encode_sample, make_key
+from preprocess.tfrecords import RecordError, iter_records, parse_example, read_record_at
+from preprocess.video import clip_span, clip_starts, cut_clips
+from preprocess.writer import TMP_SUFFIX, write_manifest, write_shard
+
+SPLIT_FOLDERS = {"train": "train", "val": "test"}  # evdm split -> softmotion30_44k folder
+MP4_FOLDERS = {"train": "videos_train", "val": "videos_val"}  # the layout preprocess.shard reads
+RECORD_SUFFIXES = (".tfrecords", ".tfrecord")
+CAMERAS = ("aux1", "main")
+BAIR_FRAMES = 30
+BAIR_SIZE = 64
+BAIR_FPS = 10.0  # not published with the dataset; 10 is the usual assumption
+MP4_CRF, MP4_PIX_FMT = 10, "yuv444p"  # as preprocess.synth: decoded frames stay close to the source
+LUMA_601 = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
+
+
+class UserError(Exception):
+    """Bad input or setup: reported as one line, exit code 2, no traceback."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Everything that decides the shards' bytes; recorded in the manifest."""
+
+    T: int = 8
+    frame_stride: int = 1
+    clip_stride: int = 8  # resolved: T * frame_stride unless given
+    size: int = 64
+    color_mode: str = "rgb"
+    camera: str = "aux1"
+    shard_size: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    split: str
+    source: str  # tfrecord path relative to the dataset root, e.g. "train/traj_0_to_255.tfrecords"
+    index: int  # record index within the file
+    offset: int  # byte offset of its framing
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    records: tuple[RecordRef, ...]
+
+    @property
+    def name(self) -> str:
+        return SHARD_PATTERN.format(split=self.split, index=self.index)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    frames: np.ndarray  # uint8 [N, 64, 64, 3]
+    actions: np.ndarray  # float32 [N, 4]
+    endeffector_pos: np.ndarray  # float32 [N, 3]
+
+
+# ---- pure functions on one record
+
+def _values(features, key: str, kind: str):
+    if key not in features:
+        raise RecordError(f"missing feature {key!r}")
+    return getattr(features[key], kind).value
+
+
+def decode_trajectory(data: bytes, camera: str = "aux1") -> Trajectory:
+    """One serialized BAIR Example -> its frames for `camera`, actions and end-effector positions."""
+    features = parse_example(data)
+    image_key = "{}/image_" + camera + "/encoded"
+    n = sum(1 for key in features if key.endswith(f"/image_{camera}/encoded"))
+    if n == 0:
+        raise RecordError(f"no '{image_key.format('i')}' features (not a BAIR record, or another camera)")
+    frames, actions, positions = [], [], []
+    for i in range(n):
+        image = _values(features, image_key.format(i), "bytes_list")
+        if len(image) != 1 or len(image[0]) != BAIR_SIZE * BAIR_SIZE * 3:
+            got = f"{len(image[0])} bytes" if len(image) == 1 else f"{len(image)} values"
+            raise RecordError(f"{image_key.format(i)} holds {got}, not one raw 64x64 RGB image (12288 bytes)")
+        frames.append(np.frombuffer(image[0], np.uint8).reshape(BAIR_SIZE, BAIR_SIZE, 3))
+        for key, dim, out in ((f"{i}/action", 4, actions), (f"{i}/endeffector_pos", 3, positions)):
+            values = _values(features, key, "float_list")
+            if len(values) != dim:
+                raise RecordError(f"{key} holds {len(values)} floats, not {dim}")
+            out.append(np.asarray(values, np.float32))
+    return Trajectory(np.stack(frames), np.stack(actions), np.stack(positions))
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, W, C] (square) -> [N, size, size, C]: area average down, bicubic up.
+
+    A size that divides H averages exact f x f blocks (rounded half up); other sizes use PIL's box
+    filter (area weights, 8-bit fixed point) down and bicubic up.
+    """
+    n, h, _, c = frames.shape
+    if h == size:
+        return frames
+    if size < h and h % size == 0:
+        f = h // size
+        blocks = frames.reshape(n, size, f, size, f, c).mean(axis=(2, 4))
+        return np.floor(blocks + 0.5).astype(np.uint8)
+    resample = Image.Resampling.BOX if size < frames.shape[1] else Image.Resampling.BICUBIC
+    resized = [np.asarray(Image.fromarray(f if c == 3 else f[..., 0]).resize((size, size), resample)) for f in frames]
+    return np.stack(resized).reshape(n, size, size, c)
+
+
+def to_gray(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] RGB -> uint8 [..., 1] ITU-R BT.601 luma, rounded to nearest."""
+    return np.rint(frames @ LUMA_601).clip(0, 255).astype(np.uint8)[..., None]
+
+
+def prepare_frames(frames: np.ndarray, size: int, color_mode: str) -> np.ndarray:
+    """Source frames -> the shard's [N, size, size, C]."""
+    frames = resize_frames(frames, size)
+    return to_gray(frames) if color_mode == "gray" else frames
+
+
+def clip_meta(ref: RecordRef, traj: Trajectory, start: int, opts: Options) -> dict:
+    frames = [start + k * opts.frame_stride for k in range(opts.T)]
+    return {"source": ref.source, "record": ref.index, "start_frame": start, "frame_stride": opts.frame_stride,
+            "fps": BAIR_FPS, "split": ref.split, "camera": opts.camera,
+            "actions": traj.actions[frames].tolist(), "endeffector_pos": traj.endeffector_pos[frames].tolist()}
+
+
+def skip_entry(source: str, index: int | None, reason: str) -> dict:
+    return {"path": source, "record": index, "reason": reason}
+
+
+# ---- scan and plan
+
+def find_sources(source_dir: Path) -> tuple[Path, dict[str, list[str]]]:
+    """(dataset root, {split: sorted tfrecord paths relative to it}); accepts the untar folder too."""
+    if not source_dir.is_dir():
+        raise UserError(f"SOURCE_DIR {source_dir} does not exist or is not a folder")
+    root = source_dir / "softmotion30_44k" if (source_dir / "softmotion30_44k").is_dir() else source_dir
+    if not any((root / folder).is_dir() for folder in SPLIT_FOLDERS.values()):
+        raise UserError(f"no train/ or test/ folder in {root} (expected softmotion30_44k/{{train,test}}/*.tfrecords)")
+    files = {split: sorted(p.relative_to(root).as_posix() for p in (root / folder).glob("*")
+                           if p.suffix in RECORD_SUFFIXES and p.is_file())
+             for split, folder in SPLIT_FOLDERS.items() if (root / folder).is_dir()}
+    if not any(files.values()):
+        raise UserError(f"no .tfrecords files found in {root}/train or {root}/test")
+    return root, files
+
+
+def scan_records(root: Path, split: str, source: str) -> tuple[list[RecordRef], list[dict]]:
+    """Every record of one file whose framing is intact, and skip entries for the rest of the file."""
+    refs, skipped = [], []
+    try:
+        for span, item in iter_records(root / source):
+            if isinstance(item, RecordError) and span.length < 0:
+                skipped.append(skip_entry(source, span.index, str(item)))
+            else:  # a data CRC error is found again, and reported, when the shard reads the record
+                refs.append(RecordRef(split, source, span.index, span.offset))
+    except OSError as err:
+        skipped.append(skip_entry(source, None, f"unreadable file ({err.strerror or err})"))
+    if not refs and not skipped:
+        skipped.append(skip_entry(source, None, "empty file (no records)"))
+    return refs, skipped
+
+
+def plan_shards(refs: list[RecordRef], opts: Options, records_per_shard: int) -> list[ShardPlan]:
+    """Deal each split's records, in a seeded random order, into groups of records_per_shard."""
+    plans = []
+    for split_id, split in enumerate(SPLIT_FOLDERS):
+        mine = [r for r in refs if r.split == split]
+        # Neighbouring trajectories (same file) are often alike: permuting spreads them over shards.
+        order = np.random.default_rng([opts.seed, split_id]).permutation(len(mine))
+        for index, start in enumerate(range(0, len(mine), records_per_shard)):
+            plans.append(ShardPlan(split, index, tuple(mine[i] for i in order[start:start + records_per_shard])))
+    return plans
+
+
+# ---- writing one shard (runs in the pool)
+
+def write_planned_shard(args: tuple[Path, Path, ShardPlan, Options]) -> dict:
+    """Read, cut and write one shard (none when it gets no clips); returns its summary record."""
+    root, shard_dir, plan, opts = args
+    items, skipped, videos = [], [], 0
+    handles = {}
+    try:
+        for ref in plan.records:
+            try:
+                if ref.source not in handles:
+                    handles[ref.source] = open(root / ref.source, "rb")
+                traj = decode_trajectory(read_record_at(handles[ref.source], ref.offset)[0], opts.camera)
+            except (RecordError, OSError) as err:
+                skipped.append(skip_entry(ref.source, ref.index, str(err)))
+                continue
+            starts = clip_starts(len(traj.frames), opts.T, opts.frame_stride, opts.clip_stride)
+            if not starts:
+                need = clip_span(opts.T, opts.frame_stride)
+                skipped.append(skip_entry(ref.source, ref.index,
+                                          f"too short: {len(traj.frames)} frames, one clip needs {need}"))
+                continue
+            videos += 1
+            clips = cut_clips(prepare_frames(traj.frames, opts.size, opts.color_mode), starts, opts.T,
+                              opts.frame_stride)
+            items += [(make_key(f"{ref.source}#{ref.index:05d}", start), clip, clip_meta(ref, traj, start, opts))
+                      for start, clip in zip(starts, clips)]
+    finally:
+        for f in handles.values():
+            f.close()
+    # A seed of the shard's own, so one trajectory's clips are not adjacent.
+    split_id = list(SPLIT_FOLDERS).index(plan.split)
+    order = np.random.default_rng([opts.seed, split_id, plan.index, 1]).permutation(len(items))
+    record = {"name": plan.name, "split": plan.split, "clips": len(items), "sha256": None, "videos": videos,
+              "skipped": skipped}
+    if items:
+        samples = (encode_sample(*items[k]) for k in order)
+        _, record["sha256"] = write_shard(shard_dir / plan.name, samples)
+    return record
+
+
+# ---- progress, shard folder, the runs
+
+class Progress:
+    """A rich progress bar when stdout is a terminal; otherwise a log line about every 10%."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self._bar, self._logged = None, -1
+
+    def __enter__(self) -> Progress:
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
+            return
+        tenth = self.done * 10 // max(1, self.total)
+        if tenth > self._logged:
+            self._logged = tenth
+            print(f"{self.label}: {self.done}/{self.total}", flush=True)
+
+    def __exit__(self, *exc) -> bool:
+        if self._bar is not None:
+            self._bar.stop()
+        return False
+
+
+def _ours(name: str) -> bool:
+    """Files a shard writer puts in SHARD_DIR (shards, manifest, preprocess.shard's progress, temporaries)."""
+    name = name.removesuffix(TMP_SUFFIX)
+    split, _, rest = name.partition("-")
+    return name in (MANIFEST_NAME, "progress.json") or (split in SPLIT_FOLDERS and rest.endswith(".tar")
+                                                         and len(rest) == 10 and rest[:6].isdigit())
+
+
+def prepare_shard_dir(shard_dir: Path, overwrite: bool) -> None:
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in shard_dir.iterdir() if p.is_file() and _ours(p.name)]
+    if not overwrite and any(not p.name.endswith(TMP_SUFFIX) for p in ours):
+        raise UserError(f"{shard_dir} already holds shards or a manifest; pass --overwrite to replace them, "
+                        "or choose another SHARD_DIR")
+    for path in ours:
+        path.unlink()
+
+
+def check_options(opts: Options, *, clips: bool = True) -> int:
+    """Raise UserError for impossible options; return the clips one 30-frame trajectory gives."""
+    if opts.camera not in CAMERAS or opts.color_mode not in COLOR_CHANNELS:
+        raise UserError(f"camera must be one of {CAMERAS} and color_mode one of {tuple(COLOR_CHANNELS)}")
+    if min(opts.T, opts.frame_stride, opts.clip_stride, opts.size, opts.shard_size) < 1:
+        raise UserError("T, frame_stride, clip_stride, size and shard_size must be >= 1")
+    if not clips:
+        return 0
+    per_record = len(clip_starts(BAIR_FRAMES, opts.T, opts.frame_stride, opts.clip_stride))
+    if per_record == 0:
+        raise UserError(f"T={opts.T} with frame_stride={opts.frame_stride} spans "
+                        f"{clip_span(opts.T, opts.frame_stride)} frames; BAIR trajectories have {BAIR_FRAMES}")
+    return per_record
+
+
+def _sorted_skips(skipped: list[dict]) -> list[dict]:
+    return sorted(skipped, key=lambda s: (s["path"], -1 if s["record"] is None else s["record"]))
+
+
+def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1,
+            overwrite: bool = False) -> tuple[dict | None, list[dict]]:
+    """Write the shards and the manifest; returns (manifest, or None when no clip came out; skipped)."""
+    root, files = find_sources(source_dir)
+    per_record = check_options(opts)
+    prepare_shard_dir(shard_dir, overwrite)
+    refs, skipped = [], []
+    with Progress("scan", sum(map(len, files.values()))) as progress:
+        for split, sources in files.items():
+            for source in sources:
+                found, bad = scan_records(root, split, source)
+                refs += found
+                skipped += bad
+                progress.advance()
+    plans = plan_shards(refs, opts, max(1, round(opts.shard_size / per_record)))
+    tasks = [(root, shard_dir, plan, opts) for plan in plans]
+    records = []
+    with Progress("records", len(refs)) as progress:
+        # spawn, not fork: the progress bar runs a thread, and forking a threaded process is unsafe.
+        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
+        try:
+            for plan, record in zip(plans, pool.imap(write_planned_shard, tasks) if pool else
+                                    map(write_planned_shard, tasks)):
+                records.append(record)
+                progress.advance(len(plan.records))
+        finally:
+            if pool:
+                pool.terminate()
+    skipped = _sorted_skips(skipped + [s for r in records for s in r["skipped"]])
+    if not any(r["clips"] for r in records):
+        return None, skipped
+    splits = {split: {"videos": 0, "clips": 0, "shards": []} for split in SPLIT_FOLDERS}
+    for r in records:
+        entry = splits[r["split"]]
+        entry["videos"] += r["videos"]
+        entry["clips"] += r["clips"]
+        if r["clips"]:
+            entry["shards"].append({"name": r["name"], "clips": r["clips"], "sha256": r["sha256"]})
+    manifest = write_manifest(shard_dir, options=asdict(opts), skipped=skipped, splits=splits,
+                              clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
+    return manifest, skipped
+
+
+def export_file(args: tuple[Path, Path, str, str, Options]) -> tuple[int, list[dict]]:
+    """Write one tfrecord file's trajectories as MP4s; returns (videos written, skipped)."""
+    root, out_dir, split, source, opts = args
+    written, skipped = 0, []
+    folder = out_dir / MP4_FOLDERS[split]
+    try:
+        for span, item in iter_records(root / source):
+            try:
+                if isinstance(item, RecordError):
+                    raise item
+                frames = prepare_frames(decode_trajectory(item, opts.camera).frames, opts.size, opts.color_mode)
+            except RecordError as err:
+                skipped.append(skip_entry(source, span.index, str(err)))
+                continue
+            write_mp4(frames, folder / f"{Path(source).stem}_{span.index:05d}.mp4", fps=BAIR_FPS,
+                      crf=MP4_CRF, pix_fmt=MP4_PIX_FMT)
+            written += 1
+    except OSError as err:
+        skipped.append(skip_entry(source, None, f"unreadable file ({err.strerror or err})"))
+    return written, skipped
+
+
+def export_mp4(source_dir: Path, out_dir: Path, opts: Options, *, workers: int = 1) -> tuple[dict, list[dict]]:
+    """Write OUT_DIR/videos_{train,val}/{file stem}_{record:05d}.mp4; returns ({split: videos}, skipped)."""
+    root, files = find_sources(source_dir)
+    check_options(opts, clips=False)
+    ffmpeg_exe()  # fail before any work when there is none
+    for split in files:
+        (out_dir / MP4_FOLDERS[split]).mkdir(parents=True, exist_ok=True)
+    tasks = [(root, out_dir, split, source, opts) for split, sources in files.items() for source in sources]
+    counts, skipped = dict.fromkeys(files, 0), []
+    # Threads suffice: the ffmpeg subprocess does the heavy part.
+    with Progress("files", len(tasks)) as progress, ThreadPoolExecutor(max(1, workers)) as pool:
+        for (_, _, split, _, _), (written, bad) in zip(tasks, pool.map(export_file, tasks)):
+            counts[split] += written
+            skipped += bad
+            progress.advance()
+    return counts, _sorted_skips(skipped)
+
+
+# ---- command line
+
+def _report_skips(skipped: list[dict], where: str, shown: int = 10) -> None:
+    for s in skipped[:shown]:
+        record = "" if s["record"] is None else f" record {s['record']}"
+        print(f"skipped {s['path']}{record}: {s['reason']}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"... and {len(skipped) - shown} more skipped (all listed in {where})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m preprocess.bair", description=__doc__.splitlines()[0])
+    parser.add_argument("source_dir", type=Path, help="softmotion30_44k, or the folder the archive was untarred in")
+    parser.add_argument("shard_dir", type=Path, nargs="?", help="where the shards and manifest.json go")
+    parser.add_argument("--to-mp4", type=Path, metavar="OUT_DIR", help="write MP4s (videos_train/, videos_val/) "
+                        "instead of shards")
+    parser.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64, the source size)")
+    parser.add_argument("--T", type=int, default=8, help="frames per clip (default 8)")
+    parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame (default 1)")
+    parser.add_argument("--clip-stride", type=int, default=None, help="frames between clip starts "
+                        "(default T * frame-stride: no overlap)")
+    parser.add_argument("--color-mode", choices=tuple(COLOR_CHANNELS), default="rgb")
+    parser.add_argument("--camera", choices=CAMERAS, default="aux1", help="aux1 (default, the usual one) or main")
+    parser.add_argument("--shard-size", type=int, default=1000, help="clips per shard, about (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    parser.add_argument("--workers", type=int, default=min(4, multiprocessing.cpu_count()))
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards already in SHARD_DIR")
+    args = parser.parse_args(argv)
+    if (args.shard_dir is None) == (args.to_mp4 is None):
+        parser.error("give SHARD_DIR, or --to-mp4 OUT_DIR (one of them)")
+    opts = Options(T=args.T, frame_stride=args.frame_stride, size=args.size, color_mode=args.color_mode,
+                   clip_stride=args.clip_stride or args.T * args.frame_stride, camera=args.camera,
+                   shard_size=args.shard_size, seed=args.seed)
+    try:
+        if args.to_mp4 is not None:
+            counts, skipped = export_mp4(args.source_dir, args.to_mp4, opts, workers=args.workers)
+            _report_skips(skipped, "the lines above")
+            if not sum(counts.values()):
+                print(f"error: no usable record in {args.source_dir}; nothing written", file=sys.stderr)
+                return 2
+            print(f"wrote {counts.get('train', 0)} train and {counts.get('val', 0)} val videos to {args.to_mp4}")
+            return 0
+        manifest, skipped = convert(args.source_dir, args.shard_dir, opts, workers=args.workers,
+                                    overwrite=args.overwrite)
+    except (UserError, FFmpegNotFound, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --overwrite", file=sys.stderr)
+        return 130
+    _report_skips(skipped, f"{args.shard_dir / MANIFEST_NAME}" if manifest else "the lines above")
+    if manifest is None:
+        print(f"error: no usable record in {args.source_dir}; no shards written", file=sys.stderr)
+        return 2
+    parts = [f"{s['clips']} {name} clips from {s['videos']} trajectories in {len(s['shards'])} shards"
+             for name, s in manifest["splits"].items()]
+    print(f"wrote {' and '.join(parts)} to {args.shard_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
