@@ -1,0 +1,103 @@
+"""Benchmark preprocess.shard: videos/s and clips/s at 1 and 2 workers, and where the time goes.
+
+    python bench/preprocess.py [--videos 500] [--workers 1 2] [--out bench/results/preprocess.json]
+
+Generates the synthetic dataset (30 frames, 64x64) once, then shards it into a fresh folder per
+row. "decode share" is the decoder's wall time (the ffmpeg subprocess, or PyAV in-process) over
+all processing time (worker tasks + shard writing in the main process); the rest is Python:
+clip cutting, pickling, npy/tar encoding, sha256 and fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from evdm.ffmpeg import ffmpeg_exe  # noqa: E402
+from preprocess.shard import Options, run  # noqa: E402
+from preprocess.synth import generate  # noqa: E402
+
+
+def bench_row(data: Path, work: Path, decoder: str, workers: int) -> dict:
+    out = work / f"shards-{decoder}-{workers}"
+    summary = run(data, out, Options(decoder=decoder), workers=workers)
+    processing = summary.task_s + summary.write_s
+    return {
+        "decoder": decoder,
+        "workers": workers,
+        "videos": summary.videos,
+        "clips": summary.clips,
+        "wall_s": round(summary.wall_s, 3),
+        "videos_per_s": round(summary.videos / summary.wall_s, 1),
+        "clips_per_s": round(summary.clips / summary.wall_s, 1),
+        "decode_s": round(summary.decode_s, 3),
+        "python_s": round(processing - summary.decode_s, 3),
+        "decode_share": round(summary.decode_s / processing, 3),
+        "shard_sha256": [s["sha256"] for e in summary.manifest["splits"].values() for s in e["shards"]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=500)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--decoders", nargs="+", default=["ffmpeg", "pyav"], choices=["ffmpeg", "pyav"])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "preprocess.json")
+    args = p.parse_args(argv)
+    decoders = list(args.decoders)
+    if "pyav" in decoders:
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            decoders.remove("pyav")
+
+    # A fixed width so the table is not squeezed when stdout is a file or a pipe.
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    load_before = os.getloadavg()[0]  # the machine may be shared: record how busy it was
+    with tempfile.TemporaryDirectory(prefix="evdm-bench-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        # val_fraction 0 keeps every video in videos_train; the shard split rule is not under test.
+        generate(work / "data", videos=args.videos, val_fraction=0.0, frames=30, size=64, seed=0, workers=2)
+        synth_s = time.perf_counter() - t0
+        rows = [bench_row(work / "data", work, d, w) for d in decoders for w in args.workers]
+
+    same = len({tuple(r["shard_sha256"]) for r in rows}) == 1
+    table = Table(title=f"preprocess.shard, {args.videos} synthetic videos (30 frames, 64x64), T=8 size=64")
+    for col in ["decoder", "workers", "videos/s", "clips/s", "wall s", "decode s", "python s", "decode share"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["decoder"], str(r["workers"]), f"{r['videos_per_s']:.1f}", f"{r['clips_per_s']:.1f}",
+                      f"{r['wall_s']:.2f}", f"{r['decode_s']:.2f}", f"{r['python_s']:.2f}",
+                      f"{100 * r['decode_share']:.0f}%")
+    console.print(table)
+    console.print(f"dataset generation: {synth_s:.1f} s; identical shards across all rows: {same}")
+
+    version = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.splitlines()[0]
+    result = {
+        "videos": args.videos, "frames": 30, "size": 64, "synth_s": round(synth_s, 2),
+        "identical_shards_across_rows": same, "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "python": platform.python_version(),
+        "ffmpeg": version, "rows": [{k: v for k, v in r.items() if k != "shard_sha256"} for r in rows],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

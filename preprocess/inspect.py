@@ -1,0 +1,104 @@
+"""`python -m preprocess.inspect SHARD_DIR`: print the manifest summary, save a contact sheet PNG.
+
+The sheet shows a few random clips, one per row, frames left to right, so a person can see what the
+shards hold (crop, colour, motion) before training on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evdm.schema import CLIP_EXT, MANIFEST_NAME, META_EXT, decode_clip, decode_meta
+
+
+def load_manifest(shard_dir: Path) -> dict:
+    path = shard_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {shard_dir}: not a finished shard folder")
+    return json.loads(path.read_text())
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """The manifest as a few human-readable lines."""
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(manifest["options"].items()))
+    lines = [f"clip shape {manifest['clip_shape']} {manifest['dtype']}; options: {opts}"]
+    for split, entry in manifest["splits"].items():
+        lines.append(f"{split}: {entry['videos']} videos, {entry['clips']} clips, {len(entry['shards'])} shards")
+    skipped = manifest.get("skipped", [])
+    lines.append(f"skipped: {len(skipped)} videos")
+    lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]
+    if len(skipped) > 20:
+        lines.append(f"  ... and {len(skipped) - 20} more (see {MANIFEST_NAME})")
+    return lines
+
+
+def read_samples(tar_path: Path, keys: set[str] | None = None) -> dict[str, dict]:
+    """{key: {"clip": uint8 [T, H, W, C], "meta": dict}} for the samples of one shard (or some keys)."""
+    out: dict[str, dict] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if keys is not None and key not in keys:
+                continue
+            data = tar.extractfile(member).read()
+            if ext == CLIP_EXT:
+                out.setdefault(key, {})["clip"] = decode_clip(data)
+            elif ext == META_EXT:
+                out.setdefault(key, {})["meta"] = decode_meta(data)
+    return out
+
+
+def contact_sheet(clips: list[np.ndarray], scale: int = 2, gap: int = 2) -> Image.Image:
+    """clips: uint8 [T, H, W, C] each -> one image, a row per clip, frames left to right."""
+    T, H, W, C = clips[0].shape
+    sheet = np.full((len(clips) * (H + gap) - gap, T * (W + gap) - gap, 3), 255, np.uint8)
+    for r, clip in enumerate(clips):
+        rgb = clip if C == 3 else np.repeat(clip, 3, axis=-1)
+        for t in range(T):
+            sheet[r * (H + gap):r * (H + gap) + H, t * (W + gap):t * (W + gap) + W] = rgb[t]
+    image = Image.fromarray(sheet)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m preprocess.inspect", description=__doc__.splitlines()[0])
+    p.add_argument("shard_dir", type=Path, metavar="SHARD_DIR")
+    p.add_argument("--clips", type=int, default=8, help="clips on the sheet (default 8)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default SHARD_DIR/contact_sheet.png)")
+    args = p.parse_args(argv)
+    try:
+        manifest = load_manifest(args.shard_dir)
+        print("\n".join(summary_lines(manifest)))
+        shards = manifest["splits"].get(args.split, {}).get("shards", [])
+        if not shards:
+            print(f"no {args.split} shards to show")
+            return 0
+        rng = np.random.default_rng(args.seed)
+        # A few random clips from one random shard: reading one tar keeps this fast on big datasets.
+        shard = shards[rng.integers(len(shards))]
+        samples = read_samples(args.shard_dir / shard["name"])
+        keys = sorted(samples)
+        chosen = [keys[i] for i in sorted(rng.choice(len(keys), min(args.clips, len(keys)), replace=False))]
+        out = args.out or args.shard_dir / "contact_sheet.png"
+        contact_sheet([samples[k]["clip"] for k in chosen]).save(out)
+    except (OSError, KeyError, ValueError, tarfile.TarError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"contact sheet of {len(chosen)} clips from {shard['name']} -> {out}")
+    for k in chosen:
+        m = samples[k]["meta"]
+        print(f"  {m['source']} @ frame {m['start_frame']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
