@@ -25,15 +25,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe, write_mp4
+from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from evdm.schema import COLOR_CHANNELS, MANIFEST_NAME, SHARD_PATTERN, clip_shape, encode_sample, make_key
+from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
+from preprocess.progress import Progress
+from preprocess.state import open_state
 from preprocess.tfrecords import RecordError, iter_records, parse_example, read_record_at
-from preprocess.video import clip_span, clip_starts, cut_clips
-from preprocess.writer import TMP_SUFFIX, write_manifest, write_shard
+from preprocess.video import VideoError, clip_span, clip_starts, cut_all_clips, prepare_frames
+from preprocess.writer import SPLITS, split_entries, write_manifest, write_shard
 
-SPLIT_FOLDERS = {"train": "train", "val": "test"}  # evdm split -> softmotion30_44k folder
+SPLIT_FOLDERS = dict(zip(SPLITS, ("train", "test")))  # evdm split -> softmotion30_44k folder
 MP4_FOLDERS = {"train": "videos_train", "val": "videos_val"}  # the layout preprocess.shard reads
 RECORD_SUFFIXES = (".tfrecords", ".tfrecord")
 CAMERAS = ("aux1", "main")
@@ -41,25 +43,13 @@ BAIR_FRAMES = 30
 BAIR_SIZE = 64
 BAIR_FPS = 10.0  # not published with the dataset; 10 is the usual assumption
 MP4_CRF, MP4_PIX_FMT = 10, "yuv444p"  # as preprocess.synth: decoded frames stay close to the source
-LUMA_601 = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
-
-
-class UserError(Exception):
-    """Bad input or setup: reported as one line, exit code 2, no traceback."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class Options:
+class Options(ShardOptions):
     """Everything that decides the shards' bytes; recorded in the manifest."""
 
-    T: int = 8
-    frame_stride: int = 1
-    clip_stride: int = 8  # resolved: T * frame_stride unless given
-    size: int = 64
-    color_mode: str = "rgb"
     camera: str = "aux1"
-    shard_size: int = 1000
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,35 +106,6 @@ def decode_trajectory(data: bytes, camera: str = "aux1") -> Trajectory:
                 raise RecordError(f"{key} holds {len(values)} floats, not {dim}")
             out.append(np.asarray(values, np.float32))
     return Trajectory(np.stack(frames), np.stack(actions), np.stack(positions))
-
-
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [N, H, W, C] (square) -> [N, size, size, C]: area average down, bicubic up.
-
-    A size that divides H averages exact f x f blocks (rounded half up); other sizes use PIL's box
-    filter (area weights, 8-bit fixed point) down and bicubic up.
-    """
-    n, h, _, c = frames.shape
-    if h == size:
-        return frames
-    if size < h and h % size == 0:
-        f = h // size
-        blocks = frames.reshape(n, size, f, size, f, c).mean(axis=(2, 4))
-        return np.floor(blocks + 0.5).astype(np.uint8)
-    resample = Image.Resampling.BOX if size < frames.shape[1] else Image.Resampling.BICUBIC
-    resized = [np.asarray(Image.fromarray(f if c == 3 else f[..., 0]).resize((size, size), resample)) for f in frames]
-    return np.stack(resized).reshape(n, size, size, c)
-
-
-def to_gray(frames: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] RGB -> uint8 [..., 1] ITU-R BT.601 luma, rounded to nearest."""
-    return np.rint(frames @ LUMA_601).clip(0, 255).astype(np.uint8)[..., None]
-
-
-def prepare_frames(frames: np.ndarray, size: int, color_mode: str) -> np.ndarray:
-    """Source frames -> the shard's [N, size, size, C]."""
-    frames = resize_frames(frames, size)
-    return to_gray(frames) if color_mode == "gray" else frames
 
 
 def clip_meta(ref: RecordRef, traj: Trajectory, start: int, opts: Options) -> dict:
@@ -216,25 +177,19 @@ def write_planned_shard(args: tuple[Path, Path, ShardPlan, Options]) -> dict:
                 if ref.source not in handles:
                     handles[ref.source] = open(root / ref.source, "rb")
                 traj = decode_trajectory(read_record_at(handles[ref.source], ref.offset)[0], opts.camera)
-            except (RecordError, OSError) as err:
+                starts, clips = cut_all_clips(prepare_frames(traj.frames, opts.size, opts.color_mode), opts.T,
+                                              opts.frame_stride, opts.clip_stride)
+            except (RecordError, VideoError, OSError) as err:
                 skipped.append(skip_entry(ref.source, ref.index, str(err)))
                 continue
-            starts = clip_starts(len(traj.frames), opts.T, opts.frame_stride, opts.clip_stride)
-            if not starts:
-                need = clip_span(opts.T, opts.frame_stride)
-                skipped.append(skip_entry(ref.source, ref.index,
-                                          f"too short: {len(traj.frames)} frames, one clip needs {need}"))
-                continue
             videos += 1
-            clips = cut_clips(prepare_frames(traj.frames, opts.size, opts.color_mode), starts, opts.T,
-                              opts.frame_stride)
             items += [(make_key(f"{ref.source}#{ref.index:05d}", start), clip, clip_meta(ref, traj, start, opts))
                       for start, clip in zip(starts, clips)]
     finally:
         for f in handles.values():
             f.close()
     # A seed of the shard's own, so one trajectory's clips are not adjacent.
-    split_id = list(SPLIT_FOLDERS).index(plan.split)
+    split_id = SPLITS.index(plan.split)
     order = np.random.default_rng([opts.seed, split_id, plan.index, 1]).permutation(len(items))
     record = {"name": plan.name, "split": plan.split, "clips": len(items), "sha256": None, "videos": videos,
               "skipped": skipped}
@@ -244,57 +199,7 @@ def write_planned_shard(args: tuple[Path, Path, ShardPlan, Options]) -> dict:
     return record
 
 
-# ---- progress, shard folder, the runs
-
-class Progress:
-    """A rich progress bar when stdout is a terminal; otherwise a log line about every 10%."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, total, 0
-        self._bar, self._logged = None, -1
-
-    def __enter__(self) -> Progress:
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
-
-            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            self._bar.start()
-            self._task = self._bar.add_task(self.label, total=self.total)
-        return self
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n)
-            return
-        tenth = self.done * 10 // max(1, self.total)
-        if tenth > self._logged:
-            self._logged = tenth
-            print(f"{self.label}: {self.done}/{self.total}", flush=True)
-
-    def __exit__(self, *exc) -> bool:
-        if self._bar is not None:
-            self._bar.stop()
-        return False
-
-
-def _ours(name: str) -> bool:
-    """Files a shard writer puts in SHARD_DIR (shards, manifest, preprocess.shard's progress, temporaries)."""
-    name = name.removesuffix(TMP_SUFFIX)
-    split, _, rest = name.partition("-")
-    return name in (MANIFEST_NAME, "progress.json") or (split in SPLIT_FOLDERS and rest.endswith(".tar")
-                                                         and len(rest) == 10 and rest[:6].isdigit())
-
-
-def prepare_shard_dir(shard_dir: Path, overwrite: bool) -> None:
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in shard_dir.iterdir() if p.is_file() and _ours(p.name)]
-    if not overwrite and any(not p.name.endswith(TMP_SUFFIX) for p in ours):
-        raise UserError(f"{shard_dir} already holds shards or a manifest; pass --overwrite to replace them, "
-                        "or choose another SHARD_DIR")
-    for path in ours:
-        path.unlink()
-
+# ---- the runs
 
 def check_options(opts: Options, *, clips: bool = True) -> int:
     """Raise UserError for impossible options; return the clips one 30-frame trajectory gives."""
@@ -320,9 +225,9 @@ def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 
     """Write the shards and the manifest; returns (manifest, or None when no clip came out; skipped)."""
     root, files = find_sources(source_dir)
     per_record = check_options(opts)
-    prepare_shard_dir(shard_dir, overwrite)
+    open_state(shard_dir, {"options": asdict(opts)}, overwrite=overwrite, resume=False)
     refs, skipped = [], []
-    with Progress("scan", sum(map(len, files.values()))) as progress:
+    with Progress("files", sum(map(len, files.values()))) as progress:
         for split, sources in files.items():
             for source in sources:
                 found, bad = scan_records(root, split, source)
@@ -346,14 +251,7 @@ def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 
     skipped = _sorted_skips(skipped + [s for r in records for s in r["skipped"]])
     if not any(r["clips"] for r in records):
         return None, skipped
-    splits = {split: {"videos": 0, "clips": 0, "shards": []} for split in SPLIT_FOLDERS}
-    for r in records:
-        entry = splits[r["split"]]
-        entry["videos"] += r["videos"]
-        entry["clips"] += r["clips"]
-        if r["clips"]:
-            entry["shards"].append({"name": r["name"], "clips": r["clips"], "sha256": r["sha256"]})
-    manifest = write_manifest(shard_dir, options=asdict(opts), skipped=skipped, splits=splits,
+    manifest = write_manifest(shard_dir, options=asdict(opts), skipped=skipped, splits=split_entries(records),
                               clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
     return manifest, skipped
 
@@ -414,40 +312,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shard_dir", type=Path, nargs="?", help="where the shards and manifest.json go")
     parser.add_argument("--to-mp4", type=Path, metavar="OUT_DIR", help="write MP4s (videos_train/, videos_val/) "
                         "instead of shards")
-    parser.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64, the source size)")
-    parser.add_argument("--T", type=int, default=8, help="frames per clip (default 8)")
-    parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame (default 1)")
-    parser.add_argument("--clip-stride", type=int, default=None, help="frames between clip starts "
-                        "(default T * frame-stride: no overlap)")
-    parser.add_argument("--color-mode", choices=tuple(COLOR_CHANNELS), default="rgb")
+    add_shard_args(parser, workers=min(4, multiprocessing.cpu_count()))
     parser.add_argument("--camera", choices=CAMERAS, default="aux1", help="aux1 (default, the usual one) or main")
-    parser.add_argument("--shard-size", type=int, default=1000, help="clips per shard, about (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
-    parser.add_argument("--workers", type=int, default=min(4, multiprocessing.cpu_count()))
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards already in SHARD_DIR")
     args = parser.parse_args(argv)
     if (args.shard_dir is None) == (args.to_mp4 is None):
         parser.error("give SHARD_DIR, or --to-mp4 OUT_DIR (one of them)")
-    opts = Options(T=args.T, frame_stride=args.frame_stride, size=args.size, color_mode=args.color_mode,
-                   clip_stride=args.clip_stride or args.T * args.frame_stride, camera=args.camera,
-                   shard_size=args.shard_size, seed=args.seed)
-    try:
-        if args.to_mp4 is not None:
-            counts, skipped = export_mp4(args.source_dir, args.to_mp4, opts, workers=args.workers)
-            _report_skips(skipped, "the lines above")
-            if not sum(counts.values()):
-                print(f"error: no usable record in {args.source_dir}; nothing written", file=sys.stderr)
-                return 2
-            print(f"wrote {counts.get('train', 0)} train and {counts.get('val', 0)} val videos to {args.to_mp4}")
-            return 0
-        manifest, skipped = convert(args.source_dir, args.shard_dir, opts, workers=args.workers,
-                                    overwrite=args.overwrite)
-    except (UserError, FFmpegNotFound, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    opts = Options(**shard_options(args), camera=args.camera)
+    if args.to_mp4 is not None:
+        return run_cli(lambda: _mp4_main(args, opts), interrupted="rerun the same command")
+    return run_cli(lambda: _shards_main(args, opts), interrupted="rerun the same command with --overwrite")
+
+
+def _mp4_main(args: argparse.Namespace, opts: Options) -> int:
+    counts, skipped = export_mp4(args.source_dir, args.to_mp4, opts, workers=args.workers)
+    _report_skips(skipped, "the lines above")
+    if not sum(counts.values()):
+        print(f"error: no usable record in {args.source_dir}; nothing written", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --overwrite", file=sys.stderr)
-        return 130
+    print(f"wrote {counts.get('train', 0)} train and {counts.get('val', 0)} val videos to {args.to_mp4}")
+    return 0
+
+
+def _shards_main(args: argparse.Namespace, opts: Options) -> int:
+    manifest, skipped = convert(args.source_dir, args.shard_dir, opts, workers=args.workers, overwrite=args.overwrite)
     _report_skips(skipped, f"{args.shard_dir / MANIFEST_NAME}" if manifest else "the lines above")
     if manifest is None:
         print(f"error: no usable record in {args.source_dir}; no shards written", file=sys.stderr)
@@ -456,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
              for name, s in manifest["splits"].items()]
     print(f"wrote {' and '.join(parts)} to {args.shard_dir}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import multiprocessing
 import os
 import subprocess
@@ -26,30 +25,20 @@ import numpy as np
 
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
 from evdm.schema import MANIFEST_NAME, SHARD_PATTERN, clip_shape, encode_sample, make_key
-from preprocess.video import VideoError, clip_span, clip_starts, cut_clips, decode_ffmpeg
-from preprocess.writer import TMP_SUFFIX, sha256_file, write_json_atomic, write_manifest, write_shard
+from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
+from preprocess.progress import Progress
+from preprocess.state import open_state, save_state, still_valid
+from preprocess.video import VideoError, cut_all_clips, decode_ffmpeg
+from preprocess.writer import SPLITS, split_entries, write_manifest, write_shard
 
-PROGRESS_NAME = "progress.json"
-SPLITS = ("train", "val")
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
 
 
-class UserError(Exception):
-    """Bad input or setup: reported as one line, exit code 2, no traceback."""
-
-
 @dataclass(frozen=True, kw_only=True)
-class Options:
+class Options(ShardOptions):
     """Everything that decides the shards' bytes; recorded in the manifest and checked on resume."""
 
-    T: int = 8
-    frame_stride: int = 1
-    clip_stride: int = 8  # resolved: T * frame_stride unless given
-    size: int = 64
-    color_mode: str = "rgb"
     val_fraction: float = 0.05
-    shard_size: int = 1000
-    seed: int = 0
     decoder: str = "ffmpeg"
 
 
@@ -157,12 +146,7 @@ def process_video(data_dir: Path, relpath: str, opts: Options) -> VideoResult:
     try:
         frames, info, result.decode_s = _decoder(opts.decoder)(data_dir / relpath, opts.size, opts.color_mode)
         result.fps = info.fps
-        result.starts = clip_starts(len(frames), opts.T, opts.frame_stride, opts.clip_stride)
-        if not result.starts:
-            need = clip_span(opts.T, opts.frame_stride)
-            result.reason = f"too short: {len(frames)} frames, one clip needs {need}"
-        else:
-            result.clips = cut_clips(frames, result.starts, opts.T, opts.frame_stride)
+        result.starts, result.clips = cut_all_clips(frames, opts.T, opts.frame_stride, opts.clip_stride)
     except VideoError as err:
         result.reason = str(err)
     result.task_s = time.perf_counter() - started
@@ -218,65 +202,6 @@ def write_planned_shard(shard_dir: Path, plan: ShardPlan, results: list[VideoRes
     return record
 
 
-# ---- the state of SHARD_DIR: fresh, resumable, or someone else's
-
-def _ours(path: Path) -> bool:
-    """Files this tool writes (shards, manifest, progress record, and their temporaries)."""
-    name = path.name.removesuffix(TMP_SUFFIX)
-    if name in (MANIFEST_NAME, PROGRESS_NAME):
-        return True
-    split, _, rest = name.partition("-")
-    return split in SPLITS and rest.endswith(".tar") and rest[:-4].isdigit()
-
-
-def open_state(shard_dir: Path, identity: dict, overwrite: bool) -> dict:
-    """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh)."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in shard_dir.glob("*" + TMP_SUFFIX):  # left by a crash: never complete
-        if _ours(tmp):
-            tmp.unlink()
-    fresh = {"format": 1, "identity": identity, "videos_per_shard": None, "shards": {}}
-    entries = list(shard_dir.iterdir())
-    if not entries:
-        return fresh
-    progress_path = shard_dir / PROGRESS_NAME
-    try:
-        old = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    except ValueError:
-        if not overwrite:
-            raise UserError(f"{progress_path} is damaged; pass --overwrite to start over") from None
-        old = {}
-    if old is not None and old.get("identity") == identity:
-        return old
-    if not overwrite:
-        if old is None:
-            raise UserError(f"{shard_dir} is not empty and has no {PROGRESS_NAME} from preprocess.shard; "
-                            "choose an empty SHARD_DIR or pass --overwrite")
-        changed = _describe_change(old.get("identity", {}), identity)
-        raise UserError(f"{shard_dir} holds shards made with different {changed}; "
-                        "pass --overwrite to replace them, or choose another SHARD_DIR")
-    for path in entries:
-        if path.is_file() and _ours(path):
-            path.unlink()
-    return fresh
-
-
-def _describe_change(old: dict, new: dict) -> str:
-    if old.get("inputs") != new.get("inputs"):
-        return "input videos (DATA_DIR changed)"
-    before, after = old.get("options", {}), new.get("options", {})
-    diffs = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-             if before.get(k) != after.get(k)]
-    return "options (" + ", ".join(diffs) + ")"
-
-
-def _still_valid(shard_dir: Path, name: str, record: dict) -> bool:
-    if record["clips"] == 0:
-        return True
-    path = shard_dir / name
-    return path.is_file() and sha256_file(path) == record["sha256"]
-
-
 # ---- the run
 
 def check_ffmpeg() -> None:
@@ -291,8 +216,8 @@ def check_ffmpeg() -> None:
 
 
 def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, overwrite: bool = False,
-        report=None) -> Summary:
-    """Shard data_dir into shard_dir; `report` is a Reporter or None. Raises UserError on bad input."""
+        show_progress: bool = False) -> Summary:
+    """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input."""
     started = time.perf_counter()
     if not data_dir.is_dir():
         raise UserError(f"DATA_DIR {data_dir} does not exist or is not a folder")
@@ -302,28 +227,27 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
     if opts.decoder == "ffmpeg":
         check_ffmpeg()
     identity = {"options": asdict(opts), "inputs": inputs_digest(data_dir, videos)}
-    state = open_state(shard_dir, identity, overwrite)
+    state = open_state(shard_dir, identity, overwrite=overwrite)
     if not state["videos_per_shard"]:
         state["videos_per_shard"] = calibrate(data_dir, videos, opts)
     plans = plan_shards(videos, opts, state["videos_per_shard"])
     records = {p.name: state["shards"][p.name] for p in plans
-               if p.name in state["shards"] and _still_valid(shard_dir, p.name, state["shards"][p.name])}
+               if p.name in state["shards"] and still_valid(shard_dir, p.name, state["shards"][p.name])}
     state["shards"] = dict(records)
     todo = [p for p in plans if p.name not in records]
     if todo:  # the manifest must never describe shards that are being redone
         (shard_dir / MANIFEST_NAME).unlink(missing_ok=True)
     # Saved before any shard exists, so a crash at any later point leaves a resumable folder.
-    _save_progress(shard_dir, state)
+    save_state(shard_dir, state)
     summary = Summary(manifest=None, reused_shards=len(records))
-    if report:
-        report.start(total=len(videos),
-                     done=sum(len(p.videos) for p in plans if p.name in records),
-                     clips=sum(r["clips"] for r in records.values()),
-                     bytes_written=sum(r["bytes"] for r in records.values()))
+    progress = Progress("videos", len(videos), done=sum(len(p.videos) for p in plans if p.name in records),
+                        counts={"clips": sum(r["clips"] for r in records.values()),
+                                "MB": sum(r["bytes"] for r in records.values()) / 1e6},
+                        log_tenths=False, quiet=not show_progress)  # a log line per shard instead
 
     tasks = [(data_dir, rel, opts) for p in todo for rel in p.videos]
     summary.processed = len(tasks)
-    with _pool(workers) as pool:
+    with progress, _pool(workers) as pool:
         results = pool.imap(_process_task, tasks) if pool else map(_process_task, tasks)
         for plan in todo:
             group = []
@@ -332,15 +256,14 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
                 group.append(r)
                 summary.decode_s += r.decode_s
                 summary.task_s += r.task_s
-                if report:
-                    report.video_done(0 if r.clips is None else len(r.clips))
+                progress.advance(clips=0 if r.clips is None else len(r.clips))
             t0 = time.perf_counter()
             record = write_planned_shard(shard_dir, plan, group, opts)
             summary.write_s += time.perf_counter() - t0
             records[plan.name] = state["shards"][plan.name] = record
-            _save_progress(shard_dir, state)
-            if report:
-                report.shard_done(plan.name, record)
+            save_state(shard_dir, state)
+            progress.advance(0, MB=record["bytes"] / 1e6)
+            progress.log(f"{plan.name}: {record['clips']} clips, {record['bytes'] / 1e6:.1f} MB")
 
     summary.manifest = _finish(shard_dir, plans, records, opts) if any(r["clips"] for r in records.values()) else None
     for r in records.values():
@@ -353,10 +276,6 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
     return summary
 
 
-def _save_progress(shard_dir: Path, state: dict) -> None:
-    write_json_atomic(shard_dir / PROGRESS_NAME, json.dumps(state, indent=1, sort_keys=True))
-
-
 def _pool(workers: int):
     # One worker decodes in this process: no pickling, and a fair single-core measurement.
     if workers <= 1:
@@ -366,70 +285,13 @@ def _pool(workers: int):
 
 
 def _finish(shard_dir: Path, plans: list[ShardPlan], records: dict, opts: Options) -> dict:
-    splits = {s: {"videos": 0, "clips": 0, "shards": []} for s in SPLITS}
-    skipped = []
-    for plan in plans:
-        r = records[plan.name]
-        entry = splits[plan.split]
-        entry["videos"] += r["videos"]
-        entry["clips"] += r["clips"]
-        if r["clips"]:
-            entry["shards"].append({"name": plan.name, "clips": r["clips"], "sha256": r["sha256"]})
-        skipped += r["skipped"]
+    skipped = sorted((s for r in records.values() for s in r["skipped"]), key=lambda s: s["path"])
     return write_manifest(shard_dir, options=asdict(opts),
-                          clip_shape=clip_shape(opts.T, opts.size, opts.color_mode),
-                          splits=splits, skipped=sorted(skipped, key=lambda s: s["path"]))
+                          clip_shape=clip_shape(opts.T, opts.size, opts.color_mode), skipped=skipped,
+                          splits=split_entries({"name": p.name, **records[p.name]} for p in plans))
 
 
-# ---- progress display and CLI
-
-class Reporter:
-    """Progress: a rich bar on a terminal, one plain log line per shard otherwise."""
-
-    def __init__(self, console):
-        self.console = console
-        self.progress = None
-
-    def start(self, *, total: int, done: int, clips: int, bytes_written: int) -> None:
-        self.total, self.done, self.clips, self.bytes = total, done, clips, bytes_written
-        self.first_done, self.t0 = done, time.perf_counter()
-        if done:
-            self.console.print(f"resuming: {done}/{total} videos already in complete shards")
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]videos"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[clips]} clips  {task.fields[mb]:.1f} MB  {task.fields[rate]:.1f} videos/s"),
-                TimeRemainingColumn(), console=self.console,
-            )
-            self.task = self.progress.add_task("shard", total=total, completed=done, **self._fields())
-            self.progress.start()
-
-    def _fields(self) -> dict:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return {"clips": self.clips, "mb": self.bytes / 1e6, "rate": (self.done - self.first_done) / elapsed}
-
-    def video_done(self, clips: int) -> None:
-        self.done += 1
-        self.clips += clips
-        if self.progress:
-            self.progress.update(self.task, completed=self.done, **self._fields())
-
-    def shard_done(self, name: str, record: dict) -> None:
-        self.bytes += record["bytes"]
-        if self.progress:
-            self.progress.update(self.task, **self._fields())
-        else:
-            f = self._fields()
-            self.console.print(f"{name}: {record['clips']} clips, {record['bytes'] / 1e6:.1f} MB | "
-                               f"videos {self.done}/{self.total}, clips {f['clips']}, "
-                               f"{f['mb']:.1f} MB, {f['rate']:.1f} videos/s", highlight=False)
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
-
+# ---- command line
 
 def print_summary(console, summary: Summary, shard_dir: Path) -> None:
     for split, entry in (summary.manifest or {}).get("splits", {}).items():
@@ -449,19 +311,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     p = argparse.ArgumentParser(prog="python -m preprocess.shard", description=__doc__.splitlines()[0])
     p.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     p.add_argument("shard_dir", type=Path, metavar="SHARD_DIR")
-    p.add_argument("--size", type=int, default=64, help="square frame side in pixels (default 64)")
-    p.add_argument("--color-mode", choices=["rgb", "gray"], default="rgb")
-    p.add_argument("--T", type=int, default=8, help="frames per clip (default 8)")
-    p.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame (default 1)")
-    p.add_argument("--clip-stride", type=int, default=None,
-                   help="frames between clip starts (default T x frame-stride: no overlap)")
-    p.add_argument("--shard-size", type=int, default=1000, help="about this many clips per shard")
+    add_shard_args(p, workers=os.cpu_count() or 1)
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="share of videos hashed to val when no train/val/test folder decides")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment and shuffles")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--decoder", choices=["ffmpeg", "pyav"], default="ffmpeg")
-    p.add_argument("--overwrite", action="store_true", help="replace shards made with other options")
     args = p.parse_args(argv)
     for name in ("size", "T", "frame_stride", "shard_size", "workers"):
         if getattr(args, name) < 1:
@@ -470,43 +323,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
         p.error("--clip-stride must be >= 1")
     if not 0.0 <= args.val_fraction <= 1.0:
         p.error("--val-fraction must be in [0, 1]")
-    opts = Options(T=args.T, frame_stride=args.frame_stride,
-                   clip_stride=args.clip_stride or args.T * args.frame_stride, size=args.size,
-                   color_mode=args.color_mode, val_fraction=args.val_fraction,
-                   shard_size=args.shard_size, seed=args.seed, decoder=args.decoder)
+    opts = Options(**shard_options(args), val_fraction=args.val_fraction, decoder=args.decoder)
     return args, opts
 
 
 def main(argv: list[str] | None = None) -> int:
+    args, opts = parse_args(argv)
+    return run_cli(lambda: _main(args, opts), interrupted="rerun the same command to resume")
+
+
+def _main(args: argparse.Namespace, opts: Options) -> int:
     from rich.console import Console
 
-    args, opts = parse_args(argv)
-    console = Console()
-    report = Reporter(console)
-    try:
-        if opts.decoder == "pyav":
-            try:
-                import av  # noqa: F401
-            except ImportError:
-                raise UserError("--decoder pyav needs PyAV: `pip install av` (or use --decoder ffmpeg)") from None
-        summary = run(args.data_dir, args.shard_dir, opts, workers=args.workers,
-                      overwrite=args.overwrite, report=report)
-    except (UserError, FFmpegNotFound, OSError) as err:
-        report.close()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        report.close()
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
-    report.close()
-    print_summary(console, summary, args.shard_dir)
+    if opts.decoder == "pyav":
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise UserError("--decoder pyav needs PyAV: `pip install av` (or use --decoder ffmpeg)") from None
+    summary = run(args.data_dir, args.shard_dir, opts, workers=args.workers, overwrite=args.overwrite,
+                  show_progress=True)
+    print_summary(Console(), summary, args.shard_dir)
     if summary.manifest is None:
         print(f"error: no usable clips: all {len(summary.skipped)} videos were skipped (reasons above)",
               file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,8 @@ Decoding runs ffmpeg (via ffmpeg-python) as one subprocess writing raw frames to
 and resizing happen inside ffmpeg's filter graph (`filter_chain`), which preprocess.decode_av reuses
 so both backends give the same pixels. ffprobe is not assumed (imageio-ffmpeg ships none): the
 stream's size and fps are read from ffmpeg's own log, printed with a level tag on every line so
-that errors can be told apart from information reliably.
+that errors can be told apart from information reliably. Frames that arrive decoded (BAIR's raw
+arrays) are resized and converted in numpy instead (`prepare_frames`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import ffmpeg
 import numpy as np
+from PIL import Image
 
 from evdm.ffmpeg import ffmpeg_exe
 from evdm.schema import COLOR_CHANNELS
@@ -27,6 +29,7 @@ _GLOBAL_ARGS = ["-hide_banner", "-nostdin", "-loglevel", "level+info"]
 _STREAM_RE = re.compile(r"Stream #\d+:\d+.*?: Video: (?P<rest>.*)")
 _SIZE_RE = re.compile(r"(?:^|[ ,])(?P<w>\d{1,5})x(?P<h>\d{1,5})(?:[ ,\[]|$)")
 _FPS_RE = re.compile(r"(?P<v>\d+(?:\.\d+)?)(?P<k>k?) (?:fps|tbr)")
+LUMA_601 = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
 _TAG_RE = re.compile(r"^(?:\[[^\]]*@ 0x[0-9a-f]+\] )*\[(?P<level>error|fatal|panic)\] (?P<msg>.*)$")
 
 
@@ -175,3 +178,42 @@ def cut_clips(frames: np.ndarray, starts: list[int], T: int, frame_stride: int =
     """frames [N, H, W, C] -> clips [len(starts), T, H, W, C]; clip i is frames[s_i + k * frame_stride]."""
     index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(T) * frame_stride
     return frames[index]
+
+
+def cut_all_clips(frames: np.ndarray, T: int, frame_stride: int, clip_stride: int) -> tuple[list[int], np.ndarray]:
+    """Every whole clip of frames [N, H, W, C]: (start frames, clips [n, T, H, W, C]); VideoError if none fits."""
+    starts = clip_starts(len(frames), T, frame_stride, clip_stride)
+    if not starts:
+        raise VideoError(f"too short: {len(frames)} frames, one clip needs {clip_span(T, frame_stride)}")
+    return starts, cut_clips(frames, starts, T, frame_stride)
+
+
+# ---- frames decoded elsewhere (BAIR's raw arrays): the numpy counterparts of the ffmpeg filters
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, W, C] (square) -> [N, size, size, C]: area average down, bicubic up.
+
+    A size that divides H averages exact f x f blocks (rounded half up); other sizes use PIL's box
+    filter (area weights, 8-bit fixed point) down and bicubic up.
+    """
+    n, h, _, c = frames.shape
+    if h == size:
+        return frames
+    if size < h and h % size == 0:
+        f = h // size
+        blocks = frames.reshape(n, size, f, size, f, c).mean(axis=(2, 4))
+        return np.floor(blocks + 0.5).astype(np.uint8)
+    resample = Image.Resampling.BOX if size < frames.shape[1] else Image.Resampling.BICUBIC
+    resized = [np.asarray(Image.fromarray(f if c == 3 else f[..., 0]).resize((size, size), resample)) for f in frames]
+    return np.stack(resized).reshape(n, size, size, c)
+
+
+def to_gray(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] RGB -> uint8 [..., 1] ITU-R BT.601 luma, rounded to nearest."""
+    return np.rint(frames @ LUMA_601).clip(0, 255).astype(np.uint8)[..., None]
+
+
+def prepare_frames(frames: np.ndarray, size: int, color_mode: str) -> np.ndarray:
+    """Square uint8 frames [N, H, H, 3] -> [N, size, size, C] in color_mode."""
+    frames = resize_frames(frames, size)
+    return to_gray(frames) if color_mode == "gray" else frames

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 TMP_SUFFIX = ".tmp"
+SPLITS = ("train", "val")  # the manifest's splits, in its order
 
 
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -67,6 +68,18 @@ def write_json_atomic(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def split_entries(records: Iterable[dict]) -> dict[str, dict]:
+    """The manifest's splits from per-shard records ({"name", "split", "videos", "clips", "sha256"}) in shard order."""
+    splits = {split: {"videos": 0, "clips": 0, "shards": []} for split in SPLITS}
+    for r in records:
+        entry = splits[r["split"]]
+        entry["videos"] += r["videos"]
+        entry["clips"] += r["clips"]
+        if r["clips"]:  # a shard whose every video was skipped is never written
+            entry["shards"].append({"name": r["name"], "clips": r["clips"], "sha256": r["sha256"]})
+    return splits
 
 
 def write_manifest(

@@ -20,6 +20,7 @@ import pytest
 
 from preprocess import bair
 from preprocess.tfrecords import iter_records, masked_crc32c, parse_example
+from preprocess.video import resize_frames, to_gray
 
 from tfrecord.writer import TFRecordWriter  # noqa: E402  (after preprocess.tfrecords: keeps torch out)
 
@@ -122,15 +123,15 @@ def test_decode_trajectory_reads_both_cameras_and_vectors(tmp_path):
 
 def test_resize_other_sizes():
     frames = make_trajectory(1)["aux1"][:3]
-    assert bair.resize_frames(frames, 48).shape == (3, 48, 48, 3)
-    assert bair.resize_frames(frames, 96).shape == (3, 96, 96, 3)
+    assert resize_frames(frames, 48).shape == (3, 48, 48, 3)
+    assert resize_frames(frames, 96).shape == (3, 96, 96, 3)
     flat = np.full((1, 64, 64, 3), 77, np.uint8)
-    assert (bair.resize_frames(flat, 48) == 77).all() and (bair.resize_frames(flat, 16) == 77).all()
+    assert (resize_frames(flat, 48) == 77).all() and (resize_frames(flat, 16) == 77).all()
 
 
 def test_to_gray_is_itu_601_luma():
     px = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [10, 20, 30]]], np.uint8)
-    assert bair.to_gray(px)[..., 0].tolist() == [[76, 150, 29, 255, 18]]
+    assert to_gray(px)[..., 0].tolist() == [[76, 150, 29, 255, 18]]
 
 
 # ---- conversion to shards
@@ -176,10 +177,10 @@ def test_gray_and_resize(dataset, tmp_path):
     assert manifest["clip_shape"] == [8, 32, 32, 1]
     key, clip, meta = read_shards(tmp_path / "shards", "val")[0]
     src = trajs[meta["source"]][meta["record"]]["aux1"][meta["start_frame"] + np.arange(8)]
-    small = bair.resize_frames(src, 32)
+    small = resize_frames(src, 32)
     area = src.astype(np.float64).reshape(8, 32, 2, 32, 2, 3).mean(axis=(2, 4))  # 2x2 area average
     assert np.abs(small - area).max() <= 0.5
-    np.testing.assert_array_equal(clip, bair.to_gray(small))
+    np.testing.assert_array_equal(clip, to_gray(small))
 
 
 def test_corrupt_record_is_reported_and_the_others_convert(dataset, tmp_path):

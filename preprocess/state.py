@@ -1,0 +1,92 @@
+"""The state of SHARD_DIR, for both shard writers: which files are ours, what can be resumed, what is refused.
+
+A resumable run (preprocess.shard) records its identity (options and an input fingerprint) and each
+finished shard in SHARD_DIR/progress.json, saved atomically after every shard. A rerun with the same
+identity keeps the recorded shards whose bytes still match; anything else is refused unless
+--overwrite, which deletes only files this package writes, never the user's own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from evdm.schema import MANIFEST_NAME
+from preprocess.options import UserError
+from preprocess.writer import SPLITS, TMP_SUFFIX, sha256_file, write_json_atomic
+
+PROGRESS_NAME = "progress.json"
+
+
+def is_ours(path: Path) -> bool:
+    """Files the shard writers write (shards, manifest, progress record, and their temporaries)."""
+    name = path.name.removesuffix(TMP_SUFFIX)
+    if name in (MANIFEST_NAME, PROGRESS_NAME):
+        return True
+    split, _, rest = name.partition("-")
+    return split in SPLITS and rest.endswith(".tar") and rest[:-4].isdigit()
+
+
+def open_state(shard_dir: Path, identity: dict, *, overwrite: bool, resume: bool = True) -> dict:
+    """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh).
+
+    resume=False is for a tool that writes every shard in one go (preprocess.bair): any earlier
+    output of ours is then a conflict, and other files in the folder are left alone.
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in shard_dir.glob("*" + TMP_SUFFIX):  # left by a crash: never complete
+        if is_ours(tmp):
+            tmp.unlink()
+    fresh = {"format": 1, "identity": identity, "videos_per_shard": None, "shards": {}}
+    entries = list(shard_dir.iterdir())
+    ours = [p for p in entries if p.is_file() and is_ours(p)]
+    if not resume:
+        if ours and not overwrite:
+            raise UserError(f"{shard_dir} already holds shards or a manifest; pass --overwrite to replace them, "
+                            "or choose another SHARD_DIR")
+    elif entries:
+        old = _read_progress(shard_dir, overwrite)
+        if old is not None and old.get("identity") == identity:
+            return old
+        if not overwrite:
+            if old is None:
+                raise UserError(f"{shard_dir} is not empty and has no {PROGRESS_NAME} from preprocess.shard; "
+                                "choose an empty SHARD_DIR or pass --overwrite")
+            changed = _describe_change(old.get("identity", {}), identity)
+            raise UserError(f"{shard_dir} holds shards made with different {changed}; "
+                            "pass --overwrite to replace them, or choose another SHARD_DIR")
+    for path in ours:
+        path.unlink()
+    return fresh
+
+
+def _read_progress(shard_dir: Path, overwrite: bool) -> dict | None:
+    """The recorded progress: None when there is none, {} when it is damaged and --overwrite was given."""
+    path = shard_dir / PROGRESS_NAME
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        if not overwrite:
+            raise UserError(f"{path} is damaged; pass --overwrite to start over") from None
+        return {}
+
+
+def _describe_change(old: dict, new: dict) -> str:
+    if old.get("inputs") != new.get("inputs"):
+        return "input videos (DATA_DIR changed)"
+    before, after = old.get("options", {}), new.get("options", {})
+    diffs = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+             if before.get(k) != after.get(k)]
+    return "options (" + ", ".join(diffs) + ")"
+
+
+def still_valid(shard_dir: Path, name: str, record: dict) -> bool:
+    """Whether a recorded shard can be reused: it had no clips, or its file still has its sha256."""
+    if record["clips"] == 0:
+        return True
+    path = shard_dir / name
+    return path.is_file() and sha256_file(path) == record["sha256"]
+
+
+def save_state(shard_dir: Path, state: dict) -> None:
+    write_json_atomic(shard_dir / PROGRESS_NAME, json.dumps(state, indent=1, sort_keys=True))
