@@ -1,0 +1,33 @@
+"""The denoiser: `build_model(cfg)` -> VideoUNet3D (see docs/ARCHITECTURE.md for the contract)."""
+
+from __future__ import annotations
+
+from evdm.config import RunConfig, check_context
+from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
+from evdm.models.unet3d import VideoUNet3D
+
+__all__ = ["build_model", "VideoUNet3D", "ConditioningEncoder", "EndpointFusion", "count_parameters"]
+
+
+def build_model(cfg: RunConfig) -> VideoUNet3D:
+    """The VideoUNet3D described by cfg.data (channels, T, K, size) and cfg.model.
+
+    Raises ValueError, naming both numbers, when T <= 2K or when data.size is not divisible by
+    2 ** (len(model.channel_mults) - 1).
+    """
+    d, m = cfg.data, cfg.model
+    check_context(d.T, d.endpoint_context)
+    factor = 2 ** (len(m.channel_mults) - 1)
+    if d.size % factor:
+        raise ValueError(f"data.size={d.size} must be divisible by 2 ** (len(channel_mults) - 1) = {factor}")
+    return VideoUNet3D(
+        channels=cfg.channels, T=d.T, K=d.endpoint_context, base_channels=m.base_channels,
+        channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,
+        temporal_attn_levels=tuple(m.temporal_attn_levels), attn_head_channels=m.attn_head_channels,
+        dropout=m.dropout,
+    )
+
+
+def count_parameters(model) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,112 @@
+"""The shared endpoint encoder and the per-level, position-aware fusion of its features.
+
+One `ConditioningEncoder` (one parameter set) encodes both start_context and end_context, in a
+single batched pass, into a feature map per U-Net resolution. `EndpointFusion` turns the start and
+end features of one level into the conditioning map that drives every FiLM layer of that level.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evdm.models.blocks import group_norm, spatial_conv
+
+
+class EncoderBlock(nn.Module):
+    """Per-frame residual block (spatial convs only, no FiLM). [N, c_in, K, H, W] -> [N, c_out, K, H, W]."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), spatial_conv(c_in, c_out)
+        self.norm2, self.conv2 = group_norm(c_out), spatial_conv(c_out, c_out)
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv3d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class ConditioningEncoder(nn.Module):
+    """Shared endpoint encoder: a small per-frame conv pyramid with one feature map per level.
+
+    Also owns the learned null conditioning of classifier-free guidance (Ho & Salimans 2022):
+    where cond_drop is True, every level's start and end features are replaced by learned
+    constants (torch.where, no Python branching).
+    """
+
+    def __init__(self, in_channels: int, level_channels: list[int], K: int) -> None:
+        super().__init__()
+        self.stem = spatial_conv(in_channels, level_channels[0])
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        c_prev = level_channels[0]
+        for i, c in enumerate(level_channels):
+            self.blocks.append(EncoderBlock(c_prev, c))
+            if i + 1 < len(level_channels):
+                self.downs.append(spatial_conv(c, c, stride=2))
+            c_prev = c
+        self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K, 1, 1)) for c in level_channels])
+        self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K, 1, 1)) for c in level_channels])
+
+    def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """frames: [N, C, K, H, W] in [-1, 1] -> per level l: [N, c_l, K, H / 2^l, W / 2^l]."""
+        h = self.stem(frames)
+        feats = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            feats.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        return feats
+
+    def forward(
+        self, start_context: torch.Tensor, end_context: torch.Tensor, cond_drop: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Encode both endpoints with the same weights (one batched pass of 2B clips).
+
+        start_context, end_context: [B, C, K, H, W]; cond_drop: bool [B].
+        Returns (start_feats, end_feats), each a list over levels of [B, c_l, K, H_l, W_l].
+        """
+        B = start_context.shape[0]
+        feats = self.encode(torch.cat([start_context, end_context], dim=0))
+        drop = cond_drop.reshape(B, 1, 1, 1, 1)
+        start_feats, end_feats = [], []
+        for f, null_s, null_e in zip(feats, self.null_start, self.null_end):
+            fs, fe = f[:B], f[B:]
+            start_feats.append(torch.where(drop, null_s.to(fs.dtype), fs))
+            end_feats.append(torch.where(drop, null_e.to(fe.dtype), fe))
+        return start_feats, end_feats
+
+
+class EndpointFusion(nn.Module):
+    """Fuse one level's start and end features into a position-aware conditioning map.
+
+    For middle frame m of M, with w_m = (m + 1) / (M + 1) (its position between the endpoints):
+        cond_m = SiLU( P [ (1 - w_m) S ; w_m E ] + pos_m + A emb )
+    where S, E are the K context frames' features stacked along channels ([B, c K, H, W]), [;] is
+    channel concatenation, P the 1x1 projection, pos_m a learned frame-position embedding and
+    A emb the projected timestep embedding. So frame K+1 leans on the start, frame T-K-2 on the
+    end, and stacking the K frames lets P read the endpoints' velocity. P is linear, so it is
+    evaluated as (1 - w) P_S S + w P_E E with P's weight split in two (same result, M x cheaper).
+    start, end: [B, c, K, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W].
+    """
+
+    def __init__(self, channels: int, K: int, M: int, emb_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(2 * channels * K, channels, 1)
+        self.pos = nn.Parameter(torch.randn(1, channels, M, 1, 1) * 0.02)
+        self.time = nn.Linear(emb_dim, channels)
+        w = (torch.arange(M, dtype=torch.float32) + 1) / (M + 1)
+        self.register_buffer("w", w.reshape(1, 1, M, 1, 1), persistent=False)
+
+    def forward(self, start: torch.Tensor, end: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        B, c, K, H, W = start.shape
+        w_start, w_end = self.proj.weight.split(c * K, dim=1)
+        ps = F.conv3d(start.reshape(B, c * K, 1, H, W), w_start.to(start.dtype))
+        pe = F.conv3d(end.reshape(B, c * K, 1, H, W), w_end.to(end.dtype))
+        w = self.w.to(ps.dtype)
+        shift = self.proj.bias.reshape(1, c, 1, 1, 1) + self.pos + self.time(emb).reshape(B, c, 1, 1, 1)
+        return F.silu((1 - w) * ps + w * pe + shift.to(ps.dtype))

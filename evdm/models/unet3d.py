@@ -1,0 +1,165 @@
+"""VideoUNet3D: the pixel-space denoiser of the middle frames, conditioned on both endpoints.
+
+    x_t [B, C, M, H, W] --stem+FiLM--> down levels (ResBlock3D + FiLM, temporal attention at
+    `temporal_attn_levels`, spatial downsampling) --> bottleneck (ResBlock, attention, ResBlock)
+    --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> eps or v.
+
+The endpoints go through one shared `ConditioningEncoder`; per level, `EndpointFusion` makes the
+position-aware map that feeds every FiLM of that level (with the timestep embedding), and the
+encoder features of the 2K context frames join the middle in every temporal attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evdm.config import check_context
+from evdm.models.blocks import (
+    FiLM, Downsample, ResBlock3D, TemporalAttention, TimestepEmbedder, Upsample, group_norm,
+    spatial_conv, zero_init,
+)
+from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
+
+
+class VideoUNet3D(nn.Module):
+    """Endpoint-conditioned video U-Net; see the module docstring.
+
+    forward(x_t, t, start_context, end_context, cond_drop) -> out
+    x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context, end_context: [B, C, K, H, W]
+    in [-1, 1]; cond_drop: bool [B] (True: learned null conditioning). out: [B, C, M, H, W].
+    H and W must be divisible by 2 ** (len(channel_mults) - 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        T: int,
+        K: int,
+        base_channels: int = 96,
+        channel_mults: tuple[int, ...] = (1, 2, 4),
+        res_blocks: int = 2,
+        temporal_attn_levels: tuple[int, ...] = (1, 2),
+        attn_head_channels: int = 32,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_context(T, K)
+        if not channel_mults:
+            raise ValueError("channel_mults must not be empty")
+        bad = [lv for lv in temporal_attn_levels if not 0 <= lv < len(channel_mults)]
+        if bad:
+            raise ValueError(f"temporal_attn_levels {bad} out of range 0..{len(channel_mults) - 1}")
+        self.channels, self.T, self.K, self.middle_frames = channels, T, K, T - 2 * K
+        self.downscale = 2 ** (len(channel_mults) - 1)
+        M = self.middle_frames
+        level_ch = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.attn_levels = tuple(sorted(set(temporal_attn_levels)))
+        attn = lambda c: TemporalAttention(c, attn_head_channels, T)  # noqa: E731
+
+        self.time_embed = TimestepEmbedder(base_channels, emb_dim)
+        self.encoder = ConditioningEncoder(channels, level_ch, K)
+        self.fusion = nn.ModuleList([EndpointFusion(c, K, M, emb_dim) for c in level_ch])
+
+        self.stem = spatial_conv(channels, level_ch[0])
+        self.stem_film = FiLM(level_ch[0], level_ch[0])
+
+        # Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the bottom.
+        self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        skip_ch = [level_ch[0]]
+        c = level_ch[0]
+        for lv, c_out in enumerate(level_ch):
+            blocks, attns = nn.ModuleList(), nn.ModuleList()
+            for _ in range(res_blocks):
+                blocks.append(ResBlock3D(c, c_out, c_out, dropout))
+                if lv in self.attn_levels:
+                    attns.append(attn(c_out))
+                c = c_out
+                skip_ch.append(c)
+            self.down_blocks.append(blocks)
+            self.down_attn.append(attns)
+            if lv + 1 < len(level_ch):
+                self.downsample.append(Downsample(c, level_ch[lv + 1]))
+                c = level_ch[lv + 1]
+                skip_ch.append(c)
+
+        c_mid = level_ch[-1]
+        self.mid_block1 = ResBlock3D(c_mid, c_mid, c_mid, dropout)
+        self.mid_attn = attn(c_mid)
+        self.mid_block2 = ResBlock3D(c_mid, c_mid, c_mid, dropout)
+
+        # Up path: per level `res_blocks + 1` blocks, each eating one skip, then an upsample.
+        self.up_blocks, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for lv in reversed(range(len(level_ch))):
+            c_out = level_ch[lv]
+            blocks, attns = nn.ModuleList(), nn.ModuleList()
+            for _ in range(res_blocks + 1):
+                blocks.append(ResBlock3D(c + skip_ch.pop(), c_out, c_out, dropout))
+                if lv in self.attn_levels:
+                    attns.append(attn(c_out))
+                c = c_out
+            self.up_blocks.append(blocks)
+            self.up_attn.append(attns)
+            if lv > 0:
+                self.upsample.append(Upsample(c))
+
+        self.out_norm = group_norm(c)
+        self.out_conv = zero_init(spatial_conv(c, channels))
+
+    def _check_inputs(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
+        # Static shape checks: resolved at trace time, no data-dependent control flow.
+        B, C, M, H, W = x_t.shape
+        if (C, M) != (self.channels, self.middle_frames):
+            raise ValueError(f"x_t {tuple(x_t.shape)}: expected C={self.channels} channels and "
+                             f"M=T-2K={self.middle_frames} middle frames")
+        expect = (B, C, self.K, H, W)
+        for name, ctx in (("start_context", start), ("end_context", end)):
+            if tuple(ctx.shape) != expect:
+                raise ValueError(f"{name} {tuple(ctx.shape)}: expected {expect} (K={self.K})")
+        if H % self.downscale or W % self.downscale:
+            raise ValueError(f"frame size {H}x{W} must be divisible by {self.downscale} "
+                             f"(2 ** (len(channel_mults) - 1))")
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        start_context: torch.Tensor,
+        end_context: torch.Tensor,
+        cond_drop: torch.Tensor,
+    ) -> torch.Tensor:
+        self._check_inputs(x_t, start_context, end_context)
+        emb = self.time_embed(t)
+        start_feats, end_feats = self.encoder(start_context.to(x_t.dtype), end_context.to(x_t.dtype), cond_drop)
+        conds = [f(s, e, emb) for f, s, e in zip(self.fusion, start_feats, end_feats)]
+
+        h = self.stem_film(self.stem(x_t), conds[0])
+        skips = [h]
+        for lv, (blocks, attns) in enumerate(zip(self.down_blocks, self.down_attn)):
+            for i, block in enumerate(blocks):
+                h = block(h, conds[lv])
+                if len(attns):
+                    h = attns[i](h, start_feats[lv], end_feats[lv])
+                skips.append(h)
+            if lv < len(self.downsample):
+                h = self.downsample[lv](h)
+                skips.append(h)
+
+        h = self.mid_block1(h, conds[-1])
+        h = self.mid_attn(h, start_feats[-1], end_feats[-1])
+        h = self.mid_block2(h, conds[-1])
+
+        n = len(self.up_blocks)
+        for j, (blocks, attns) in enumerate(zip(self.up_blocks, self.up_attn)):
+            lv = n - 1 - j
+            for i, block in enumerate(blocks):
+                h = block(torch.cat([h, skips.pop()], dim=1), conds[lv])
+                if len(attns):
+                    h = attns[i](h, start_feats[lv], end_feats[lv])
+            if j < len(self.upsample):
+                h = self.upsample[j](h)
+
+        return self.out_conv(F.silu(self.out_norm(h)))

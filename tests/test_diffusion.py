@@ -1,0 +1,219 @@
+"""Diffusion math: schedule closed forms, the loss, the samplers (stub models, CPU, fast)."""
+
+import pytest
+import torch
+
+from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule, q_sample, sample_clip
+from evdm.diffusion.samplers import apply_dynamic_threshold, guided_output, sampling_timesteps
+from evdm.diffusion.schedule import eps_from_x0, output_from, split_output, training_target
+
+B, C, K, M, H, W = 2, 3, 2, 3, 8, 8
+
+
+def make_clip(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((B, C, 2 * K + M, H, W), generator=g) * 2 - 1
+
+
+class Oracle(torch.nn.Module):
+    """Predicts exactly the eps / v consistent with a known clean middle `x0`."""
+
+    def __init__(self, s, x0, prediction="eps"):
+        super().__init__()
+        self.s, self.x0, self.prediction, self.middle_frames = s, x0, prediction, x0.shape[2]
+        self.batch_sizes = []
+
+    def forward(self, x_t, t, start_context, end_context, cond_drop):
+        self.batch_sizes.append(x_t.shape[0])
+        x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
+        # A dropped condition gets a worse guess (zeros), so guidance has something to amplify.
+        x0 = torch.where(cond_drop.reshape(-1, 1, 1, 1, 1), torch.zeros_like(x0), x0)
+        return output_from(self.s, x0, t, eps_from_x0(self.s, x_t, t, x0), self.prediction)
+
+
+class Linear(torch.nn.Module):
+    """A small deterministic model whose output depends on every input, including cond_drop."""
+
+    middle_frames = M
+
+    def forward(self, x_t, t, start_context, end_context, cond_drop):
+        ctx = (start_context.mean(2, keepdim=True) - end_context.mean(2, keepdim=True))
+        keep = (~cond_drop).float().reshape(-1, 1, 1, 1, 1)
+        return 0.5 * x_t + keep * ctx + 1e-4 * t.float().reshape(-1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_shapes_and_monotone(kind):
+    s = make_schedule(kind, 1000)
+    assert s.timesteps == 1000
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance"):
+        assert getattr(s, name).dtype == torch.float32 and getattr(s, name).shape == (1000,)
+    ab = s.alphas_cumprod
+    assert (ab[1:] < ab[:-1]).all() and ab[0] < 1 and ab[-1] > 0
+    assert s.alphas_cumprod_prev[0] == 1 and torch.equal(s.alphas_cumprod_prev[1:], ab[:-1])
+    assert ab[-1] < 0.01  # ends essentially at pure noise
+    assert torch.allclose(s.sqrt_alphas_cumprod**2 + s.sqrt_one_minus_alphas_cumprod**2, torch.ones(1000))
+
+
+def test_linear_betas_closed_form_and_bad_args():
+    s = make_schedule("linear", 1000)
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    assert make_schedule("linear", 100).betas[-1].item() == pytest.approx(0.2)  # scaled by 1000/T
+    with pytest.raises(ValueError, match="quadratic"):
+        make_schedule("quadratic", 10)
+
+
+def test_q_sample_statistics():
+    s = make_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.full((4, 1, 1, 50, 50), 0.5)
+    t = torch.tensor([0, 100, 500, 999])
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = q_sample(s, x0, t, noise)
+    ab = s.alphas_cumprod[t].double()
+    mean, std = x_t.flatten(1).mean(1).double(), x_t.flatten(1).std(1).double()
+    assert torch.allclose(mean, 0.5 * ab.sqrt(), atol=0.05)
+    assert torch.allclose(std, (1 - ab).sqrt(), rtol=0.05, atol=0.005)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_converter_round_trips(prediction, kind):
+    s = make_schedule(kind, 1000)
+    x0 = make_clip()[:, :, :M]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([3, 700])
+    x_t = q_sample(s, x0, t, noise)
+    out = training_target(s, x0, t, noise, prediction)
+    x0_hat, eps_hat = split_output(s, x_t, t, out, prediction)  # pred_x0(q_sample(x0, eps)) == x0
+    assert torch.allclose(x0_hat, x0, atol=2e-4) and torch.allclose(eps_hat, noise, atol=1e-4)
+    assert torch.allclose(output_from(s, x0_hat, t, eps_hat, prediction), out, atol=1e-4)
+    assert torch.allclose(eps_from_x0(s, x_t, t, x0), noise, atol=1e-4)
+
+
+def test_draw_training_noise_shapes_determinism_and_drop_rate():
+    shape = (4000, 2, 1, 2, 2)
+    kwargs = dict(timesteps=50, cfg_drop_prob=0.25, noise_offset=0.0, device="cpu")
+    t, noise, drop = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **kwargs)
+    t2, noise2, drop2 = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert t.dtype == torch.int64 and t.shape == (4000,) and 0 <= t.min() and t.max() < 50
+    assert noise.shape == shape and drop.dtype == torch.bool
+    assert torch.equal(t, t2) and torch.equal(noise, noise2) and torch.equal(drop, drop2)
+    assert 0.22 < drop.float().mean() < 0.28
+    _, none, _ = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **{**kwargs, "cfg_drop_prob": 0.0})
+    assert torch.equal(none, noise)
+    _, offset, _ = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **{**kwargs, "noise_offset": 1.0})
+    shift = (offset - noise).flatten(2)  # a per-(sample, channel) constant, N(0, 1) across samples
+    assert torch.allclose(shift, shift[:, :, :1].expand_as(shift), atol=1e-5)
+    assert 0.9 < shift[:, :, 0].std() < 1.1
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_is_zero_for_a_perfect_model_and_sees_only_the_middle(prediction):
+    s = make_schedule("linear", 1000)
+    clip = make_clip()
+    model = Oracle(s, clip[:, :, K:-K], prediction)
+    seen = {}
+    def spy(x_t, t, start, end, drop):
+        seen.update(x_t=x_t, start=start, end=end)
+        return model(x_t, t, start, end, drop)
+    t, noise, drop = draw_training_noise((B, C, M, H, W), timesteps=1000, cfg_drop_prob=0.0, noise_offset=0.0,
+                                         generator=torch.Generator().manual_seed(0), device="cpu")
+    loss, stats = diffusion_loss(spy, s, clip, t, noise, drop, K=K, prediction=prediction, temporal_loss_weight=0.05)
+    assert loss.item() < 1e-8 and set(stats) == {"mse", "temporal"}
+    assert not stats["mse"].requires_grad
+    assert seen["x_t"].shape == (B, C, M, H, W)
+    assert torch.equal(seen["start"], clip[:, :, :K]) and torch.equal(seen["end"], clip[:, :, -K:])
+
+
+def test_temporal_loss_penalises_motion_across_the_boundary():
+    """A constant offset on every predicted middle frame keeps the inner differences right but
+    breaks both boundary differences: only the temporal term (with the endpoints attached) sees it."""
+    s = make_schedule("linear", 1000)
+    clip = make_clip()
+    middle = clip[:, :, K:-K]
+    t = torch.zeros(B, dtype=torch.long)  # alpha_bar ~ 1: the temporal weight is ~1
+    noise = torch.randn(middle.shape, generator=torch.Generator().manual_seed(3))
+    x_t = q_sample(s, middle, t, noise)
+    x0_shifted = middle + 0.1
+    model = lambda x, tt, a, b, d: eps_from_x0(s, x, tt, x0_shifted)  # noqa: E731
+    drop = torch.zeros(B, dtype=torch.bool)
+    _, stats = diffusion_loss(model, s, clip, t, noise, drop, K=K, prediction="eps", temporal_loss_weight=1.0)
+    expected = s.alphas_cumprod[0] * 2 * 0.1**2 / (M + 1)  # 2 of M+1 differences are off by 0.1
+    assert stats["temporal"].item() == pytest.approx(expected.item(), rel=1e-2)
+    assert torch.allclose(eps_from_x0(s, x_t, t, x0_shifted), model(x_t, t, None, None, None))
+
+
+def test_loss_rejects_clip_without_middle():
+    s = make_schedule("linear", 10)
+    with pytest.raises(ValueError, match="T=4"):
+        diffusion_loss(Linear(), s, torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, dtype=torch.long),
+                       torch.zeros(1, 1, 0, 4, 4), torch.zeros(1, dtype=torch.bool), K=2)
+
+
+def test_sampling_timesteps():
+    ts = sampling_timesteps(1000, 40)
+    assert len(ts) == 40 and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+    assert sampling_timesteps(10, 10) == list(range(9, -1, -1))
+    with pytest.raises(ValueError, match="steps"):
+        sampling_timesteps(10, 11)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_oracle_sampler_recovers_the_middle_and_keeps_context_exact(sampler, eta, prediction):
+    s = make_schedule("cosine", 1000)
+    clip = make_clip(5)
+    model = Oracle(s, clip[:, :, K:-K], prediction)
+    out = sample_clip(model, s, clip[:, :, :K], clip[:, :, -K:], sampler=sampler, steps=10, eta=eta,
+                      guidance_scale=1.0, prediction=prediction, generator=torch.Generator().manual_seed(0))
+    assert out.shape == clip.shape
+    assert torch.equal(out[:, :, :K], clip[:, :, :K]) and torch.equal(out[:, :, -K:], clip[:, :, -K:])
+    assert torch.allclose(out[:, :, K:-K], clip[:, :, K:-K], atol=1e-4)
+
+
+def test_ddim_eta0_is_deterministic_given_the_seed():
+    s = make_schedule("linear", 100)
+    clip = make_clip()
+    run = lambda seed: sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:], steps=8,  # noqa: E731
+                                   generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_guidance_scale_one_is_the_conditional_branch_alone():
+    s = make_schedule("linear", 100)
+    clip = make_clip()
+    model = Oracle(s, clip[:, :, K:-K])
+    x_t, t = torch.randn(B, C, M, H, W), torch.full((B,), 50)
+    start, end = clip[:, :, :K], clip[:, :, -K:]
+    cond = model(x_t, t, start, end, torch.zeros(B, dtype=torch.bool))
+    null = model(x_t, t, start, end, torch.ones(B, dtype=torch.bool))
+    model.batch_sizes.clear()
+    assert torch.equal(guided_output(model, x_t, t, start, end, 1.0), cond)
+    assert model.batch_sizes == [B]  # no null branch
+    guided = guided_output(model, x_t, t, start, end, 1.8)
+    assert model.batch_sizes == [B, 2 * B]  # both branches in one batched forward
+    assert torch.allclose(guided, null + 1.8 * (cond - null), atol=1e-5)
+
+
+def test_dynamic_threshold():
+    x0 = torch.linspace(-3, 3, 2 * 100).reshape(2, 100)
+    x0[1] = x0[1] / 10  # within [-1, 1]: left as is
+    y = apply_dynamic_threshold(x0, 0.9)
+    assert y[0].abs().max() <= 1 + 1e-6 and torch.equal(y[1], x0[1])
+    s = make_schedule("linear", 100)
+    clip = make_clip()
+    out = sample_clip(Oracle(s, 3 * clip[:, :, K:-K]), s, clip[:, :, :K], clip[:, :, -K:], steps=5,
+                      guidance_scale=2.0, dynamic_threshold=0.995, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :, :K], clip[:, :, :K]) and torch.equal(out[:, :, -K:], clip[:, :, -K:])
+    assert out.abs().max() <= 1
+
+
+def test_sample_clip_rejects_bad_arguments():
+    s = make_schedule("linear", 10)
+    clip = make_clip()
+    with pytest.raises(ValueError, match="sampler"):
+        sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:], sampler="euler")
+    with pytest.raises(ValueError, match="same shape"):
+        sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -1:], steps=2)

@@ -1,0 +1,158 @@
+"""The denoiser: shapes, errors, the shared encoder, null conditioning, memory format, compile."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from evdm.config import DataConfig, ModelConfig, RunConfig
+from evdm.models import ConditioningEncoder, VideoUNet3D, build_model, count_parameters
+
+TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
+
+
+def tiny_cfg(size=16, T=8, K=2, color_mode="rgb", **model) -> RunConfig:
+    return RunConfig(data=DataConfig(size=size, T=T, endpoint_context=K, color_mode=color_mode),
+                     model=ModelConfig(**{**TINY, **model}))
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the zero-initialised layers (output conv, FiLM, null, attention out) random weights,
+    so that every input path visibly reaches the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def inputs(cfg: RunConfig, B: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    C, T, K, S = cfg.channels, cfg.data.T, cfg.data.endpoint_context, cfg.data.size
+    clip = torch.rand((B, C, T, S, S), generator=g) * 2 - 1
+    x_t = torch.randn((B, C, T - 2 * K, S, S), generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    return x_t, t, clip[:, :, :K], clip[:, :, T - K:], torch.zeros(B, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("color_mode", ["rgb", "gray"])
+@pytest.mark.parametrize("T,K", [(8, 2), (5, 2), (7, 1), (9, 3)])
+def test_output_shape(color_mode, T, K):
+    cfg = tiny_cfg(T=T, K=K, color_mode=color_mode)
+    model = build_model(cfg)
+    assert model.middle_frames == T - 2 * K and model.channels == cfg.channels
+    x_t, *rest = inputs(cfg)
+    out = model(x_t, *rest)
+    assert out.shape == x_t.shape and out.dtype == torch.float32
+
+
+def test_three_levels_with_attention_everywhere():
+    cfg = tiny_cfg(size=16, channel_mults=(1, 2, 2), res_blocks=2, temporal_attn_levels=(0, 1, 2))
+    x_t, *rest = inputs(cfg, B=1)
+    assert randomize(build_model(cfg))(x_t, *rest).shape == x_t.shape
+
+
+@pytest.mark.parametrize("T,K", [(4, 2), (3, 2), (6, 3)])
+def test_no_middle_is_a_construction_error_naming_both_numbers(T, K):
+    with pytest.raises(ValueError, match=rf"T={T}.*endpoint_context={K}"):
+        VideoUNet3D(channels=3, T=T, K=K, base_channels=8, channel_mults=(1,), temporal_attn_levels=())
+
+
+def test_bad_sizes_are_rejected_clearly():
+    with pytest.raises(ValueError, match=r"data.size=18.*4"):
+        build_model(tiny_cfg(size=18, channel_mults=(1, 2, 4)))
+    model = build_model(tiny_cfg(size=16, channel_mults=(1, 2, 4)))
+    x_t, t, start, end, drop = inputs(tiny_cfg(size=18))
+    with pytest.raises(ValueError, match=r"18x18 must be divisible by 4"):
+        model(x_t, t, start, end, drop)
+    x_t, t, start, end, drop = inputs(tiny_cfg(size=16))
+    with pytest.raises(ValueError, match=r"M=T-2K=4"):
+        model(x_t[:, :, :3], t, start, end, drop)
+    with pytest.raises(ValueError, match=r"end_context.*K=2"):
+        model(x_t, t, start, end[:, :, :1], drop)
+    with pytest.raises(ValueError, match="out of range"):
+        VideoUNet3D(channels=3, T=8, K=2, channel_mults=(1, 2), temporal_attn_levels=(2,))
+
+
+def test_endpoint_encoder_is_shared():
+    model = randomize(build_model(tiny_cfg()))
+    encoders = [m for m in model.modules() if isinstance(m, ConditioningEncoder)]
+    assert len(encoders) == 1
+    _, _, start, end, drop = inputs(tiny_cfg())
+    # One parameter set: swapping the endpoints swaps their features exactly.
+    fs, fe = model.encoder(start, end, drop)
+    gs, ge = model.encoder(end, start, drop)
+    assert len(fs) == 2 and fs[1].shape == (2, 16, 2, 8, 8)
+    for a, b in zip(fs, ge):
+        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(fe, gs):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_both_endpoints_and_cond_drop_reach_the_output_per_sample():
+    cfg = tiny_cfg()
+    model = randomize(build_model(cfg)).eval()
+    x_t, t, start, end, _ = inputs(cfg)
+    keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    base = model(x_t, t, start, end, keep)
+    assert not torch.allclose(base, model(x_t, t, -start, end, keep))
+    assert not torch.allclose(base, model(x_t, t, start, -end, keep))
+    # Null conditioning ignores the endpoints entirely ...
+    null = model(x_t, t, start, end, drop)
+    assert torch.allclose(null, model(x_t, t, -start, -end, drop), atol=1e-6)
+    assert not torch.allclose(base, null)
+    # ... and acts per sample.
+    mixed = model(x_t, t, start, end, torch.tensor([True, False]))
+    assert torch.allclose(mixed[0], null[0], atol=1e-5) and torch.allclose(mixed[1], base[1], atol=1e-5)
+
+
+def test_fresh_model_predicts_zero_and_all_parameters_get_gradients():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    x_t, *rest = inputs(cfg)
+    assert model(x_t, *rest).abs().max() == 0  # zero-initialised output conv
+    model = randomize(model)
+    model(x_t, *rest).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing  # (null parameters get gradient through torch.where even when unused: zeros)
+
+
+def test_fusion_is_position_aware():
+    model = build_model(tiny_cfg(T=9, K=2))  # M = 5
+    w = model.fusion[0].w.flatten()
+    assert torch.allclose(w, torch.tensor([1, 2, 3, 4, 5]) / 6)
+
+
+def test_channels_last_matches_contiguous():
+    cfg = tiny_cfg()
+    model = randomize(build_model(cfg)).eval()
+    args = inputs(cfg)
+    ref = model(*args)
+    cl = [a.to(memory_format=torch.channels_last_3d) if a.ndim == 5 else a for a in args]
+    model_cl = model.to(memory_format=torch.channels_last_3d)
+    assert torch.allclose(model_cl(*cl), ref, atol=1e-5)
+
+
+def test_reference_parameter_count():
+    model = build_model(RunConfig())  # 64 px, T 8, K 2, base 96, mults 1 2 4, res 2, attention at 1 2
+    assert count_parameters(model) == 50_950_371
+
+
+def test_dropout_config_is_used():
+    cfg = tiny_cfg()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.5))
+    model = randomize(build_model(cfg)).train()
+    args = inputs(cfg)
+    assert not torch.equal(model(*args), model(*args))
+
+
+@pytest.mark.slow
+def test_tiny_model_compiles_fullgraph(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    cfg = tiny_cfg(T=5, K=2, channel_mults=(1, 2), temporal_attn_levels=(0,))
+    model = randomize(build_model(cfg)).eval()
+    args = inputs(cfg)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(*args), model(*args), atol=1e-4)
