@@ -1,0 +1,279 @@
+"""WebDataset loader: shard lists, disjoint shard slices across ranks and workers, batches, val, checks."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evdm import data
+from evdm.config import ConfigError, from_dict
+from evdm.schema import encode_clip, encode_sample
+from preprocess.writer import write_manifest, write_shard
+
+T, SIZE, C = 6, 16, 3
+CLIPS_PER_SHARD = 4
+TRAIN_SHARDS = 8
+
+
+def make_clips(rng: np.random.Generator, n: int, shape=(T, SIZE, SIZE, C)) -> list[np.ndarray]:
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def write_split(shard_dir: Path, split: str, shards: int, rng: np.random.Generator, shape=(T, SIZE, SIZE, C)):
+    """Write `shards` shards of CLIPS_PER_SHARD random clips; return {clip bytes: shard name}."""
+    owner = {}
+    for s in range(shards):
+        name = f"{split}-{s:06d}.tar"
+        clips = make_clips(rng, CLIPS_PER_SHARD, shape)
+        write_shard(shard_dir / name, [encode_sample(f"{split}{s}_{i}", c, {"i": i}) for i, c in enumerate(clips)])
+        owner.update({c.tobytes(): name for c in clips})
+    return owner
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    train = write_split(d, "train", TRAIN_SHARDS, rng)
+    val = write_split(d, "val", 2, rng)
+    return d, train, val
+
+
+def cfg_for(shard_dir: Path, **data_overrides):
+    raw = {
+        "data": {"train_shards": str(shard_dir / "train-*.tar"), "val_shards": str(shard_dir / "val-*.tar"),
+                 "size": SIZE, "T": T, "num_workers": 0, "shuffle_buffer": 0, "val_clips": 3, **data_overrides},
+        "train": {"batch_size": 4},
+    }
+    return from_dict(raw)
+
+
+def clip_bytes(batch: torch.Tensor) -> list[bytes]:
+    """[B, C, T, H, W] -> per-sample bytes in the shards' [T, H, W, C] layout."""
+    return [b.permute(1, 2, 3, 0).contiguous().numpy().tobytes() for b in batch]
+
+
+def take(loader, n: int) -> list[torch.Tensor]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+# ---- shard lists ------------------------------------------------------------------------------
+
+
+def test_expand_urls_glob_brace_list_pipe(shards):
+    d, _, _ = shards
+    globbed = data.expand_urls(str(d / "train-*.tar"))
+    assert globbed == sorted(str(p) for p in d.glob("train-*.tar")) and len(globbed) == TRAIN_SHARDS
+    assert data.expand_urls(str(d / "train-{000000..000007}.tar")) == globbed
+    assert data.expand_urls([str(d / "train-00000[0-3].tar"), str(d / "train-00000[4-7].tar")]) == globbed
+    assert data.expand_urls("pipe:aws s3 cp s3://b/train-{0..2}.tar -") == [
+        f"pipe:aws s3 cp s3://b/train-{i}.tar -" for i in range(3)]
+
+
+def test_expand_urls_errors_name_the_pattern(tmp_path):
+    with pytest.raises(ConfigError, match=r"nothing-\*\.tar.*matches no file"):
+        data.expand_urls(str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(ConfigError, match="missing.tar.*not found"):
+        data.expand_urls(str(tmp_path / "missing.tar"))
+
+
+def test_shard_slice_disjoint_and_complete_per_pass():
+    urls = [f"s{i}.tar" for i in range(10)]
+    for epoch in range(3):
+        parts = [data.shard_slice(urls, r, 2, w, 2, epoch, seed=7) for r in range(2) for w in range(2)]
+        read = Counter(u for p in parts for u in p)
+        assert set(read) == set(urls) and set(read.values()) == {1}
+    assert data.shard_slice(urls, 1, 2, 0, 2, 0, 7) == data.shard_slice(urls, 1, 2, 0, 2, 0, 7)
+    assert data.shard_slice(urls, 0, 1, 0, 1, 0, 7) != data.shard_slice(urls, 0, 1, 0, 1, 1, 7)
+    assert data.shard_slice(urls, 0, 1, 0, 1, 5, 7, shuffle=False) == urls
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+
+def test_batches_are_uint8_channels_last_views_of_the_clips(shards):
+    d, train, _ = shards
+    (batch,) = take(data.make_train_loader(cfg_for(d)), 1)
+    assert batch.dtype == torch.uint8 and batch.shape == (4, C, T, SIZE, SIZE)
+    assert batch.is_contiguous(memory_format=torch.channels_last_3d)
+    assert all(b in train for b in clip_bytes(batch))
+
+
+def test_two_ranks_two_workers_read_every_shard_once_per_pass(shards, monkeypatch):
+    """Real DataLoaders (num_workers=2) for ranks 0 and 1: one pass = every clip, so every shard, once."""
+    d, train, _ = shards
+    cfg = cfg_for(d, num_workers=2)
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 1)  # one batch per worker ticket: workers alternate batch by batch
+    per_rank_batches = TRAIN_SHARDS * CLIPS_PER_SHARD // 4 // 2
+    seen = []
+    for rank in range(2):
+        # Different sample seeds per rank, as the trainer passes them; the partition must not depend on it.
+        for batch in take(data.make_train_loader(cfg, rank=rank, world_size=2, seed=100 + rank), per_rank_batches):
+            seen.extend(clip_bytes(batch))
+    assert Counter(seen) == Counter(train.keys())
+    assert Counter(train[b] for b in seen) == {name: CLIPS_PER_SHARD for name in set(train.values())}
+
+
+def test_worker_tickets_of_several_batches_keep_passes_whole(shards):
+    """Default chunking (several batches per worker ticket): whole passes, every clip equally often."""
+    d, train, _ = shards
+    loader = data.make_train_loader(cfg_for(d, num_workers=2))
+    counts = Counter(b for batch in take(loader, 32) for b in clip_bytes(batch))
+    assert set(counts) == set(train) and len(set(counts.values())) == 1
+
+
+def test_stream_is_infinite_and_each_pass_is_complete(shards):
+    d, train, _ = shards
+    batches = take(data.make_train_loader(cfg_for(d)), 2 * len(train) // 4)
+    counts = Counter(b for batch in batches for b in clip_bytes(batch))
+    assert counts == Counter({b: 2 for b in train})
+
+
+def test_shuffle_buffer_shuffles_deterministically(shards):
+    d, train, _ = shards
+    cfg = cfg_for(d, shuffle_buffer=8)
+    first = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=1), 4)]
+    again = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=1), 4)]
+    other = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=2), 4)]
+    plain = [clip_bytes(b) for b in take(data.make_train_loader(cfg_for(d)), 4)]
+    assert first == again and first != other and first != plain
+    assert all(b in train for batch in first for b in batch)
+
+
+def test_fewer_shards_than_readers_warns_and_splits_samples(tmp_path):
+    owner = write_split(tmp_path, "train", 2, np.random.default_rng(1))
+    write_split(tmp_path, "val", 1, np.random.default_rng(2))
+    cfg = from_dict({**_raw(tmp_path), "train": {"batch_size": 2}})
+    seen = []
+    for rank in range(4):
+        with pytest.warns(UserWarning, match="2 shard"):
+            loader = data.make_train_loader(cfg, rank=rank, world_size=4)
+        seen.extend(b for batch in take(loader, 1) for b in clip_bytes(batch))
+    assert Counter(seen) == Counter(owner.keys())
+
+
+def _raw(d: Path) -> dict:
+    return {"data": {"train_shards": str(d / "train-*.tar"), "val_shards": str(d / "val-*.tar"), "size": SIZE,
+                     "T": T, "num_workers": 0, "shuffle_buffer": 0}}
+
+
+def test_pipe_urls_and_tar_name_formats(tmp_path):
+    """pipe: URLs stream through gopen; long keys in GNU and PAX tars parse like ustar ones."""
+    clips = make_clips(np.random.default_rng(3), 2)
+    keys = ["k" * 150 + "_0", "dir/sub/short_1"]
+    for fmt, name in ((tarfile.GNU_FORMAT, "gnu.tar"), (tarfile.PAX_FORMAT, "pax.tar")):
+        with tarfile.open(tmp_path / name, "w", format=fmt) as tar:
+            for key, clip in zip(keys, clips):
+                for ext, payload in encode_sample(key, clip, {}).items():
+                    if ext != "__key__":
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+        for url in (str(tmp_path / name), f"pipe:cat {tmp_path / name}"):
+            got = list(data.iter_clips(url))
+            assert [k for k, _ in got] == keys
+            assert all(np.array_equal(a, b) for (_, a), b in zip(got, clips))
+
+
+def test_corrupt_shards_are_errors_naming_the_file(tmp_path):
+    clip = make_clips(np.random.default_rng(7), 1)[0]
+    write_shard(tmp_path / "good.tar", [encode_sample("k", clip, {})])
+    whole = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:2048])
+    with pytest.raises(OSError, match=r"cut\.tar: truncated tar"):
+        list(data.iter_clips(str(tmp_path / "cut.tar")))
+    as_float = encode_clip(clip).replace(b"'|u1'", b"'<f4'")  # same length, so the header stays valid
+    write_shard(tmp_path / "f32.tar", [{"__key__": "k", "clip.npy": as_float}])
+    with pytest.raises(ValueError, match=r"f32\.tar: k\.clip\.npy: clip must be C-ordered uint8"):
+        list(data.iter_clips(str(tmp_path / "f32.tar")))
+
+
+def test_shape_mismatch_inside_the_stream_names_the_shard(tmp_path):
+    write_split(tmp_path, "train", 1, np.random.default_rng(4), shape=(T, SIZE, SIZE, 1))
+    cfg = from_dict({**_raw(tmp_path), "train": {"batch_size": 2}})
+    with pytest.raises(ConfigError, match=r"train-000000\.tar.*\(6, 16, 16, 1\).*\(6, 16, 16, 3\)"):
+        take(data.make_train_loader(cfg), 1)
+
+
+# ---- config check -----------------------------------------------------------------------------
+
+
+def test_check_shards_accepts_matching_shards(shards):
+    data.check_shards(cfg_for(shards[0]))
+
+
+def test_check_shards_peeks_first_clip_and_names_the_shard(shards):
+    d = shards[0]
+    with pytest.raises(ConfigError, match=r"train-000000\.tar.*\[6, 16, 16, 3\].*data.T=8.*\[8, 16, 16, 3\]"):
+        data.check_shards(cfg_for(d, T=8))
+    with pytest.raises(ConfigError, match=r"\[6, 16, 16, 1\]"):
+        data.check_shards(cfg_for(d, color_mode="gray"))
+
+
+def test_check_shards_reads_the_manifest(tmp_path):
+    write_split(tmp_path, "train", 1, np.random.default_rng(5))
+    write_split(tmp_path, "val", 1, np.random.default_rng(6))
+    write_manifest(tmp_path, options={"frame_stride": 1}, clip_shape=(T, 32, 32, C), splits={}, skipped=[])
+    with pytest.raises(ConfigError, match=r"manifest\.json.*\[6, 32, 32, 3\].*\[6, 16, 16, 3\]"):
+        data.check_shards(from_dict(_raw(tmp_path)))
+    write_manifest(tmp_path, options={"frame_stride": 2}, clip_shape=(T, SIZE, SIZE, C), splits={}, skipped=[])
+    with pytest.raises(ConfigError, match=r"manifest\.json.*frame_stride=2"):
+        data.check_shards(from_dict(_raw(tmp_path)))
+
+
+def test_check_shards_names_an_empty_glob(shards, tmp_path):
+    cfg = cfg_for(shards[0], train_shards=str(tmp_path / "nope-*.tar"))
+    with pytest.raises(ConfigError, match=r"data.train_shards.*nope-\*\.tar"):
+        data.check_shards(cfg)
+
+
+# ---- validation clips -------------------------------------------------------------------------
+
+
+def test_val_clips_are_the_first_in_sorted_shard_order_and_fixed(shards):
+    d, _, _ = shards
+    cfg = cfg_for(d, val_clips=6)
+    val = data.load_val_clips(cfg)
+    assert val.shape == (6, C, T, SIZE, SIZE) and val.dtype == torch.uint8
+    expected = [c for _, c in data.iter_clips(str(d / "val-000000.tar"))]
+    expected += [c for _, c in data.iter_clips(str(d / "val-000001.tar"))][:2]
+    assert clip_bytes(val) == [c.tobytes() for c in expected]
+    assert torch.equal(val, data.load_val_clips(cfg))
+    assert data.load_val_clips(cfg_for(d, val_clips=100)).shape[0] == 8
+
+
+def test_empty_val_shards_are_a_clear_error(shards, tmp_path):
+    write_shard(tmp_path / "val-000000.tar", [])
+    with pytest.raises(ConfigError, match="val shards hold no clips"):
+        data.load_val_clips(cfg_for(shards[0], val_shards=str(tmp_path / "val-*.tar")))
+
+
+# ---- device conversion ------------------------------------------------------------------------
+
+
+def test_to_model_input_scales_and_lays_out():
+    u8 = torch.tensor([0, 255, 127, 128], dtype=torch.uint8).view(1, 1, 1, 2, 2).expand(2, 3, 4, 2, 2).clone()
+    x = data.to_model_input(u8, "cpu", channels_last=True)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(x[0, 0, 0].flatten()[:2], torch.tensor([-1.0, 1.0]))
+    assert torch.equal(x, u8.float() / 127.5 - 1)  # the documented formula, bit for bit
+    assert data.to_model_input(u8, "cpu", channels_last=False).is_contiguous()
+
+
+def test_hflip_is_per_sample_and_seeded():
+    u8 = torch.randint(0, 256, (16, 3, 4, 8, 8), dtype=torch.uint8)
+    x = data.to_model_input(u8, "cpu", channels_last=True)
+    flipped = data.to_model_input(u8, "cpu", channels_last=True, hflip_generator=torch.Generator().manual_seed(0))
+    again = data.to_model_input(u8, "cpu", channels_last=True, hflip_generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, again)
+    was_flipped = [not torch.equal(f, o) for f, o in zip(flipped, x)]
+    assert 0 < sum(was_flipped) < 16
+    for f, o, w in zip(flipped, x, was_flipped):
+        assert torch.equal(f, o.flip(-1) if w else o)
