@@ -1,0 +1,112 @@
+"""Frame metrics and interpolation baselines: pure torch functions.
+
+Range convention: metric inputs are float frames in [0, 1] (`to_unit` maps the model's [-1, 1]).
+PSNR and SSIM then equal the usual definitions with data range 1 (e.g. skimage's data_range=1).
+Baselines take any float clip [B, C, T, H, W] and return its predicted middle [B, C, M, H, W].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB instead of inf
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004, sec. III-C
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] float."""
+    return (x.float() + 1) / 2
+
+
+def u8_to_unit(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [0, 1]."""
+    return u8.float() / 255.0
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per frame: x, y [..., C, H, W] in [0, 1] -> [...] (10 log10(1 / MSE), capped at 100 dB)."""
+    if x.shape != y.shape:
+        raise ValueError(f"psnr: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = (x.float() - y.float()).pow(2).mean(dim=(-3, -2, -1))
+    return 10 * torch.log10(1.0 / mse.clamp(min=10 ** (-PSNR_CAP_DB / 10)))
+
+
+def gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    """Normalized 1-D Gaussian of odd `size` centred on the middle tap, float64."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter of x [N, 1, H, W] with the 1-D taps g."""
+    x = F.conv2d(x, g.view(1, 1, 1, -1))
+    return F.conv2d(x, g.view(1, 1, -1, 1))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per frame (Wang et al. 2004): x, y [..., C, H, W] in [0, 1] -> [...].
+
+    Gaussian window 11, sigma 1.5, C1 = (0.01)^2, C2 = (0.03)^2, 'valid' filtering (no padding);
+    SSIM maps are averaged per channel, then over channels. Frames smaller than 11 px use the
+    largest odd window that fits (same sigma), so 1- and 3-channel 8-32 px frames all work.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    *lead, C, H, W = x.shape
+    size = min(SSIM_WINDOW, H, W)
+    size -= 1 - size % 2  # odd
+    g = gaussian_window(size, SSIM_SIGMA).to(device=x.device, dtype=torch.float64)
+    a = x.reshape(-1, 1, H, W).double()
+    b = y.reshape(-1, 1, H, W).double()
+    mu_a, mu_b = _blur(a, g), _blur(b, g)
+    var_a = _blur(a * a, g) - mu_a**2
+    var_b = _blur(b * b, g) - mu_b**2
+    cov = _blur(a * b, g) - mu_a * mu_b
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    per_channel = ssim_map.mean(dim=(-3, -2, -1)).view(*lead, C)
+    return per_channel.mean(dim=-1).float()
+
+
+def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Apply a per-frame metric to middles pred, truth [B, C, M, H, W] -> [B, M]."""
+    return metric(pred.transpose(1, 2), truth.transpose(1, 2))
+
+
+# ---- baselines: (clip, K) -> middle ---------------------------------------------------------
+
+
+def copy_nearest(clip: torch.Tensor, K: int) -> torch.Tensor:
+    """Each middle frame copies the nearer of the last start / first end frame (ties: the start).
+
+    clip: [B, C, T, H, W] (only its context frames are read) -> [B, C, T - 2K, H, W].
+    """
+    T = clip.shape[2]
+    last_start, first_end = K - 1, T - K
+    picks = [last_start if j - last_start <= first_end - j else first_end for j in range(K, T - K)]
+    return clip[:, :, picks]
+
+
+def blend_weights(T: int, K: int) -> torch.Tensor:
+    """w_j = (j - (K-1)) / ((T-K) - (K-1)) for middle positions j = K .. T-K-1: [M], in (0, 1)."""
+    span = (T - K) - (K - 1)
+    return torch.tensor([(j - (K - 1)) / span for j in range(K, T - K)], dtype=torch.float32)
+
+
+def linear_blend(clip: torch.Tensor, K: int) -> torch.Tensor:
+    """Pixel-wise linear interpolation in time between the last start and the first end frame.
+
+    clip: [B, C, T, H, W] float -> [B, C, T - 2K, H, W].
+    """
+    T = clip.shape[2]
+    w = blend_weights(T, K).to(clip.device).view(1, 1, -1, 1, 1)
+    start, end = clip[:, :, K - 1 : K].float(), clip[:, :, T - K : T - K + 1].float()
+    return (1 - w) * start + w * end
+
+
+BASELINES = {"copy nearest context": copy_nearest, "linear blend": linear_blend}
+

@@ -1,0 +1,283 @@
+"""The library side of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
+
+Everything about the model (size, T, K, colour mode, schedule, prediction) comes from the
+checkpoint's stored config. Clips leave this module as uint8 [T, H, W, C] whose first and last K
+frames are the input frames byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from evdm import visualize
+from evdm.checkpoint import load_for_inference
+from evdm.config import RunConfig
+from evdm.data import expand_urls, iter_clips, to_model_input
+from evdm.diffusion import Schedule, make_schedule, sample_clip
+from evdm.schema import COLOR_CHANNELS, clip_shape
+
+FPS = 4.0
+VIDEO_PX = 256  # MP4s are enlarged (nearest) to about this many pixels across
+STRIP_PX = 128  # and PNG strip / grid GIF frames to about this many
+
+
+def strip_scale(size: int) -> int:
+    """Nearest-neighbour factor for PNG strips and grid GIFs of size-px frames (16 px -> 8, 64 px -> 2)."""
+    return max(1, STRIP_PX // size)
+
+
+class SamplingError(RuntimeError):
+    """A user-facing problem with the inputs; the message names the file and what is wrong."""
+
+
+def one_line(err: Exception) -> str:
+    """The error as one line; a multi-line message (torch's unpickling essays) keeps its head only."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[0] if len(lines) == 1 else lines[0].split(" (", 1)[0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSettings:
+    """How to run the sampler; None fields fall back to the checkpoint's [sample] section."""
+
+    steps: int | None = None
+    eta: float | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    batch_size: int = 16
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """None: cuda if available else cpu; a cuda device without CUDA is an error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SamplingError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+def load_model(ckpt: str | Path, device: torch.device, *, use_ema: bool = True,
+               color_mode: str | None = None) -> tuple[torch.nn.Module, RunConfig, Schedule]:
+    """Model (eval mode), its stored config and its schedule on `device`; CheckpointError names the file.
+
+    color_mode: when given, the checkpoint must have been trained in it.
+    """
+    model, cfg = load_for_inference(ckpt, device, use_ema=use_ema)
+    if color_mode is not None and color_mode != cfg.data.color_mode:
+        raise SamplingError(f"{ckpt}: checkpoint was trained on {cfg.data.color_mode!r} clips, "
+                            f"but {color_mode!r} was asked")
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+    return model, cfg, schedule
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Largest centred square, resized to size x size (bicubic; box filter when shrinking a lot)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC,
+                                                                 reducing_gap=2.0)
+
+
+def load_image(path: str | Path, size: int, color_mode: str) -> np.ndarray:
+    """Any image PIL reads -> uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img = img.convert("RGB" if color_mode == "rgb" else "L")
+            img = center_crop_resize(img, size)
+    except FileNotFoundError:
+        raise SamplingError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SamplingError(f"{path}: not a readable image ({err})") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The K start and K end images -> (start, end) uint8 [K, H, W, C] at the model's size and colour mode."""
+    K = cfg.data.endpoint_context
+    for flag, paths in (("--start_images", start_paths), ("--end_images", end_paths)):
+        if len(paths) != K:
+            raise SamplingError(f"{flag}: got {len(paths)} image(s) ({' '.join(map(str, paths))}), "
+                                f"but the checkpoint's endpoint_context is K={K}")
+    load = lambda p: load_image(p, cfg.data.size, cfg.data.color_mode)  # noqa: E731
+    return np.stack([load(p) for p in start_paths]), np.stack([load(p) for p in end_paths])
+
+
+def iter_shard_clips(shards: str | list[str], cfg: RunConfig, num: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream the first `num` (key, uint8 [T, H, W, C]) clips of the shards in sorted order, one at a time."""
+    expected = clip_shape(cfg.data.T, cfg.data.size, cfg.data.color_mode)
+    count = 0
+    for url in expand_urls(shards):
+        try:
+            for key, clip in iter_clips(url):
+                if clip.shape != expected:
+                    raise SamplingError(_shape_mismatch(url, key, clip.shape, expected, cfg))
+                count += 1
+                yield key, clip
+                if count >= num:  # stop before opening anything more
+                    return
+        except (OSError, ValueError) as err:
+            raise SamplingError(f"{url}: unreadable shard ({err})") from None
+    if count == 0:
+        raise SamplingError(f"{shards}: the shards hold no clips")
+
+
+def _shape_mismatch(url: str, key: str, found: tuple, expected: tuple, cfg: RunConfig) -> str:
+    modes = {c: m for m, c in COLOR_CHANNELS.items()}
+    if found[-1] != expected[-1]:
+        return (f"{url}: clips are {modes.get(found[-1], found[-1])!r} (C={found[-1]}), but the checkpoint "
+                f"was trained on {cfg.data.color_mode!r} clips")
+    return (f"{url}: sample {key} has clip shape [T, H, W, C] = {list(found)}, the checkpoint expects "
+            f"{list(expected)} (data.T, data.size, data.color_mode)")
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    """Consecutive lists of up to n items."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def _to_model(u8: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B, T, H, W, C] numpy -> float [B, C, T, H, W] in [-1, 1] on device."""
+    return to_model_input(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 4, 1, 2, 3), device,
+                          channels_last=False)
+
+
+def sample_float(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, clips_u8: np.ndarray, *,
+                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Sample middles for the contexts of clips_u8 uint8 [B, T, H, W, C] (middles ignored).
+
+    Returns float [B, C, T, H, W] in [-1, 1] on the model's device (context frames from the inputs).
+    """
+    K, T = cfg.data.endpoint_context, cfg.data.T
+    if not 1 <= steps <= cfg.diffusion.timesteps:
+        raise SamplingError(f"--steps {steps}: must be in 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
+    contexts = _to_model(np.concatenate([clips_u8[:, :K], clips_u8[:, T - K :]], axis=1), schedule.betas.device)
+    sc = cfg.sample
+    return sample_clip(
+        model, schedule, contexts[:, :, :K], contexts[:, :, K:], sampler=sc.sampler, steps=steps, eta=eta,
+        guidance_scale=guidance_scale, prediction=cfg.diffusion.prediction,
+        dynamic_threshold=sc.dynamic_threshold_percentile if sc.dynamic_threshold else None, generator=generator,
+    )
+
+
+def to_uint8_clips(x: torch.Tensor) -> np.ndarray:
+    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C] (round to nearest)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def sample_batch(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, clips_u8: np.ndarray, *,
+                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator) -> np.ndarray:
+    """Like `sample_float`, as uint8 [B, T, H, W, C] whose context frames are clips_u8's bytes exactly."""
+    K, T = cfg.data.endpoint_context, cfg.data.T
+    out = to_uint8_clips(sample_float(model, schedule, cfg, clips_u8, steps=steps, eta=eta,
+                                      guidance_scale=guidance_scale, generator=generator))
+    out[:, :K], out[:, T - K :] = clips_u8[:, :K], clips_u8[:, T - K :]  # already equal; guaranteed here
+    return out
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+
+def safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip(".") or "clip"
+
+
+def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: int,
+                       truth: np.ndarray | None = None) -> list[Path]:
+    """{name}.mp4, {name}.png (strip), {name}.npy; with truth also {name}_truth.mp4/.png and {name}_compare.png.
+
+    clip, truth: uint8 [T, H, W, C]. Returns the paths written.
+    """
+    scale = max(1, VIDEO_PX // clip.shape[1])
+    paths = [out_dir / f"{name}.mp4", out_dir / f"{name}.png", out_dir / f"{name}.npy"]
+    visualize.save_video(clip, paths[0], fps=FPS, scale=scale)
+    s = strip_scale(clip.shape[1])
+    visualize.save_png(visualize.frame_strip(clip, K, scale=s), paths[1])
+    np.save(paths[2], clip)
+    if truth is not None:
+        extra = [out_dir / f"{name}_truth.mp4", out_dir / f"{name}_truth.png", out_dir / f"{name}_compare.png"]
+        visualize.save_video(truth, extra[0], fps=FPS, scale=scale)
+        visualize.save_png(visualize.frame_strip(truth, K, scale=s, middle_color=visualize.TRUTH_COLOR), extra[1])
+        visualize.save_png(visualize.comparison_strip(truth, clip, K, scale=s), extra[2])
+        paths += extra
+    return paths
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn())
+
+
+def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, model: torch.nn.Module,
+        schedule: Schedule, cfg: RunConfig, settings: SampleSettings, out_dir: str | Path, *,
+        keep_arrays: bool = True) -> list[dict]:
+    """Sample every job (name, clip uint8 [T, H, W, C] whose context is used, truth or None) and write outputs.
+
+    Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth.
+    Writes grid_{i:03d}.gif per batch. `total` is the number of jobs, for the progress bar.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sc, K = cfg.sample, cfg.data.endpoint_context
+    steps = sc.steps if settings.steps is None else settings.steps
+    eta = sc.eta if settings.eta is None else settings.eta
+    guidance = sc.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+    device = schedule.betas.device
+    results = []
+    with progress_bar() as progress:
+        task = progress.add_task(f"sampling ddim-{steps}" if sc.sampler == "ddim" else f"{sc.sampler}-{steps}",
+                                 total=-(-total // settings.batch_size), clips=0)
+        for index, batch in enumerate(batched(jobs, settings.batch_size)):
+            generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + index)
+            clips = np.stack([clip for _, clip, _ in batch])
+            samples = sample_batch(model, schedule, cfg, clips, steps=steps, eta=eta, guidance_scale=guidance,
+                                   generator=generator)
+            for (name, _, truth), sample in zip(batch, samples):
+                paths = write_clip_outputs(out_dir, name, sample, K, truth)
+                arrays = dict(sample=sample, truth=truth) if keep_arrays else {}
+                results.append(dict(name=name, paths=paths, **arrays))
+            grid = visualize.batch_grid_frames(samples, K, scale=strip_scale(cfg.data.size))
+            visualize.save_gif(grid, out_dir / f"grid_{index:03d}.gif", fps=FPS)
+            progress.update(task, advance=1, clips=len(results))
+    return results
+
+
+def image_jobs(start: np.ndarray, end: np.ndarray, cfg: RunConfig, num_samples: int) -> list[tuple]:
+    """`num_samples` jobs sharing the endpoints start, end uint8 [K, H, W, C] (middle zero)."""
+    middle = np.zeros((cfg.middle_frames, *start.shape[1:]), np.uint8)
+    clip = np.concatenate([start, middle, end])
+    return [(f"sample_{i:03d}", clip, None) for i in range(num_samples)]
+
+
+def shard_jobs(shards: str | list[str], cfg: RunConfig, num: int, num_samples: int = 1) -> Iterator[tuple]:
+    """Streamed jobs from shard clips, each sampled `num_samples` times; the clip is the truth."""
+    for key, clip in iter_shard_clips(shards, cfg, num):
+        clip = np.array(clip)  # own the bytes: the shard view is read-only
+        for i in range(num_samples):
+            yield (safe_name(key) + (f"_s{i}" if num_samples > 1 else ""), clip, clip)

@@ -1,0 +1,121 @@
+"""Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers.
+
+Pure numpy on uint8 frames [T, H, W, C] (C = 1 or 3); outputs are uint8 RGB. Every frame is
+enlarged with nearest-neighbour (`scale`) and framed by a coloured border: observed context
+frames in blue, generated frames in orange, ground-truth middle frames in green. A frame's pixels
+are copied unchanged, so `frame_at` reads the exact input frame back out of any picture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evdm.ffmpeg import write_mp4
+
+CONTEXT_COLOR = (40, 110, 255)
+GENERATED_COLOR = (255, 140, 0)
+TRUTH_COLOR = (60, 180, 75)
+BACKGROUND = (24, 24, 24)
+
+Cell = tuple[np.ndarray, tuple[int, int, int]]  # (frame [H, W, C] uint8, border colour)
+
+
+def to_rgb(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 1|3] -> [..., H, W, 3]."""
+    if frames.dtype != np.uint8 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f"frames must be uint8 [..., H, W, 1|3], got {frames.dtype} {frames.shape}")
+    return np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
+
+
+def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of [..., H, W, C] by an integer factor."""
+    return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
+
+
+def cell_origin(row: int, col: int, h: int, w: int, *, scale: int, border: int, gap: int) -> tuple[int, int]:
+    """(y, x) of the top-left frame pixel of cell (row, col) in a `grid` picture."""
+    return (gap + row * (h * scale + 2 * border + gap) + border,
+            gap + col * (w * scale + 2 * border + gap) + border)
+
+
+def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int = 2) -> np.ndarray:
+    """Lay out rows of framed cells (all frames the same [H, W, C]) -> uint8 [GH, GW, 3]."""
+    h, w = cells[0][0][0].shape[:2]
+    rows, cols = len(cells), max(len(r) for r in cells)
+    out_h, out_w = cell_origin(rows, cols, h, w, scale=scale, border=border, gap=gap)
+    img = np.empty((out_h - border, out_w - border, 3), np.uint8)
+    img[:] = BACKGROUND
+    for r, row in enumerate(cells):
+        for c, (frame, color) in enumerate(row):
+            y, x = cell_origin(r, c, h, w, scale=scale, border=border, gap=gap)
+            img[y - border : y + h * scale + border, x - border : x + w * scale + border] = color
+            img[y : y + h * scale, x : x + w * scale] = upscale(to_rgb(frame), scale)
+    return img
+
+
+def frame_at(img: np.ndarray, row: int, col: int, h: int, w: int, *, scale: int = 4, border: int = 2,
+             gap: int = 2) -> np.ndarray:
+    """The [h, w, 3] frame drawn at cell (row, col) of a `grid` picture (inverse of the layout)."""
+    y, x = cell_origin(row, col, h, w, scale=scale, border=border, gap=gap)
+    return img[y : y + h * scale : scale, x : x + w * scale : scale]
+
+
+def _colors(T: int, K: int, middle: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    return [CONTEXT_COLOR if t < K or t >= T - K else middle for t in range(T)]
+
+
+def frame_strip(clip: np.ndarray, K: int, *, scale: int = 4, middle_color=GENERATED_COLOR) -> np.ndarray:
+    """One row of all T frames of clip [T, H, W, C]; context frames framed blue, the middle orange."""
+    return grid([list(zip(clip, _colors(len(clip), K, middle_color)))], scale=scale)
+
+
+def comparison_strip(truth: np.ndarray, sample: np.ndarray, K: int, *, scale: int = 4) -> np.ndarray:
+    """Two rows: the ground-truth clip (middle framed green) above the sample (middle orange)."""
+    if truth.shape != sample.shape:
+        raise ValueError(f"truth {truth.shape} and sample {sample.shape} differ in shape")
+    T = len(truth)
+    return grid([list(zip(truth, _colors(T, K, TRUTH_COLOR))), list(zip(sample, _colors(T, K, GENERATED_COLOR)))],
+                scale=scale)
+
+
+def batch_grid_frames(clips: np.ndarray, K: int, *, cols: int | None = None, scale: int = 2) -> np.ndarray:
+    """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3].
+
+    At time t every cell shows its clip's frame t, framed blue while t is a context frame.
+    """
+    B, T = clips.shape[:2]
+    cols = cols or int(np.ceil(np.sqrt(B)))
+    frames = []
+    for t, color in enumerate(_colors(T, K, GENERATED_COLOR)):
+        cells = [(clips[b, t], color) for b in range(B)]
+        frames.append(grid([cells[i : i + cols] for i in range(0, B, cols)], scale=scale))
+    return np.stack(frames)
+
+
+def _atomic_save(path: Path, save) -> None:
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def save_png(img: np.ndarray, path: str | Path) -> None:
+    """Write uint8 [H, W, 1|3] losslessly as PNG."""
+    path = Path(path)
+    _atomic_save(path, lambda p: Image.fromarray(to_rgb(img)).save(p, format="PNG"))
+
+
+def save_gif(frames: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
+    """Write uint8 [T, H, W, 1|3] as a looping animated GIF (palette per frame)."""
+    images = [Image.fromarray(f) for f in to_rgb(frames)]
+    duration_ms = int(round(1000 / fps))
+    _atomic_save(Path(path), lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
+                                                      duration=duration_ms, loop=0))
+
+
+def save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> None:
+    """MP4 of uint8 [T, H, W, 1|3] via ffmpeg, enlarged `scale` times (lossy: inspect PNGs for exact pixels)."""
+    write_mp4(frames, path, fps=fps, upscale=scale)

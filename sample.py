@@ -1,0 +1,65 @@
+"""Fill in the middle of clips with a trained checkpoint (EMA weights by default).
+
+    python sample.py --ckpt out/last.pt --start_images s0.png s1.png --end_images e0.png e1.png \
+        --out_dir out/samples --steps 40 --eta 0.0 --guidance_scale 1.8 [--seed 0] [--num_samples N]
+    python sample.py --ckpt out/last.pt --shards 'shards/val-*.tar' --num 64 --batch_size 16 --out_dir out/samples
+
+Per clip: an MP4, a PNG strip (context frames framed blue, generated orange) and the uint8 .npy;
+from shards also the truth and a truth/sample comparison strip; per batch a grid GIF.
+"""
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint (e.g. runs/bair/last.pt)")
+    p.add_argument("--start_images", nargs="+", metavar="IMG", help="the K first frames")
+    p.add_argument("--end_images", nargs="+", metavar="IMG", help="the K last frames")
+    p.add_argument("--shards", help="shard glob/brace pattern: take contexts (and truth) from its clips")
+    p.add_argument("--num", type=int, default=64, help="clips to read from --shards")
+    p.add_argument("--out_dir", default="samples")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sample.steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's)")
+    p.add_argument("--guidance_scale", type=float, help="classifier-free guidance (default: the checkpoint's)")
+    p.add_argument("--device", help="cuda | cpu | cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=int, default=1, help="samples per endpoint set / shard clip")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--color_mode", choices=("rgb", "gray"), help="fail unless the checkpoint is of this mode")
+    args = p.parse_args(argv)
+    from_images = args.start_images is not None or args.end_images is not None
+    if from_images == (args.shards is not None):
+        p.error("give either --start_images and --end_images, or --shards")
+    if from_images and not (args.start_images and args.end_images):
+        p.error("--start_images and --end_images go together")
+    if min(args.num, args.num_samples, args.batch_size) < 1:
+        p.error("--num, --num_samples and --batch_size must be >= 1")
+
+    from evdm import sampling  # torch loads here, after the arguments are known good
+    from evdm.checkpoint import CheckpointError
+    from evdm.config import ConfigError
+
+    try:
+        device = sampling.resolve_device(args.device)
+        model, cfg, schedule = sampling.load_model(args.ckpt, device, use_ema=not args.no_ema,
+                                                   color_mode=args.color_mode)
+        if from_images:
+            start, end = sampling.load_endpoints(args.start_images, args.end_images, cfg)
+            jobs, total = sampling.image_jobs(start, end, cfg, args.num_samples), args.num_samples
+        else:
+            jobs, total = sampling.shard_jobs(args.shards, cfg, args.num, args.num_samples), args.num * args.num_samples
+        settings = sampling.SampleSettings(steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                                           seed=args.seed, batch_size=args.batch_size)
+        results = sampling.run(jobs, total, model, schedule, cfg, settings, args.out_dir, keep_arrays=False)
+    except (sampling.SamplingError, CheckpointError, ConfigError) as err:
+        print(f"error: {sampling.one_line(err)}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(results)} clip(s) to {args.out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""sample.py and evdm.sampling with a tiny checkpoint trained here: exact context frames, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evdm import sampling, visualize
+from evdm.checkpoint import make_payload, save_checkpoint
+from evdm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
+from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
+from evdm.models import build_model
+from evdm.schema import encode_sample, make_key
+from preprocess.writer import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, T, K = 16, 6, 2
+SCALE = sampling.strip_scale(SIZE)  # PNG strip enlargement
+
+
+def tiny_config(color_mode: str = "rgb") -> RunConfig:
+    return RunConfig(
+        data=DataConfig(size=SIZE, T=T, endpoint_context=K, color_mode=color_mode),
+        model=ModelConfig(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,),
+                          attn_head_channels=8),
+        diffusion=DiffusionConfig(timesteps=50),
+        sample=SampleConfig(steps=3, guidance_scale=1.5),
+    )
+
+
+def moving_square(rng: np.random.Generator, channels: int = 3) -> np.ndarray:
+    """uint8 [T, SIZE, SIZE, C]: a square moving at constant speed over a noisy background."""
+    clip = rng.integers(0, 60, (T, SIZE, SIZE, channels), dtype=np.uint8)
+    x0, dx = int(rng.integers(0, 6)), int(rng.integers(1, 2))
+    for t in range(T):
+        clip[t, 5:10, x0 + t * dx : x0 + t * dx + 5] = rng.integers(150, 256, channels, dtype=np.uint8)
+    return clip
+
+
+def make_checkpoint(path: Path, color_mode: str = "rgb", train_steps: int = 3) -> Path:
+    """A tiny model trained for a few steps on moving squares, saved with evdm.checkpoint (EMA = raw copy)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(color_mode)
+    model = build_model(cfg)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(train_steps):
+        u8 = np.stack([moving_square(rng, cfg.channels) for _ in range(4)])
+        x = torch.from_numpy(u8).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        t, noise, drop = draw_training_noise((4, cfg.channels, T - 2 * K, SIZE, SIZE), timesteps=50,
+                                             cfg_drop_prob=0.2, noise_offset=0.0, generator=gen, device="cpu")
+        loss, _ = diffusion_loss(model, schedule, x, t, noise, drop, K=K)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(path, make_payload(step=train_steps, cfg=cfg, model=model, ema=model))
+    return path
+
+
+def write_clip_shards(shard_dir: Path, shards: int = 2, per_shard: int = 3, channels: int = 3) -> str:
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for s in range(shards):
+        samples = [encode_sample(make_key(f"vid{s}/clip.mp4", i), moving_square(rng, channels), {"split": "val"})
+                   for i in range(per_shard)]
+        write_shard(shard_dir / f"val-{s:06d}.tar", samples)
+    return str(shard_dir / "val-*.tar")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_clip_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four endpoint images of assorted sizes and formats."""
+    d = tmp_path_factory.mktemp("img")
+    rng = np.random.default_rng(2)
+    paths = []
+    kinds = [((40, 30, 3), "png"), ((20, 50, 3), "jpeg"), ((33, 33), "bmp"), ((64, 64, 4), "png")]
+    for i, (shape, fmt) in enumerate(kinds):
+        p = d / f"im{i}.{fmt}"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def sample_module():
+    spec = importlib.util.spec_from_file_location("sample_entry", ROOT / "sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_main(args, capsys) -> tuple[int, str]:
+    rc = sample_module().main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+# ---- images -----------------------------------------------------------------------------------
+
+
+def test_load_image_center_crops_and_converts(tmp_path):
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 10:30] = 200  # the centred square; the side bars must be cropped away
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    rgb = sampling.load_image(tmp_path / "wide.png", 16, "rgb")
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8 and (rgb == 200).all()
+    gray = sampling.load_image(tmp_path / "wide.png", 8, "gray")
+    assert gray.shape == (8, 8, 1)
+
+
+def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_path):
+    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
+    jobs = sampling.image_jobs(start, end, cfg, num_samples=3)
+    results = sampling.run(jobs, 3, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=2), tmp_path)
+    assert len(results) == 3 and (tmp_path / "grid_000.gif").is_file() and (tmp_path / "grid_001.gif").is_file()
+    for r in results:
+        assert r["sample"].shape == (T, SIZE, SIZE, 3)
+        assert np.array_equal(r["sample"][:K], start) and np.array_equal(r["sample"][T - K :], end)
+        for p in r["paths"]:
+            assert p.stat().st_size > 0
+        strip = np.asarray(Image.open(tmp_path / f"{r['name']}.png"))
+        for t in range(T):
+            assert np.array_equal(visualize.frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), r["sample"][t])
+        assert np.array_equal(np.load(tmp_path / f"{r['name']}.npy"), r["sample"])
+
+
+def test_sampler_output_round_trips_the_context_bytes(ckpt, shards):
+    """Without the final paste, float sampling + rounding already reproduces the input bytes."""
+    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    clips = np.stack([c for _, c in sampling.iter_shard_clips(shards, cfg, 3)])
+    x = sampling.sample_float(model, schedule, cfg, clips, steps=2, eta=0.0, guidance_scale=1.8,
+                              generator=torch.Generator().manual_seed(0))
+    u8 = sampling.to_uint8_clips(x)
+    assert np.array_equal(u8[:, :K], clips[:, :K]) and np.array_equal(u8[:, T - K :], clips[:, T - K :])
+
+
+def test_same_seed_same_samples(ckpt, images, tmp_path):
+    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
+    runs = [sampling.run(sampling.image_jobs(start, end, cfg, 1), 1, model, schedule, cfg,
+                         sampling.SampleSettings(steps=2, eta=1.0, seed=seed), tmp_path / str(i))
+            for i, seed in enumerate((0, 0, 1))]
+    a, b, c = (r[0]["sample"] for r in runs)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--start_images", *images[:2],
+           "--end_images", *images[2:], "--out_dir", str(out), "--steps", "2", "--eta", "0.0",
+           "--guidance_scale", "1.8", "--device", "cpu", "--seed", "0", "--num_samples", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("sample_000", "sample_001"):
+        assert (out / f"{name}.mp4").stat().st_size > 0
+        strip = np.asarray(Image.open(out / f"{name}.png"))
+        for t, path in zip([0, 1, T - 2, T - 1], images):
+            expected = sampling.load_image(path, SIZE, "rgb")
+            assert np.array_equal(visualize.frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), expected)
+    assert (out / "grid_000.gif").is_file()
+
+
+# ---- shards -----------------------------------------------------------------------------------
+
+
+def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, shards, tmp_path):
+    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    jobs = sampling.shard_jobs(shards, cfg, num=4)
+    results = sampling.run(jobs, 4, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=3), tmp_path)
+    truths = [c for _, c in sampling.iter_shard_clips(shards, cfg, 4)]
+    assert len(results) == 4
+    for r, truth in zip(results, truths):
+        assert np.array_equal(r["truth"], truth)
+        assert np.array_equal(r["sample"][:K], truth[:K]) and np.array_equal(r["sample"][T - K :], truth[T - K :])
+        compare = np.asarray(Image.open(tmp_path / f"{r['name']}_compare.png"))
+        assert np.array_equal(visualize.frame_at(compare, 0, 2, SIZE, SIZE, scale=SCALE), truth[2])
+        assert np.array_equal(visualize.frame_at(compare, 1, 2, SIZE, SIZE, scale=SCALE), r["sample"][2])
+        assert (tmp_path / f"{r['name']}_truth.mp4").is_file() and (tmp_path / f"{r['name']}_truth.png").is_file()
+
+
+def test_shard_clips_stream_lazily(ckpt, shards, tmp_path):
+    """Reading stops after `num` clips: a broken later shard is never opened."""
+    cfg = tiny_config()
+    d = Path(shards).parent
+    (tmp_path / "val-000000.tar").write_bytes((d / "val-000000.tar").read_bytes())
+    (tmp_path / "val-000001.tar").write_bytes(b"garbage" * 100)
+    pattern = str(tmp_path / "val-*.tar")
+    assert len(list(sampling.iter_shard_clips(pattern, cfg, 3))) == 3
+    with pytest.raises(sampling.SamplingError, match="val-000001.tar"):
+        list(sampling.iter_shard_clips(pattern, cfg, 5))
+
+
+def test_sample_py_from_shards_in_process(ckpt, shards, tmp_path, capsys):
+    rc, err = run_main(["--ckpt", ckpt, "--shards", shards, "--num", 2, "--batch_size", 2, "--steps", 2,
+                        "--out_dir", tmp_path, "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert len(list(tmp_path.glob("*_compare.png"))) == 2
+
+
+# ---- errors: one line, naming the file, exit 2 --------------------------------------------------
+
+
+def test_wrong_number_of_images(ckpt, images, tmp_path, capsys):
+    rc, err = run_main(["--ckpt", ckpt, "--start_images", images[0], "--end_images", *images[2:],
+                        "--out_dir", tmp_path, "--device", "cpu"], capsys)
+    assert rc == 2 and "--start_images: got 1 image" in err and "K=2" in err and err.count("\n") == 1
+
+
+def test_unreadable_and_missing_image(ckpt, images, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    rc, err = run_main(["--ckpt", ckpt, "--start_images", images[0], bad, "--end_images", *images[2:],
+                        "--out_dir", tmp_path, "--device", "cpu"], capsys)
+    assert rc == 2 and str(bad) in err and "not a readable image" in err and err.count("\n") == 1
+    rc, err = run_main(["--ckpt", ckpt, "--start_images", *images[:2], "--end_images", images[2], tmp_path / "nope.png",
+                        "--out_dir", tmp_path, "--device", "cpu"], capsys)
+    assert rc == 2 and "nope.png: image not found" in err
+
+
+def test_missing_and_corrupt_checkpoint(images, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 64)
+    for path, words in ((tmp_path / "missing.pt", "not found"), (corrupt, "not a readable evdm checkpoint")):
+        rc, err = run_main(["--ckpt", path, "--start_images", *images[:2], "--end_images", *images[2:],
+                            "--out_dir", tmp_path, "--device", "cpu"], capsys)
+        assert rc == 2 and str(path) in err and words in err and err.count("\n") == 1
+
+
+def test_checkpoint_of_another_color_mode(ckpt, images, tmp_path, capsys):
+    rc, err = run_main(["--ckpt", ckpt, "--color_mode", "gray", "--start_images", *images[:2],
+                        "--end_images", *images[2:], "--out_dir", tmp_path, "--device", "cpu"], capsys)
+    assert rc == 2 and str(ckpt) in err and "'rgb'" in err and "'gray'" in err
+    gray_shards = write_clip_shards(tmp_path / "gray", shards=1, per_shard=2, channels=1)
+    rc, err = run_main(["--ckpt", ckpt, "--shards", gray_shards, "--num", 2, "--out_dir", tmp_path / "o",
+                        "--device", "cpu"], capsys)
+    assert rc == 2 and "val-000000.tar" in err and "'gray'" in err and "'rgb'" in err and err.count("\n") == 1
+
+
+def test_gray_checkpoint_samples_gray(tmp_path, images):
+    gray_ckpt = make_checkpoint(tmp_path / "gray.pt", color_mode="gray", train_steps=1)
+    model, cfg, schedule = sampling.load_model(gray_ckpt, torch.device("cpu"), color_mode="gray")
+    start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
+    (r,) = sampling.run(sampling.image_jobs(start, end, cfg, 1), 1, model, schedule, cfg,
+                        sampling.SampleSettings(steps=2), tmp_path / "out")
+    assert r["sample"].shape == (T, SIZE, SIZE, 1) and np.array_equal(r["sample"][:K], start)
+
+
+def test_flag_errors(ckpt, images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        sample_module().main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    rc, err = run_main(["--ckpt", ckpt, "--start_images", *images[:2], "--end_images", *images[2:],
+                        "--steps", 500, "--out_dir", tmp_path, "--device", "cpu"], capsys)
+    assert rc == 2 and "--steps 500" in err
