@@ -431,6 +431,17 @@ def check_shards(cfg: RunConfig) -> None:
             )
 
 
+def train_clip_count(cfg: RunConfig) -> int | None:
+    """Clips in the train split per manifest.json beside the train shards (None when unknown: remote, no manifest)."""
+    urls = expand_urls(cfg.data.train_shards)
+    manifest = _manifest_beside(urls[0])
+    if manifest is None:
+        return None
+    names = {Path(u).name for u in urls}
+    shards = [s for split in json.loads(manifest.read_text()).get("splits", {}).values() for s in split.get("shards", [])]
+    return sum(s["clips"] for s in shards if s["name"] in names) or None
+
+
 def make_train_loader(
     cfg: RunConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0
 ) -> Iterable[torch.Tensor]:

@@ -16,13 +16,13 @@ from torch.nn.parallel import DistributedDataParallel
 from evdm import data
 from evdm.checkpoint import load_checkpoint, make_payload, save_checkpoint, set_rng_state
 from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
-from evdm.dashboard import Dashboard
+from evdm.train.dashboard import Dashboard
 from evdm.diffusion.loss import diffusion_loss, draw_training_noise
 from evdm.diffusion.schedule import Schedule, make_schedule
-from evdm.ema import ema_decay_at, make_ema, update_ema
+from evdm.train.ema import ema_decay_at, make_ema, update_ema
 from evdm.models import build_model
-from evdm.preview import write_preview
-from evdm.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
+from evdm.train.preview import write_preview
+from evdm.train.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
 
 VAL_SEED = 1234  # fixed noise and timesteps for every validation
 
@@ -159,6 +159,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     loader = iter(data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, step)))
     val_u8 = data.load_val_clips(cfg) if is_main else None
     K = cfg.data.endpoint_context
+    samples_per_step = tc.batch_size * tc.grad_accum_steps * world_size
+    train_clips = data.train_clip_count(cfg)  # for the epoch column; None when the manifest is unknown
     validations = 0
 
     def save(path: Path) -> None:
@@ -228,11 +230,12 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step,
+                        "epoch": step * samples_per_step / train_clips if train_clips else None,
                         "loss": loss_sum.item() / window_steps,  # the one sync per log interval
                         "val_loss": val_loss,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
-                        "samples_per_s": window_steps * tc.batch_size * tc.grad_accum_steps * world_size / elapsed,
+                        "samples_per_s": window_steps * samples_per_step / elapsed,
                         "data_wait": window_wait / elapsed,
                         "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                     }

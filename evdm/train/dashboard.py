@@ -13,6 +13,7 @@ from rich.table import Table
 def format_stats(stats: dict) -> dict[str, str]:
     """Human-readable values for the known stats keys; missing keys are left out."""
     fmt = {
+        "epoch": lambda v: f"{v:.2f}",
         "loss": lambda v: f"{v:.4f}",
         "val_loss": lambda v: f"{v:.4f}",
         "lr": lambda v: f"{v:.2e}",

@@ -1,0 +1,49 @@
+"""Training previews: a few val clips filled in by the (EMA) model, as a PNG strip and an MP4.
+
+The same clips, noise and steps every time, so previews from different steps are comparable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evdm import visualize
+from evdm.config import RunConfig
+from evdm.diffusion.schedule import Schedule
+from evdm.sampling import FPS, VIDEO_PX, sample_batch, strip_scale
+
+PREVIEW_SEED = 4321
+
+
+@torch.no_grad()
+def write_preview(model: torch.nn.Module, schedule: Schedule, val_u8: torch.Tensor, cfg: RunConfig,
+                  out_dir: str | Path, step: int, device: torch.device) -> list[Path]:
+    """Sample the first `train.preview_clips` val clips and write step_XXXXXXX.png / .mp4 under out_dir.
+
+    val_u8: uint8 [N, C, T, H, W] (the loader's layout). The PNG stacks, per clip, a truth row over
+    a sample row (context framed blue); the MP4 plays truth | sample side by side for every clip.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    clips = val_u8[: cfg.train.preview_clips].permute(0, 2, 3, 4, 1).cpu().numpy()  # [B, T, H, W, C]
+    generator = torch.Generator(device=device).manual_seed(PREVIEW_SEED)
+    samples = sample_batch(model, schedule, cfg, clips, steps=cfg.train.preview_steps, eta=0.0,
+                           guidance_scale=cfg.sample.guidance_scale, generator=generator)
+    model.train(was_training)
+
+    K, size = cfg.data.endpoint_context, cfg.data.size
+    strips = [visualize.comparison_strip(truth, sample, K, scale=strip_scale(size))
+              for truth, sample in zip(clips, samples)]
+    png = out_dir / f"step_{step:07d}.png"
+    visualize.save_png(np.concatenate(strips, axis=0), png)
+    # Video frame t: each clip's truth frame t next to its sample frame t, clips stacked vertically.
+    pairs = np.concatenate([clips, samples], axis=3)  # [B, T, H, 2W, C]
+    frames = np.concatenate(list(pairs), axis=1)  # [T, B*H, 2W, C]
+    mp4 = out_dir / f"step_{step:07d}.mp4"
+    visualize.save_video(frames, mp4, fps=FPS, scale=max(1, VIDEO_PX // size))
+    return [png, mp4]

@@ -1,0 +1,121 @@
+"""The training loop's helpers: LR schedule, EMA, atomic checkpoints, run logs, dashboard."""
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from evdm import checkpoint
+from evdm.config import TrainConfig
+from evdm.train.dashboard import Dashboard
+from evdm.train.ema import ema_decay_at, make_ema, update_ema
+from evdm.train.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
+from evdm.train import lr_at, step_seed
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(lr=1e-3, lr_warmup_steps=10, max_steps=110, lr_min_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(0.55e-3)  # half way: mean of peak and floor
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    const = TrainConfig(lr=1e-3, lr_warmup_steps=0, lr_schedule="constant")
+    assert lr_at(0, const) == lr_at(10_000, const) == 1e-3
+
+
+def test_step_seed_differs_by_rank_and_step():
+    seeds = {step_seed(0, r, s) for r in range(4) for s in range(100)}
+    assert len(seeds) == 400
+
+
+def test_ema_warmup_and_update():
+    assert ema_decay_at(0, 0.9999, True) == pytest.approx(0.1)
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999
+    assert ema_decay_at(0, 0.9, False) == 0.9
+    model = torch.nn.Linear(3, 2)
+    ema = make_ema(model)
+    assert not any(p.requires_grad for p in ema.parameters())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.weight.clone()
+    update_ema(ema, model, decay=0.75)
+    torch.testing.assert_close(ema.weight, 0.75 * before + 0.25 * model.weight)
+
+
+def _payload(model):
+    from evdm.config import RunConfig
+
+    return checkpoint.make_payload(step=7, cfg=RunConfig(), model=model, ema=make_ema(model))
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, _payload(model))
+    raw = torch.load(path, weights_only=True)  # no pickled modules
+    assert raw["format"] == 1 and raw["step"] == 7
+    ckpt = checkpoint.load_checkpoint(path)
+    torch.testing.assert_close(ckpt["model"]["weight"], model.weight)
+    assert checkpoint.config_of(ckpt).data.T == 8
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, _payload(model))
+    good = path.read_bytes()
+
+    def exploding_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(path, _payload(model))
+    assert path.read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.load_checkpoint(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="junk.pt"):
+        checkpoint.load_checkpoint(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(checkpoint.CheckpointError, match="not an evdm checkpoint"):
+        checkpoint.load_checkpoint(foreign)
+
+
+def test_metrics_log_truncate_and_plot(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for step in range(1, 6):
+        append_metrics(path, {"step": step, "loss": 1.0 / step, "val_loss": 2.0 / step if step % 2 == 0 else None})
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')  # torn line from a crash
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    truncate_metrics(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    png = tmp_path / "loss.png"
+    plot_losses(read_metrics(path), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dashboard_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    with Dashboard(100, 0, console=console) as dash:
+        dash.update(10, {"loss": 0.5, "lr": 1e-4, "samples_per_s": 12.0, "data_wait": 0.02, "val_loss": None})
+    line = out.getvalue().strip()
+    assert line.startswith("step 10/100")
+    assert "loss 0.5000" in line and "data_wait 2.0%" in line and "val_loss" not in line
+    silent = io.StringIO()
+    with Dashboard(100, 0, enabled=False, console=Console(file=silent)) as dash:
+        dash.update(10, {"loss": 0.5})
+    assert silent.getvalue() == ""
