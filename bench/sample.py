@@ -41,7 +41,8 @@ def measure(cfg, model, schedule, *, batch: int, steps: int, guidance: float, re
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         sample_clip(model, schedule, start, end, sampler="ddim", steps=n_steps, eta=0.0, guidance_scale=guidance,
-                    prediction=cfg.diffusion.prediction, generator=gen)
+                    prediction=cfg.diffusion.prediction, residual=cfg.diffusion.residual,
+                    generator=gen)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0

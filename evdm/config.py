@@ -52,6 +52,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"  # linear | cosine
     prediction: str = "eps"  # eps | v
+    residual: str = "none"  # none | blend: diffuse middle - linear blend of the endpoints (diffusion/residual.py)
     temporal_loss_weight: float = 0.05
     noise_offset: float = 0.0
     cfg_drop_prob: float = 0.08
@@ -122,6 +123,7 @@ _CHOICES = {
     ("data", "loader"): ("webdataset", "dali"),
     ("diffusion", "schedule"): ("linear", "cosine"),
     ("diffusion", "prediction"): ("eps", "v"),
+    ("diffusion", "residual"): ("none", "blend"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "amp_dtype"): ("bf16", "fp16"),
     ("sample", "sampler"): ("ddim", "ddpm"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from evdm.diffusion import residual
+
 PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB instead of inf
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -91,21 +93,13 @@ def copy_nearest(clip: torch.Tensor, K: int) -> torch.Tensor:
     return clip[:, :, picks]
 
 
-def blend_weights(T: int, K: int) -> torch.Tensor:
-    """w_j = (j - (K-1)) / ((T-K) - (K-1)) for middle positions j = K .. T-K-1: [M], in (0, 1)."""
-    span = (T - K) - (K - 1)
-    return torch.tensor([(j - (K - 1)) / span for j in range(K, T - K)], dtype=torch.float32)
-
-
 def linear_blend(clip: torch.Tensor, K: int) -> torch.Tensor:
     """Pixel-wise linear interpolation in time between the last start and the first end frame.
 
     clip: [B, C, T, H, W] float -> [B, C, T - 2K, H, W].
     """
     T = clip.shape[2]
-    w = blend_weights(T, K).to(clip.device).view(1, 1, -1, 1, 1)
-    start, end = clip[:, :, K - 1 : K].float(), clip[:, :, T - K : T - K + 1].float()
-    return (1 - w) * start + w * end
+    return residual.linear_blend(clip[:, :, :K], clip[:, :, T - K :], T - 2 * K)
 
 
 BASELINES = {"copy nearest context": copy_nearest, "linear blend": linear_blend}

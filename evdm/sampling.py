@@ -181,7 +181,7 @@ def sample_float(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, cli
     sc = cfg.sample
     return sample_clip(
         model, schedule, contexts[:, :, :K], contexts[:, :, K:], sampler=sc.sampler, steps=steps, eta=eta,
-        guidance_scale=guidance_scale, prediction=cfg.diffusion.prediction,
+        guidance_scale=guidance_scale, prediction=cfg.diffusion.prediction, residual=cfg.diffusion.residual,
         dynamic_threshold=sc.dynamic_threshold_percentile if sc.dynamic_threshold else None, generator=generator,
     )
 

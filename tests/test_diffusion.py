@@ -217,3 +217,27 @@ def test_sample_clip_rejects_bad_arguments():
         sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:], sampler="euler")
     with pytest.raises(ValueError, match="same shape"):
         sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -1:], steps=2)
+
+
+def test_residual_blend_round_trips_through_loss_and_sampler():
+    """A model that knows middle - blend scores zero loss and samples the exact middle in "blend" mode."""
+    from evdm.diffusion.residual import linear_blend
+
+    s = make_schedule("cosine", 100)
+    clip = make_clip()
+    start, middle, end = clip[:, :, :K], clip[:, :, K:-K], clip[:, :, -K:]
+    residual = middle - linear_blend(start, end, M)
+    t, noise, no_drop = torch.tensor([10, 90]), torch.randn(B, C, M, H, W), torch.zeros(B, dtype=torch.bool)
+    for prediction in ("eps", "v"):
+        knows_residual = Oracle(s, residual, prediction)
+        loss, _ = diffusion_loss(knows_residual, s, clip, t, noise, no_drop, K=K, prediction=prediction,
+                                 residual="blend")
+        assert loss.item() < 1e-8
+        plain, _ = diffusion_loss(knows_residual, s, clip, t, noise, no_drop, K=K, prediction=prediction)
+        assert plain.item() > 1e-3  # the same model is wrong about the plain middle
+        out = sample_clip(knows_residual, s, start, end, steps=10, guidance_scale=1.0, prediction=prediction,
+                          residual="blend", generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out[:, :, K:-K], middle, atol=1e-4)
+        assert torch.equal(out[:, :, :K], start) and torch.equal(out[:, :, -K:], end)
+    with pytest.raises(ValueError, match="residual"):
+        sample_clip(knows_residual, s, start, end, steps=2, residual="median")

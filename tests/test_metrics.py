@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evdm.metrics import (
-    PSNR_CAP_DB, blend_weights, copy_nearest, linear_blend, middle_frames_metric, psnr, ssim, to_unit,
+    PSNR_CAP_DB, copy_nearest, linear_blend, middle_frames_metric, psnr, ssim, to_unit,
     u8_to_unit,
 )
 
@@ -89,9 +89,13 @@ def test_copy_nearest_picks_the_nearer_context_frame():
     assert copy_nearest(torch.arange(7.0).view(1, 1, 7, 1, 1), 2).flatten().tolist() == [1, 1, 5]
 
 
-def test_blend_weights():
-    assert blend_weights(8, 2).tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert blend_weights(3, 1).tolist() == [0.5]
+def test_linear_blend_weights_follow_frame_positions():
+    # T 8, K 2: frames 1 (last start) and 6 (first end) hold 0 and 1; the middle is 0.2 .. 0.8.
+    clip = torch.zeros(1, 1, 8, 1, 1)
+    clip[:, :, 6:] = 1.0
+    assert linear_blend(clip, 2).flatten().tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    one = torch.tensor([0.0, 0.0, 1.0]).view(1, 1, 3, 1, 1)
+    assert linear_blend(one, 1).flatten().tolist() == [0.5]
 
 
 def test_ssim_matches_a_brute_force_window_loop():

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from evdm.diffusion.residual import residual_base
 from evdm.diffusion.schedule import Schedule, extract, q_sample, split_output, training_target
 
 
@@ -47,6 +48,7 @@ def diffusion_loss(
     K: int,
     prediction: str = "eps",
     temporal_loss_weight: float = 0.05,
+    residual: str = "none",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion loss on the middle frames of `clip`, conditioned on its K-frame endpoints.
 
@@ -58,18 +60,24 @@ def diffusion_loss(
     The temporal term is weighted per sample by alpha_bar_t: x0 recovered from an eps prediction
     carries the eps error times sqrt((1-ab)/ab) (up to ~160x at t = 999, linear schedule), which
     would otherwise let the noisiest steps dominate; at low noise the weight is ~1.
+    residual: "none" diffuses the middle frames, "blend" their difference from the linear blend of
+    the endpoints (evdm.diffusion.residual); the temporal term always compares whole frames.
     Returns (loss: float32 scalar, stats: {"mse", "temporal"} detached float32 scalars).
     """
     T = clip.shape[2]
     if T <= 2 * K:
         raise ValueError(f"clip has T={T} frames, need T > 2K with K={K}")
     start_context, middle_target, end_context = clip[:, :, :K], clip[:, :, K : T - K], clip[:, :, T - K :]
-    x_t = q_sample(s, middle_target, t, noise.to(middle_target.dtype))
+    base = residual_base(residual, start_context, end_context, T - 2 * K)
+    x0 = middle_target.float() if base is None else middle_target.float() - base
+    x_t = q_sample(s, x0.to(middle_target.dtype), t, noise.to(middle_target.dtype))
     out = model(x_t, t, start_context, end_context, cond_drop)
-    target = training_target(s, middle_target.float(), t, noise.float(), prediction)
+    target = training_target(s, x0, t, noise.float(), prediction)
     mse = torch.mean((out.float() - target) ** 2)
 
     x0_pred, _ = split_output(s, x_t, t, out, prediction)
+    if base is not None:
+        x0_pred = x0_pred + base
     first, last = start_context[:, :, -1:].float(), end_context[:, :, :1].float()
     pred_path = torch.cat([first, x0_pred, last], dim=2)
     true_path = torch.cat([first, middle_target.float(), last], dim=2)

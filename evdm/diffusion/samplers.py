@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from evdm.diffusion.residual import residual_base
 from evdm.diffusion.schedule import Schedule, alpha_bar_at, eps_from_x0, split_output
 
 SAMPLERS = ("ddim", "ddpm")
@@ -110,13 +111,16 @@ def sample_clip(
     dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
     middle_frames: int | None = None,
+    residual: str = "none",
 ) -> torch.Tensor:
     """Generate the middle between the endpoints; returns [start_context, middle, end_context].
 
     start_context, end_context: [B, C, K, H, W] in [-1, 1]. sampler: "ddim" (eta = 0 is
     deterministic given `generator`) or "ddpm" (ancestral, over `steps` respaced timesteps;
     steps = timesteps is the original chain). dynamic_threshold: None (off) or the percentile,
-    e.g. 0.995; when off, the predicted x0 is clipped to [-1, 1] at every step. middle_frames: M, read from `model.middle_frames` when None.
+    e.g. 0.995; when off, the predicted x0 is clipped to [-1, 1] at every step. middle_frames: M, read
+    from `model.middle_frames` when None. residual: as trained ("blend": the chain runs over the
+    middle minus the endpoints' linear blend, which is added back to every x0 estimate).
     Returns clip: [B, C, K + M + K, H, W]; its context frames are bit-identical to the inputs,
     the middle is clamped to [-1, 1]. The model's train/eval mode is left to the caller.
     """
@@ -130,6 +134,8 @@ def sample_clip(
     M = middle_frames if middle_frames is not None else _middle_frames(model)
     B, C, _, H, W = start_context.shape
     device = start_context.device
+    base = residual_base(residual, start_context, end_context, M)
+    base = torch.zeros((), device=device) if base is None else base
     x = torch.randn((B, C, M, H, W), generator=generator, device=device)
     ts = sampling_timesteps(s.timesteps, steps)
     for i, t_int in enumerate(ts):
@@ -139,7 +145,9 @@ def sample_clip(
         x0, eps = split_output(s, x, t, out, prediction)
         # Keep x0 in the data range: Imagen's dynamic thresholding when asked, else static
         # clipping to [-1, 1] (ADM's clip_denoised); eps is re-derived to stay consistent.
-        x0 = apply_dynamic_threshold(x0, dynamic_threshold) if dynamic_threshold else x0.clamp(-1, 1)
+        # Both act on the frames (x0 + base), not on the residual.
+        frames = x0 + base
+        x0 = (apply_dynamic_threshold(frames, dynamic_threshold) if dynamic_threshold else frames.clamp(-1, 1)) - base
         eps = eps_from_x0(s, x, t, x0)
         last = i + 1 == len(ts)
         noise = torch.zeros_like(x) if last or (sampler == "ddim" and eta == 0) else torch.randn(
@@ -148,5 +156,5 @@ def sample_clip(
             x = ddim_step(s, x, t, t_prev, x0, eps, eta, noise)
         else:
             x = ddpm_step(s, x, t, t_prev, x0, noise)
-    middle = x.clamp(-1, 1).to(start_context.dtype)
+    middle = (x + base).clamp(-1, 1).to(start_context.dtype)
     return torch.cat([start_context, middle, end_context], dim=2)

@@ -88,7 +88,7 @@ def validation_loss(model: torch.nn.Module, s: Schedule, val_u8: torch.Tensor, c
         with amp_context(cfg.train, device):
             loss, _ = diffusion_loss(
                 model, s, x, t, noise, cond_drop, K=K, prediction=cfg.diffusion.prediction,
-                temporal_loss_weight=cfg.diffusion.temporal_loss_weight,
+                temporal_loss_weight=cfg.diffusion.temporal_loss_weight, residual=cfg.diffusion.residual,
             )
         total += loss.float().item() * x.shape[0]
         count += x.shape[0]
@@ -200,7 +200,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                     with sync, amp_context(tc, device):
                         loss, _ = diffusion_loss(
                             model, schedule, x, t, noise, cond_drop, K=K, prediction=cfg.diffusion.prediction,
-                            temporal_loss_weight=cfg.diffusion.temporal_loss_weight,
+                            temporal_loss_weight=cfg.diffusion.temporal_loss_weight, residual=cfg.diffusion.residual,
                         )
                         scaler.scale(loss / tc.grad_accum_steps).backward()
                     loss_sum += loss.detach().float() / tc.grad_accum_steps

@@ -1,0 +1,216 @@
+"""Reading WebDataset shards: URL lists, the (rank, worker) shard partition, tar and .npy parsing.
+
+A shard is a plain tar of `{key}.clip.npy` + `{key}.meta.json` members (evdm.schema). Local shards
+are read with positioned reads (the tar headers walked in one loop, each .npy header parsed once);
+pipe: and remote URLs are read whole through webdataset's gopen.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+import webdataset as wds
+
+from evdm.config import ConfigError
+from evdm.schema import CLIP_EXT, MANIFEST_NAME
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+_READ_BUFFER_BYTES = 1 << 20
+_NPY_MAGIC = b"\x93NUMPY"
+# name, size, typeflag, magic ("ustar" + NUL or space), prefix: the ustar header fields used here
+_TAR_HEADER = struct.Struct("100s24x12s20xc100x5s3x80x155s12x")
+
+
+# ---- shard lists ------------------------------------------------------------------------------
+
+
+def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Shard URLs from a glob, a brace pattern ("train-{000000..000009}.tar"), a list, or pipe: URLs.
+
+    Local globs are sorted; a local pattern that matches nothing raises ConfigError naming it.
+    Remote URLs (pipe:, http(s)://, s3://, gs://) are brace-expanded only.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        for url in braceexpand.braceexpand(item):
+            if url.startswith(REMOTE_PREFIXES):
+                urls.append(url)
+                continue
+            if glob.has_magic(url):
+                matched = sorted(glob.glob(url))
+                if not matched:
+                    raise ConfigError(f"shard pattern {url!r} matches no file")
+                urls.extend(matched)
+            elif os.path.isfile(url):
+                urls.append(url)
+            else:
+                raise ConfigError(f"shard file {url!r} not found")
+    if not urls:
+        raise ConfigError(f"shard spec {spec!r} names no shard")
+    return urls
+
+
+def shard_slice(
+    urls: list[str], rank: int, world_size: int, worker: int, num_workers: int,
+    epoch: int, seed: int, *, shuffle: bool = True,
+) -> list[str]:
+    """The shards that (rank, worker) reads in pass `epoch`: disjoint across all ranks and workers.
+
+    The list is permuted with (seed, epoch) -- the same on every rank -- when `shuffle`, then dealt
+    round-robin over the world_size * num_workers readers, so one pass reads every shard exactly once.
+    """
+    order = list(urls)
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch]).permutation(len(order))
+        order = [order[i] for i in perm]
+    slot = rank * num_workers + worker
+    return order[slot :: world_size * num_workers]
+
+
+# ---- tar and .npy parsing ---------------------------------------------------------------------
+
+
+def index_tar(read_at, end: int, url: str) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of each regular member of a tar of `end` bytes.
+
+    `read_at(pos, n)` returns n bytes at pos. A minimal ustar/GNU/pax header walk: no tarfile objects.
+    """
+    members: list[tuple[str, int, int]] = []
+    long_name: bytes | None = None
+    pos = 0
+    unpack = _TAR_HEADER.unpack_from
+    while pos + 512 <= end:
+        name, size_field, kind, magic, prefix = unpack(read_at(pos, 512))
+        if not name[:1].strip(b"\0"):  # end-of-archive zero block
+            break
+        size = int(size_field.strip(b"\0 ") or b"0", 8)
+        data = pos + 512
+        pos = data + ((size + 511) & ~511)
+        if data + size > end:
+            raise OSError(f"{url}: truncated tar (member at byte {data - 512} runs past the end)")
+        if kind == b"L":  # GNU long name of the next member
+            long_name = bytes(read_at(data, size)).rstrip(b"\0")
+        elif kind == b"x":  # pax extended header: records "LEN key=value\n"; only path matters here
+            for rec in bytes(read_at(data, size)).splitlines():
+                if b" path=" in rec:
+                    long_name = rec.split(b" path=", 1)[1]
+        elif kind in b"0\0":
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = name.rstrip(b"\0")
+                if magic == b"ustar" and prefix[:1] != b"\0":
+                    name = prefix.rstrip(b"\0") + b"/" + name
+            members.append((name.decode(), data, size))
+        else:
+            long_name = None
+    return members
+
+
+def npy_layout(data: bytes | memoryview, where: str) -> tuple[bytes, tuple[int, ...]]:
+    """(.npy header bytes, shape) of uint8 .npy data; raises ValueError naming `where` otherwise."""
+    if data[:6] != _NPY_MAGIC:
+        raise ValueError(f"{where}: not a .npy file")
+    start, hlen = (10, int.from_bytes(data[8:10], "little")) if data[6] == 1 else \
+        (12, int.from_bytes(data[8:12], "little"))
+    prefix = bytes(data[: start + hlen])
+    try:
+        return prefix, _npy_shape(prefix[start:])
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_shape(header: bytes) -> tuple[int, ...]:
+    fields = ast.literal_eval(header.decode("latin1"))
+    if np.dtype(fields["descr"]) != np.uint8 or fields["fortran_order"]:
+        raise ValueError(f"clip must be C-ordered uint8, got {fields}")
+    return tuple(fields["shape"])
+
+
+def _open_shard(url: str):
+    """(read_at, size, file or None): positioned reads of a local file, or of a remote shard read whole."""
+    if url.startswith(REMOTE_PREFIXES):
+        with wds.gopen(url, "rb", bufsize=_READ_BUFFER_BYTES) as stream:
+            buf = memoryview(stream.read())
+        return (lambda pos, n: buf[pos : pos + n]), len(buf), None
+    f = open(url, "rb", buffering=0)
+    fd = f.fileno()
+    return (lambda pos, n: os.pread(fd, n, pos)), os.fstat(fd).st_size, f
+
+
+def iter_clips(url: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(sample key, uint8 [T, H, W, C] read-only array) for each clip in the shard at `url`."""
+    read_at, size, f = _open_shard(url)
+    try:
+        suffix = "." + CLIP_EXT
+        for name, offset, n in index_tar(read_at, size, url):
+            if name.endswith(suffix):
+                data = read_at(offset, n)
+                prefix, shape = npy_layout(data, f"{url}: {name}")
+                yield name[: -len(suffix)], np.frombuffer(data, np.uint8, offset=len(prefix)).reshape(shape)
+    finally:
+        if f is not None:
+            f.close()
+
+
+def peek_clip_shape(url: str) -> tuple[int, ...]:
+    """The [T, H, W, C] shape of the first clip in a shard."""
+    for _, clip in iter_clips(url):
+        return clip.shape
+    raise ConfigError(f"shard {url} holds no {CLIP_EXT} sample")
+
+
+def clip_refs(url: str, expected_shape: tuple[int, ...]) -> list:
+    """Every clip of a shard as a reference for `fill_batch`: (file, offset, npy header) for local
+    shards, which are then read straight into the batch; the array itself for remote ones.
+
+    Raises ConfigError naming the shard when its clips are not `expected_shape`.
+    """
+    read_at, size, f = _open_shard(url)
+    suffix = "." + CLIP_EXT
+    clips = [(name, offset, n) for name, offset, n in index_tar(read_at, size, url) if name.endswith(suffix)]
+    if not clips:
+        return []
+    name, offset, n = clips[0]
+    prefix, shape = npy_layout(read_at(offset, min(n, 4096)), f"{url}: {name}")
+    if shape != tuple(expected_shape):
+        raise ConfigError(f"{url}: sample {name} has clip shape {shape}, "
+                          f"config (data.T, data.size, data.color_mode) expects {tuple(expected_shape)}")
+    want = len(prefix) + int(np.prod(shape))
+    # Remote shards are in memory: check every header now; local ones are checked as they are read.
+    bad = [name for name, o, n in clips if n != want or (f is None and read_at(o, len(prefix)) != prefix)]
+    if bad:
+        raise ConfigError(f"{url}: sample {bad[0]} is not a {shape} uint8 clip like the shard's first one")
+    if f is None:
+        return [np.frombuffer(read_at(o, n), np.uint8, offset=len(prefix)).reshape(shape) for _, o, n in clips]
+    return [(f, offset, prefix) for _, offset, _ in clips]
+
+
+def fill_batch(out: np.ndarray, refs: list) -> None:
+    """Write the clips `refs` (from `clip_refs`) into `out`: uint8 [B, T, H, W, C], one copy each."""
+    for i, ref in enumerate(refs):
+        if type(ref) is not tuple:
+            out[i] = ref
+            continue
+        f, offset, prefix = ref
+        head = bytearray(len(prefix))
+        got = os.preadv(f.fileno(), [head, out[i]], offset)
+        if got != len(head) + out[i].nbytes or head != prefix:
+            raise OSError(f"{f.name}: clip at byte {offset} is truncated or changed since indexing")
+
+
+def manifest_beside(url: str) -> Path | None:
+    if url.startswith(REMOTE_PREFIXES):
+        return None
+    path = Path(url).parent / MANIFEST_NAME
+    return path if path.is_file() else None
