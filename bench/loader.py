@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="keep (and reuse) the dataset here")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loader.json")
     args = p.parse_args(argv)
+    command = shlex.join(["python", "bench/loader.py", *(sys.argv[1:] if argv is None else argv)])
     if args.videos < B:
         p.error(f"--videos must be at least the batch size {B}")
     torch.set_num_threads(1)
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * goals['of_ceiling_at_2_workers']:.0f}% of ceiling (goal 50%)")
 
     result = {
-        "videos": args.videos, "frames": FRAMES, "clips": clips_total, "shards": len(shards), "batch": B, "T": T,
-        "size": SIZE, "seconds_per_row": args.seconds, "shuffle_buffer": cfg.data.shuffle_buffer,
+        "command": command, "videos": args.videos, "frames": FRAMES, "clips": clips_total, "shards": len(shards),
+        "batch": B, "T": T, "size": SIZE, "seconds_per_row": args.seconds, "shuffle_buffer": cfg.data.shuffle_buffer,
         "dali": dali_note, "cpu_count": os.cpu_count(),
         "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "python": platform.python_version(), "torch": torch.__version__, "goals": goals,

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoders", nargs="+", default=["ffmpeg", "pyav"], choices=["ffmpeg", "pyav"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "preprocess.json")
     args = p.parse_args(argv)
+    command = shlex.join(["python", "bench/preprocess.py", *(sys.argv[1:] if argv is None else argv)])
     decoders = list(args.decoders)
     if "pyav" in decoders:
         try:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     version = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.splitlines()[0]
     result = {
-        "videos": args.videos, "frames": 30, "size": 64, "synth_s": round(synth_s, 2),
+        "command": command, "videos": args.videos, "frames": 30, "size": 64, "synth_s": round(synth_s, 2),
         "identical_shards_across_rows": same, "cpu_count": os.cpu_count(),
         "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "python": platform.python_version(),

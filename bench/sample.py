@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench/results/sample.json"), help="JSON output ('' for none)")
     args = p.parse_args(argv)
+    command = shlex.join(["python", "bench/sample.py", *(sys.argv[1:] if argv is None else argv)])
 
     import torch
 
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         config = Path(args.config).resolve()
-        payload = dict(config=str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
-                       model=desc, device=label, torch=torch.__version__,
+        payload = dict(command=command, config=str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+                       model=desc, device=label, torch=torch.__version__, python=platform.python_version(),
                        threads=torch.get_num_threads(), repeats=args.repeats,
                        loadavg_1min_before_after=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                        cpu_count=os.cpu_count(), rows=rows)

@@ -1,25 +1,37 @@
 """Training-step benchmark: forward + backward + AdamW step of the denoiser, per config and variant.
 
     python bench/train_step.py                                  # smoke + reference, all variants
-    python bench/train_step.py --configs smoke --variants eager --steps 2 --warmup 1   # CI smoke
+    python bench/train_step.py --configs smoke --variants eager --steps 2 --warmup 1 --loader-steps 4   # CI smoke
     python bench/train_step.py --no-compile                     # skip torch.compile (30-100 s per config on CPU)
+    python bench/train_step.py --configs smoke --variants channels_last --loader-steps 60   # the loader-fed rows
 
 Variants: eager (fp32, contiguous), channels_last (channels_last_3d), compile (torch.compile,
 fullgraph), bf16 (autocast), all (the three together). On CPU every bf16 row runs in a subprocess
 with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (set before torch loads) and a timeout, because oneDNN's
-AMX kernels can hang forever in the backward of some bf16 Conv3d shapes. Prints a rich table and
-writes JSON (default bench/results/train_step.json).
+AMX kernels can hang forever in the backward of some bf16 Conv3d shapes.
+
+Loader-fed rows (smoke only; --loader-steps 0 skips them): evdm.train.train() on configs/smoke.toml,
+fed by the real shard loader with data.num_workers 0 and 2 from synthetic shards in a temporary
+folder. samples/s and "data wait" (the fraction of wall time the loop spent in next(loader)) come
+from its metrics.jsonl, over --loader-steps steps between a warm-up window and the final window
+(which validates); both of those are left out. The variant is whatever smoke.toml trains with on
+this device (without compile under --no-compile); "of compute-only" compares with that variant's
+row above when it ran. Prints rich tables and writes JSON (default bench/results/train_step.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,6 +105,88 @@ def measure(config: str, variant: str, *, batch: int, steps: int, warmup: int, d
                 step_ms_min=round(1000 * min(timed), 2), samples_per_s=round(batch / step_s, 3), status="ok")
 
 
+def make_fed_shards(shard_dir: Path, *, T: int, size: int, val_clips: int, train_shards: int = 8,
+                    clips_per_shard: int = 16) -> None:
+    """Synthetic clips (preprocess.synth.render_video) straight into shards + manifest.json: no MP4 round trip."""
+    from evdm.schema import encode_sample, make_key
+    from preprocess.synth import render_video, video_seed
+    from preprocess.writer import write_manifest, write_shard
+
+    splits = {}
+    for split, n_shards, per_shard in (("train", train_shards, clips_per_shard), ("val", 1, val_clips)):
+        shards = []
+        for i in range(n_shards):
+            samples = [encode_sample(make_key(f"{split}/v{i * per_shard + j}", 0),
+                                     render_video(video_seed(0, split, i * per_shard + j), T, size), {"split": split})
+                       for j in range(per_shard)]
+            count, sha = write_shard(shard_dir / f"{split}-{i:06d}.tar", samples)
+            shards.append({"name": f"{split}-{i:06d}.tar", "clips": count, "sha256": sha})
+        splits[split] = {"videos": n_shards * per_shard, "clips": n_shards * per_shard, "shards": shards}
+    write_manifest(shard_dir, options={}, clip_shape=(T, size, size, 3), splits=splits, skipped=[])
+
+
+def trainer_variant(cfg, device_name: str) -> str:
+    """The VARIANTS name of what train() applies for `cfg` on this device, or its parts joined by '+'."""
+    tc, cuda = cfg.train, device_name.startswith("cuda")
+    opts = dict(channels_last=tc.channels_last, compile=tc.compile and (cuda or tc.compile_on_cpu),
+                bf16=tc.amp and tc.amp_dtype == "bf16" and (cuda or tc.amp_on_cpu))
+    named = [name for name, v in VARIANTS.items() if v == opts]
+    return named[0] if named else "+".join(k for k, on in opts.items() if on) or "eager"
+
+
+def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work: Path, allow_compile: bool) -> dict:
+    """train() on configs/smoke.toml fed by the shard loader; one row from its metrics.jsonl, see the module doc."""
+    from evdm.config import load_config
+    from evdm.train import train
+
+    log_every = max(1, steps // 10)
+    max_steps = steps + 2 * log_every  # + a warm-up window and the final (validating) window, both left out
+    out_dir = work / f"run-{workers}-workers"
+    never = 10**9  # no preview, checkpoint or snapshot inside the loop
+    overrides = {
+        "data.train_shards": f'"{work}/shards/train-*.tar"', "data.val_shards": f'"{work}/shards/val-*.tar"',
+        "data.num_workers": workers, "train.out_dir": f'"{out_dir}"', "train.device": f'"{device_name}"',
+        "data.val_clips": batch, "train.batch_size": batch, "train.max_steps": max_steps, "train.log_every": log_every,
+        "train.val_every": max_steps, "train.vis_every": never, "train.ckpt_every": never,
+        "train.snapshot_every": never, "train.compile": str(allow_compile).lower(),
+    }
+    cfg = load_config(ROOT / "configs/smoke.toml", [f"{k}={v}" for k, v in overrides.items()])
+    with contextlib.redirect_stdout(io.StringIO()):  # the dashboard's per-log lines
+        train(cfg)
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    # Each record covers the steps since the one before; weight by its wall time, not equally.
+    windows = [(r["step"] - prev["step"], r) for prev, r in zip(records, records[1:-1])]
+    seconds = [n * batch / r["samples_per_s"] for n, r in windows]
+    timed_steps, total_s = sum(n for n, _ in windows), sum(seconds)
+    data_wait = sum(s * r["data_wait"] for s, (_, r) in zip(seconds, windows)) / total_s
+    return dict(config="smoke", variant=trainer_variant(cfg, device_name), device=device_label(device_name),
+                num_workers=workers, batch=batch, steps=timed_steps, step_ms=round(1000 * total_s / timed_steps, 2),
+                samples_per_s=round(timed_steps * batch / total_s, 3), data_wait=round(data_wait, 4), status="ok")
+
+
+def run_fed(args: argparse.Namespace, batch: int) -> list[dict]:
+    """Loader-fed rows at 0 and 2 workers over one set of synthetic shards in a temporary folder."""
+    from evdm.config import load_config
+
+    smoke = load_config(ROOT / "configs/smoke.toml").data
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="evdm-bench-train-") as tmp:
+        work = Path(tmp)
+        (work / "shards").mkdir()
+        # One val batch: the final validation is outside the timed steps, so keep it short.
+        make_fed_shards(work / "shards", T=smoke.T, size=smoke.size, val_clips=batch)
+        for workers in (0, 2):
+            try:
+                row = measure_fed(workers, batch=batch, steps=args.loader_steps, device_name=args.device, work=work,
+                                  allow_compile=not args.no_compile)
+            except Exception as err:  # keep the other row; the table shows what failed
+                row = dict(config="smoke", num_workers=workers, batch=batch, status=f"error: {err!r}"[:200])
+            rows.append(row)
+            print(f"smoke/train() fed by {workers} workers: {row.get('samples_per_s', '-')} samples/s, data wait "
+                  f"{row.get('data_wait', '-')} [{row['status']}]", file=sys.stderr, flush=True)
+    return rows
+
+
 def device_label(device_name: str) -> str:
     import torch
 
@@ -131,6 +225,24 @@ def print_table(rows: list[dict], device: str) -> None:
     Console(width=160).print(table)
 
 
+def print_fed_table(rows: list[dict], compute_rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    compute = {(r["config"], r["variant"]): r["samples_per_s"] for r in compute_rows if r["status"] == "ok"}
+    table = Table(title="fed by the real loader: evdm.train.train(configs/smoke.toml) on synthetic shards")
+    for col in ("config", "variant", "workers", "batch", "steps", "step ms", "samples/s", "of compute-only",
+                "data wait", "status"):
+        table.add_column(col, justify="left" if col in ("config", "variant", "status") else "right")
+    for r in rows:
+        alone = compute.get((r["config"], r.get("variant")))
+        table.add_row(r["config"], r.get("variant", ""), str(r["num_workers"]), str(r["batch"]),
+                      str(r.get("steps", "")), str(r.get("step_ms", "")), str(r.get("samples_per_s", "")),
+                      f"{r['samples_per_s'] / alone:.2f}x" if alone and "samples_per_s" in r else "",
+                      f"{100 * r['data_wait']:.1f}%" if "data_wait" in r else "", r["status"])
+    Console(width=160).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="smoke,reference", help=f"comma list of {sorted(CONFIGS)}")
@@ -141,9 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-compile", action="store_true", help="skip the compile and all variants")
     p.add_argument("--bf16-timeout", type=float, default=900.0, help="seconds per bf16 row on CPU")
+    p.add_argument("--loader-steps", type=int, default=30,
+                   help="timed train() steps per loader-fed row (smoke only; 0: none)")
     p.add_argument("--out", default=str(ROOT / "bench/results/train_step.json"), help="JSON output ('' for none)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    command = shlex.join(["python", "bench/train_step.py", *(sys.argv[1:] if argv is None else argv)])
+    load_before = os.getloadavg()[0]  # the machine may be shared: record how busy it was
 
     import torch
 
@@ -178,13 +294,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"[{row['status']}]", file=sys.stderr, flush=True)
     if args.worker:
         return 0
+    fed_rows = run_fed(args, args.batch or CONFIGS["smoke"][2]) if "smoke" in configs and args.loader_steps > 0 else []
     device = device_label(args.device)
     print_table(rows, device)
+    if fed_rows:
+        print_fed_table(fed_rows, rows)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-                       steps=args.steps, warmup=args.warmup, rows=rows)
+        payload = dict(command=command, device=device, torch=torch.__version__, python=platform.python_version(),
+                       threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                       loadavg_1min_before_after=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+                       steps=args.steps, warmup=args.warmup, loader_steps=args.loader_steps, rows=rows,
+                       loader_rows=fed_rows)
         out.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 

@@ -51,7 +51,7 @@ class ModelConfig:
 class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"  # linear | cosine
-    prediction: str = "eps"  # eps | v
+    prediction: str = "eps"  # eps | v | x0
     residual: str = "none"  # none | blend: diffuse middle - linear blend of the endpoints (diffusion/residual.py)
     temporal_loss_weight: float = 0.05
     noise_offset: float = 0.0
@@ -122,7 +122,7 @@ _CHOICES = {
     ("data", "color_mode"): ("rgb", "gray"),
     ("data", "loader"): ("webdataset", "dali"),
     ("diffusion", "schedule"): ("linear", "cosine"),
-    ("diffusion", "prediction"): ("eps", "v"),
+    ("diffusion", "prediction"): ("eps", "v", "x0"),
     ("diffusion", "residual"): ("none", "blend"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "amp_dtype"): ("bf16", "fp16"),

@@ -76,7 +76,7 @@ def test_q_sample_statistics():
     assert torch.allclose(std, (1 - ab).sqrt(), rtol=0.05, atol=0.005)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_converter_round_trips(prediction, kind):
     s = make_schedule(kind, 1000)
@@ -108,7 +108,7 @@ def test_draw_training_noise_shapes_determinism_and_drop_rate():
     assert 0.9 < shift[:, :, 0].std() < 1.1
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_loss_is_zero_for_a_perfect_model_and_sees_only_the_middle(prediction):
     s = make_schedule("linear", 1000)
     clip = make_clip()
@@ -160,7 +160,7 @@ def test_sampling_timesteps():
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_oracle_sampler_recovers_the_middle_and_keeps_context_exact(sampler, eta, prediction):
     s = make_schedule("cosine", 1000)
     clip = make_clip(5)
@@ -228,7 +228,7 @@ def test_residual_blend_round_trips_through_loss_and_sampler():
     start, middle, end = clip[:, :, :K], clip[:, :, K:-K], clip[:, :, -K:]
     residual = middle - linear_blend(start, end, M)
     t, noise, no_drop = torch.tensor([10, 90]), torch.randn(B, C, M, H, W), torch.zeros(B, dtype=torch.bool)
-    for prediction in ("eps", "v"):
+    for prediction in ("eps", "v", "x0"):
         knows_residual = Oracle(s, residual, prediction)
         loss, _ = diffusion_loss(knows_residual, s, clip, t, noise, no_drop, K=K, prediction=prediction,
                                  residual="blend")

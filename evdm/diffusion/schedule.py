@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
 
 
@@ -106,8 +106,10 @@ def v_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 def training_target(
     s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
 ) -> torch.Tensor:
-    """What the network regresses: the noise (prediction="eps") or v (prediction="v")."""
+    """What the network regresses: the noise ("eps"), v ("v") or the clean sample itself ("x0")."""
     _check_prediction(prediction)
+    if prediction == "x0":
+        return x0
     return noise if prediction == "eps" else v_target(s, x0, t, noise)
 
 
@@ -119,6 +121,7 @@ def split_output(
     t may contain -1 (alpha_bar = 1) only for prediction="v"; samplers never call it there.
     eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)           (DDPM eq. 15)
     v:   x0 = sqrt(ab) x_t - sqrt(1-ab) v;  eps = sqrt(1-ab) x_t + sqrt(ab) v   (Salimans & Ho, eq. 12)
+    x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)                 (DDPM eq. 4 solved for eps)
     """
     _check_prediction(prediction)
     x_t, out = x_t.float(), out.float()
@@ -126,6 +129,8 @@ def split_output(
     sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
     if prediction == "eps":
         return (x_t - sigma * out) / a, out
+    if prediction == "x0":
+        return out, (x_t - a * out) / sigma
     return a * x_t - sigma * out, sigma * x_t + a * out
 
 

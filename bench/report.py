@@ -1,0 +1,214 @@
+"""Render bench/results/*.json as docs/BENCHMARKS.md: per benchmark what it measures, the machine, the command, a table.
+
+    python bench/report.py [--results bench/results] [--out docs/BENCHMARKS.md]
+
+Ratio columns are computed here from the stored rows. A missing result file is listed as "not run yet".
+Results written before the scripts recorded their command line get one rebuilt from the stored parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Shown in this order when present, as "label: value" (the value alone where the label is None).
+MACHINE_FACTS = (
+    ("device", "device"), ("cpu_count", "CPUs"), ("threads", "torch threads"), ("python", "Python"),
+    ("torch", "torch"), ("ffmpeg", "ffmpeg"), ("dali", None),
+)
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table; columns are right-aligned unless their header ends with '<'."""
+    align = [":--" if h.endswith("<") else "--:" for h in headers]
+    lines = ["| " + " | ".join(h.rstrip("<") for h in headers) + " |", "|" + "|".join(align) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def fmt(value, spec: str = "", suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}x" if num is not None and den else ""
+
+
+def machine_line(result: dict) -> str:
+    facts = []
+    for key, label in MACHINE_FACTS:
+        if result.get(key) is not None:
+            value = str(result[key]).split(" Copyright")[0]  # ffmpeg -version's first line ends in one
+            facts.append(f"{label}: {value}" if label else value)
+    load = result.get("loadavg_1min_before_after")
+    if load:
+        facts.append(f"load average (1 min): {load[0]} before, {load[1]} after")
+    return "Machine: " + ("; ".join(facts) or "not recorded") + "."
+
+
+def unique(values) -> list[str]:
+    return [str(v) for v in dict.fromkeys(values)]
+
+
+# ---- per benchmark: an intro line, the command rebuilt for results that predate "command", the body ----------
+
+
+def loader_intro(r: dict) -> str:
+    return (f"Training loaders: clips/s delivered as uint8 [B, C, T, H, W] batches (B {r['batch']}, T {r['T']}, "
+            f"{r['size']}x{r['size']} rgb) from {r['videos']} synthetic videos ({r['clips']} clips in {r['shards']} "
+            f"shards), {r['seconds_per_row']:g} s per row. \"x baseline\" compares with the ffmpeg-per-item "
+            "baseline of the same parallelism, \"of ceiling\" with reading the shard bytes from page cache.")
+
+
+def loader_command(r: dict) -> str:
+    return f"python bench/loader.py --videos {r['videos']} --seconds {r['seconds_per_row']:g}"
+
+
+def loader_body(r: dict) -> list[str]:
+    rows = [[x["loader"], str(x["workers"]), fmt(x["clips_per_s"], ".1f"), fmt(x["mb_per_s"], ".1f"),
+             fmt(x.get("x_baseline"), ".1f", "x"), fmt(100 * x["of_ceiling"], ".1f", "%") if "of_ceiling" in x else "",
+             fmt(x.get("cpu_us_per_clip"), ".0f")] for x in r["rows"]]
+    lines = md_table(["loader<", "workers", "clips/s", "MB/s", "x baseline", "of ceiling", "CPU µs/clip"], rows)
+    g = r.get("goals")
+    if g:
+        lines += ["", f"Shard loader at 2 workers: {g['x_baseline_at_2_workers']}x baseline (goal "
+                      f"{g['x_baseline_goal']}x), {100 * g['of_ceiling_at_2_workers']:.1f}% of ceiling "
+                      f"(goal {100 * g['of_ceiling_goal']:.0f}%)."]
+    return lines
+
+
+def preprocess_intro(r: dict) -> str:
+    return (f"`preprocess.shard` on {r['videos']} synthetic videos ({r['frames']} frames, {r['size']}x{r['size']}): "
+            "throughput per decoder and worker count. \"decode share\" is the decoder's wall time over all "
+            "processing time; \"x ffmpeg\" compares with the ffmpeg row of the same worker count.")
+
+
+def preprocess_command(r: dict) -> str:
+    rows = r["rows"]
+    return (f"python bench/preprocess.py --videos {r['videos']} "
+            f"--workers {' '.join(unique(x['workers'] for x in rows))} "
+            f"--decoders {' '.join(unique(x['decoder'] for x in rows))}")
+
+
+def preprocess_body(r: dict) -> list[str]:
+    ffmpeg = {x["workers"]: x["videos_per_s"] for x in r["rows"] if x["decoder"] == "ffmpeg"}
+    rows = [[x["decoder"], str(x["workers"]), fmt(x["videos_per_s"], ".1f"), fmt(x["clips_per_s"], ".1f"),
+             fmt(x["wall_s"], ".2f"), fmt(x["decode_s"], ".2f"), fmt(x["python_s"], ".2f"),
+             fmt(100 * x["decode_share"], ".0f", "%"), ratio(x["videos_per_s"], ffmpeg.get(x["workers"]))]
+            for x in r["rows"]]
+    lines = md_table(["decoder<", "workers", "videos/s", "clips/s", "wall s", "decode s", "python s", "decode share",
+                      "x ffmpeg"], rows)
+    notes = []
+    if "synth_s" in r:
+        notes.append(f"dataset generation {r['synth_s']} s")
+    if "identical_shards_across_rows" in r:
+        notes.append(f"identical shards across all rows: {'yes' if r['identical_shards_across_rows'] else 'NO'}")
+    return lines + (["", "; ".join(notes).capitalize() + "."] if notes else [])
+
+
+def train_step_intro(r: dict) -> str:
+    return (f"One training step (forward + backward + AdamW) of the denoiser per model config and variant on random "
+            f"data: median of {r['steps']} timed steps after {r['warmup']} warm-up. \"x eager\" compares samples/s "
+            "with the eager row of the same config.")
+
+
+def train_step_command(r: dict) -> str:
+    rows = r["rows"]
+    return (f"python bench/train_step.py --configs {','.join(unique(x['config'] for x in rows))} "
+            f"--variants {','.join(unique(x['variant'] for x in rows))} --steps {r['steps']} --warmup {r['warmup']}")
+
+
+def train_step_body(r: dict) -> list[str]:
+    ok = [x for x in r["rows"] if x["status"] == "ok"]
+    eager = {x["config"]: x["samples_per_s"] for x in ok if x["variant"] == "eager"}
+    rows = [[x["config"], x["variant"], fmt(x.get("batch")), fmt(x.get("params") and x["params"] / 1e6, ".2f", "M"),
+             fmt(x.get("step_ms"), ".1f"), fmt(x.get("samples_per_s"), ".3g"),
+             ratio(x.get("samples_per_s"), eager.get(x["config"])), fmt(x.get("first_step_s"), ".2f"), x["status"]]
+            for x in r["rows"]]
+    lines = md_table(["config<", "variant<", "batch", "params", "step ms", "samples/s", "x eager", "first step s",
+                      "status<"], rows)
+    lines += ["", "**Fed by the real loader.** `evdm.train.train()` on `configs/smoke.toml` with the shard loader at "
+                  "0 and 2 workers (synthetic shards); \"data wait\" is the fraction of wall time the loop waited for "
+                  "the next batch, over the timed steps (warm-up and the validating last window left out); "
+                  "\"of compute-only\" compares with the same variant's row above.", ""]
+    fed = r.get("loader_rows")
+    if not fed:
+        return lines + ["Not in this result file: it predates the loader-fed rows (`--loader-steps`, default 30)."]
+    compute = {(x["config"], x["variant"]): x["samples_per_s"] for x in ok}
+    rows = [[x["config"], x.get("variant", ""), str(x["num_workers"]), fmt(x.get("batch")), fmt(x.get("steps")),
+             fmt(x.get("step_ms"), ".1f"), fmt(x.get("samples_per_s"), ".3g"),
+             ratio(x.get("samples_per_s"), compute.get((x["config"], x.get("variant")))),
+             fmt(100 * x["data_wait"], ".1f", "%") if "data_wait" in x else "", x["status"]]
+            for x in fed]
+    return lines + md_table(["config<", "variant<", "workers", "batch", "steps", "step ms", "samples/s",
+                             "of compute-only", "data wait", "status<"], rows)
+
+
+def sample_intro(r: dict) -> str:
+    return (f"DDIM sampling throughput with untrained weights, {r['model']}: median of {r['repeats']} calls per row. "
+            "Guidance on runs the conditional and null branches in one forward of twice the batch.")
+
+
+def sample_command(r: dict) -> str:
+    rows = r["rows"]
+    cmd = (f"python bench/sample.py --config {r['config']} --steps {' '.join(unique(x['steps'] for x in rows))} "
+           f"--batch_sizes {' '.join(unique(x['batch'] for x in rows))} "
+           f"--guidance {' '.join(unique(x['guidance'] for x in rows))} --repeats {r['repeats']}")
+    return cmd + (f" --threads {r['threads']}" if r.get("threads") else "")
+
+
+def sample_body(r: dict) -> list[str]:
+    rows = [[str(x["steps"]), "on" if x["guidance"] != 1.0 else "off", str(x["batch"]), str(x["forward_batch"]),
+             fmt(x["seconds_per_call"], ".3f"), fmt(x["ms_per_model_call"], ".1f"), fmt(x["clips_per_s"], ".3g")]
+            for x in r["rows"]]
+    return md_table(["steps", "guidance", "batch", "forward batch", "s / call", "ms / model call", "clips/s"], rows)
+
+
+SECTIONS = {
+    "loader": ("Training loaders", loader_intro, loader_command, loader_body),
+    "preprocess": ("Preprocessing (MP4 -> shards)", preprocess_intro, preprocess_command, preprocess_body),
+    "train_step": ("Training step", train_step_intro, train_step_command, train_step_body),
+    "sample": ("Sampling", sample_intro, sample_command, sample_body),
+}
+
+
+def shown_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def render(results_dir: Path) -> str:
+    """The whole markdown document for the result files in `results_dir`."""
+    lines = ["# Benchmarks", "",
+             f"Generated by `python bench/report.py` from `{shown_path(results_dir)}/*.json`; rerun a benchmark, "
+             "then this, rather than editing by hand. Each result is one run, often on a shared machine (see the "
+             "load average): compare ratios within a table rather than absolute numbers across sections.", ""]
+    for name, (title, intro, rebuild, body) in SECTIONS.items():
+        path = results_dir / f"{name}.json"
+        lines += [f"## {title} (`bench/{name}.py`)", ""]
+        if not path.is_file():
+            lines += [f"Not run yet: no `{shown_path(path)}`. Run `python bench/{name}.py`.", ""]
+            continue
+        r = json.loads(path.read_text())
+        command = r.get("command") or rebuild(r) + "  # rebuilt from the stored parameters"
+        lines += [intro(r), "", machine_line(r), "", "```", command, "```", "", *body(r), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results", help="folder of the *.json results")
+    p.add_argument("--out", type=Path, default=ROOT / "docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    text = render(args.results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
