@@ -22,7 +22,7 @@ from pathlib import Path
 SIZE = 32
 VIDEOS = 300
 EVAL_CLIPS = 64
-EVAL_STEPS = ["10", "20"]
+EVAL_STEPS = ["5", "10"]
 SAMPLE_CLIPS = 8
 
 

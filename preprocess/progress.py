@@ -68,4 +68,4 @@ class Progress:
 
     def _print(self, line: str) -> None:
         if not self.quiet:
-            self.console.print(line, highlight=False, markup=False)
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
