@@ -130,10 +130,6 @@ def train_step_body(r: dict) -> list[str]:
             for x in r["rows"]]
     lines = md_table(["config<", "variant<", "batch", "params", "step ms", "samples/s", "x eager", "first step s",
                       "status<"], rows)
-    partial = Path(__file__).parent / "results" / "train_step_smoke_all_variants.log"
-    if partial.is_file():  # an interrupted full run: its per-row stderr is all it left
-        lines += ["", f"The compile and bf16 variants ran only in an interrupted full run, whose per-row log is "
-                      f"`bench/results/{partial.name}` (no JSON):", "", "```", partial.read_text().strip(), "```"]
     lines += ["", "**Fed by the real loader.** `evdm.train.train()` on `configs/smoke.toml` with the shard loader at "
                   "0 and 2 workers (synthetic shards); \"data wait\" is the fraction of wall time the loop waited for "
                   "the next batch, over the timed steps (warm-up and the validating last window left out); "
@@ -199,7 +195,17 @@ def render(results_dir: Path) -> str:
         r = json.loads(path.read_text())
         command = r.get("command") or rebuild(r) + "  # rebuilt from the stored parameters"
         lines += [intro(r), "", machine_line(r), "", "```", command, "```", "", *body(r), ""]
+        lines += log_lines(results_dir, name)
     return "\n".join(lines)
+
+
+def log_lines(results_dir: Path, name: str) -> list[str]:
+    """`{name}_*.log` beside the JSON: what an interrupted run left (it writes no JSON), shown verbatim."""
+    lines = []
+    for log in sorted(results_dir.glob(f"{name}_*.log")):
+        lines += [f"From an interrupted run, `{shown_path(log)}` (no JSON):", "", "```", log.read_text().strip(),
+                  "```", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

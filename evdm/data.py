@@ -2,9 +2,9 @@
 
 Each (DDP rank, DataLoader worker) reads a disjoint slice of the shard list (`shard_slice`),
 reshuffled each epoch-equivalent pass with a seed shared by all ranks, and cycles it forever. A
-worker indexes a shard's tar headers in one loop and reads each clip.npy straight into a batch
-slot (evdm.shards): no tarfile, np.load or per-sample dicts. Clips go through a shuffle buffer and are stacked, one copy each, into
-shared-memory batch slots (`BatchRing`) that the main process copies out. Batches are
+worker indexes a shard's tar headers in one loop (evdm.shards): no tarfile, np.load or per-sample
+dicts. Clips go through a shuffle buffer and are read, one copy each, straight into shared-memory
+batch slots (`BatchRing`) that the main process copies out. Batches are
 [B, C, T, H, W] views of [B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one
 permutes bytes; float conversion, scaling to [-1, 1] and flips happen on the device (`to_model_input`).
 """
