@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
     try:
-        return from_dict(ckpt["config"], f"{path} (stored config)")
+        return from_dict(ckpt["config"], f"{path} (stored config)", drop_retired=True)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
 
@@ -96,14 +96,14 @@ def load_for_inference(
     path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
 ) -> tuple[torch.nn.Module, RunConfig]:
     """Build the model from the checkpoint's stored config and load EMA (default) or raw weights."""
-    from evdm.models import build_model
+    from evdm.models import adapt_conv_weights, build_model
 
     ckpt = load_checkpoint(path)
     cfg = config_of(ckpt, path)
     model = build_model(cfg)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(adapt_conv_weights(weights, model))
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match the stored config: {err}") from None
     return model.to(device).eval(), cfg

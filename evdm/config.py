@@ -45,6 +45,9 @@ class ModelConfig:
     temporal_attn_levels: tuple[int, ...] = (1, 2)  # indices into channel_mults; bottleneck always
     attn_head_channels: int = 32
     dropout: float = 0.0
+    # How the (1,3,3) / (3,1,1) convolutions run: "2d" per-frame Conv2d over channels-last views
+    # (cuDNN's fast bf16 path), or "3d" Conv3d (the original form). Same weights and maths.
+    spacetime: str = "2d"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,11 +87,12 @@ class TrainConfig:
     ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + step) / (10 + step))
     log_every: int = 50
     val_every: int = 1000
-    vis_every: int = 1  # previews every N validations
+    preview_every: int = 5000  # previews (PNG strips, MP4 when ffmpeg works) every N steps
     ckpt_every: int = 1000  # out_dir/last.pt
     snapshot_every: int = 10_000  # out_dir/step_XXXXXXX.pt
     preview_clips: int = 4
     preview_steps: int = 20
+    peak_tflops: float = 0.0  # per-GPU bf16 dense peak for the mfu column; 0: known GPUs by name (train/mfu.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +103,8 @@ class SampleConfig:
     guidance_scale: float = 1.8
     dynamic_threshold: bool = False
     dynamic_threshold_percentile: float = 0.995
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    compile: str = "auto"  # auto (torch.compile on CUDA) | on | off
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,12 +127,21 @@ class RunConfig:
 _CHOICES = {
     ("data", "color_mode"): ("rgb", "gray"),
     ("data", "loader"): ("webdataset", "dali"),
+    ("model", "spacetime"): ("2d", "3d"),
     ("diffusion", "schedule"): ("linear", "cosine"),
     ("diffusion", "prediction"): ("eps", "v", "x0"),
     ("diffusion", "residual"): ("none", "blend"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("train", "amp_dtype"): ("bf16", "fp16"),
     ("sample", "sampler"): ("ddim", "ddpm"),
+    ("sample", "precision"): ("auto", "bf16", "fp32"),
+    ("sample", "compile"): ("auto", "on", "off"),
+}
+
+# Keys of earlier versions: refused in a config file with the replacement named, dropped from the
+# configs stored in old checkpoints (they changed no weights).
+RETIRED_KEYS = {
+    ("train", "vis_every"): "train.preview_every (a step count)",
 }
 
 
@@ -173,8 +188,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
-    """Build a RunConfig from a nested dict; errors name `section.key` and `source`."""
+def from_dict(raw: dict, source: str = "<dict>", *, drop_retired: bool = False) -> RunConfig:
+    """Build a RunConfig from a nested dict; errors name `section.key` and `source`.
+
+    drop_retired: ignore RETIRED_KEYS (a checkpoint's stored config) instead of refusing them.
+    """
     sections = {}
     hints = typing.get_type_hints(RunConfig)
     for name, value in raw.items():
@@ -186,6 +204,10 @@ def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         field_types = typing.get_type_hints(cls)
         kwargs = {}
         for key, v in value.items():
+            if (name, key) in RETIRED_KEYS:
+                if drop_retired:
+                    continue
+                raise ConfigError(f"{source}: {name}.{key} is gone; use {RETIRED_KEYS[name, key]}")
             if key not in field_types:
                 raise ConfigError(
                     f"{source}: unknown key {name}.{key} (known: {', '.join(field_types)})"

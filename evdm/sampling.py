@@ -215,17 +215,19 @@ def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: int,
     clip, truth: uint8 [T, H, W, C]. Returns the paths written.
     """
     scale = max(1, VIDEO_PX // clip.shape[1])
-    paths = [out_dir / f"{name}.mp4", out_dir / f"{name}.png", out_dir / f"{name}.npy"]
-    visualize.save_video(clip, paths[0], fps=FPS, scale=scale)
     s = strip_scale(clip.shape[1])
-    visualize.save_png(visualize.frame_strip(clip, K, scale=s), paths[1])
-    np.save(paths[2], clip)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.npy"]
+    visualize.save_png(visualize.frame_strip(clip, K, scale=s), paths[0])
+    np.save(paths[1], clip)
     if truth is not None:
-        extra = [out_dir / f"{name}_truth.mp4", out_dir / f"{name}_truth.png", out_dir / f"{name}_compare.png"]
-        visualize.save_video(truth, extra[0], fps=FPS, scale=scale)
-        visualize.save_png(visualize.frame_strip(truth, K, scale=s, middle_color=visualize.TRUTH_COLOR), extra[1])
-        visualize.save_png(visualize.comparison_strip(truth, clip, K, scale=s), extra[2])
+        extra = [out_dir / f"{name}_truth.png", out_dir / f"{name}_compare.png"]
+        visualize.save_png(visualize.frame_strip(truth, K, scale=s, middle_color=visualize.TRUTH_COLOR), extra[0])
+        visualize.save_png(visualize.comparison_strip(truth, clip, K, scale=s), extra[1])
         paths += extra
+    # MP4s last and optional: without a working ffmpeg they are skipped with one warning.
+    for video, frames in ((f"{name}.mp4", clip), (f"{name}_truth.mp4", truth)):
+        if frames is not None and visualize.try_save_video(frames, out_dir / video, fps=FPS, scale=scale):
+            paths.append(out_dir / video)
     return paths
 
 

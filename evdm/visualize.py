@@ -9,12 +9,13 @@ are copied unchanged, so `frame_at` reads the exact input frame back out of any 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from evdm.ffmpeg import write_mp4
+from evdm.ffmpeg import FFmpegNotFound, write_mp4
 
 CONTEXT_COLOR = (40, 110, 255)
 GENERATED_COLOR = (255, 140, 0)
@@ -119,3 +120,21 @@ def save_gif(frames: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
 def save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> None:
     """MP4 of uint8 [T, H, W, 1|3] via ffmpeg, enlarged `scale` times (lossy: inspect PNGs for exact pixels)."""
     write_mp4(frames, path, fps=fps, upscale=scale)
+
+
+_video_failures: set[str] = set()  # kinds of MP4 failure already reported by try_save_video
+
+
+def try_save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> bool:
+    """`save_video`, but a missing or failing ffmpeg costs only the MP4: one warning per kind of
+    failure and process, then False. PNG outputs carry the exact pixels, so nothing else depends on it."""
+    try:
+        save_video(frames, path, fps=fps, scale=scale)
+        return True
+    except (FFmpegNotFound, RuntimeError, OSError) as err:
+        kind = type(err).__name__
+        if kind not in _video_failures:
+            _video_failures.add(kind)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else kind
+            warnings.warn(f"skipping MP4 outputs ({first}); PNG strips are still written", stacklevel=2)
+        return False

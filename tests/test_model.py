@@ -1,12 +1,18 @@
 """The denoiser: shapes, errors, the shared encoder, null conditioning, memory format, compile."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from evdm.config import DataConfig, ModelConfig, RunConfig
-from evdm.models import ConditioningEncoder, VideoUNet3D, build_model, count_parameters
+from evdm.models import (
+    SPACETIME_FORMS, ConditioningEncoder, VideoUNet3D, adapt_conv_weights, adapt_optimizer_state, build_model,
+    count_parameters, to_channels_last,
+)
+from evdm.models.blocks import SDPA_MAX_BATCH, TemporalAttention
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
 
@@ -124,14 +130,91 @@ def test_fusion_is_position_aware():
     assert torch.allclose(w, torch.tensor([1, 2, 3, 4, 5]) / 6)
 
 
-def test_channels_last_matches_contiguous():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("spacetime", SPACETIME_FORMS)
+def test_channels_last_matches_contiguous(spacetime):
+    cfg = tiny_cfg(spacetime=spacetime)
     model = randomize(build_model(cfg)).eval()
     args = inputs(cfg)
     ref = model(*args)
     cl = [a.to(memory_format=torch.channels_last_3d) if a.ndim == 5 else a for a in args]
-    model_cl = model.to(memory_format=torch.channels_last_3d)
-    assert torch.allclose(model_cl(*cl), ref, atol=1e-5)
+    out = to_channels_last(model)(*cl)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_spacetime_forms_share_weights_and_maths():
+    """The per-frame Conv2d form and the Conv3d form: same parameter count, same initial numbers from
+    one seed, and the same outputs once either form's weights are loaded into the other."""
+    cfg2, cfg3 = tiny_cfg(spacetime="2d"), tiny_cfg(spacetime="3d")
+    torch.manual_seed(3)
+    m2 = build_model(cfg2)
+    torch.manual_seed(3)
+    m3 = randomize(build_model(cfg3), seed=1).eval()
+    assert count_parameters(m2) == count_parameters(m3)
+    assert [k for k in m2.state_dict()] == [k for k in m3.state_dict()]
+    shapes = {k: (v.shape, m3.state_dict()[k].shape) for k, v in m2.state_dict().items()
+              if v.shape != m3.state_dict()[k].shape}
+    assert any(len(a) == 4 and len(b) == 5 for a, b in shapes.values())  # the convs really differ in rank
+    m2.load_state_dict(adapt_conv_weights(m3.state_dict(), m2))
+    m2.eval()
+    args = inputs(cfg2)
+    assert torch.allclose(m2(*args), m3(*args), atol=1e-5)
+    back = build_model(cfg3)
+    back.load_state_dict(adapt_conv_weights(m2.state_dict(), back))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m3.state_dict().values()))
+
+
+def test_adapt_optimizer_state_follows_the_weights():
+    cfg2, cfg3 = tiny_cfg(spacetime="2d"), tiny_cfg(spacetime="3d")
+    m3 = randomize(build_model(cfg3))
+    opt3 = torch.optim.AdamW(m3.parameters())
+    m3(*inputs(cfg3)).square().mean().backward()
+    opt3.step()
+    m2 = build_model(cfg2)
+    m2.load_state_dict(adapt_conv_weights(m3.state_dict(), m2))
+    opt2 = torch.optim.AdamW(m2.parameters())
+    opt2.load_state_dict(adapt_optimizer_state(opt3.state_dict(), m2))
+    m2(*inputs(cfg2)).square().mean().backward()
+    opt2.step()  # fails on a shape mismatch if any state tensor kept the 3d shape
+    for p, state in zip(m2.parameters(), opt2.state_dict()["state"].values()):
+        assert state["exp_avg"].shape == p.shape
+
+
+def test_attention_pieces_equal_one_call():
+    """Forcing tiny SDPA pieces changes neither the output nor the gradients."""
+    cfg = tiny_cfg(size=8, channel_mults=(1,), temporal_attn_levels=(0,))
+    torch.manual_seed(0)
+    whole = randomize(build_model(cfg))
+    pieces = copy.deepcopy(whole)
+    for module in pieces.modules():
+        if isinstance(module, TemporalAttention):
+            module.max_batch = 7  # 2 * 8 * 8 = 128 rows -> 19 pieces, the last one shorter
+    args = inputs(cfg)
+    out_whole, out_pieces = whole(*args), pieces(*args)
+    assert torch.allclose(out_whole, out_pieces, atol=1e-6)
+    out_whole.square().mean().backward()
+    out_pieces.square().mean().backward()
+    for (name, a), b in zip(whole.named_parameters(), pieces.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_no_sdpa_call_exceeds_the_cuda_batch_limit(monkeypatch):
+    """64 px, batch 64: level 1 attention folds 64 * 32 * 32 = 65,536 rows, one over CUDA's limit."""
+    sizes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        sizes.append(q.shape[0])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    cfg = tiny_cfg(size=64, base_channels=4, channel_mults=(1, 2), temporal_attn_levels=(1,), attn_head_channels=4)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model(*inputs(cfg, B=64))
+    assert out.shape[0] == 64
+    assert max(sizes) <= SDPA_MAX_BATCH == 65_535
+    assert sum(sizes) % (64 * 32 * 32) == 0 and len(sizes) > sum(sizes) // (64 * 32 * 32)  # it was split
 
 
 def test_reference_parameter_count():

@@ -96,6 +96,8 @@ def test_smoke_trains_end_to_end_and_writes_artifacts(shard_dir, tmp_path):
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in records)
     assert [r["step"] for r in records if r["val_loss"] is not None] == [3, 6]
     assert list((out / "previews").glob("*.png")) and list((out / "previews").glob("*.mp4"))
+    # MFU columns: counted FLOPs times samples/s; no known peak on a CPU, so mfu is null.
+    assert all(r["tflops"] > 0 and r["mfu"] is None for r in records)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 6 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
     assert load_config(out / "config.toml") == load_tiny(shard_dir, tmp_path / "run")
@@ -166,3 +168,23 @@ def test_two_process_ddp_with_gloo(shard_dir, tmp_path):
     assert ckpt["step"] == 6
     # Two ranks of batch 2 each: the reported throughput counts both.
     assert all(r["samples_per_s"] > 0 for r in records)
+
+
+def test_previews_follow_preview_every_and_survive_a_missing_ffmpeg(shard_dir, tmp_path, monkeypatch):
+    """A broken ffmpeg costs the MP4s only (one warning); PNG strips land every preview_every steps,
+    and mfu follows train.peak_tflops."""
+    from evdm import ffmpeg
+    from evdm.train import train
+
+    monkeypatch.setenv("EVDM_FFMPEG", str(tmp_path / "no-such-ffmpeg"))
+    ffmpeg.ffmpeg_exe.cache_clear()
+    monkeypatch.setattr("evdm.visualize._video_failures", set())
+    try:
+        with pytest.warns(UserWarning, match="skipping MP4") as caught:
+            out = train(load_tiny(shard_dir, tmp_path / "run", **{"train.preview_every": 4, "train.peak_tflops": 2.0}))
+    finally:
+        ffmpeg.ffmpeg_exe.cache_clear()
+    assert sum("skipping MP4" in str(w.message) for w in caught) == 1
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_0000004.png", "step_0000006.png"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] == pytest.approx(r["tflops"] / 2.0) for r in records)

@@ -2,7 +2,8 @@
 temporal attention over [context, middle, context], down/upsampling.
 
 Tensors are [B, C, T, H, W]. No block branches on tensor values, so the model compiles with
-fullgraph=True; every block works on contiguous and channels_last_3d inputs.
+fullgraph=True; every block works on contiguous and channels_last_3d inputs. `form` picks how the
+convolutions run (evdm.models.convs: per-frame Conv2d "2d", or Conv3d "3d"); the maths is the same.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from evdm.models.convs import FrameConv, TimeConv
+
+# CUDA's SDPA kernels launch one grid row per batch entry and fail from 65,536 rows up
+# (grid dimension limit); TemporalAttention never hands them more.
+SDPA_MAX_BATCH = 65_535
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -53,11 +60,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.dim))
 
 
-def spatial_conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv3d:
-    """A per-frame 3x3 convolution: kernel (1, 3, 3)."""
-    return nn.Conv3d(c_in, c_out, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
-
-
 class SpatioTemporalConv(nn.Module):
     """(2+1)D convolution: (1,3,3) spatial, SiLU, (3,1,1) temporal (R(2+1)D, Tran et al. 2018).
 
@@ -67,10 +69,10 @@ class SpatioTemporalConv(nn.Module):
     temporal attention. [B, c_in, M, H, W] -> [B, c_out, M, H, W].
     """
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, form: str = "2d") -> None:
         super().__init__()
-        self.spatial = spatial_conv(c_in, c_out)
-        self.temporal = nn.Conv3d(c_out, c_out, (3, 1, 1), padding=(1, 0, 0))
+        self.spatial = FrameConv(c_in, c_out, form=form)
+        self.temporal = TimeConv(c_out, form=form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.temporal(F.silu(self.spatial(x)))
@@ -84,9 +86,9 @@ class FiLM(nn.Module):
     h: [B, c, M, H, W]; cond: [B, c_cond, M, H, W] at the same resolution.
     """
 
-    def __init__(self, c_cond: int, channels: int) -> None:
+    def __init__(self, c_cond: int, channels: int, form: str = "2d") -> None:
         super().__init__()
-        self.proj = zero_init(nn.Conv3d(c_cond, 2 * channels, 1))
+        self.proj = zero_init(FrameConv(c_cond, 2 * channels, kernel=1, form=form))
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.proj(cond).chunk(2, dim=1)
@@ -100,16 +102,16 @@ class ResBlock3D(nn.Module):
     x: [B, c_in, M, H, W], cond: [B, c_cond, M, H, W] -> [B, c_out, M, H, W].
     """
 
-    def __init__(self, c_in: int, c_out: int, c_cond: int, dropout: float = 0.0) -> None:
+    def __init__(self, c_in: int, c_out: int, c_cond: int, dropout: float = 0.0, form: str = "2d") -> None:
         super().__init__()
         self.norm1 = group_norm(c_in)
-        self.conv1 = SpatioTemporalConv(c_in, c_out)
+        self.conv1 = SpatioTemporalConv(c_in, c_out, form)
         self.norm2 = group_norm(c_out)
-        self.film = FiLM(c_cond, c_out)
+        self.film = FiLM(c_cond, c_out, form)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = SpatioTemporalConv(c_out, c_out)
+        self.conv2 = SpatioTemporalConv(c_out, c_out, form)
         zero_init(self.conv2.temporal)  # the residual branch starts at zero
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv3d(c_in, c_out, 1)
+        self.skip = nn.Identity() if c_in == c_out else FrameConv(c_in, c_out, kernel=1, form=form)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -124,11 +126,14 @@ class TemporalAttention(nn.Module):
 
     Queries come from the middle, keys/values from all T = 2K + M frames, so the middle attends to
     the encoded endpoints. Tokens get LayerNorm and a learned frame-position embedding.
+    The B*H*W sequences go to SDPA in pieces of at most `max_batch` (SDPA_MAX_BATCH), on every
+    device, so CPU tests run the code path that large GPU batches take.
     h: [B, c, M, H, W]; start, end: [B, c, K, H, W] encoder features -> [B, c, M, H, W].
     """
 
-    def __init__(self, channels: int, head_channels: int, frames: int) -> None:
+    def __init__(self, channels: int, head_channels: int, frames: int, max_batch: int = SDPA_MAX_BATCH) -> None:
         super().__init__()
+        self.max_batch = max_batch
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"attention channels {channels} not divisible into {self.heads} heads")
@@ -148,28 +153,42 @@ class TemporalAttention(nn.Module):
         q = self.q(tokens[:, K : K + M])
         k, v = self.kv(tokens).chunk(2, dim=-1)
         split = lambda x: x.reshape(x.shape[0], x.shape[1], self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
-        o = F.scaled_dot_product_attention(split(q), split(k), split(v))  # [BHW, heads, M, d]
+        o = chunked_attention(split(q), split(k), split(v), self.max_batch)  # [BHW, heads, M, d]
         o = self.out(o.transpose(1, 2).reshape(B * H * W, M, c))
         return h + o.reshape(B, H, W, M, c).permute(0, 4, 3, 1, 2).to(h.dtype)
 
 
-class Downsample(nn.Module):
-    """Strided (1,3,3) conv: halves H and W, keeps time. [B, c_in, M, H, W] -> [B, c_out, M, H/2, W/2]."""
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """scaled_dot_product_attention over [N, heads, L, d] in equal pieces of at most max_batch along N.
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    N is a static shape, so the piece count is fixed at trace time (fullgraph-compilable).
+    """
+    n = q.shape[0]
+    pieces = -(-n // max_batch)
+    if pieces == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    size = -(-n // pieces)
+    return torch.cat([F.scaled_dot_product_attention(qi, ki, vi)
+                      for qi, ki, vi in zip(q.split(size), k.split(size), v.split(size))])
+
+
+class Downsample(nn.Module):
+    """Strided per-frame 3x3 conv: halves H and W, keeps time. [B, c_in, M, H, W] -> [B, c_out, M, H/2, W/2]."""
+
+    def __init__(self, c_in: int, c_out: int, form: str = "2d") -> None:
         super().__init__()
-        self.conv = spatial_conv(c_in, c_out, stride=2)
+        self.conv = FrameConv(c_in, c_out, stride=2, form=form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Nearest x2 in H and W, then a (1,3,3) conv. [B, c, M, H, W] -> [B, c, M, 2H, 2W]."""
+    """Nearest x2 in H and W, then a per-frame 3x3 conv. [B, c, M, H, W] -> [B, c, M, 2H, 2W]."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, form: str = "2d") -> None:
         super().__init__()
-        self.conv = spatial_conv(channels, channels)
+        self.conv = FrameConv(channels, channels, form=form, upsample=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        return self.conv(x)

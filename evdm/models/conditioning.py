@@ -11,17 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.models.blocks import group_norm, spatial_conv
+from evdm.models.blocks import group_norm
+from evdm.models.convs import FrameConv
 
 
 class EncoderBlock(nn.Module):
     """Per-frame residual block (spatial convs only, no FiLM). [N, c_in, K, H, W] -> [N, c_out, K, H, W]."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, form: str = "2d") -> None:
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), spatial_conv(c_in, c_out)
-        self.norm2, self.conv2 = group_norm(c_out), spatial_conv(c_out, c_out)
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv3d(c_in, c_out, 1)
+        self.norm1, self.conv1 = group_norm(c_in), FrameConv(c_in, c_out, form=form)
+        self.norm2, self.conv2 = group_norm(c_out), FrameConv(c_out, c_out, form=form)
+        self.skip = nn.Identity() if c_in == c_out else FrameConv(c_in, c_out, kernel=1, form=form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -37,16 +38,16 @@ class ConditioningEncoder(nn.Module):
     constants (torch.where, no Python branching).
     """
 
-    def __init__(self, in_channels: int, level_channels: list[int], K: int) -> None:
+    def __init__(self, in_channels: int, level_channels: list[int], K: int, form: str = "2d") -> None:
         super().__init__()
-        self.stem = spatial_conv(in_channels, level_channels[0])
+        self.stem = FrameConv(in_channels, level_channels[0], form=form)
         self.blocks = nn.ModuleList()
         self.downs = nn.ModuleList()
         c_prev = level_channels[0]
         for i, c in enumerate(level_channels):
-            self.blocks.append(EncoderBlock(c_prev, c))
+            self.blocks.append(EncoderBlock(c_prev, c, form))
             if i + 1 < len(level_channels):
-                self.downs.append(spatial_conv(c, c, stride=2))
+                self.downs.append(FrameConv(c, c, stride=2, form=form))
             c_prev = c
         self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K, 1, 1)) for c in level_channels])
         self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K, 1, 1)) for c in level_channels])

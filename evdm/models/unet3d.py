@@ -17,9 +17,9 @@ from torch import nn
 
 from evdm.config import check_context
 from evdm.models.blocks import (
-    FiLM, Downsample, ResBlock3D, TemporalAttention, TimestepEmbedder, Upsample, group_norm,
-    spatial_conv, zero_init,
+    FiLM, Downsample, ResBlock3D, TemporalAttention, TimestepEmbedder, Upsample, group_norm, zero_init,
 )
+from evdm.models.convs import FrameConv
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
 
 
@@ -44,6 +44,7 @@ class VideoUNet3D(nn.Module):
         temporal_attn_levels: tuple[int, ...] = (1, 2),
         attn_head_channels: int = 32,
         dropout: float = 0.0,
+        spacetime: str = "2d",
     ) -> None:
         super().__init__()
         check_context(T, K)
@@ -61,11 +62,11 @@ class VideoUNet3D(nn.Module):
         attn = lambda c: TemporalAttention(c, attn_head_channels, T)  # noqa: E731
 
         self.time_embed = TimestepEmbedder(base_channels, emb_dim)
-        self.encoder = ConditioningEncoder(channels, level_ch, K)
+        self.encoder = ConditioningEncoder(channels, level_ch, K, spacetime)
         self.fusion = nn.ModuleList([EndpointFusion(c, K, M, emb_dim) for c in level_ch])
 
-        self.stem = spatial_conv(channels, level_ch[0])
-        self.stem_film = FiLM(level_ch[0], level_ch[0])
+        self.stem = FrameConv(channels, level_ch[0], form=spacetime)
+        self.stem_film = FiLM(level_ch[0], level_ch[0], spacetime)
 
         # Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the bottom.
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -74,7 +75,7 @@ class VideoUNet3D(nn.Module):
         for lv, c_out in enumerate(level_ch):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(res_blocks):
-                blocks.append(ResBlock3D(c, c_out, c_out, dropout))
+                blocks.append(ResBlock3D(c, c_out, c_out, dropout, spacetime))
                 if lv in self.attn_levels:
                     attns.append(attn(c_out))
                 c = c_out
@@ -82,14 +83,14 @@ class VideoUNet3D(nn.Module):
             self.down_blocks.append(blocks)
             self.down_attn.append(attns)
             if lv + 1 < len(level_ch):
-                self.downsample.append(Downsample(c, level_ch[lv + 1]))
+                self.downsample.append(Downsample(c, level_ch[lv + 1], spacetime))
                 c = level_ch[lv + 1]
                 skip_ch.append(c)
 
         c_mid = level_ch[-1]
-        self.mid_block1 = ResBlock3D(c_mid, c_mid, c_mid, dropout)
+        self.mid_block1 = ResBlock3D(c_mid, c_mid, c_mid, dropout, spacetime)
         self.mid_attn = attn(c_mid)
-        self.mid_block2 = ResBlock3D(c_mid, c_mid, c_mid, dropout)
+        self.mid_block2 = ResBlock3D(c_mid, c_mid, c_mid, dropout, spacetime)
 
         # Up path: per level `res_blocks + 1` blocks, each eating one skip, then an upsample.
         self.up_blocks, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -97,17 +98,17 @@ class VideoUNet3D(nn.Module):
             c_out = level_ch[lv]
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(res_blocks + 1):
-                blocks.append(ResBlock3D(c + skip_ch.pop(), c_out, c_out, dropout))
+                blocks.append(ResBlock3D(c + skip_ch.pop(), c_out, c_out, dropout, spacetime))
                 if lv in self.attn_levels:
                     attns.append(attn(c_out))
                 c = c_out
             self.up_blocks.append(blocks)
             self.up_attn.append(attns)
             if lv > 0:
-                self.upsample.append(Upsample(c))
+                self.upsample.append(Upsample(c, spacetime))
 
         self.out_norm = group_norm(c)
-        self.out_conv = zero_init(spatial_conv(c, channels))
+        self.out_conv = zero_init(FrameConv(c, channels, form=spacetime))
 
     def _check_inputs(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
         # Static shape checks: resolved at trace time, no data-dependent control flow.

@@ -19,6 +19,8 @@ def format_stats(stats: dict) -> dict[str, str]:
         "lr": lambda v: f"{v:.2e}",
         "grad_norm": lambda v: f"{v:.3f}",
         "samples_per_s": lambda v: f"{v:.1f}",
+        "tflops": lambda v: f"{v:.1f} TFLOP/s",
+        "mfu": lambda v: f"{100 * v:.1f}% MFU",
         "data_wait": lambda v: f"{100 * v:.1f}%",
         "gpu_mem_gb": lambda v: f"{v:.2f} GiB",
     }

@@ -20,7 +20,8 @@ from evdm.train.dashboard import Dashboard
 from evdm.diffusion.loss import diffusion_loss, draw_training_noise
 from evdm.diffusion.schedule import Schedule, make_schedule
 from evdm.train.ema import ema_decay_at, make_ema, update_ema
-from evdm.models import build_model
+from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
+from evdm.models import adapt_conv_weights, adapt_optimizer_state, build_model, to_channels_last
 from evdm.train.preview import write_preview
 from evdm.train.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
 
@@ -124,7 +125,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(tc.seed)
     raw_model = build_model(cfg).to(device)
     if tc.channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last_3d)
+        raw_model = to_channels_last(raw_model)
     ema = make_ema(raw_model) if tc.ema else None
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
     use_fp16_scaler = tc.amp and tc.amp_dtype == "fp16" and device.type == "cuda"
@@ -137,11 +138,12 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        raw_model.load_state_dict(ckpt["model"])
+        # adapt_*: a checkpoint of the other model.spacetime form differs only in conv kernel ranks.
+        raw_model.load_state_dict(adapt_conv_weights(ckpt["model"], raw_model))
         if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.load_state_dict(adapt_conv_weights(ckpt["ema"], ema))
         if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            optimizer.load_state_dict(adapt_optimizer_state(ckpt["optimizer"], raw_model))
         if ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -161,7 +163,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     K = cfg.data.endpoint_context
     samples_per_step = tc.batch_size * tc.grad_accum_steps * world_size
     train_clips = data.train_clip_count(cfg)  # for the epoch column; None when the manifest is unknown
-    validations = 0
+    flops = flops_per_sample(cfg)  # per training sample, fwd + bwd, for the tflops / mfu columns
+    peak = peak_tflops(device, tc.peak_tflops)
 
     def save(path: Path) -> None:
         if is_main:
@@ -217,17 +220,17 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                 # --- log, validate, preview, checkpoint: all functions of `step` -------------------
                 val_loss = None
                 is_val_step = step % tc.val_every == 0 or step == tc.max_steps
-                if is_val_step:
-                    if is_main:
-                        val_loss = validation_loss(eval_model, schedule, val_u8, cfg, device)
-                        validations += 1
-                        if validations % tc.vis_every == 0:
-                            write_preview(eval_model, schedule, val_u8, cfg, out_dir / "previews", step, device)
+                if is_val_step and is_main:
+                    val_loss = validation_loss(eval_model, schedule, val_u8, cfg, device)
+                if is_main and (step % tc.preview_every == 0 or step == tc.max_steps):
+                    write_preview(eval_model, schedule, val_u8, cfg, out_dir / "previews", step, device)
                 if step % tc.log_every == 0 or is_val_step:
                     if world_size > 1:
                         dist.all_reduce(loss_sum)
                         loss_sum /= world_size
                     elapsed = time.perf_counter() - window_start
+                    samples_per_s = window_steps * samples_per_step / elapsed
+                    tflops, mfu = utilisation(samples_per_s / world_size, flops, peak)
                     record = {
                         "step": step,
                         "epoch": step * samples_per_step / train_clips if train_clips else None,
@@ -235,7 +238,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                         "val_loss": val_loss,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
-                        "samples_per_s": window_steps * samples_per_step / elapsed,
+                        "samples_per_s": samples_per_s,
+                        "tflops": tflops,  # achieved model TFLOP/s per GPU
+                        "mfu": mfu,  # tflops / the GPU's bf16 dense peak; None when unknown (CPU)
                         "data_wait": window_wait / elapsed,
                         "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                     }

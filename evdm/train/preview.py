@@ -25,6 +25,8 @@ def write_preview(model: torch.nn.Module, schedule: Schedule, val_u8: torch.Tens
 
     val_u8: uint8 [N, C, T, H, W] (the loader's layout). The PNG stacks, per clip, a truth row over
     a sample row (context framed blue); the MP4 plays truth | sample side by side for every clip.
+    The PNG is always written; the MP4 is skipped, with one warning, when ffmpeg is missing or fails.
+    Returns the paths written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,5 +47,4 @@ def write_preview(model: torch.nn.Module, schedule: Schedule, val_u8: torch.Tens
     pairs = np.concatenate([clips, samples], axis=3)  # [B, T, H, 2W, C]
     frames = np.concatenate(list(pairs), axis=1)  # [T, B*H, 2W, C]
     mp4 = out_dir / f"step_{step:07d}.mp4"
-    visualize.save_video(frames, mp4, fps=FPS, scale=max(1, VIDEO_PX // size))
-    return [png, mp4]
+    return [png, mp4] if visualize.try_save_video(frames, mp4, fps=FPS, scale=max(1, VIDEO_PX // size)) else [png]
