@@ -11,6 +11,8 @@ from shards also the truth and a truth/sample comparison strip; per batch a grid
 import argparse
 import sys
 
+from evdm.config import add_speed_flags
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--color_mode", choices=("rgb", "gray"), help="fail unless the checkpoint is of this mode")
+    add_speed_flags(p)
     args = p.parse_args(argv)
     from_images = args.start_images is not None or args.end_images is not None
     if from_images == (args.shards is not None):
@@ -45,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = sampling.resolve_device(args.device)
         model, cfg, schedule = sampling.load_model(args.ckpt, device, use_ema=not args.no_ema,
-                                                   color_mode=args.color_mode)
+                                                   color_mode=args.color_mode, compile=args.compile)
         if from_images:
             start, end = sampling.load_endpoints(args.start_images, args.end_images, cfg)
             jobs, total = sampling.image_jobs(start, end, cfg, args.num_samples), args.num_samples
         else:
             jobs, total = sampling.shard_jobs(args.shards, cfg, args.num, args.num_samples), args.num * args.num_samples
         settings = sampling.SampleSettings(steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                                           seed=args.seed, batch_size=args.batch_size)
+                                           seed=args.seed, batch_size=args.batch_size, precision=args.precision)
         results = sampling.run(jobs, total, model, schedule, cfg, settings, args.out_dir, keep_arrays=False)
     except (sampling.SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {sampling.one_line(err)}", file=sys.stderr)

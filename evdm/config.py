@@ -323,3 +323,12 @@ def to_toml(cfg: RunConfig) -> str:
         lines.extend(f"{k} = {fmt(v)}" for k, v in values.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def add_speed_flags(parser) -> None:
+    """--precision and --compile for sample.py and evdm.evaluate: per-run overrides of the
+    checkpoint's sample.precision and sample.compile (torch-free, so --help stays instant)."""
+    parser.add_argument("--precision", choices=_CHOICES["sample", "precision"],
+                        help="model forward precision (default: the checkpoint's sample.precision; auto = bf16 on CUDA)")
+    parser.add_argument("--compile", choices=_CHOICES["sample", "compile"],
+                        help="torch.compile the model (default: the checkpoint's sample.compile; auto = on CUDA)")

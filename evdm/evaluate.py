@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
+from evdm.config import add_speed_flags
 from evdm.sampling import batched, iter_shard_clips, load_model, progress_bar, resolve_device, sample_float
 
 LINEAR_BLEND = "linear blend"
@@ -87,15 +88,17 @@ def evaluate(
     ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, batch_size: int = 16,
     steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
     device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
+    precision: str | None = None, compile: str | None = None,
 ) -> dict:
     """Metrics of the baselines and the model (DDIM at each of steps_list) on the first `num` shard clips.
 
     guidance_scale None: the checkpoint's sample.guidance_scale. best_of > 1 adds a best-of-N row at
-    max(steps_list). Returns a JSON-ready dict; result["summary"] compares the model at max(steps_list)
-    with the linear blend.
+    max(steps_list). precision / compile: None for the checkpoint's sample.precision / sample.compile.
+    Returns a JSON-ready dict; result["summary"] compares the model at max(steps_list) with the linear blend.
     """
     dev = resolve_device(device)
-    model, cfg, schedule = load_model(ckpt_path, dev, use_ema=use_ema)
+    model, cfg, schedule = load_model(ckpt_path, dev, use_ema=use_ema, compile=compile)
+    precision = precision or cfg.sample.precision
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler="ddim"))
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     K, T = cfg.data.endpoint_context, cfg.data.T
@@ -107,7 +110,8 @@ def evaluate(
 
     def model_middle(clips: np.ndarray, steps: int, gen_seed: int) -> torch.Tensor:
         x = sample_float(model, schedule, cfg, clips, steps=steps, eta=cfg.sample.eta, guidance_scale=guidance,
-                         generator=torch.Generator(device=dev).manual_seed(gen_seed))
+                         generator=torch.Generator(device=dev).manual_seed(gen_seed), precision=precision,
+                         pad_to=batch_size)
         return to_unit(x[:, :, K : T - K])
 
     with progress_bar() as bar:
@@ -135,6 +139,7 @@ def evaluate(
         "checkpoint": str(ckpt_path), "shards": shards, "clips": clips_seen, "T": T, "K": K, "M": T - 2 * K,
         "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim", "steps_list": steps_list,
         "eta": cfg.sample.eta, "guidance_scale": guidance, "seed": seed, "best_of": best_of, "ema": use_ema,
+        "precision": precision,
         "metric_range": "[0, 1] float, PSNR capped at 100 dB", "lpips": lpips_status, "rows": rows,
         "summary": {
             "model": main_row, "model_psnr": by_name[main_row]["psnr"],
@@ -180,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--json", help="write the results here")
+    add_speed_flags(p)
     args = p.parse_args(argv)
     if min(args.num, args.batch_size, args.best_of, *args.steps) < 1:
         p.error("--num, --batch_size, --best_of and --steps must be >= 1")
     try:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
-                          best_of=args.best_of, use_ema=not args.no_ema)
+                          best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
+                          compile=args.compile)
     except (SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

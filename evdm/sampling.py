@@ -21,7 +21,9 @@ from evdm import visualize
 from evdm.checkpoint import load_for_inference
 from evdm.config import RunConfig
 from evdm.data import expand_urls, iter_clips, to_model_input
-from evdm.diffusion import Schedule, make_schedule, sample_clip
+from evdm.diffusion import Schedule, make_schedule
+from evdm.models import to_channels_last
+from evdm.pipeline import compile_for_inference, fill_middle, wants_compile
 from evdm.schema import COLOR_CHANNELS, clip_shape
 
 FPS = 4.0
@@ -53,6 +55,7 @@ class SampleSettings:
     guidance_scale: float | None = None
     seed: int = 0
     batch_size: int = 16
+    precision: str | None = None  # auto | bf16 | fp32; None: the checkpoint's sample.precision
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -68,15 +71,21 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_model(ckpt: str | Path, device: torch.device, *, use_ema: bool = True,
-               color_mode: str | None = None) -> tuple[torch.nn.Module, RunConfig, Schedule]:
+               color_mode: str | None = None, compile: str | None = None) -> tuple[torch.nn.Module, RunConfig, Schedule]:
     """Model (eval mode), its stored config and its schedule on `device`; CheckpointError names the file.
 
-    color_mode: when given, the checkpoint must have been trained in it.
+    color_mode: when given, the checkpoint must have been trained in it. compile: "auto" | "on" |
+    "off", None for the checkpoint's sample.compile. On CUDA the weights go channels-last (the
+    layout fill_middle feeds there).
     """
     model, cfg = load_for_inference(ckpt, device, use_ema=use_ema)
     if color_mode is not None and color_mode != cfg.data.color_mode:
         raise SamplingError(f"{ckpt}: checkpoint was trained on {cfg.data.color_mode!r} clips, "
                             f"but {color_mode!r} was asked")
+    if device.type == "cuda":
+        model = to_channels_last(model)
+    if wants_compile(compile or cfg.sample.compile, device):
+        model = compile_for_inference(model)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
     return model, cfg, schedule
 
@@ -169,21 +178,21 @@ def _to_model(u8: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def sample_float(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, clips_u8: np.ndarray, *,
-                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
-    """Sample middles for the contexts of clips_u8 uint8 [B, T, H, W, C] (middles ignored).
+                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
+                 precision: str | None = None, pad_to: int | None = None) -> torch.Tensor:
+    """Sample middles for the contexts of clips_u8 uint8 [B, T, H, W, C] (middles ignored), through
+    `pipeline.fill_middle` (precision None: the checkpoint's sample.precision).
 
     Returns float [B, C, T, H, W] in [-1, 1] on the model's device (context frames from the inputs).
     """
     K, T = cfg.data.endpoint_context, cfg.data.T
     if not 1 <= steps <= cfg.diffusion.timesteps:
         raise SamplingError(f"--steps {steps}: must be in 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
-    contexts = _to_model(np.concatenate([clips_u8[:, :K], clips_u8[:, T - K :]], axis=1), schedule.betas.device)
-    sc = cfg.sample
-    return sample_clip(
-        model, schedule, contexts[:, :, :K], contexts[:, :, K:], sampler=sc.sampler, steps=steps, eta=eta,
-        guidance_scale=guidance_scale, prediction=cfg.diffusion.prediction, residual=cfg.diffusion.residual,
-        dynamic_threshold=sc.dynamic_threshold_percentile if sc.dynamic_threshold else None, generator=generator,
-    )
+    device = schedule.betas.device
+    contexts = _to_model(np.concatenate([clips_u8[:, :K], clips_u8[:, T - K :]], axis=1), device)
+    return fill_middle(model, schedule, cfg, contexts[:, :, :K], contexts[:, :, K:], steps=steps, eta=eta,
+                       guidance_scale=guidance_scale, generator=generator,
+                       precision=precision or cfg.sample.precision, channels_last=device.type == "cuda", pad_to=pad_to)
 
 
 def to_uint8_clips(x: torch.Tensor) -> np.ndarray:
@@ -192,11 +201,13 @@ def to_uint8_clips(x: torch.Tensor) -> np.ndarray:
 
 
 def sample_batch(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, clips_u8: np.ndarray, *,
-                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator) -> np.ndarray:
+                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
+                 precision: str | None = None, pad_to: int | None = None) -> np.ndarray:
     """Like `sample_float`, as uint8 [B, T, H, W, C] whose context frames are clips_u8's bytes exactly."""
     K, T = cfg.data.endpoint_context, cfg.data.T
     out = to_uint8_clips(sample_float(model, schedule, cfg, clips_u8, steps=steps, eta=eta,
-                                      guidance_scale=guidance_scale, generator=generator))
+                                      guidance_scale=guidance_scale, generator=generator,
+                                      precision=precision, pad_to=pad_to))
     out[:, :K], out[:, T - K :] = clips_u8[:, :K], clips_u8[:, T - K :]  # already equal; guaranteed here
     return out
 
@@ -259,7 +270,7 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
             generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + index)
             clips = np.stack([clip for _, clip, _ in batch])
             samples = sample_batch(model, schedule, cfg, clips, steps=steps, eta=eta, guidance_scale=guidance,
-                                   generator=generator)
+                                   generator=generator, precision=settings.precision, pad_to=settings.batch_size)
             for (name, _, truth), sample in zip(batch, samples):
                 paths = write_clip_outputs(out_dir, name, sample, K, truth)
                 arrays = dict(sample=sample, truth=truth) if keep_arrays else {}
