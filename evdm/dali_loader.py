@@ -19,6 +19,7 @@ import torch
 
 from evdm.config import ConfigError, RunConfig
 from evdm.schema import CLIP_EXT
+from evdm.shards import expand_urls
 
 INSTALL_HINT = "pip install 'evdm[dali]' (the nvidia-dali-cuda120 package)"
 READER_NAME = "shards"
@@ -87,8 +88,6 @@ def make_dali_train_loader(
     if not torch.cuda.is_available():
         raise ConfigError("data.loader = 'dali' needs a CUDA GPU, and none is available here; "
                           "set data.loader = 'webdataset'")
-    from evdm.data import expand_urls
-
     return dali_batches(
         expand_urls(cfg.data.train_shards), batch_size=cfg.train.batch_size,
         device_id=int(os.environ.get("LOCAL_RANK", "0")), shard_id=rank, num_shards=world_size,
