@@ -42,9 +42,13 @@ CONFIGS = {
     # name: (data overrides, model overrides, default batch)
     "smoke": (dict(size=32, T=8, endpoint_context=2),
               dict(base_channels=16, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,)), 8),
+    "tiny": (dict(size=16, T=6, endpoint_context=2),  # bench/gpu_check.py --smoke: seconds per row on a CPU
+             dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,)), 2),
     "reference": (dict(size=64, T=8, endpoint_context=2),
                   dict(base_channels=96, channel_mults=(1, 2, 4), res_blocks=2, temporal_attn_levels=(1, 2)), 2),
 }
+# Set before torch loads, in the environment of any process that runs bf16 on a CPU (see the module doc).
+ONEDNN_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 VARIANTS = {
     "eager": dict(channels_last=False, compile=False, bf16=False),
     "channels_last": dict(channels_last=True, compile=False, bf16=False),
@@ -54,55 +58,100 @@ VARIANTS = {
 }
 
 
+def run_config(config: str, **model_overrides):
+    """The RunConfig of CONFIGS[config], with ModelConfig fields overridden (e.g. spacetime="3d")."""
+    from evdm.config import DataConfig, ModelConfig, RunConfig
+
+    data_kw, model_kw, _ = CONFIGS[config]
+    return RunConfig(data=DataConfig(**data_kw), model=ModelConfig(**model_kw, **model_overrides))
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timers see it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batch_dynamic(fn):
+    """Call `fn` with dim 0 of every tensor argument marked maybe-dynamic, so torch.compile traces one graph
+    for all batch sizes where the model allows it (a size-dependent branch still recompiles, without error)."""
+    import torch
+
+    def call(*args):
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.ndim:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return fn(*args)
+
+    return call
+
+
+def prepare(cfg, opts: dict, device, *, dynamic_batch: bool = False):
+    """Model, AdamW and (compiled) forward for one variant; returns (model, step_for) where step_for(batch)
+    gives a function running one fwd + bwd + AdamW step on a fixed random clip of that batch size."""
+    import torch
+
+    from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
+    from evdm.models import build_model, to_channels_last
+
+    model = build_model(cfg).to(device)
+    if opts["channels_last"]:
+        model = to_channels_last(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = torch.compile(model, fullgraph=True) if opts["compile"] else model
+    if opts["compile"] and dynamic_batch:
+        fwd = batch_dynamic(fwd)
+    sched = make_schedule("linear", 1000).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    K, T, S, C = cfg.data.endpoint_context, cfg.data.T, cfg.data.size, cfg.channels
+
+    def step_for(batch: int):
+        clip = torch.rand(batch, C, T, S, S, device=device) * 2 - 1
+        if opts["channels_last"]:
+            clip = clip.contiguous(memory_format=torch.channels_last_3d)
+
+        def step() -> None:
+            t, noise, drop = draw_training_noise((batch, C, T - 2 * K, S, S), timesteps=1000, cfg_drop_prob=0.08,
+                                                 noise_offset=0.0, generator=gen, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
+                loss, _ = diffusion_loss(fwd, sched, clip, t, noise, drop, K=K)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    return model, step_for
+
+
+def time_steps(step, *, steps: int, warmup: int, device) -> dict:
+    """Run `warmup` untimed then `steps` timed calls of step(); first call's seconds and median/min ms."""
+    times = []
+    for _ in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    timed = times[warmup:]
+    return dict(first_step_s=round(times[0], 3), step_ms=round(1000 * statistics.median(timed), 2),
+                step_ms_min=round(1000 * min(timed), 2))
+
+
 def measure(config: str, variant: str, *, batch: int, steps: int, warmup: int, device_name: str) -> dict:
     """Time `steps` training steps after `warmup` untimed ones; returns one result row."""
     import torch
 
-    from evdm.config import DataConfig, ModelConfig, RunConfig
-    from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
-    from evdm.models import build_model, count_parameters
+    from evdm.models import count_parameters
 
-    data_kw, model_kw, _ = CONFIGS[config]
-    opts = VARIANTS[variant]
     device = torch.device(device_name)
-    cfg = RunConfig(data=DataConfig(**data_kw), model=ModelConfig(**model_kw))
-    model = build_model(cfg).to(device)
-    params = count_parameters(model)
-    K, T, S = cfg.data.endpoint_context, cfg.data.T, cfg.data.size
-    clip = torch.rand(batch, cfg.channels, T, S, S, device=device) * 2 - 1
-    if opts["channels_last"]:
-        model = model.to(memory_format=torch.channels_last_3d)
-        clip = clip.contiguous(memory_format=torch.channels_last_3d)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model, fullgraph=True) if opts["compile"] else model
-    sched = make_schedule("linear", 1000).to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def step() -> None:
-        t, noise, drop = draw_training_noise((batch, cfg.channels, T - 2 * K, S, S), timesteps=1000,
-                                             cfg_drop_prob=0.08, noise_offset=0.0, generator=gen, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
-            loss, _ = diffusion_loss(fwd, sched, clip, t, noise, drop, K=K)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    timed = times[warmup:]
-    step_s = statistics.median(timed)
-    return dict(config=config, variant=variant, device=device_label(device_name), batch=batch, params=params,
-                steps=steps, first_step_s=round(times[0], 3), step_ms=round(1000 * step_s, 2),
-                step_ms_min=round(1000 * min(timed), 2), samples_per_s=round(batch / step_s, 3), status="ok")
+    model, step_for = prepare(run_config(config), VARIANTS[variant], device)
+    timing = time_steps(step_for(batch), steps=steps, warmup=warmup, device=device)
+    return dict(config=config, variant=variant, device=device_label(device_name), batch=batch,
+                params=count_parameters(model), steps=steps, **timing,
+                samples_per_s=round(1000 * batch / timing["step_ms"], 3), status="ok")
 
 
 def make_fed_shards(shard_dir: Path, *, T: int, size: int, val_clips: int, train_shards: int = 8,
@@ -134,8 +183,11 @@ def trainer_variant(cfg, device_name: str) -> str:
     return named[0] if named else "+".join(k for k, on in opts.items() if on) or "eager"
 
 
-def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work: Path, allow_compile: bool) -> dict:
-    """train() on configs/smoke.toml fed by the shard loader; one row from its metrics.jsonl, see the module doc."""
+def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work: Path, allow_compile: bool,
+                config: Path = ROOT / "configs/smoke.toml", val_clips: int | None = None,
+                extra: dict | None = None) -> dict:
+    """train() on `config` (plus `extra` overrides, TOML values) fed by the shard loader from work/shards; one
+    row from its metrics.jsonl, see the module doc. tflops and mfu: wall-time-weighted means of the records'."""
     from evdm.config import load_config
     from evdm.train import train
 
@@ -146,11 +198,12 @@ def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work:
     overrides = {
         "data.train_shards": f'"{work}/shards/train-*.tar"', "data.val_shards": f'"{work}/shards/val-*.tar"',
         "data.num_workers": workers, "train.out_dir": f'"{out_dir}"', "train.device": f'"{device_name}"',
-        "data.val_clips": batch, "train.batch_size": batch, "train.max_steps": max_steps, "train.log_every": log_every,
-        "train.val_every": max_steps, "train.vis_every": never, "train.ckpt_every": never,
-        "train.snapshot_every": never, "train.compile": str(allow_compile).lower(),
+        "data.val_clips": val_clips or batch, "train.batch_size": batch, "train.max_steps": max_steps,
+        "train.log_every": log_every, "train.val_every": max_steps, "train.preview_every": never,
+        "train.ckpt_every": never, "train.snapshot_every": never, "train.compile": str(allow_compile).lower(),
+        **(extra or {}),
     }
-    cfg = load_config(ROOT / "configs/smoke.toml", [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(config, [f"{k}={v}" for k, v in overrides.items()])
     with contextlib.redirect_stdout(io.StringIO()):  # the dashboard's per-log lines
         train(cfg)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -158,10 +211,18 @@ def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work:
     windows = [(r["step"] - prev["step"], r) for prev, r in zip(records, records[1:-1])]
     seconds = [n * batch / r["samples_per_s"] for n, r in windows]
     timed_steps, total_s = sum(n for n, _ in windows), sum(seconds)
-    data_wait = sum(s * r["data_wait"] for s, (_, r) in zip(seconds, windows)) / total_s
-    return dict(config="smoke", variant=trainer_variant(cfg, device_name), device=device_label(device_name),
+
+    def mean(key: str) -> float | None:
+        if any(r.get(key) is None for _, r in windows):
+            return None
+        return sum(s * r[key] for s, (_, r) in zip(seconds, windows)) / total_s
+
+    tflops, mfu = mean("tflops"), mean("mfu")
+    return dict(config=Path(config).stem, variant=trainer_variant(cfg, device_name), device=device_label(device_name),
                 num_workers=workers, batch=batch, steps=timed_steps, step_ms=round(1000 * total_s / timed_steps, 2),
-                samples_per_s=round(timed_steps * batch / total_s, 3), data_wait=round(data_wait, 4), status="ok")
+                samples_per_s=round(timed_steps * batch / total_s, 3), data_wait=round(mean("data_wait"), 4),
+                tflops=tflops and round(tflops, 2), mfu=mfu and round(mfu, 4),
+                gpu_mem_gb=records[-1].get("gpu_mem_gb"), status="ok")
 
 
 def run_fed(args: argparse.Namespace, batch: int) -> list[dict]:
@@ -199,7 +260,7 @@ def run_isolated(args: argparse.Namespace, config: str, variant: str, batch: int
     """measure() in a subprocess with oneDNN capped below AMX, killed after `timeout_s`."""
     cmd = [sys.executable, __file__, "--worker", "--configs", config, "--variants", variant, "--batch", str(batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    env = {**os.environ, **ONEDNN_CAP}
     base = dict(config=config, variant=variant, device=f"CPU ({args.device}, subprocess)", batch=batch)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)

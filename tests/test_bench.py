@@ -1,10 +1,14 @@
-"""The four bench scripts run end to end with tiny settings (JSON to tmp paths), and bench/report.py renders results.
+"""bench/gpu_check.py --smoke end to end (the GPU check's own code path on a CPU, tiny model), and
+bench/report.py rendering results. Structure and real numbers only: never a timing or a ratio of timings.
 
-Structure and positivity only: never a timing or a ratio between timings.
+The smoke run hides the packages a GPU machine lacks (ffmpeg-python, imageio-ffmpeg and with it any
+ffmpeg binary, PyAV, DALI, tfrecord, crc32c, lpips): the check must run with torch, numpy, rich,
+pillow and the small wheels alone.
 """
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,105 +21,66 @@ _spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / 
 report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report)
 
+HIDDEN = ("ffmpeg", "imageio_ffmpeg", "av", "nvidia", "tfrecord", "crc32c", "lpips")
+BLOCKER = f"""import sys
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HIDDEN!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden by tests/test_bench.py)", name=name)
+sys.meta_path.insert(0, _Hide())
+"""
+SMOKE_ROWS = {  # job -> batches, as bench/gpu_check.py --smoke plans them
+    "train 2d cl bf16+compile": [1, 2], "train 2d cl bf16": [1, 2], "sample fp32": [2], "sample bf16": [2],
+    "train.py fed": [2], "sample bf16+compile": [2], "train 3d contig fp32": [1, 2],
+}
 
-def run_bench(script: str, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the machine may be busy: one thread avoids oversubscription
-    proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("gpu-check")
+    (tmp / "hide").mkdir()
+    (tmp / "hide" / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(tmp / "hide"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", str(tmp / "gpu_check.json")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(json.loads((tmp / "gpu_check.json").read_text()), stdout=proc.stdout, folder=tmp)
 
 
-@pytest.fixture(scope="module")
-def results_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench-results")
+def test_gpu_check_smoke_runs_every_row_kind(smoke):
+    r = smoke
+    assert r["smoke"] and r["command"].startswith("bash bench/gpu_check.sh --smoke") and r["date"].endswith("UTC")
+    assert r["machine"]["torch"] and r["machine"]["cpu_count"] > 0 and r["wall_s"] > 0
+    assert {job: [row["batch"] for row in r["rows"] if row["job"] == job] for job in SMOKE_ROWS} == SMOKE_ROWS
+    assert len(r["rows"]) == sum(map(len, SMOKE_ROWS.values()))
+    rows = {(row["job"], row["batch"]): row for row in r["rows"]}
+    for (job, _), row in rows.items():
+        if "compile" in job.split()[-1]:
+            assert row["status"] == "skipped (--smoke: no compile; --smoke-compile)"
+        else:
+            assert row["status"] == "ok", (job, row["status"])
+    for job in ("train 2d cl bf16", "train 3d contig fp32"):
+        for batch in (1, 2):
+            row = rows[job, batch]
+            assert row["params"] > 0 and row["flops_per_sample"] > 0 and row["tflops"] >= 0
+            assert row["step_ms"] > 0 and row["samples_per_s"] > 0 and row["first_step_s"] > 0
+            assert row["mfu"] is None and row["peak_mem_gb"] is None  # CPU: no known peak, no GPU memory
+    assert rows["train 2d cl bf16", 1]["flops_per_sample"] == rows["train 3d contig fp32", 1]["flops_per_sample"]
+    for job in ("sample fp32", "sample bf16"):
+        row = rows[job, 2]
+        assert (row["forward_batch"], row["guidance"], row["channels_last"]) == (4, 1.8, False)
+        assert row["clips_per_s"] > 0 and row["ms_per_model_call"] > 0
+    diff = rows["sample bf16", 2]["max_abs_diff_vs_fp32"]
+    assert 0 < diff < 2 and math.isfinite(diff)  # bf16 differs, and stays within the clip range [-1, 1]
+    fed = rows["train.py fed", 2]
+    assert fed["config"] == "configs/smoke.toml" and fed["num_workers"] == 1 and fed["steps"] > 0
+    assert fed["samples_per_s"] > 0 and 0 <= fed["data_wait"] <= 1 and fed["tflops"] >= 0 and fed["mfu"] is None
+    assert "evdm GPU check on CPU (--smoke)" in r["stdout"] and "max abs bf16-fp32" in r["stdout"]
 
 
-@pytest.fixture(scope="module")
-def loader_result(results_dir, tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("bench-loader")
-    run_bench("loader.py", "--videos", "8", "--seconds", "0.2", "--shard-size", "4", "--work", str(work),
-              "--out", str(results_dir / "loader.json"))
-    return json.loads((results_dir / "loader.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def preprocess_result(results_dir) -> dict:
-    run_bench("preprocess.py", "--videos", "4", "--workers", "1", "--out", str(results_dir / "preprocess.json"))
-    return json.loads((results_dir / "preprocess.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def train_step_result(results_dir) -> dict:
-    run_bench("train_step.py", "--configs", "smoke", "--variants", "eager", "--steps", "1", "--warmup", "0",
-              "--batch", "2", "--loader-steps", "2", "--device", "cpu", "--out", str(results_dir / "train_step.json"))
-    return json.loads((results_dir / "train_step.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def sample_result(results_dir) -> dict:
-    run_bench("sample.py", "--steps", "2", "--batch_sizes", "1", "--guidance", "1.0", "--repeats", "1",
-              "--device", "cpu", "--out", str(results_dir / "sample.json"))
-    return json.loads((results_dir / "sample.json").read_text())
-
-
-def test_loader_bench(loader_result):
-    r = loader_result
-    assert r["videos"] == 8 and r["clips"] > 0 and r["shards"] > 1 and r["command"].startswith("python bench/loader.py")
-    by_kind = {}
-    for row in r["rows"]:
-        by_kind.setdefault(row["loader"].split(" ")[0], []).append(row["workers"])
-        assert row["clips"] > 0 and row["clips_per_s"] > 0 and row["mb_per_s"] > 0 and row["cpu_us_per_clip"] > 0
-        assert row["x_baseline"] > 0 and row["of_ceiling"] >= 0  # rounded: the baseline can show 0.0
-    assert by_kind["baseline"] == ["0", "2"] and by_kind["evdm"] == ["0", "2"] and by_kind["ceiling"] == ["-"]
-    assert {"x_baseline_at_2_workers", "of_ceiling_at_2_workers"} <= set(r["goals"])
-
-
-def test_preprocess_bench(preprocess_result):
-    r = preprocess_result
-    assert r["videos"] == 4 and r["identical_shards_across_rows"] and r["cpu_count"] > 0
-    assert "ffmpeg" in [row["decoder"] for row in r["rows"]]
-    for row in r["rows"]:
-        assert row["workers"] == 1 and row["videos"] == 4 and row["clips"] > 0
-        assert row["videos_per_s"] > 0 and row["clips_per_s"] > 0 and row["wall_s"] > 0 and 0 < row["decode_share"] <= 1
-
-
-def test_train_step_bench_with_loader_rows(train_step_result):
-    r = train_step_result
-    assert r["loader_steps"] == 2 and r["cpu_count"] > 0
-    [row] = r["rows"]
-    assert (row["config"], row["variant"], row["batch"], row["status"]) == ("smoke", "eager", 2, "ok")
-    assert row["params"] > 0 and row["step_ms"] > 0 and row["samples_per_s"] > 0
-    assert [row["num_workers"] for row in r["loader_rows"]] == [0, 2]
-    for row in r["loader_rows"]:
-        assert row["status"] == "ok", row["status"]
-        assert row["config"] == "smoke" and row["batch"] == 2 and row["steps"] == 2
-        assert row["variant"] == "channels_last"  # smoke.toml on CPU: channels_last, no compile, no autocast
-        assert row["step_ms"] > 0 and row["samples_per_s"] > 0 and 0 <= row["data_wait"] <= 1
-
-
-def test_sample_bench(sample_result):
-    r = sample_result
-    assert r["config"] == "configs/smoke.toml" and r["repeats"] == 1
-    [row] = r["rows"]
-    assert (row["steps"], row["batch"], row["guidance"], row["forward_batch"]) == (2, 1, 1.0, 1)
-    assert row["seconds_per_call"] > 0 and row["clips_per_s"] > 0 and row["ms_per_model_call"] > 0
-
-
-def test_report_renders_the_bench_outputs(results_dir, loader_result, preprocess_result, train_step_result,
-                                          sample_result, tmp_path):
-    out = tmp_path / "BENCHMARKS.md"
-    assert report.main(["--results", str(results_dir), "--out", str(out)]) == 0
-    text = out.read_text()
-    assert "Not run yet" not in text and "rebuilt from the stored parameters" not in text
-    for header in ("| loader | workers | clips/s |", "| decoder | workers | videos/s |",
-                   "| config | variant | batch | params |", "| config | variant | workers |",
-                   "| steps | guidance | batch |"):
-        assert header in text
-    for result in (loader_result, preprocess_result, train_step_result, sample_result):
-        assert result["command"] in text
-
-
-def test_report_marks_missing_results_and_rebuilds_old_commands(tmp_path):
+def test_report_renders_gpu_check_and_marks_missing_results(smoke, tmp_path):
+    (tmp_path / "gpu_check.json").write_text((smoke["folder"] / "gpu_check.json").read_text())
     # A train_step result as written before the command and the loader-fed rows were recorded.
     (tmp_path / "train_step.json").write_text(json.dumps({
         "device": "CPU test", "torch": "0.0", "threads": 1, "steps": 2, "warmup": 1,
@@ -124,8 +89,10 @@ def test_report_marks_missing_results_and_rebuilds_old_commands(tmp_path):
                  for v, ms in (("eager", 400.0), ("channels_last", 200.0))],
     }))
     text = report.render(tmp_path)
-    assert text.count("Not run yet") == 3
+    assert text.count("Not run yet") == 3  # loader, preprocess, sample
     assert "| config | variant | batch | params | step ms | samples/s | x eager |" in text
     assert "| smoke | channels_last | 8 | 0.00M | 200.0 | 40 | 2.00x |" in text
     assert "python bench/train_step.py --configs smoke --variants eager,channels_last --steps 2 --warmup 1" in text
     assert "predates the loader-fed rows" in text
+    assert smoke["command"] in text and "| row | batch | ms | per s | MFU |" in text
+    assert "| train 2d cl bf16 | 1 |" in text and "| train.py fed | 2 |" in text

@@ -1,0 +1,480 @@
+"""GPU check: one command, one table, every figure issue 11 asks of one H100/H200, in about 6 minutes.
+
+    bash bench/gpu_check.sh                     # the whole check; JSON in bench/results/gpu_check.json
+    bash bench/gpu_check.sh --resume            # run only the rows an earlier run did not reach, merge
+    bash bench/gpu_check.sh --budget 900        # more rows (the full grid takes ~15 min, estimate below)
+    bash bench/gpu_check.sh --list              # the rows in priority order; --only NAME,... picks some
+    python bench/gpu_check.py --smoke           # the same code path on a CPU, tiny model: ~40 s (the CI test)
+
+Rows (reference config: 64 px, T 8, K 2, base 96, mults 1 2 4, 2 res blocks, attention at levels 1 2):
+- train: fwd + bwd + AdamW on a fixed random clip (bench/train_step.py's prepare/time_steps) for each
+  space-time form (model.spacetime "2d": per-frame Conv2d, the default; "3d": the old Conv3d form) x
+  layout (channels_last_3d or contiguous) x {eager fp32, eager bf16 autocast, compile + bf16}, each at
+  batch 64, 128 and 32: ms/step (median of 3 after 1 warm-up), samples/s, MFU (evdm.train.mfu: FLOPs per
+  sample counted once on the meta device, over the card's bf16 dense peak), peak GPU memory, the first
+  step's seconds (compile), status (ok / OOM / error in one line / skipped or stopped at the budget).
+- train.py fed: evdm.train.train() on configs/bair.toml at batch 64 fed by the real shard loader from
+  synthetic shards in a temporary folder (bench/train_step.py's make_fed_shards, measure_fed): samples/s,
+  data wait and MFU from its metrics.jsonl. Eager by default (a compile there is another cold compile
+  that the budget cannot hold): --fed-compile compiles as bair.toml says.
+- sample: evdm.pipeline.fill_middle at batch 64 with guidance 1.8 (one forward of batch 128 per step),
+  10 DDIM steps, fp32 eager / bf16 / bf16 + compile_for_inference: clips/s, ms per model call, and the
+  max abs difference of the bf16 clips from the fp32 clips (same weights, seed and inputs). The model is
+  untrained; its zero-initialised layers get N(0, 0.02^2) weights so that its output is not identically zero.
+
+How it fits 6 minutes (one cold compile of the reference model took 124 s on the H200; the full grid
+holds 4 compiles and would take ~15 min):
+- Each variant runs in its own subprocess (a process group, killed at its own timeout), so an OOM, a hang
+  or a crash costs that variant's rows, not the run; rows stream back as each batch finishes.
+- A variant measures all three batch sizes after ONE compile: the batch dimension of the model's inputs
+  is marked dynamic (torch._dynamo.maybe_mark_dynamic), so the Triton kernels are shape-generic and
+  shared. A branch on the batch still recompiles (chunked temporal attention splits B*H*W into pieces of
+  at most 65,535 rows: 1, 2 and 3 pieces at batch 32, 64, 128), reusing those kernels; the first-step
+  column shows what each batch cost.
+- Rows run in priority order (--list): the default path (2d, channels_last, bf16, compile), its eager
+  bf16 and fp32 baselines, the old 3d form at the same settings, fp32 and bf16 sampling, the fed
+  train.py, contiguous vs channels_last, bf16 + compile sampling, then the rest. A global budget
+  (--budget, default 330 s) stops the run: rows not started print "skipped (time budget)", a variant
+  running at the budget is stopped ("stopped at the time budget"); --resume runs those later.
+- Estimate on an H200 (from the 2026-11-25 measurements; step time ~ batch): probe 5 s; default path
+  ~8 s start + 124 s compile + ~2 x 40 s recompiles + 4 steps x 3 batches ~5 s = ~215 s; eager bf16
+  ~8 + 4 x (0.27 + 0.54 + 1.07) = ~16 s, eager fp32 ~21 s, 3d eager bf16 ~16 s, sample fp32 ~16 s,
+  sample bf16 ~12 s: ~300 s, then the fed row (~30 s) if the compiles were quicker. JSON is rewritten
+  after every variant, so an outer timeout still leaves every finished row on disk.
+
+--smoke runs the same plan on the CPU with a tiny model (bench/train_step.py CONFIGS["tiny"]), batches 2
+and 4, sampling batch 2 and train() on configs/smoke.toml at batch 2: compile rows are skipped (a cold
+CPU compile takes 30-100 s) unless --smoke-compile, and every subprocess gets ONEDNN_MAX_CPU_ISA capped
+below AMX, whose bf16 Conv3d backward can hang (bench/train_step.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+_spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "train_step.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+BATCHES = {"gpu": (64, 128, 32), "smoke": (1, 2)}  # priority order; the table sorts by batch
+SAMPLE = {"gpu": dict(batch=64, steps=10), "smoke": dict(batch=2, steps=2)}
+FED = {"gpu": dict(config="configs/bair.toml", batch=64, steps=30), "smoke": dict(config="configs/smoke.toml", batch=2, steps=2)}
+GUIDANCE = 1.8
+STEPS, WARMUP = {"gpu": 3, "smoke": 1}, 1  # per batch: timed steps (median) after warm-up (compile: in the first)
+# --smoke: each code path once (both forms and layouts, both precisions, every kind of row, the compile skip).
+SMOKE_ROWS = ("train 2d cl bf16+compile", "train 2d cl bf16", "train 3d contig fp32", "sample fp32", "sample bf16",
+              "sample bf16+compile", "train.py fed")
+NEEDED = ("torch", "numpy", "rich", "PIL", "tomli", "webdataset", "braceexpand")
+WHEELS_HINT = "see bench/wheels/README.md (bash bench/gpu_check.sh installs bench/wheels/*.whl itself)"
+SKIP_BUDGET = "skipped (time budget)"
+
+
+def train_job(spacetime: str, channels_last: bool, precision: str, compile: bool) -> dict:
+    layout = "cl" if channels_last else "contig"
+    return dict(name=f"train {spacetime} {layout} {precision}{'+compile' if compile else ''}", kind="train",
+                spacetime=spacetime, channels_last=channels_last, precision=precision, compile=compile)
+
+
+def sample_job(precision: str, compile: bool) -> dict:
+    return dict(name=f"sample {precision}{'+compile' if compile else ''}", kind="sample", precision=precision,
+                compile=compile)
+
+
+def plan(fed_compile: bool) -> list[dict]:
+    """Every job in priority order (see the module doc)."""
+    return [
+        train_job("2d", True, "bf16", True), train_job("2d", True, "bf16", False), train_job("2d", True, "fp32", False),
+        train_job("3d", True, "bf16", False), sample_job("fp32", False), sample_job("bf16", False),
+        dict(name="train.py fed", kind="fed", compile=fed_compile), train_job("2d", False, "bf16", False),
+        sample_job("bf16", True), train_job("3d", True, "bf16", True), train_job("3d", False, "bf16", False),
+        train_job("2d", False, "fp32", False), train_job("3d", True, "fp32", False),
+        train_job("3d", False, "fp32", False), train_job("2d", False, "bf16", True),
+        train_job("3d", False, "bf16", True),
+    ]
+
+
+def job_batches(job: dict, scale: str) -> tuple[int, ...]:
+    if job["kind"] == "train":
+        return BATCHES[scale]
+    return (SAMPLE[scale]["batch"],) if job["kind"] == "sample" else (FED[scale]["batch"],)
+
+
+def job_cap_s(job: dict, smoke: bool) -> float:
+    """Seconds one job may run before it is killed (the budget may cut it shorter)."""
+    if smoke:
+        return 240.0 if job["compile"] else 90.0
+    return {"train": 240.0, "sample": 180.0, "fed": 240.0}[job["kind"]] if job["compile"] else 120.0
+
+
+# ---- the worker side: one job in this process, rows as "ROW {json}" lines on stdout ------------------
+
+
+def emit(row: dict) -> None:
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def peak_mem_gb(device) -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_train(job: dict, device, scale: str, deadline: float) -> None:
+    import torch
+
+    from evdm.models import count_parameters
+    from evdm.sampling import one_line
+    from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
+
+    cfg = bench.run_config("tiny" if scale == "smoke" else "reference", spacetime=job["spacetime"])
+    opts = dict(channels_last=job["channels_last"], compile=job["compile"], bf16=job["precision"] == "bf16")
+    flops, peak = flops_per_sample(cfg), peak_tflops(device)
+    model, step_for = bench.prepare(cfg, opts, device, dynamic_batch=True)
+    base = dict(params=count_parameters(model), flops_per_sample=flops)
+    for batch in job_batches(job, scale):
+        if time.time() > deadline:
+            emit(dict(base, batch=batch, status=SKIP_BUDGET))
+            continue
+        reset_peak(device)
+        try:
+            timing = bench.time_steps(step_for(batch), steps=STEPS[scale], warmup=WARMUP, device=device)
+        except torch.OutOfMemoryError:
+            status = "OOM"
+        except Exception as err:  # one row's failure; the next batch may still run
+            status = f"error: {type(err).__name__}: {one_line(err)}"[:160]
+        else:
+            samples_per_s = 1000 * batch / timing["step_ms"]
+            tflops, mfu = utilisation(samples_per_s, flops, peak)
+            emit(dict(base, batch=batch, **timing, samples_per_s=round(samples_per_s, 2), tflops=float(f"{tflops:.3g}"),
+                      mfu=mfu and round(mfu, 4), peak_mem_gb=peak_mem_gb(device), status="ok"))
+            continue
+        for p in model.parameters():
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        emit(dict(base, batch=batch, peak_mem_gb=peak_mem_gb(device), status=status))
+
+
+def untrained_model(cfg, device):
+    """build_model with seed 0, zero-initialised tensors redrawn N(0, 0.02^2) so the output is not all zero."""
+    import torch
+
+    from evdm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def run_sample(job: dict, device, scale: str, work: Path) -> None:
+    import torch
+
+    from evdm.diffusion import make_schedule
+    from evdm.models import to_channels_last
+    from evdm.pipeline import compile_for_inference, fill_middle
+
+    cfg = bench.run_config("tiny" if scale == "smoke" else "reference")
+    batch, steps = SAMPLE[scale]["batch"], SAMPLE[scale]["steps"]
+    channels_last = device.type == "cuda"  # as evdm.sampling runs it
+    model = untrained_model(cfg, device)
+    if channels_last:
+        model = to_channels_last(model)
+    net = compile_for_inference(model) if job["compile"] else model
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+    K, S, C = cfg.data.endpoint_context, cfg.data.size, cfg.channels
+    gen = torch.Generator(device=device).manual_seed(0)
+    start = torch.rand(batch, C, K, S, S, generator=gen, device=device) * 2 - 1
+    end = torch.rand(batch, C, K, S, S, generator=gen, device=device) * 2 - 1
+
+    def call(n_steps: int) -> tuple[float, torch.Tensor]:
+        bench.sync(device)
+        t0 = time.perf_counter()
+        clip = fill_middle(net, schedule, cfg, start, end, steps=n_steps, eta=0.0, guidance_scale=GUIDANCE,
+                           generator=torch.Generator(device=device).manual_seed(1), precision=job["precision"],
+                           channels_last=channels_last)
+        bench.sync(device)
+        return time.perf_counter() - t0, clip
+
+    reset_peak(device)
+    first_s, _ = call(2)  # compile (if any), allocator, kernel selection
+    seconds, clip = call(steps)
+    clip = clip.float().cpu()
+    row = dict(batch=batch, channels_last=channels_last, forward_batch=2 * batch, steps=steps, guidance=GUIDANCE, first_step_s=round(first_s, 3),
+               seconds_per_call=round(seconds, 4), ms_per_model_call=round(1000 * seconds / steps, 2),
+               clips_per_s=round(batch / seconds, 3), peak_mem_gb=peak_mem_gb(device), status="ok")
+    if job["precision"] == "fp32" and not job["compile"]:
+        torch.save(clip, work / "sample-fp32.pt")
+    elif (work / "sample-fp32.pt").is_file():
+        row["max_abs_diff_vs_fp32"] = round(float((clip - torch.load(work / "sample-fp32.pt")).abs().max()), 5)
+    emit(row)
+
+
+def run_fed(job: dict, device, scale: str, work: Path) -> None:
+    from evdm.config import load_config
+
+    fed = FED[scale]
+    config = ROOT / fed["config"]
+    data = load_config(config).data
+    shards = work / "shards"
+    if not shards.is_dir():
+        shards.mkdir()
+        bench.make_fed_shards(shards, T=data.T, size=data.size, val_clips=8)
+    workers = 1 if scale == "smoke" else min(6, max(1, (os.cpu_count() or 2) - 2))
+    row = bench.measure_fed(workers, batch=fed["batch"], steps=fed["steps"], device_name=device.type, work=work,
+                            allow_compile=job["compile"], config=config, val_clips=8,
+                            extra={"train.preview_clips": 1, "train.preview_steps": 2})  # the final preview: short
+    emit(dict(row, batch=fed["batch"], config=fed["config"]))
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    job = json.loads(args.job)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    scale = "smoke" if args.smoke else "gpu"
+    if job["kind"] == "train":
+        run_train(job, device, scale, args.deadline)
+    elif job["kind"] == "sample":
+        run_sample(job, device, scale, Path(args.work))
+    else:
+        run_fed(job, device, scale, Path(args.work))
+    return 0
+
+
+def run_probe() -> int:
+    """Print one JSON line: the machine, and what is missing (modules, or evdm's own imports failing)."""
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    facts = {}
+    if "torch" not in missing:
+        import torch
+
+        facts = dict(torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0],
+                     cpu_count=os.cpu_count(), cuda_available=torch.cuda.is_available())
+        if torch.cuda.is_available():
+            facts.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                         cudnn=torch.backends.cudnn.version())
+    if not missing:
+        for module in ("evdm.train.mfu", "evdm.pipeline", "evdm.sampling", "preprocess.synth"):
+            try:
+                importlib.import_module(module)
+            except Exception as err:  # a broken tree: name the module and the error, run nothing
+                missing.append(f"a working {module} ({type(err).__name__}: {err})")
+    print(json.dumps(dict(facts, missing=missing)))
+    return 0
+
+
+# ---- the parent side: plan, budget, subprocesses, the table and the JSON ---------------------------------
+
+
+def expected_rows(job: dict, scale: str) -> list[dict]:
+    fields = {k: v for k, v in job.items() if k != "name"}
+    return [dict(job=job["name"], **fields, batch=b) for b in job_batches(job, scale)]
+
+
+def run_job(job: dict, args: argparse.Namespace, work: Path, deadline: float, t0: float) -> list[dict]:
+    """One job in a subprocess (its own process group) with a timeout; every expected row comes back with a status."""
+    scale = "smoke" if args.smoke else "gpu"
+    rows = expected_rows(job, scale)
+    left = deadline - time.time()
+    if args.smoke and job["compile"] and not args.smoke_compile:
+        return [dict(r, status="skipped (--smoke: no compile; --smoke-compile)") for r in rows]
+    if left < (5 if args.smoke else 15):
+        return [dict(r, status=SKIP_BUDGET) for r in rows]
+    timeout = min(job_cap_s(job, args.smoke), left)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", json.dumps(job), "--deadline", f"{deadline:.1f}",
+           "--work", str(work)] + (["--smoke"] if args.smoke else [])
+    env = {**os.environ, **(bench.ONEDNN_CAP if args.smoke else {}), "PYTHONUNBUFFERED": "1"}
+    reported: dict[int, dict] = {}
+    err_path = work / f"{job['name'].replace(' ', '_').replace('.', '')}.stderr"
+
+    def collect(stream) -> None:
+        for line in stream:
+            if line.startswith("ROW "):
+                row = json.loads(line[4:])
+                reported[row["batch"]] = row
+                print(f"[{time.time() - t0:5.0f} s] {job['name']} batch {row['batch']}: {summary(row)}",
+                      file=sys.stderr, flush=True)
+
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)
+        reader = threading.Thread(target=collect, args=(proc.stdout,))
+        reader.start()
+        try:
+            rc, missing_status = proc.wait(timeout=timeout), None
+        except subprocess.TimeoutExpired:
+            rc = None
+            missing_status = "stopped at the time budget" if timeout >= left else f"timeout after {timeout:.0f} s"
+        with contextlib.suppress(ProcessLookupError):  # the job's leftovers too (compile workers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join()
+    if missing_status is None:
+        tail = [ln for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        missing_status = f"error rc={rc}: {tail[0].strip() if tail else 'no output'}"[:160]
+    return [dict(r, **reported.get(r["batch"], {"status": missing_status})) for r in rows]
+
+
+def summary(row: dict) -> str:
+    rate = row.get("samples_per_s") or row.get("clips_per_s")
+    unit = "clips/s" if "clips_per_s" in row else "samples/s"
+    return (f"{rate} {unit}, " if rate else "") + f"[{row['status']}]"
+
+
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x, spec: str) -> str:
+    return "" if x is None else f"{x:{spec}}"
+
+
+COLUMNS = ("row", "batch", "ms", "per s", "MFU", "peak GB", "first s", "note", "status")
+LEGEND = ("ms: per training step (train rows), per model call of forward batch 2 x batch (sample rows). per s: "
+          "samples/s (train), clips/s (sample). MFU: model FLOP/s over the card's bf16 dense peak. first s: the first "
+          "step or call (compile; recompile at a new batch).")
+
+
+def table_cells(result: dict) -> list[list[str]]:
+    """The table's cells, one list per row (the rich table here, the markdown one in bench/report.py)."""
+    cells = []
+    for r in result["rows"]:
+        if r["kind"] == "sample":
+            ms, rate = r.get("ms_per_model_call"), r.get("clips_per_s")
+            diff = r.get("max_abs_diff_vs_fp32")
+            note = f"{r.get('steps', '')} DDIM steps" + (f"; max abs bf16-fp32 {diff}" if diff is not None else "")
+        else:
+            ms, rate = r.get("step_ms"), r.get("samples_per_s")
+            note = f"{r['num_workers']} workers, {r['variant']}, data wait {pct(r['data_wait'])}" if "data_wait" in r else ""
+        cells.append([r["job"], str(r["batch"]), num(ms, ".1f"), num(rate, ".1f"), pct(r.get("mfu")),
+                      num(r.get("peak_mem_gb"), ".1f"), num(r.get("first_step_s"), ".1f"), note if r["status"] == "ok" else "",
+                      r["status"]])
+    return cells
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result["machine"]
+    title = (f"evdm GPU check on {m.get('gpu') or 'CPU (--smoke)'}: torch {m.get('torch')}, CUDA {m.get('cuda')}, "
+             f"{result['date']}, {result['wall_s']:.0f} s of {result['budget_s']:.0f} s budget")
+    table = Table(title=title, title_justify="left", caption=LEGEND, caption_justify="left")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("row", "note", "status") else "right")
+    for row in table_cells(result):
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def probe(args: argparse.Namespace) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return dict(missing=[f"a working probe ({tail[0]})"])
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (rows after it: skipped)")
+    p.add_argument("--only", default="", help="comma list of row names (see --list); default: all, in order")
+    p.add_argument("--list", action="store_true", help="print the rows in priority order and exit")
+    p.add_argument("--resume", action="store_true", help="rerun only the rows of --out that did not finish")
+    p.add_argument("--fed-compile", action="store_true", help="train.py fed row with compile (another cold compile)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model and batches: the same code path in ~40 s")
+    p.add_argument("--smoke-compile", action="store_true", help="with --smoke: run the compile rows too")
+    p.add_argument("--out", default=None, help="JSON (default bench/results/gpu_check.json, _smoke.json with --smoke)")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        return run_probe()
+    if args.job:
+        return run_worker(args)
+    scale = "smoke" if args.smoke else "gpu"
+    jobs = plan(args.fed_compile)
+    if args.smoke:
+        jobs = [j for j in jobs if j["name"] in SMOKE_ROWS]
+    if args.list:
+        print("\n".join(j["name"] for j in jobs))
+        return 0
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(only) - {j["name"] for j in jobs})
+    if unknown:
+        p.error(f"unknown row name(s) {unknown}; see --list")
+    jobs = [j for j in jobs if not only or j["name"] in only]
+    out = Path(args.out or ROOT / f"bench/results/gpu_check{'_smoke' if args.smoke else ''}.json")
+
+    t0 = time.time()
+    facts = probe(args)
+    machine = {k: v for k, v in facts.items() if k != "missing"}
+    if facts["missing"] or not (args.smoke or facts.get("cuda_available")):
+        what = facts["missing"] + ([] if args.smoke or facts["missing"] else ["a CUDA device (--smoke runs on a CPU)"])
+        hint = f"; {WHEELS_HINT}" if {"webdataset", "braceexpand", "tomli"} & set(facts["missing"]) else ""
+        print(f"gpu_check: cannot run: missing {', '.join(what)}{hint}", file=sys.stderr)
+        return 2
+    print(f"gpu_check: {machine.get('gpu', 'CPU (--smoke)')}, torch {machine['torch']}, CUDA {machine['cuda']}, "
+          f"Python {machine['python']}, {machine['cpu_count']} CPUs; budget {args.budget:.0f} s, {len(jobs)} variants",
+          file=sys.stderr, flush=True)
+
+    done: dict[str, list[dict]] = {}
+    if args.resume and out.is_file():
+        for r in json.loads(out.read_text())["rows"]:
+            done.setdefault(r["job"], []).append(r)
+        done = {name: rows for name, rows in done.items()
+                if all(r["status"] == "ok" or r["status"] == "OOM" or r["status"].startswith("error") for r in rows)}
+    deadline = t0 + args.budget
+    result = dict(command=shlex.join(["bash", "bench/gpu_check.sh", *(sys.argv[1:] if argv is None else argv)]),
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine,
+                  smoke=args.smoke, budget_s=args.budget, steps=STEPS[scale], warmup=WARMUP, rows=[], wall_s=0.0)
+    with tempfile.TemporaryDirectory(prefix="evdm-gpu-check-") as tmp:
+        for job in jobs:
+            rows = done.get(job["name"]) or run_job(job, args, Path(tmp), deadline, t0)
+            result["rows"] += sorted(rows, key=lambda r: r["batch"])
+            result["wall_s"] = round(time.time() - t0, 1)
+            write_json(out, result)
+    print_table(result)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
