@@ -1,7 +1,11 @@
-"""The built-in BAIR-like dataset: `python -m preprocess.synth OUT_DIR [--videos N ...]`.
+"""The built-in BAIR-like dataset: `python -m preprocess.synth OUT_DIR [--videos N --motion KIND ...]`.
 
-A tabletop seen from above with a few textured objects and an arm-like shape, all moving by smooth,
-mostly rigid translation so that a small model can learn to fill in the middle frames on a CPU.
+A tabletop seen from above with a few textured objects and an arm-like shape, so that a small model
+can learn to fill in the middle frames on a CPU. Two kinds of object motion (`--motion`):
+- "glide" (default): smooth, mostly rigid translation along straight lines, eased in and out;
+- "orbit": objects circle around their own centres with angular acceleration, so they speed up,
+  turn, and pass over and behind one another (drawn in depth order): the middle of a clip is not a
+  straight line between its ends, and what the ends hide can reappear in between.
 Rendered with vectorised numpy, encoded with ffmpeg (H.264, crf 10, yuv444p) so decoded frames stay
 close to the rendered ones. Writes OUT_DIR/videos_train/*.mp4 and OUT_DIR/videos_val/*.mp4.
 """
@@ -18,6 +22,7 @@ import numpy as np
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe, write_mp4
 
 SPLIT_DIRS = {"train": "videos_train", "val": "videos_val"}
+MOTIONS = ("glide", "orbit")
 SYNTH_FPS = 10.0  # BAIR's frame rate
 SYNTH_CRF = 10
 
@@ -58,8 +63,26 @@ def _composite(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray) -> None
     canvas += a * color
 
 
-def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64) -> np.ndarray:
+def _glide(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Object centre [2, T, 1, 1]: a straight move from a random start, eased (a quarter stay put)."""
+    start = rng.uniform(0.15, 0.85, size=2)
+    shift = rng.normal(0.0, 0.18, size=2) * (rng.random() < 0.75)
+    return start[:, None, None, None] + shift[:, None, None, None] * _progress(rng, t)
+
+
+def _orbit(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Object centre [2, T, 1, 1] on a circle (an ellipse's worth of radii) around a random pivot, with
+    angle theta0 + w t + a t^2: it turns through up to ~1.5 turns a clip and speeds up or slows down."""
+    pivot = rng.uniform(0.3, 0.7, size=2)
+    radii = rng.uniform(0.1, 0.3, size=2)
+    theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-5.0, 5.0) * t + rng.uniform(-4.0, 4.0) * t**2
+    return np.stack([pivot[0] + radii[0] * np.sin(theta), pivot[1] + radii[1] * np.cos(theta)])
+
+
+def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64, motion: str = "glide") -> np.ndarray:
     """Render one synthetic clip: uint8 [frames, size, size, 3]; a pure function of its arguments."""
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
     rng = np.random.default_rng(seed)
     px = 1.0 / size  # one pixel in frame units
     coords = (np.arange(size) + 0.5) / size
@@ -68,12 +91,11 @@ def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64) 
 
     canvas = np.broadcast_to(_table(rng, ys, xs), (frames, size, size, 3)).copy()
 
-    # Objects: textured discs and boxes, translated rigidly; the first drawn is the lowest.
+    # Objects: textured discs and boxes, moved rigidly; the first drawn is the lowest.
+    path = _glide if motion == "glide" else _orbit
     for _ in range(rng.integers(2, 5)):
         radius = rng.uniform(0.08, 0.15)
-        start = rng.uniform(0.15, 0.85, size=2)
-        shift = rng.normal(0.0, 0.18, size=2) * (rng.random() < 0.75)  # a quarter stay put
-        cy, cx = (start[:, None, None, None] + shift[:, None, None, None] * _progress(rng, t))
+        cy, cx = path(rng, t)
         dy, dx = ys - cy, xs - cx  # [T, H, W], object-local coordinates
         if rng.random() < 0.5:
             dist = np.hypot(dy, dx) - radius
@@ -134,10 +156,13 @@ def generate(
     size: int = 64,
     seed: int = 0,
     workers: int = 2,
+    motion: str = "glide",
 ) -> dict[str, list[Path]]:
     """Write the dataset; returns {split: [paths]}. Val gets round(videos * val_fraction) of them."""
     if videos < 1 or frames < 1 or size < 2:
         raise ValueError(f"need videos >= 1, frames >= 1, size >= 2; got {videos}, {frames}, {size}")
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
     n_val = round(videos * val_fraction) if videos > 1 else 0
     counts = {"train": videos - n_val, "val": n_val}
     jobs = []
@@ -148,7 +173,7 @@ def generate(
 
     def make(job: tuple[str, int, Path]) -> Path:
         split, i, path = job
-        frames_u8 = render_video(video_seed(seed, split, i), frames, size)
+        frames_u8 = render_video(video_seed(seed, split, i), frames, size, motion)
         write_mp4(frames_u8, path, fps=SYNTH_FPS, crf=SYNTH_CRF, pix_fmt="yuv444p")
         return path
 
@@ -167,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--motion", choices=MOTIONS, default="glide",
+                        help="glide: eased straight moves; orbit: accelerating turns, objects passing behind others")
     args = parser.parse_args(argv)
     try:
         ffmpeg_exe()
         written = generate(args.out_dir, videos=args.videos, val_fraction=args.val_fraction,
-                           frames=args.frames, size=args.size, seed=args.seed, workers=args.workers)
+                           frames=args.frames, size=args.size, seed=args.seed, workers=args.workers,
+                           motion=args.motion)
     except (FFmpegNotFound, ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
