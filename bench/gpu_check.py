@@ -1,51 +1,48 @@
 """GPU check: one command, one table, every figure issue 11 asks of one H100/H200, in about 6 minutes.
 
-    bash bench/gpu_check.sh                     # the whole check; JSON in bench/results/gpu_check.json
-    bash bench/gpu_check.sh --resume            # run only the rows an earlier run did not reach, merge
-    bash bench/gpu_check.sh --budget 900        # more rows (the full grid takes ~15 min, estimate below)
-    bash bench/gpu_check.sh --list              # the rows in priority order; --only NAME,... picks some
-    python bench/gpu_check.py --smoke           # the same code path on a CPU, tiny model: ~40 s (the CI test)
+    bash bench/gpu_check.sh                 # the check; JSON in bench/results/gpu_check.json
+    bash bench/gpu_check.sh --resume        # then: only the rows the last run did not reach, merged in
+    bash bench/gpu_check.sh --list          # the rows in priority order (--only NAME,... runs some)
+    bash bench/gpu_check.sh --budget 1000   # the whole grid (4 cold compiles: ~15 min, estimate below)
+    python bench/gpu_check.py --smoke       # the same code on a CPU with a tiny model, ~40 s (tests/test_bench.py)
 
-Rows (reference config: 64 px, T 8, K 2, base 96, mults 1 2 4, 2 res blocks, attention at levels 1 2):
-- train: fwd + bwd + AdamW on a fixed random clip (bench/train_step.py's prepare/time_steps) for each
-  space-time form (model.spacetime "2d": per-frame Conv2d, the default; "3d": the old Conv3d form) x
-  layout (channels_last_3d or contiguous) x {eager fp32, eager bf16 autocast, compile + bf16}, each at
-  batch 64, 128 and 32: ms/step (median of 3 after 1 warm-up), samples/s, MFU (evdm.train.mfu: FLOPs per
-  sample counted once on the meta device, over the card's bf16 dense peak), peak GPU memory, the first
-  step's seconds (compile), status (ok / OOM / error in one line / skipped or stopped at the budget).
-- train.py fed: evdm.train.train() on configs/bair.toml at batch 64 fed by the real shard loader from
-  synthetic shards in a temporary folder (bench/train_step.py's make_fed_shards, measure_fed): samples/s,
-  data wait and MFU from its metrics.jsonl. Eager by default (a compile there is another cold compile
-  that the budget cannot hold): --fed-compile compiles as bair.toml says.
-- sample: evdm.pipeline.fill_middle at batch 64 with guidance 1.8 (one forward of batch 128 per step),
-  10 DDIM steps, fp32 eager / bf16 / bf16 + compile_for_inference: clips/s, ms per model call, and the
-  max abs difference of the bf16 clips from the fp32 clips (same weights, seed and inputs). The model is
-  untrained; its zero-initialised layers get N(0, 0.02^2) weights so that its output is not identically zero.
+Rows (reference model: 64 px, T 8, K 2, base 96, mults 1 2 4, 2 res blocks, attention at levels 1 2):
+- train: fwd + bwd + AdamW on a fixed random clip (bench/train_step.py prepare / time_steps) per
+  space-time form ("2d" per-frame Conv2d, the default; "3d" the old Conv3d) x layout (channels_last_3d
+  or contiguous) x {eager fp32, eager bf16 autocast, compile + bf16}, at batch 64, 128, 32: ms/step
+  (median of 3 after 1 warm-up), samples/s, MFU (evdm.train.mfu), peak GPU memory, the first step's
+  seconds (compile), status (ok, OOM, the error in one line, skipped or stopped at the time budget).
+- train.py fed: evdm.train.train() on configs/bair.toml at batch 64, fed by the shard loader from
+  synthetic shards in a temporary folder: samples/s, data wait and MFU from its metrics.jsonl. Eager
+  bf16 by default, since a compile there is one more cold compile; --fed-compile compiles.
+- sample: evdm.pipeline.fill_middle at batch 64, guidance 1.8 (forward batch 128), 10 DDIM steps, as
+  evdm.sampling runs it on CUDA (channels_last), fp32 / bf16 / bf16 + compile_for_inference: clips/s,
+  ms per model call, and the max abs difference of the bf16 clips from the fp32 ones (same weights,
+  inputs and seed). The model is untrained: its zero-initialised tensors get N(0, 0.02^2) weights so
+  that it does not output zeros.
 
-How it fits 6 minutes (one cold compile of the reference model took 124 s on the H200; the full grid
-holds 4 compiles and would take ~15 min):
-- Each variant runs in its own subprocess (a process group, killed at its own timeout), so an OOM, a hang
-  or a crash costs that variant's rows, not the run; rows stream back as each batch finishes.
-- A variant measures all three batch sizes after ONE compile: the batch dimension of the model's inputs
-  is marked dynamic (torch._dynamo.maybe_mark_dynamic), so the Triton kernels are shape-generic and
-  shared. A branch on the batch still recompiles (chunked temporal attention splits B*H*W into pieces of
-  at most 65,535 rows: 1, 2 and 3 pieces at batch 32, 64, 128), reusing those kernels; the first-step
-  column shows what each batch cost.
-- Rows run in priority order (--list): the default path (2d, channels_last, bf16, compile), its eager
-  bf16 and fp32 baselines, the old 3d form at the same settings, fp32 and bf16 sampling, the fed
-  train.py, contiguous vs channels_last, bf16 + compile sampling, then the rest. A global budget
-  (--budget, default 330 s) stops the run: rows not started print "skipped (time budget)", a variant
-  running at the budget is stopped ("stopped at the time budget"); --resume runs those later.
-- Estimate on an H200 (from the 2026-11-25 measurements; step time ~ batch): probe 5 s; default path
-  ~8 s start + 124 s compile + ~2 x 40 s recompiles + 4 steps x 3 batches ~5 s = ~215 s; eager bf16
-  ~8 + 4 x (0.27 + 0.54 + 1.07) = ~16 s, eager fp32 ~21 s, 3d eager bf16 ~16 s, sample fp32 ~16 s,
-  sample bf16 ~12 s: ~300 s, then the fed row (~30 s) if the compiles were quicker. JSON is rewritten
+How it fits (a cold compile of the reference model took 124 s on the H200):
+- Each variant runs in its own subprocess and process group with its own timeout: an OOM, hang or
+  crash costs that variant's rows, not the run. Rows stream back per batch; the JSON is rewritten
   after every variant, so an outer timeout still leaves every finished row on disk.
+- One compiled model serves a variant's three batch sizes: the batch dimension of the model's inputs is
+  marked dynamic (torch._dynamo.maybe_mark_dynamic), so Inductor's kernels are batch-generic and
+  compiled once. Dynamo still re-traces once per batch, because the chunked temporal attention splits
+  B*H*W rows into 1, 2 and 3 SDPA calls at batch 32, 64 and 128; "first s" shows what each batch cost.
+- Priority order (--list): the default path (2d, channels_last, bf16 + compile), its eager bf16 and
+  fp32 baselines, the old 3d form (eager bf16), fp32 and bf16 sampling, the fed train.py, contiguous
+  2d, bf16 + compile sampling, the old form compiled, then the rest. A global budget (--budget, 330 s)
+  ends the run: variants not started say "skipped (time budget)", one running is stopped.
+- Estimate on an H200, from its 2026-11-25 measurements (old block; step time ~ batch): probe 5 s;
+  default path 8 s start + 124 s compile + 2 re-traces x ~40 s + 4 steps x (0.19 + 0.37 + 0.74) s =
+  ~220 s; eager bf16 8 + 4 x (0.27 + 0.54 + 1.07) = ~16 s; eager fp32 8 + 4 x (0.44 + 0.88 + 1.77) =
+  ~21 s; 3d eager bf16 ~16 s; sample fp32 8 + 1.2 + 6 = ~16 s; sample bf16 ~12 s: ~305 s. The fed row
+  (~30 s) fits if the compile is quicker; --resume, or a second run with --only, takes what is left.
 
---smoke runs the same plan on the CPU with a tiny model (bench/train_step.py CONFIGS["tiny"]), batches 2
-and 4, sampling batch 2 and train() on configs/smoke.toml at batch 2: compile rows are skipped (a cold
-CPU compile takes 30-100 s) unless --smoke-compile, and every subprocess gets ONEDNN_MAX_CPU_ISA capped
-below AMX, whose bf16 Conv3d backward can hang (bench/train_step.py).
+--smoke runs one variant of each kind (SMOKE_ROWS) on the CPU: bench/train_step.py's "tiny" model at
+batch 2 and 3, sampling at batch 2 with 2 steps, train() on configs/smoke.toml at batch 2. Compile rows
+say "skipped" (a cold CPU compile takes minutes) unless --smoke-compile. Every subprocess gets oneDNN
+capped below AMX (ONEDNN_CAP), whose bf16 Conv3d backward can hang.
 """
 
 from __future__ import annotations
@@ -71,7 +68,8 @@ _spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-BATCHES = {"gpu": (64, 128, 32), "smoke": (1, 2)}  # priority order; the table sorts by batch
+# Priority order (the table sorts by batch); no batch 1 in --smoke: compile specialises size-1 dimensions.
+BATCHES = {"gpu": (64, 128, 32), "smoke": (2, 3)}
 SAMPLE = {"gpu": dict(batch=64, steps=10), "smoke": dict(batch=2, steps=2)}
 FED = {"gpu": dict(config="configs/bair.toml", batch=64, steps=30), "smoke": dict(config="configs/smoke.toml", batch=2, steps=2)}
 GUIDANCE = 1.8
@@ -335,10 +333,12 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, deadline: float, t0
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         reader.join()
+    tail = [ln.rstrip() for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()][-15:]
     if missing_status is None:
-        tail = [ln for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-        missing_status = f"error rc={rc}: {tail[0].strip() if tail else 'no output'}"[:160]
-    return [dict(r, **reported.get(r["batch"], {"status": missing_status})) for r in rows]
+        last = f"killed by signal {-rc}" if rc < 0 else tail[-1].strip() if tail else "no output"
+        missing_status = f"error rc={rc}: {last}"[:160]
+    lost = {"status": missing_status, "stderr_tail": tail}  # the JSON keeps the traceback's end
+    return [dict(r, **reported.get(r["batch"], lost)) for r in rows]
 
 
 def summary(row: dict) -> str:
