@@ -120,6 +120,8 @@ def index_tar(read_at, end: int, url: str) -> list[tuple[str, int, int]]:
             members.append((name.decode(), data, size))
         else:
             long_name = None
+    else:  # ran out of bytes before the end-of-archive block: the file was cut at a member boundary
+        raise OSError(f"{url}: truncated tar (no end-of-archive block, {end} bytes)")
     return members
 
 
