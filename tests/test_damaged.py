@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -217,3 +218,53 @@ def test_every_shard_unreadable_exits_2_with_one_line(tmp_path):
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "all 2 shards are unreadable" in error and "train-00000" in error and "not a tar file" in error
     assert "Traceback" not in proc.stderr
+
+
+# ---- sha256 against the manifest: inspect --verify and data.verify_shards ------------------------------
+
+
+def flip_pixels(path: Path, n: int = 50) -> None:
+    """Invert n pixel bytes of the first clip: the tar and .npy headers stay valid, only the sha256 tells."""
+    raw = bytearray(path.read_bytes())
+    start = 512 + 128 + 1000
+    raw[start:start + n] = bytes(255 - b for b in raw[start:start + n])
+    path.write_bytes(bytes(raw))
+
+
+def test_inspect_verify_names_each_changed_or_missing_shard(shard_dir, capsys):
+    from preprocess.inspect import main as inspect_main
+
+    assert inspect_main([str(shard_dir), "--verify"]) == 0
+    assert "verified 5 shards: 0 missing or changed" in capsys.readouterr().out
+    flip_pixels(shard_dir / BAD)
+    (shard_dir / "val-000000.tar").unlink()
+    assert inspect_main([str(shard_dir), "--verify"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"{BAD}: sha256 [0-9a-f]{{16}}\.\.\. differs from the manifest's [0-9a-f]{{16}}\.\.\. "
+                        r"\(damaged or replaced since it was written\)", out[-3])
+    assert out[-2:] == ["val-000000.tar: missing", "verified 5 shards: 2 missing or changed"]
+
+
+def test_verify_shards_skips_a_shard_whose_pixels_changed(shard_dir, pristine, capfd, monkeypatch):
+    from evdm import stream
+
+    flip_pixels(shard_dir / BAD)
+    good = {b for b, name in pristine[1].items() if name != BAD}
+    # Without verification the changed clip is trained on, silently.
+    plain = {b for batch in take(data.make_train_loader(cfg_for(shard_dir)), 4) for b in clip_bytes(batch)}
+    assert len(plain - set(pristine[1])) == 1 and not warning_lines(capfd.readouterr().err)
+    hashed = []
+    real_digest = stream.hashlib.file_digest
+    monkeypatch.setattr(stream.hashlib, "file_digest", lambda f, name: hashed.append(f.name) or real_digest(f, name))
+    loader = data.make_train_loader(cfg_for(shard_dir, verify_shards=True))
+    seen = {b for batch in take(loader, 2 * len(good) // 4) for b in clip_bytes(batch)}  # two passes
+    assert seen == good and loader.skipped_shards == 2
+    (line,) = warning_lines(capfd.readouterr().err)
+    assert BAD in line and "differs from manifest.json" in line
+    assert sorted(hashed) == sorted(str(p) for p in shard_dir.glob("train-*.tar"))  # once each, not once a pass
+
+
+def test_verify_shards_needs_a_manifest(shard_dir):
+    (shard_dir / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match=r"data.verify_shards = true needs manifest.json beside .*train-000000"):
+        data.make_train_loader(cfg_for(shard_dir, verify_shards=True))
