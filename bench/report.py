@@ -167,11 +167,39 @@ def sample_body(r: dict) -> list[str]:
     return md_table(["steps", "guidance", "batch", "forward batch", "s / call", "ms / model call", "clips/s"], rows)
 
 
+def reliability_intro(r: dict) -> str:
+    return ("What exact resume and shard verification cost. **Fast-forward**: a resumed run's loader replays "
+            "the shard order, shuffle buffer and batching over clip references (tar headers, no pixel reads) up "
+            f"to its start batch; here {r['clips']} tiny clips in {r['shards']} shards, resumed at the last batch of "
+            "the first pass, seconds to the first batch against a fresh start. **verify_shards**: one first pass "
+            f"over {r['verify_clips']} clips (B {r['batch']}, T 8, 64x64 rgb, {r['shard_size']} a shard) with "
+            "`data.verify_shards` off and on, start-up included; each reader hashes a shard once, so only the "
+            "first pass pays.")
+
+
+def reliability_command(r: dict) -> str:
+    return f"python bench/reliability.py --clips {r['clips']} --verify-clips {r['verify_clips']}"
+
+
+def reliability_body(r: dict) -> list[str]:
+    rows = [[str(x["workers"]), str(x["start_batch"]), str(x["clip_refs"]), fmt(x["first_batch_s"], ".2f"),
+             fmt(x["resumed_first_batch_s"], ".2f"), fmt(x["fast_forward_s"], ".2f"), fmt(x["refs_per_s"], ",.0f")]
+            for x in r["fast_forward_rows"]]
+    lines = md_table(["workers", "start batch", "clip refs", "fresh: first batch s", "resumed: first batch s",
+                      "fast-forward s", "refs/s"], rows)
+    off = {x["workers"]: x["clips_per_s"] for x in r["verify_rows"] if not x["verify_shards"]}
+    rows = [[str(x["workers"]), "on" if x["verify_shards"] else "off", fmt(x["pass_s"], ".2f"),
+             fmt(x["clips_per_s"], ".0f"), fmt(x["mb_hashed"], ".0f"), ratio(x["clips_per_s"], off.get(x["workers"]))]
+            for x in r["verify_rows"]]
+    return lines + [""] + md_table(["workers", "verify_shards", "first pass s", "clips/s", "MB hashed", "x off"], rows)
+
+
 SECTIONS = {
     "loader": ("Training loaders", loader_intro, loader_command, loader_body),
     "preprocess": ("Preprocessing (MP4 -> shards)", preprocess_intro, preprocess_command, preprocess_body),
     "train_step": ("Training step", train_step_intro, train_step_command, train_step_body),
     "sample": ("Sampling", sample_intro, sample_command, sample_body),
+    "reliability": ("Resume and shard verification", reliability_intro, reliability_command, reliability_body),
 }
 
 

@@ -1,4 +1,4 @@
-"""The four bench scripts run end to end with tiny settings (JSON to tmp paths), and bench/report.py renders results.
+"""The five bench scripts run end to end with tiny settings (JSON to tmp paths), and bench/report.py renders results.
 
 Structure and positivity only: never a timing or a ratio between timings.
 """
@@ -58,6 +58,22 @@ def sample_result(results_dir) -> dict:
     return json.loads((results_dir / "sample.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def reliability_result(results_dir) -> dict:
+    run_bench("reliability.py", "--clips", "200", "--verify-clips", "40", "--shard-size", "10",
+              "--out", str(results_dir / "reliability.json"))
+    return json.loads((results_dir / "reliability.json").read_text())
+
+
+def test_reliability_bench(reliability_result):
+    r = reliability_result
+    assert (r["clips"], r["shards"], r["verify_clips"], r["verify_shards"]) == (200, 20, 40, 4)
+    assert [(x["workers"], x["start_batch"], x["clip_refs"]) for x in r["fast_forward_rows"]] == [(0, 24, 192), (2, 24, 192)]
+    assert all(x["first_batch_s"] > 0 and x["fast_forward_s"] > 0 and x["refs_per_s"] > 0 for x in r["fast_forward_rows"])
+    assert [(x["workers"], x["verify_shards"]) for x in r["verify_rows"]] == [(0, False), (0, True), (2, False), (2, True)]
+    assert all(x["clips_per_s"] > 0 and (x["mb_hashed"] > 0) == x["verify_shards"] for x in r["verify_rows"])
+
+
 def test_loader_bench(loader_result):
     r = loader_result
     assert r["videos"] == 8 and r["clips"] > 0 and r["shards"] > 1 and r["command"].startswith("python bench/loader.py")
@@ -102,16 +118,17 @@ def test_sample_bench(sample_result):
 
 
 def test_report_renders_the_bench_outputs(results_dir, loader_result, preprocess_result, train_step_result,
-                                          sample_result, tmp_path):
+                                          sample_result, reliability_result, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     assert report.main(["--results", str(results_dir), "--out", str(out)]) == 0
     text = out.read_text()
     assert "Not run yet" not in text and "rebuilt from the stored parameters" not in text
     for header in ("| loader | workers | clips/s |", "| decoder | workers | videos/s |",
                    "| config | variant | batch | params |", "| config | variant | workers |",
-                   "| steps | guidance | batch |"):
+                   "| steps | guidance | batch |", "| workers | start batch | clip refs |",
+                   "| workers | verify_shards | first pass s |"):
         assert header in text
-    for result in (loader_result, preprocess_result, train_step_result, sample_result):
+    for result in (loader_result, preprocess_result, train_step_result, sample_result, reliability_result):
         assert result["command"] in text
 
 
@@ -124,7 +141,7 @@ def test_report_marks_missing_results_and_rebuilds_old_commands(tmp_path):
                  for v, ms in (("eager", 400.0), ("channels_last", 200.0))],
     }))
     text = report.render(tmp_path)
-    assert text.count("Not run yet") == 3
+    assert text.count("Not run yet") == 4
     assert "| config | variant | batch | params | step ms | samples/s | x eager |" in text
     assert "| smoke | channels_last | 8 | 0.00M | 200.0 | 40 | 2.00x |" in text
     assert "python bench/train_step.py --configs smoke --variants eager,channels_last --steps 2 --warmup 1" in text
