@@ -7,6 +7,8 @@ dicts. Clips go through a shuffle buffer and are read, one copy each, straight i
 batch slots (`BatchRing`) that the main process copies out. Batches are
 [B, C, T, H, W] views of [B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one
 permutes bytes; float conversion, scaling to [-1, 1] and flips happen on the device (`to_model_input`).
+The per-reader stream, its exact resume (`start_batch`) and the skipping of damaged shards live in
+evdm.stream; this module builds it for the trainer and checks shards against manifest.json.
 """
 
 from __future__ import annotations
