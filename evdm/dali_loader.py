@@ -10,7 +10,7 @@ disjoint parts of the dataset through the reader's shard_id / num_shards.
 equivalence test and the benchmark); only the final `.gpu()` transfer differs.
 
 Resume is not exact with DALI: its reader cannot be fast-forwarded, so a resumed run restarts the
-shard order (evdm.data warns in one line), and damaged shards stop the run instead of being skipped.
+shard order (evdm.data warns in one line); damaged shards are left to DALI's reader, not skipped and counted.
 """
 
 from __future__ import annotations
