@@ -14,6 +14,7 @@ evdm.stream; this module builds it for the trainer and checks shards against man
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import warnings
@@ -29,7 +30,7 @@ from evdm.config import ConfigError, RunConfig
 from evdm.schema import clip_shape
 from evdm.shards import REMOTE_PREFIXES, expand_urls, iter_clips, manifest_beside, peek_clip_shape
 from evdm.shards import shard_slice  # noqa: F401  (re-exported: part of this module's API)
-from evdm.stream import BatchRing, ShardClipStream, _BatchPool, warn
+from evdm.stream import DAMAGE, BatchRing, ShardClipStream, _BatchPool, damage_reason, warn
 
 _PREFETCH_TICKETS = 2  # per DataLoader worker
 _CHUNK_BYTES = 8 << 20  # batches per worker ticket: up to this many bytes, at most 16
@@ -75,13 +76,29 @@ def check_shards(cfg: RunConfig) -> None:
                     f"{manifest}: shards made with frame_stride={stride}, data.frame_stride={cfg.data.frame_stride}"
                 )
         else:
-            found, where = tuple(peek_clip_shape(urls[0])), urls[0]
+            found, where = _peek_first_readable(urls, key)
         if found != expected:
             raise ConfigError(
                 f"{where}: shard clips have shape [T, H, W, C] = {list(found)}, but data.T={cfg.data.T}, "
                 f"data.size={cfg.data.size}, data.color_mode={cfg.data.color_mode!r} "
                 f"(data.{key}) expect {list(expected)}"
             )
+
+
+def _peek_first_readable(urls: list[str], key: str) -> tuple[tuple[int, ...], str]:
+    """(clip shape, url) of the first shard that can be read; damaged ones are the loader's to skip and name."""
+    reasons = []
+    for url in urls:
+        try:
+            return tuple(peek_clip_shape(url)), url
+        except DAMAGE as err:
+            reasons.append(f"{url}: {damage_reason(url, err)}")
+    raise ConfigError(f"data.{key}: no shard can be read (e.g. {reasons[0]})")
+
+
+def _manifest_entries(manifest: Path) -> list[dict]:
+    """Every shard entry ({"name", "clips", "sha256", "bytes"}) of every split in manifest.json."""
+    return [s for split in json.loads(manifest.read_text()).get("splits", {}).values() for s in split.get("shards", [])]
 
 
 def _listed_shards(spec: str | list[str]) -> tuple[Path | None, list[dict]]:
@@ -92,7 +109,7 @@ def _listed_shards(spec: str | list[str]) -> tuple[Path | None, list[dict]]:
     items = [spec] if isinstance(spec, str) else list(spec)
     patterns = [os.path.normpath(u) for item in items for u in braceexpand.braceexpand(item)
                 if not u.startswith(REMOTE_PREFIXES)]
-    entries = [s for split in json.loads(manifest.read_text()).get("splits", {}).values() for s in split.get("shards", [])]
+    entries = _manifest_entries(manifest)
     listed = [s for s in entries
               if any(fnmatch.fnmatchcase(os.path.normpath(manifest.parent / s["name"]), p) for p in patterns)]
     return manifest, listed
@@ -100,8 +117,12 @@ def _listed_shards(spec: str | list[str]) -> tuple[Path | None, list[dict]]:
 
 def train_clip_count(cfg: RunConfig) -> int | None:
     """Clips in the train split per manifest.json beside the train shards (None when unknown: remote, no manifest)."""
-    _, listed = _listed_shards(cfg.data.train_shards)
-    return sum(s["clips"] for s in listed) or None
+    urls = expand_urls(cfg.data.train_shards)
+    manifest = manifest_beside(urls[0])
+    if manifest is None:
+        return None
+    names = {Path(u).name for u in urls}
+    return sum(s["clips"] for s in _manifest_entries(manifest) if s["name"] in names) or None
 
 
 def manifest_problems(spec: str | list[str]) -> list[str]:
@@ -125,7 +146,7 @@ def _manifest_digests(urls: list[str]) -> dict[str, str]:
     manifest = manifest_beside(urls[0])
     if manifest is None:
         raise ConfigError(f"data.verify_shards = true needs manifest.json beside {urls[0]} (local shards only)")
-    entries = [s for split in json.loads(manifest.read_text()).get("splits", {}).values() for s in split.get("shards", [])]
+    entries = _manifest_entries(manifest)
     by_path = {os.path.normpath(manifest.parent / s["name"]): s["sha256"] for s in entries if s.get("sha256")}
     return {u: by_path[os.path.normpath(u)] for u in urls if os.path.normpath(u) in by_path}
 
@@ -226,12 +247,15 @@ def load_val_clips(cfg: RunConfig) -> torch.Tensor:
     expected = expected_clip_shape(cfg)
     clips: list[np.ndarray] = []
     for url in sorted(expand_urls(cfg.data.val_shards)):
-        for key, clip in iter_clips(url):
-            if len(clips) >= cfg.data.val_clips:
-                break
+        try:
+            found = list(itertools.islice(iter_clips(url), cfg.data.val_clips - len(clips)))
+        except DAMAGE as err:  # a damaged val shard is left out whole, like a train shard
+            warn(f"skipping val shard {url}: {damage_reason(url, err)}")
+            continue
+        for key, clip in found:
             if clip.shape != expected:
                 raise ConfigError(f"{url}: sample {key} has clip shape {clip.shape}, config expects {expected}")
-            clips.append(clip)
+        clips += [clip for _, clip in found]
         if len(clips) >= cfg.data.val_clips:
             break
     if not clips:

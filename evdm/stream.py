@@ -37,7 +37,7 @@ def warn(line: str) -> None:
     sys.stderr.flush()
 
 
-def _reason(url: str, err: Exception) -> str:
+def damage_reason(url: str, err: Exception) -> str:
     """What is wrong with shard `url`, without repeating its name."""
     if isinstance(err, OSError) and err.strerror:  # FileNotFoundError and friends
         return err.strerror
@@ -67,7 +67,7 @@ class ShardReader:
                 self._verify(url)
                 return clip_refs(url, self.expected_shape)
             except DAMAGE as err:
-                self.damaged[url] = _reason(url, err)
+                self.damaged[url] = damage_reason(url, err)
                 warn(f"skipping shard {url}: {self.damaged[url]} ({self.who}; counted in skipped_shards)")
         self.skipped += count
         return None

@@ -268,3 +268,23 @@ def test_verify_shards_needs_a_manifest(shard_dir):
     (shard_dir / "manifest.json").unlink()
     with pytest.raises(ConfigError, match=r"data.verify_shards = true needs manifest.json beside .*train-000000"):
         data.make_train_loader(cfg_for(shard_dir, verify_shards=True))
+
+
+def test_damaged_val_shard_is_left_out_with_one_line(shard_dir, capfd):
+    originals = [c for _, c in data.iter_clips(str(shard_dir / "val-000000.tar"))]
+    shutil.copy(shard_dir / "val-000000.tar", shard_dir / "val-000001.tar")
+    cut(shard_dir / "val-000000.tar")
+    val = data.load_val_clips(cfg_for(shard_dir, val_clips=3))
+    assert clip_bytes(val) == [c.tobytes() for c in originals[:3]]  # from the intact copy
+    (line,) = [x for x in capfd.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert line.startswith(f"warning: skipping val shard {shard_dir / 'val-000000.tar'}: truncated tar")
+
+
+def test_start_up_check_without_a_manifest_peeks_past_a_damaged_first_shard(shard_dir):
+    (shard_dir / "manifest.json").unlink()
+    (shard_dir / "train-000000.tar").write_text("not a tar\n" * 100)
+    data.check_shards(cfg_for(shard_dir))
+    for p in shard_dir.glob("train-*.tar"):
+        p.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^data.train_shards: no shard can be read \(e.g. .*train-000000.tar: empty"):
+        data.check_shards(cfg_for(shard_dir))
