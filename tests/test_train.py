@@ -132,8 +132,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch, 
     assert [loss[straight][s] for s in (8, 10)] == [loss[resumed][s] for s in (8, 10)]
 
 
-def test_resume_with_the_old_step_seeded_stream_would_differ(tmp_path):
-    """The fixture above is sensitive: starting the stream over at a resume (the old behaviour) changes the weights."""
+def test_resume_that_restarts_the_stream_would_differ(tmp_path):
+    """The fixture above is sensitive: a resume that starts the stream over (as before issue 12) changes the weights."""
     from evdm import data
     from evdm.train import train
 
