@@ -168,6 +168,33 @@ def sample_body(r: dict) -> list[str]:
     return md_table(["steps", "guidance", "batch", "forward batch", "s / call", "ms / model call", "clips/s"], rows)
 
 
+def reliability_intro(r: dict) -> str:
+    return ("What exact resume and shard verification cost. **Fast-forward**: a resumed run's loader replays "
+            "the shard order, shuffle buffer and batching over clip references (tar headers, no pixel reads) up "
+            f"to its start batch; here {r['clips']} tiny clips in {r['shards']} shards, resumed at the last batch of "
+            "the first pass, seconds to the first batch against a fresh start. **verify_shards**: one first pass "
+            f"over {r['verify_clips']} clips (B {r['batch']}, T 8, 64x64 rgb, {r['shard_size']} a shard) with "
+            "`data.verify_shards` off and on, start-up included; each reader hashes a shard once, so only the "
+            "first pass pays.")
+
+
+def reliability_command(r: dict) -> str:
+    return f"python bench/reliability.py --clips {r['clips']} --verify-clips {r['verify_clips']}"
+
+
+def reliability_body(r: dict) -> list[str]:
+    rows = [[str(x["workers"]), str(x["start_batch"]), str(x["clip_refs"]), fmt(x["first_batch_s"], ".2f"),
+             fmt(x["resumed_first_batch_s"], ".2f"), fmt(x["fast_forward_s"], ".2f"), fmt(x["refs_per_s"], ",.0f")]
+            for x in r["fast_forward_rows"]]
+    lines = md_table(["workers", "start batch", "clip refs", "fresh: first batch s", "resumed: first batch s",
+                      "fast-forward s", "refs/s"], rows)
+    off = {x["workers"]: x["clips_per_s"] for x in r["verify_rows"] if not x["verify_shards"]}
+    rows = [[str(x["workers"]), "on" if x["verify_shards"] else "off", fmt(x["pass_s"], ".2f"),
+             fmt(x["clips_per_s"], ".0f"), fmt(x["mb_hashed"], ".0f"), ratio(x["clips_per_s"], off.get(x["workers"]))]
+            for x in r["verify_rows"]]
+    return lines + [""] + md_table(["workers", "verify_shards", "first pass s", "clips/s", "MB hashed", "x off"], rows)
+
+
 GPU_CHECK_INTRO = (
     "Issue 11's figures on one H100/H200 in one command of about 6 minutes, compile included: the training step "
     "(fwd + bwd + AdamW) of the reference model (64 px, T 8, K 2, 50.95 M parameters) for the new (`2d`) and old "
@@ -212,6 +239,8 @@ SECTIONS = {
                    "python bench/preprocess.py"),
     "train_step": ("Training step", train_step_intro, train_step_command, train_step_body, "python bench/train_step.py"),
     "sample": ("Sampling", sample_intro, sample_command, sample_body, "python bench/sample.py"),
+    "reliability": ("Resume and shard verification", reliability_intro, reliability_command, reliability_body,
+                    "python bench/reliability.py"),
 }
 NOT_MEASURED = {
     "gpu_check": [GPU_CHECK_INTRO, "", "To run it on one H100/H200 (about 6 minutes; the small wheels it needs, "

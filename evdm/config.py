@@ -35,6 +35,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     val_clips: int = 64  # fixed val subset size
     hflip: bool = False  # random horizontal flip, applied on the training device
+    verify_shards: bool = False  # check each shard's sha256 against manifest.json when a reader first opens it
 
 
 @dataclass(frozen=True, kw_only=True)

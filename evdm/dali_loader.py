@@ -8,6 +8,9 @@ disjoint parts of the dataset through the reader's shard_id / num_shards.
 
 `dali_batches(..., device_id=None)` runs the same pipeline in DALI's CPU-only mode (used by the
 equivalence test and the benchmark); only the final `.gpu()` transfer differs.
+
+Resume is not exact with DALI: its reader cannot be fast-forwarded, so a resumed run restarts the
+shard order (evdm.data warns in one line); damaged shards are left to DALI's reader, not skipped and counted.
 """
 
 from __future__ import annotations

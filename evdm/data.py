@@ -7,26 +7,30 @@ dicts. Clips go through a shuffle buffer and are read, one copy each, straight i
 batch slots (`BatchRing`) that the main process copies out. Batches are
 [B, C, T, H, W] views of [B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one
 permutes bytes; float conversion, scaling to [-1, 1] and flips happen on the device (`to_model_input`).
+The per-reader stream, its exact resume (`start_batch`) and the skipping of damaged shards live in
+evdm.stream; this module builds it for the trainer and checks shards against manifest.json.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import json
-import sys
-import time
+import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
+import braceexpand
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from evdm.config import ConfigError, RunConfig
 from evdm.schema import clip_shape
-from evdm.shards import (
-    clip_refs, expand_urls, fill_batch, iter_clips, manifest_beside, peek_clip_shape, shard_slice,
-)
+from evdm.shards import REMOTE_PREFIXES, expand_urls, iter_clips, manifest_beside, peek_clip_shape
+from evdm.shards import shard_slice  # noqa: F401  (re-exported: part of this module's API)
+from evdm.stream import DAMAGE, BatchRing, ShardClipStream, _BatchPool, damage_reason, warn
 
 _PREFETCH_TICKETS = 2  # per DataLoader worker
 _CHUNK_BYTES = 8 << 20  # batches per worker ticket: up to this many bytes, at most 16
@@ -40,159 +44,6 @@ def stack_clips(clips: list[np.ndarray]) -> torch.Tensor:
     out = torch.empty((len(clips), *clips[0].shape), dtype=torch.uint8)
     np.stack(clips, out=out.numpy())
     return out.permute(0, 4, 1, 2, 3)
-
-
-class _BatchPool:
-    """Recycles batch buffers the consumer has let go of: fresh 1 MB allocations cost an mmap and a
-    page fault per 4 KiB on every batch. Each tensor handed out holds a reference to its numpy
-    buffer until the last view of it dies, so a buffer whose refcount is back to the pool's own is free.
-    With CUDA, pinned buffers come from torch's caching host allocator instead.
-    """
-
-    def __init__(self, shape: tuple[int, ...], *, pin: bool, size: int = 16) -> None:
-        self.shape, self.pin, self.size = shape, pin, size
-        self.buffers: list[np.ndarray] = []
-        for buf in [np.empty(0)]:  # the count get() sees for a buffer held by no tensor: list, loop, call
-            self.free_refcount = sys.getrefcount(buf)
-
-    def get(self) -> tuple[torch.Tensor, np.ndarray]:
-        """A uint8 tensor of `shape` and a numpy view of it."""
-        if self.pin:
-            out = torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
-            return out, out.numpy()
-        for buf in self.buffers:
-            if sys.getrefcount(buf) <= self.free_refcount:
-                return torch.from_numpy(buf), buf
-        buf = np.empty(self.shape, dtype=np.uint8)
-        if len(self.buffers) < self.size:
-            self.buffers.append(buf)
-        return torch.from_numpy(buf), buf
-
-
-class BatchRing:
-    """Shared-memory batch slots per DataLoader worker, created before the workers start.
-
-    A worker reads `chunk` batches straight into its next free slots and hands over one small ticket
-    (worker, first slot, count); the main process copies each slot out (into pinned memory when CUDA
-    is present) and frees it. Measured here: sending each batch through the DataLoader as a tensor
-    (a fresh shared-memory segment and file descriptor per batch) caps out near 560 batches/s with
-    no work at all, and one DataLoader round trip per batch leaves workers idle waiting for requests
-    on a busy machine; chunked tickets amortise both.
-    """
-
-    def __init__(self, num_workers: int, batch_shape: tuple[int, ...], *, prefetch: int) -> None:
-        batch_bytes = int(np.prod(batch_shape))
-        self.chunk = int(np.clip(_CHUNK_BYTES // batch_bytes, 1, 16))
-        # A worker's ticket k is requested when its ticket k - prefetch is handed over, so ticket
-        # k - prefetch - 1 has been drained: prefetch + 1 chunks of slots never make a worker wait.
-        self.slots = (prefetch + 1) * self.chunk
-        self.data = torch.zeros((num_workers, self.slots, *batch_shape), dtype=torch.uint8).share_memory_()
-        self.busy = torch.zeros((num_workers, self.slots), dtype=torch.uint8).share_memory_()
-        self._written = 0  # batches this worker process has written
-
-    def put(self, worker: int, refs: list) -> int:
-        """Read one batch into this worker's next slot; returns the slot."""
-        slot = self._written % self.slots
-        self._written += 1
-        busy = self.busy.numpy()
-        while busy[worker, slot]:  # a safety net; see __init__
-            time.sleep(1e-4)
-        fill_batch(self.data[worker, slot].numpy(), refs)
-        busy[worker, slot] = 1
-        return slot
-
-    def take(self, worker: int, slot: int, pool: _BatchPool) -> torch.Tensor:
-        """Copy a slot out as uint8 [B, C, T, H, W] (channels_last_3d view) and free it."""
-        out, out_np = pool.get()
-        np.copyto(out_np, self.data[worker, slot].numpy())
-        self.busy.numpy()[worker, slot] = 0
-        return out.permute(0, 4, 1, 2, 3)
-
-
-class ShardClipStream(IterableDataset):
-    """Infinite stream of batches from this rank's and worker's shard slice.
-
-    Yields uint8 [B, C, T, H, W] tensors, or (worker, first slot, count) tickets into `ring` in workers.
-    """
-
-    def __init__(
-        self, urls: list[str], *, batch_size: int, expected_shape: tuple[int, ...], rank: int = 0,
-        world_size: int = 1, partition_seed: int = 0, sample_seed: int = 0, shuffle_buffer: int = 0,
-        ring: BatchRing | None = None, pin: bool = False,
-    ) -> None:
-        self.urls = list(urls)
-        self.batch_size = batch_size
-        self.expected_shape = tuple(expected_shape)
-        self.rank, self.world_size = rank, world_size
-        self.partition_seed, self.sample_seed = partition_seed, sample_seed
-        self.shuffle_buffer = shuffle_buffer
-        self.ring, self.pin = ring, pin
-
-    def _clips(self, worker: int, num_workers: int) -> Iterator:
-        readers = self.world_size * num_workers
-        reader = self.rank * num_workers + worker
-        # Fewer shards than readers: everyone reads every shard and keeps every readers-th clip.
-        split_samples = len(self.urls) < readers
-        shuffle = self.shuffle_buffer > 1
-        epoch = 0
-        while True:
-            if split_samples:
-                urls = shard_slice(self.urls, 0, 1, 0, 1, epoch, self.partition_seed, shuffle=shuffle)
-            else:
-                urls = shard_slice(self.urls, self.rank, self.world_size, worker, num_workers,
-                                   epoch, self.partition_seed, shuffle=shuffle)
-            seen = 0
-            for url in urls:
-                refs = clip_refs(url, self.expected_shape)
-                if split_samples:
-                    refs = refs[reader::readers]
-                seen += len(refs)
-                yield from refs
-            if not seen:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: shards {urls} hold no clips")
-            epoch += 1
-
-    def _shuffled(self, clips: Iterator, rng: np.random.Generator) -> Iterator:
-        """Reservoir-style shuffle buffer; uniforms drawn in blocks (one rng call per 4096 clips)."""
-        size = self.shuffle_buffer
-        buffer: list = []
-        uniforms, used = rng.random(4096), 0
-        for clip in clips:
-            if len(buffer) < size:
-                buffer.append(clip)
-                continue
-            if used == len(uniforms):
-                uniforms, used = rng.random(4096), 0
-            i = int(uniforms[used] * size)
-            used += 1
-            buffer[i], clip = clip, buffer[i]
-            yield clip
-
-    def __iter__(self) -> Iterator[torch.Tensor | tuple[int, int, int]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        clips = self._clips(worker, num_workers)
-        if self.shuffle_buffer > 1:
-            clips = self._shuffled(clips, np.random.default_rng([self.sample_seed, self.rank, worker]))
-        ring = self.ring if info is not None else None
-        pool = _BatchPool((self.batch_size, *self.expected_shape), pin=self.pin) if ring is None else None
-        batch: list = []
-        first, count = 0, 0
-        for clip in clips:
-            batch.append(clip)
-            if len(batch) < self.batch_size:
-                continue
-            if ring is None:
-                out, out_np = pool.get()
-                fill_batch(out_np, batch)
-                yield out.permute(0, 4, 1, 2, 3)
-            else:
-                slot = ring.put(worker, batch)
-                first, count = (slot, 1) if count == 0 else (first, count + 1)
-                if count == ring.chunk:
-                    yield worker, first, count
-                    count = 0
-            batch = []
 
 
 # ---- the trainer's API ------------------------------------------------------------------------
@@ -225,13 +76,43 @@ def check_shards(cfg: RunConfig) -> None:
                     f"{manifest}: shards made with frame_stride={stride}, data.frame_stride={cfg.data.frame_stride}"
                 )
         else:
-            found, where = tuple(peek_clip_shape(urls[0])), urls[0]
+            found, where = _peek_first_readable(urls, key)
         if found != expected:
             raise ConfigError(
                 f"{where}: shard clips have shape [T, H, W, C] = {list(found)}, but data.T={cfg.data.T}, "
                 f"data.size={cfg.data.size}, data.color_mode={cfg.data.color_mode!r} "
                 f"(data.{key}) expect {list(expected)}"
             )
+
+
+def _peek_first_readable(urls: list[str], key: str) -> tuple[tuple[int, ...], str]:
+    """(clip shape, url) of the first shard that can be read; damaged ones are the loader's to skip and name."""
+    reasons = []
+    for url in urls:
+        try:
+            return tuple(peek_clip_shape(url)), url
+        except DAMAGE as err:
+            reasons.append(f"{url}: {damage_reason(url, err)}")
+    raise ConfigError(f"data.{key}: no shard can be read (e.g. {reasons[0]})")
+
+
+def _manifest_entries(manifest: Path) -> list[dict]:
+    """Every shard entry ({"name", "clips", "sha256", "bytes"}) of every split in manifest.json."""
+    return [s for split in json.loads(manifest.read_text()).get("splits", {}).values() for s in split.get("shards", [])]
+
+
+def _listed_shards(spec: str | list[str]) -> tuple[Path | None, list[dict]]:
+    """(manifest.json, its shard entries that the local patterns of `spec` name, whether or not the files exist)."""
+    manifest = manifest_beside(expand_urls(spec)[0])
+    if manifest is None:
+        return None, []
+    items = [spec] if isinstance(spec, str) else list(spec)
+    patterns = [os.path.normpath(u) for item in items for u in braceexpand.braceexpand(item)
+                if not u.startswith(REMOTE_PREFIXES)]
+    entries = _manifest_entries(manifest)
+    listed = [s for s in entries
+              if any(fnmatch.fnmatchcase(os.path.normpath(manifest.parent / s["name"]), p) for p in patterns)]
+    return manifest, listed
 
 
 def train_clip_count(cfg: RunConfig) -> int | None:
@@ -241,26 +122,84 @@ def train_clip_count(cfg: RunConfig) -> int | None:
     if manifest is None:
         return None
     names = {Path(u).name for u in urls}
-    shards = [s for split in json.loads(manifest.read_text()).get("splits", {}).values() for s in split.get("shards", [])]
-    return sum(s["clips"] for s in shards if s["name"] in names) or None
+    return sum(s["clips"] for s in _manifest_entries(manifest) if s["name"] in names) or None
+
+
+def manifest_problems(spec: str | list[str]) -> list[str]:
+    """"name (what is wrong)" for each shard manifest.json lists under `spec` that is missing, empty or of
+    another size than the manifest's `bytes` (older manifests record no size: existence only)."""
+    manifest, listed = _listed_shards(spec)
+    problems = []
+    for entry in listed:
+        path = manifest.parent / entry["name"]
+        size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            problems.append(f"{entry['name']} (missing)")
+        elif size == 0 or entry.get("bytes", size) != size:
+            want = f", manifest says {entry['bytes']}" if "bytes" in entry else ""
+            problems.append(f"{entry['name']} ({size} bytes{want})")
+    return problems
+
+
+def _manifest_digests(urls: list[str]) -> dict[str, str]:
+    """url -> sha256 from manifest.json for data.verify_shards; ConfigError when there is no manifest to check against."""
+    manifest = manifest_beside(urls[0])
+    if manifest is None:
+        raise ConfigError(f"data.verify_shards = true needs manifest.json beside {urls[0]} (local shards only)")
+    entries = _manifest_entries(manifest)
+    by_path = {os.path.normpath(manifest.parent / s["name"]): s["sha256"] for s in entries if s.get("sha256")}
+    return {u: by_path[os.path.normpath(u)] for u in urls if os.path.normpath(u) in by_path}
+
+
+class TrainBatches:
+    """The trainer's infinite iterator of uint8 [B, C, T, H, W] batches, and `skipped_shards`: the skip
+    events of damaged shards in this rank's readers so far (a damaged shard counts once per pass that deals it)."""
+
+    def __init__(self, dataset: ShardClipStream | None, batches: Iterator[torch.Tensor],
+                 worker_skipped: dict[int, int] | None = None) -> None:
+        self._dataset, self._batches = dataset, batches
+        # Filled from the workers' tickets as they arrive (the same dict object the ticket reader fills).
+        self.worker_skipped = worker_skipped if worker_skipped is not None else {}
+
+    @property
+    def skipped_shards(self) -> int:
+        if self.worker_skipped:
+            return sum(self.worker_skipped.values())
+        return self._dataset.skipped_shards if self._dataset is not None else 0
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._batches)
 
 
 def make_train_loader(
-    cfg: RunConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0
-) -> Iterable[torch.Tensor]:
-    """Infinite iterator of uint8 [B, C, T, H, W] batches (B = train.batch_size) for this rank.
+    cfg: RunConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
+) -> TrainBatches:
+    """Infinite iterator of uint8 [B, C, T, H, W] batches (B = train.batch_size) for this rank, from batch `start_batch`.
 
     Batches are channels_last_3d views of [B, T, H, W, C] buffers, in pinned memory when CUDA is present.
 
     `seed` drives the sample shuffle; the shard partition uses train.seed, equal on every rank, so
-    ranks stay disjoint even when `seed` differs per rank. data.loader = "dali" dispatches to DALI.
+    ranks stay disjoint even when `seed` differs per rank. The stream is a function of (train.seed,
+    seed, rank, worker, batches consumed): with `start_batch = s` it yields exactly batches s, s+1, ...
+    of a fresh stream with the same data.num_workers and world_size (evdm.stream). data.loader =
+    "dali" dispatches to DALI, whose resume restarts its reader instead.
     """
     d = cfg.data
     if d.loader == "dali":
         from evdm.dali_loader import make_dali_train_loader
 
-        return make_dali_train_loader(cfg, rank=rank, world_size=world_size, seed=seed)
+        if start_batch and rank == 0:
+            warn("data.loader = 'dali' cannot fast-forward: the resumed run restarts DALI's shard order "
+                 "and sees other clips than a straight run would")
+        return TrainBatches(None, make_dali_train_loader(cfg, rank=rank, world_size=world_size, seed=seed))
     urls = expand_urls(d.train_shards)
+    problems = manifest_problems(d.train_shards)
+    if problems and rank == 0:
+        warn(f"manifest.json lists {len(problems)} train shard(s) that are missing or of the wrong size: "
+             + ", ".join(problems))
     readers = world_size * max(d.num_workers, 1)
     if len(urls) < readers:
         warnings.warn(
@@ -270,24 +209,37 @@ def make_train_loader(
             stacklevel=2,
         )
     pin = torch.cuda.is_available()
+    batch_shape = (cfg.train.batch_size, *expected_clip_shape(cfg))
     ring = None
     if d.num_workers > 0:
-        ring = BatchRing(d.num_workers, (cfg.train.batch_size, *expected_clip_shape(cfg)), prefetch=_PREFETCH_TICKETS)
+        ring = BatchRing(d.num_workers, batch_shape, prefetch=_PREFETCH_TICKETS, chunk_bytes=_CHUNK_BYTES)
     dataset = ShardClipStream(
         urls, batch_size=cfg.train.batch_size, expected_shape=expected_clip_shape(cfg), rank=rank,
         world_size=world_size, partition_seed=cfg.train.seed, sample_seed=seed, shuffle_buffer=d.shuffle_buffer,
-        ring=ring, pin=pin,
+        ring=ring, pin=pin, start_batch=start_batch, digests=_manifest_digests(urls) if d.verify_shards else None,
     )
     if ring is None:
-        return iter(dataset)
+        return TrainBatches(dataset, iter(dataset))
     loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS)
-    return _batches_from_ring(loader, ring, _BatchPool((cfg.train.batch_size, *expected_clip_shape(cfg)), pin=pin))
+    skipped: dict[int, int] = {}
+    batches = _batches_from_ring(loader, ring, _BatchPool(batch_shape, pin=pin), skipped, drop=start_batch % ring.chunk)
+    return TrainBatches(dataset, batches, skipped)
 
 
-def _batches_from_ring(loader: DataLoader, ring: BatchRing, pool: _BatchPool) -> Iterator[torch.Tensor]:
-    for worker, first, count in loader:
+def _batches_from_ring(
+    loader: DataLoader, ring: BatchRing, pool: _BatchPool, skipped: dict[int, int], *, drop: int
+) -> Iterator[torch.Tensor]:
+    """Batches out of the workers' tickets; `drop`: leading batches a resume has already trained on."""
+    for ticket in loader:
+        if isinstance(ticket, str):
+            raise ConfigError(ticket)
+        worker, first, count, skipped[worker] = ticket
         for i in range(count):
-            yield ring.take(worker, (first + i) % ring.slots, pool)
+            if drop:
+                ring.drop(worker, (first + i) % ring.slots)
+                drop -= 1
+            else:
+                yield ring.take(worker, (first + i) % ring.slots, pool)
 
 
 def load_val_clips(cfg: RunConfig) -> torch.Tensor:
@@ -295,12 +247,15 @@ def load_val_clips(cfg: RunConfig) -> torch.Tensor:
     expected = expected_clip_shape(cfg)
     clips: list[np.ndarray] = []
     for url in sorted(expand_urls(cfg.data.val_shards)):
-        for key, clip in iter_clips(url):
-            if len(clips) >= cfg.data.val_clips:
-                break
+        try:
+            found = list(itertools.islice(iter_clips(url), cfg.data.val_clips - len(clips)))
+        except DAMAGE as err:  # a damaged val shard is left out whole, like a train shard
+            warn(f"skipping val shard {url}: {damage_reason(url, err)}")
+            continue
+        for key, clip in found:
             if clip.shape != expected:
                 raise ConfigError(f"{url}: sample {key} has clip shape {clip.shape}, config expects {expected}")
-            clips.append(clip)
+        clips += [clip for _, clip in found]
         if len(clips) >= cfg.data.val_clips:
             break
     if not clips:

@@ -79,20 +79,30 @@ def shard_slice(
 # ---- tar and .npy parsing ---------------------------------------------------------------------
 
 
-def index_tar(read_at, end: int, url: str) -> list[tuple[str, int, int]]:
+def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tuple[str, int, int]]:
     """(member name, data offset, size) of each regular member of a tar of `end` bytes.
 
     `read_at(pos, n)` returns n bytes at pos. A minimal ustar/GNU/pax header walk: no tarfile objects.
+    With `heads`, each header is read together with the block after it (one read either way), and
+    that block -- the first 512 bytes of each regular member's data -- is appended to `heads`.
     """
+    if end < 512:  # even an empty tar is 1024 zero bytes
+        raise OSError(f"{url}: " + ("empty file (0 bytes)" if end == 0 else f"not a tar file ({end} bytes)"))
     members: list[tuple[str, int, int]] = []
     long_name: bytes | None = None
     pos = 0
     unpack = _TAR_HEADER.unpack_from
     while pos + 512 <= end:
-        name, size_field, kind, magic, prefix = unpack(read_at(pos, 512))
+        block = read_at(pos, 1024 if heads is not None else 512)
+        name, size_field, kind, magic, prefix = unpack(block)
         if not name[:1].strip(b"\0"):  # end-of-archive zero block
             break
-        size = int(size_field.strip(b"\0 ") or b"0", 8)
+        try:
+            if magic != b"ustar":  # ustar, GNU and pax headers all carry it; damage or a foreign file does not
+                raise ValueError
+            size = int(size_field.strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise OSError(f"{url}: not a tar file or a damaged tar header at byte {pos}") from None
         data = pos + 512
         pos = data + ((size + 511) & ~511)
         if data + size > end:
@@ -111,14 +121,18 @@ def index_tar(read_at, end: int, url: str) -> list[tuple[str, int, int]]:
                 if magic == b"ustar" and prefix[:1] != b"\0":
                     name = prefix.rstrip(b"\0") + b"/" + name
             members.append((name.decode(), data, size))
+            if heads is not None:
+                heads.append(block[512:512 + size])
         else:
             long_name = None
+    else:  # ran out of bytes before the end-of-archive block: the file was cut at a member boundary
+        raise OSError(f"{url}: truncated tar (no end-of-archive block, {end} bytes)")
     return members
 
 
 def npy_layout(data: bytes | memoryview, where: str) -> tuple[bytes, tuple[int, ...]]:
     """(.npy header bytes, shape) of uint8 .npy data; raises ValueError naming `where` otherwise."""
-    if data[:6] != _NPY_MAGIC:
+    if len(data) < 10 or data[:6] != _NPY_MAGIC:
         raise ValueError(f"{where}: not a .npy file")
     start, hlen = (10, int.from_bytes(data[8:10], "little")) if data[6] == 1 else \
         (12, int.from_bytes(data[8:12], "little"))
@@ -131,10 +145,15 @@ def npy_layout(data: bytes | memoryview, where: str) -> tuple[bytes, tuple[int, 
 
 @functools.lru_cache(maxsize=64)
 def _npy_shape(header: bytes) -> tuple[int, ...]:
-    fields = ast.literal_eval(header.decode("latin1"))
-    if np.dtype(fields["descr"]) != np.uint8 or fields["fortran_order"]:
+    try:  # damaged bytes can fail in any of these steps, each with its own exception type
+        fields = ast.literal_eval(header.decode("latin1"))
+        descr, fortran_order, shape = fields["descr"], fields["fortran_order"], tuple(fields["shape"])
+        dtype = np.dtype(descr)
+    except (SyntaxError, ValueError, TypeError, KeyError, MemoryError, RecursionError):
+        raise ValueError(f"damaged .npy header {header[:60]!r}") from None
+    if dtype != np.uint8 or fortran_order:
         raise ValueError(f"clip must be C-ordered uint8, got {fields}")
-    return tuple(fields["shape"])
+    return shape
 
 
 def _open_shard(url: str):
@@ -178,22 +197,27 @@ def clip_refs(url: str, expected_shape: tuple[int, ...]) -> list:
     """
     read_at, size, f = _open_shard(url)
     suffix = "." + CLIP_EXT
-    clips = [(name, offset, n) for name, offset, n in index_tar(read_at, size, url) if name.endswith(suffix)]
+    heads: list = []
+    members = index_tar(read_at, size, url, heads)
+    clips = [(name, offset, n, head) for (name, offset, n), head in zip(members, heads) if name.endswith(suffix)]
     if not clips:
         return []
-    name, offset, n = clips[0]
+    name, offset, n, _ = clips[0]
     prefix, shape = npy_layout(read_at(offset, min(n, 4096)), f"{url}: {name}")
     if shape != tuple(expected_shape):
         raise ConfigError(f"{url}: sample {name} has clip shape {shape}, "
                           f"config (data.T, data.size, data.color_mode) expects {tuple(expected_shape)}")
     want = len(prefix) + int(np.prod(shape))
-    # Remote shards are in memory: check every header now; local ones are checked as they are read.
-    bad = [name for name, o, n in clips if n != want or (f is None and read_at(o, len(prefix)) != prefix)]
+    # Every clip's size and .npy header are checked here, not when its pixels are read: a damaged
+    # shard is then rejected whole before any of its clips is batched, and a resumed run's
+    # fast-forward (which reads no pixels) reaches the same verdict as a straight run.
+    bad = [name for name, o, n, head in clips
+           if n != want or (head[:len(prefix)] if len(prefix) <= len(head) else read_at(o, len(prefix))) != prefix]
     if bad:
         raise ConfigError(f"{url}: sample {bad[0]} is not a {shape} uint8 clip like the shard's first one")
     if f is None:
-        return [np.frombuffer(read_at(o, n), np.uint8, offset=len(prefix)).reshape(shape) for _, o, n in clips]
-    return [(f, offset, prefix) for _, offset, _ in clips]
+        return [np.frombuffer(read_at(o, n), np.uint8, offset=len(prefix)).reshape(shape) for _, o, n, _ in clips]
+    return [(f, offset, prefix) for _, offset, _, _ in clips]
 
 
 def fill_batch(out: np.ndarray, refs: list) -> None:

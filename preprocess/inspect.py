@@ -1,7 +1,8 @@
-"""`python -m preprocess.inspect SHARD_DIR`: print the manifest summary, save a contact sheet PNG.
+"""`python -m preprocess.inspect SHARD_DIR [--verify]`: print the manifest summary, save a contact sheet PNG.
 
 The sheet shows a few random clips, one per row, frames left to right, so a person can see what the
-shards hold (crop, colour, motion) before training on them.
+shards hold (crop, colour, motion) before training on them. `--verify` instead checks every shard's
+sha256 against manifest.json and names each one missing or changed (exit 1 if any).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from evdm.schema import CLIP_EXT, MANIFEST_NAME, META_EXT, decode_clip, decode_meta
+from preprocess.progress import Progress
+from preprocess.writer import sha256_file
 
 
 def load_manifest(shard_dir: Path) -> dict:
@@ -37,6 +40,22 @@ def summary_lines(manifest: dict) -> list[str]:
     if len(skipped) > 20:
         lines.append(f"  ... and {len(skipped) - 20} more (see {MANIFEST_NAME})")
     return lines
+
+
+def verify(shard_dir: Path, manifest: dict, *, quiet: bool = False) -> list[str]:
+    """"name: what is wrong" for each shard the manifest lists that is missing or whose sha256 differs."""
+    shards = [s for entry in manifest["splits"].values() for s in entry["shards"]]
+    problems = []
+    with Progress("shards", len(shards), counts={"MB": 0.0}, quiet=quiet) as progress:
+        for shard in shards:
+            path = shard_dir / shard["name"]
+            if not path.is_file():
+                problems.append(f"{shard['name']}: missing")
+            elif (digest := sha256_file(path)) != shard["sha256"]:
+                problems.append(f"{shard['name']}: sha256 {digest[:16]}... differs from the manifest's "
+                                f"{shard['sha256'][:16]}... (damaged or replaced since it was written)")
+            progress.advance(MB=path.stat().st_size / 1e6 if path.is_file() else 0.0)
+    return problems
 
 
 def read_samples(tar_path: Path, keys: set[str] | None = None) -> dict[str, dict]:
@@ -74,10 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default SHARD_DIR/contact_sheet.png)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's sha256 against manifest.json (exit 1 if any is missing or changed)")
     args = p.parse_args(argv)
     try:
         manifest = load_manifest(args.shard_dir)
         print("\n".join(summary_lines(manifest)))
+        if args.verify:
+            problems = verify(args.shard_dir, manifest)
+            print("\n".join(problems + [f"verified {sum(len(e['shards']) for e in manifest['splits'].values())} "
+                                        f"shards: {len(problems)} missing or changed"]))
+            return 1 if problems else 0
         shards = manifest["splits"].get(args.split, {}).get("shards", [])
         if not shards:
             print(f"no {args.split} shards to show")

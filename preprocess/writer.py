@@ -92,13 +92,19 @@ def write_manifest(
 ) -> dict:
     """Write SHARD_DIR/manifest.json atomically (last, after every shard) and return it.
 
-    splits: {"train": {"videos": n, "clips": n, "shards": [{"name", "clips", "sha256"}]}, ...}
+    splits: {"train": {"videos": n, "clips": n, "shards": [{"name", "clips", "sha256"}]}, ...}; each shard
+    entry gains "bytes", the file's size, here.
     skipped: [{"path": rel path, "reason": str}, ...]
     """
     import json
 
     from evdm.schema import MANIFEST_NAME
 
+    for entry in splits.values():  # each shard's size, so a trainer can name a truncated or swapped file
+        for shard in entry.get("shards", []):
+            path = Path(shard_dir) / shard["name"]
+            if path.is_file():
+                shard["bytes"] = path.stat().st_size
     manifest = {
         "format": 1,
         "options": options,

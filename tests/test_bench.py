@@ -89,10 +89,26 @@ def test_report_renders_gpu_check_and_marks_missing_results(smoke, tmp_path):
                  for v, ms in (("eager", 400.0), ("channels_last", 200.0))],
     }))
     text = report.render(tmp_path)
-    assert text.count("Not run yet") == 3  # loader, preprocess, sample
+    assert text.count("Not run yet") == 4  # loader, preprocess, sample, reliability
     assert "| config | variant | batch | params | step ms | samples/s | x eager |" in text
     assert "| smoke | channels_last | 8 | 0.00M | 200.0 | 40 | 2.00x |" in text
     assert "python bench/train_step.py --configs smoke --variants eager,channels_last --steps 2 --warmup 1" in text
     assert "predates the loader-fed rows" in text
     assert smoke["command"] in text and "| row | batch | ms | per s | MFU |" in text
     assert "| train 2d cl bf16 | 2 |" in text and "| train.py fed | 2 |" in text
+
+
+def test_reliability_bench_smoke(tmp_path):
+    """bench/reliability.py end to end with tiny settings: real fast-forward and verify_shards rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "reliability.json"
+    proc = subprocess.run([sys.executable, "bench/reliability.py", "--clips", "200", "--verify-clips", "40",
+                           "--shard-size", "10", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["clips"], r["shards"], r["verify_clips"], r["verify_shards"]) == (200, 20, 40, 4)
+    assert [(x["workers"], x["start_batch"], x["clip_refs"]) for x in r["fast_forward_rows"]] == [(0, 24, 192), (2, 24, 192)]
+    assert all(x["first_batch_s"] > 0 and x["fast_forward_s"] > 0 and x["refs_per_s"] > 0 for x in r["fast_forward_rows"])
+    assert [(x["workers"], x["verify_shards"]) for x in r["verify_rows"]] == [(0, False), (0, True), (2, False), (2, True)]
+    assert all(x["clips_per_s"] > 0 and (x["mb_hashed"] > 0) == x["verify_shards"] for x in r["verify_rows"])

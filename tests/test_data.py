@@ -277,3 +277,20 @@ def test_hflip_is_per_sample_and_seeded():
     assert 0 < sum(was_flipped) < 16
     for f, o, w in zip(flipped, x, was_flipped):
         assert torch.equal(f, o.flip(-1) if w else o)
+
+
+# ---- exact resume ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_from_start_batch_equals_the_rest_of_a_fresh_stream(shards, monkeypatch, workers):
+    """Shuffle buffer on, 2.5 passes; with workers, 3 batches per ticket, so some starts fall inside
+    a ticket (the consumer drops its first batches) and some inside a worker's later tickets."""
+    d, _, _ = shards
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 3 * 4 * T * SIZE * SIZE * C)
+    cfg = cfg_for(d, num_workers=workers, shuffle_buffer=8)
+    fresh = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=5), 20)]
+    assert len({b for batch in fresh for b in batch}) == TRAIN_SHARDS * CLIPS_PER_SHARD
+    for start in (1, 5, 7, 12):
+        resumed = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=5, start_batch=start), 20 - start)]
+        assert resumed == fresh[start:], f"start_batch={start}"

@@ -103,17 +103,22 @@ def test_smoke_trains_end_to_end_and_writes_artifacts(shard_dir, tmp_path):
     assert load_config(out / "config.toml") == load_tiny(shard_dir, tmp_path / "run")
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch, workers):
+    """Varied clips, shuffled and flipped: 12 clips in 2 shards are 6 steps a pass, so a resume at step
+    5 lands mid-pass; with workers, 3 batches per ticket, so it also lands mid-ticket (batch 5 is ticket
+    1's third). Straight 10 steps and 5 + resume to 10 must agree bit for bit: model, EMA and data."""
+    from evdm import data
     from evdm.train import train
 
-    # Every clip identical: the batch content does not depend on where the stream resumes,
-    # so this isolates the model, optimizer, EMA, LR and noise state that resume must restore.
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 3 * 2 * T * SIZE * SIZE * 3)
     shards = tmp_path / "shards"
     shards.mkdir()
-    make_shards(shards, n_train_shards=1, clips_per_shard=4, same_clip=True)
+    make_shards(shards, n_train_shards=2, clips_per_shard=6)
     # A constant LR after warm-up: a 5-step run's cosine would decay over 5 steps, not 10.
     common = {"train.max_steps": 10, "train.val_every": 100, "train.ckpt_every": 100, "train.snapshot_every": 100,
-              "train.lr_schedule": '"constant"'}
+              "train.lr_schedule": '"constant"', "data.num_workers": workers, "data.shuffle_buffer": 5,
+              "data.hflip": "true"}
     straight = train(load_tiny(shards, tmp_path / "a", **common))
     train(load_tiny(shards, tmp_path / "b", **{**common, "train.max_steps": 5}))
     resumed = train(load_tiny(shards, tmp_path / "b", **common), resume=True)
@@ -123,6 +128,32 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     for part in ("model", "ema"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), f"{part}.{name} differs after resume"
+    # The same logged losses where both runs' log windows are whole steps 7-8 and 9-10.
+    loss = {p: {r["step"]: r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())}
+            for p in (straight, resumed)}
+    assert [loss[straight][s] for s in (8, 10)] == [loss[resumed][s] for s in (8, 10)]
+
+
+def test_resume_that_restarts_the_stream_would_differ(tmp_path):
+    """The fixture above is sensitive: a resume that starts the stream over (as before issue 12) changes the weights."""
+    from evdm import data
+    from evdm.train import train
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    make_shards(shards, n_train_shards=2, clips_per_shard=6)
+    common = {"train.max_steps": 6, "train.val_every": 100, "train.ckpt_every": 100, "train.snapshot_every": 100,
+              "train.lr_schedule": '"constant"', "data.shuffle_buffer": 5}
+    straight = train(load_tiny(shards, tmp_path / "a", **common))
+    train(load_tiny(shards, tmp_path / "b", **{**common, "train.max_steps": 3}))
+    make = data.make_train_loader
+    restarted = lambda cfg, **kw: make(cfg, **{**kw, "start_batch": 0})  # noqa: E731
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data, "make_train_loader", restarted)
+        resumed = train(load_tiny(shards, tmp_path / "b", **common), resume=True)
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_clip_shape_mismatch_is_a_clear_error(shard_dir, tmp_path):

@@ -158,7 +158,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     if tc.compile and (device.type == "cuda" or tc.compile_on_cpu):
         model = torch.compile(model)
     eval_model = ema if ema is not None else raw_model
-    loader = iter(data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, step)))
+    # The stream is a function of (seed, rank, worker, batches consumed): resume continues it exactly.
+    loader = data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
+                                    start_batch=step * tc.grad_accum_steps)
     val_u8 = data.load_val_clips(cfg) if is_main else None
     K = cfg.data.endpoint_context
     samples_per_step = tc.batch_size * tc.grad_accum_steps * world_size
@@ -242,6 +244,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                         "tflops": tflops,  # achieved model TFLOP/s per GPU
                         "mfu": mfu,  # tflops / the GPU's bf16 dense peak; None when unknown (CPU)
                         "data_wait": window_wait / elapsed,
+                        "skipped_shards": loader.skipped_shards,
                         "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                     }
                     if is_main:

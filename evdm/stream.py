@@ -1,0 +1,288 @@
+"""The resumable training stream: shard passes -> shuffle buffer -> batches, in one reader process.
+
+What a reader yields is a pure function of (shard list, partition seed, sample seed, rank, worker,
+batches consumed): the shard order of every pass, the shuffle buffer's draws and the batching are
+all replayed from those. A resumed run therefore fast-forwards by running the same pipeline over
+clip *references* (tar index entries) and skipping the pixel reads of the batches already trained
+on (`start_batch`); nothing per clip is added to normal streaming.
+
+A shard that cannot be read (not a tar, truncated, a damaged header, a wrong-size member, gone,
+or a sha256 that differs from manifest.json with data.verify_shards) is skipped whole, with one
+warning line, when it is indexed -- before any of its clips is batched -- so the verdict does not
+depend on where a run started and resume stays exact with damaged shards present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from evdm.config import ConfigError
+from evdm.shards import clip_refs, fill_batch, shard_slice
+
+# What damage in a shard surfaces as, from open() to the tar walk and the .npy header parse.
+DAMAGE = (OSError, ValueError, struct.error)
+
+
+def warn(line: str) -> None:
+    """One warning line on stderr (worker processes share it): no traceback, no source line."""
+    sys.stderr.write(f"warning: {line}\n")
+    sys.stderr.flush()
+
+
+def damage_reason(url: str, err: Exception) -> str:
+    """What is wrong with shard `url`, without repeating its name."""
+    if isinstance(err, OSError) and err.strerror:  # FileNotFoundError and friends
+        return err.strerror
+    text = str(err)
+    return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
+
+
+class ShardReader:
+    """Indexes shards into clip refs for one reader process, skipping and counting damaged ones.
+
+    The verdict on a shard (damaged or not, sha256 checked or not) is cached for the process, so a
+    damaged shard is warned about once and its bytes are hashed at most once.
+    """
+
+    def __init__(self, expected_shape: tuple[int, ...], *, who: str, digests: dict[str, str] | None = None) -> None:
+        self.expected_shape = expected_shape
+        self.who = who  # "rank 0 worker 1", for the warning line
+        self.digests = digests  # url -> manifest sha256 when data.verify_shards
+        self.damaged: dict[str, str] = {}  # url -> reason
+        self.verified: set[str] = set()
+        self.skipped = 0  # skip events: a damaged shard counts once per pass that deals it here
+
+    def refs(self, url: str, *, count: bool = True) -> list | None:
+        """The shard's clip refs, or None (counted, warned about once) when it cannot be read."""
+        if url not in self.damaged:
+            try:
+                self._verify(url)
+                return clip_refs(url, self.expected_shape)
+            except DAMAGE as err:
+                self.damaged[url] = damage_reason(url, err)
+                warn(f"skipping shard {url}: {self.damaged[url]} ({self.who}; counted in skipped_shards)")
+        self.skipped += count
+        return None
+
+    def _verify(self, url: str) -> None:
+        if self.digests is None or url in self.verified or url not in self.digests:
+            return
+        with open(url, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != self.digests[url]:
+            raise ValueError(f"sha256 {digest[:12]}... differs from manifest.json's {self.digests[url][:12]}...")
+        self.verified.add(url)
+
+
+class _BatchPool:
+    """Recycles batch buffers the consumer has let go of: fresh 1 MB allocations cost an mmap and a
+    page fault per 4 KiB on every batch. Each tensor handed out holds a reference to its numpy
+    buffer until the last view of it dies, so a buffer whose refcount is back to the pool's own is free.
+    With CUDA, pinned buffers come from torch's caching host allocator instead.
+    """
+
+    def __init__(self, shape: tuple[int, ...], *, pin: bool, size: int = 16) -> None:
+        self.shape, self.pin, self.size = shape, pin, size
+        self.buffers: list[np.ndarray] = []
+        for buf in [np.empty(0)]:  # the count get() sees for a buffer held by no tensor: list, loop, call
+            self.free_refcount = sys.getrefcount(buf)
+
+    def get(self) -> tuple[torch.Tensor, np.ndarray]:
+        """A uint8 tensor of `shape` and a numpy view of it."""
+        if self.pin:
+            out = torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
+            return out, out.numpy()
+        for buf in self.buffers:
+            if sys.getrefcount(buf) <= self.free_refcount:
+                return torch.from_numpy(buf), buf
+        buf = np.empty(self.shape, dtype=np.uint8)
+        if len(self.buffers) < self.size:
+            self.buffers.append(buf)
+        return torch.from_numpy(buf), buf
+
+
+class BatchRing:
+    """Shared-memory batch slots per DataLoader worker, created before the workers start.
+
+    A worker reads `chunk` batches straight into its next free slots and hands over one small ticket
+    (worker, first slot, count, skipped shards so far); the main process copies each slot out (into
+    pinned memory when CUDA is present) and frees it. Measured here: sending each batch through the
+    DataLoader as a tensor (a fresh shared-memory segment and file descriptor per batch) caps out near
+    560 batches/s with no work at all, and one DataLoader round trip per batch leaves workers idle
+    waiting for requests on a busy machine; chunked tickets amortise both.
+    """
+
+    def __init__(self, num_workers: int, batch_shape: tuple[int, ...], *, prefetch: int, chunk_bytes: int) -> None:
+        batch_bytes = int(np.prod(batch_shape))
+        self.chunk = int(np.clip(chunk_bytes // batch_bytes, 1, 16))
+        # A worker's ticket k is requested when its ticket k - prefetch is handed over, so ticket
+        # k - prefetch - 1 has been drained: prefetch + 1 chunks of slots never make a worker wait.
+        self.slots = (prefetch + 1) * self.chunk
+        self.data = torch.zeros((num_workers, self.slots, *batch_shape), dtype=torch.uint8).share_memory_()
+        self.busy = torch.zeros((num_workers, self.slots), dtype=torch.uint8).share_memory_()
+        self._written = 0  # batches this worker process has written
+
+    def put(self, worker: int, refs: list) -> int:
+        """Read one batch into this worker's next slot; returns the slot."""
+        slot = self._written % self.slots
+        self._written += 1
+        busy = self.busy.numpy()
+        while busy[worker, slot]:  # a safety net; see __init__
+            time.sleep(1e-4)
+        fill_batch(self.data[worker, slot].numpy(), refs)
+        busy[worker, slot] = 1
+        return slot
+
+    def take(self, worker: int, slot: int, pool: _BatchPool) -> torch.Tensor:
+        """Copy a slot out as uint8 [B, C, T, H, W] (channels_last_3d view) and free it."""
+        out, out_np = pool.get()
+        np.copyto(out_np, self.data[worker, slot].numpy())
+        self.busy.numpy()[worker, slot] = 0
+        return out.permute(0, 4, 1, 2, 3)
+
+    def drop(self, worker: int, slot: int) -> None:
+        """Free a slot without copying it out (a resumed run's already-trained batches)."""
+        self.busy.numpy()[worker, slot] = 0
+
+
+def worker_start(start_batch: int, worker_id: int, num_workers: int, chunk: int) -> tuple[int, int]:
+    """(logical worker, batches it skips) for DataLoader worker `worker_id` of a stream resumed at `start_batch`.
+
+    The DataLoader takes tickets round-robin from worker 0, so global batch n is in ticket
+    t = n // chunk, made by logical worker t % num_workers as its ticket t // num_workers. Renaming
+    workers by the resumed run's first ticket t0 (worker i plays logical worker (t0 + i) % W)
+    makes the new DataLoader's i-th ticket the straight run's ticket t0 + i; each logical worker
+    skips its whole earlier tickets, and the consumer drops start_batch % chunk batches of ticket t0.
+    """
+    t0 = start_batch // chunk
+    return (t0 + worker_id) % num_workers, (t0 + worker_id) // num_workers * chunk
+
+
+class ShardClipStream(IterableDataset):
+    """Infinite stream of batches from this rank's and worker's shard slice, from batch `start_batch` on.
+
+    Yields uint8 [B, C, T, H, W] tensors in the main process; in DataLoader workers,
+    (worker, first slot, count, skipped shards) tickets into `ring`, or one line of text (a ConfigError).
+    """
+
+    def __init__(
+        self, urls: list[str], *, batch_size: int, expected_shape: tuple[int, ...], rank: int = 0,
+        world_size: int = 1, partition_seed: int = 0, sample_seed: int = 0, shuffle_buffer: int = 0,
+        ring: BatchRing | None = None, pin: bool = False, start_batch: int = 0,
+        digests: dict[str, str] | None = None,
+    ) -> None:
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.expected_shape = tuple(expected_shape)
+        self.rank, self.world_size = rank, world_size
+        self.partition_seed, self.sample_seed = partition_seed, sample_seed
+        self.shuffle_buffer = shuffle_buffer
+        self.ring, self.pin = ring, pin
+        self.start_batch = start_batch
+        self.digests = digests
+        self.skipped_shards = 0  # kept up to date when iterated in this process (no workers)
+
+    def _clips(self, reader: ShardReader, worker: int, num_workers: int) -> Iterator:
+        readers = self.world_size * num_workers
+        index = self.rank * num_workers + worker
+        # Fewer shards than readers: everyone reads every shard and keeps every readers-th clip.
+        split_samples = len(self.urls) < readers
+        shuffle = self.shuffle_buffer > 1
+        epoch = 0
+        while True:
+            if split_samples:
+                urls = shard_slice(self.urls, 0, 1, 0, 1, epoch, self.partition_seed, shuffle=shuffle)
+            else:
+                urls = shard_slice(self.urls, self.rank, self.world_size, worker, num_workers,
+                                   epoch, self.partition_seed, shuffle=shuffle)
+            seen = 0
+            for url in urls:
+                refs = reader.refs(url)
+                self.skipped_shards = reader.skipped
+                if refs is None:
+                    continue
+                if split_samples:
+                    refs = refs[index::readers]
+                seen += len(refs)
+                yield from refs
+            if not seen:
+                self._check_readable(reader, urls, epoch, shuffle)
+            epoch += 1
+
+    def _check_readable(self, reader: ShardReader, urls: list[str], epoch: int, shuffle: bool) -> None:
+        """Raise ConfigError when a pass dealt this reader nothing to read and later passes cannot either."""
+        damaged = [u for u in urls if u in reader.damaged]
+        if damaged and all(reader.refs(u, count=False) is None for u in self.urls):
+            first = damaged[0]
+            raise ConfigError(f"data.train_shards: all {len(self.urls)} shards are unreadable "
+                              f"(e.g. {first}: {reader.damaged[first]})")
+        if damaged and shuffle:
+            return  # the next pass deals this reader other shards
+        raise ConfigError(f"data.train_shards: {reader.who}'s shards {urls} hold no readable clips in pass {epoch}")
+
+    def _shuffled(self, clips: Iterator, rng: np.random.Generator) -> Iterator:
+        """Reservoir-style shuffle buffer; uniforms drawn in blocks (one rng call per 4096 clips)."""
+        size = self.shuffle_buffer
+        buffer: list = []
+        uniforms, used = rng.random(4096), 0
+        for clip in clips:
+            if len(buffer) < size:
+                buffer.append(clip)
+                continue
+            if used == len(uniforms):
+                uniforms, used = rng.random(4096), 0
+            i = int(uniforms[used] * size)
+            used += 1
+            buffer[i], clip = clip, buffer[i]
+            yield clip
+
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[int, int, int, int] | str]:
+        info = get_worker_info()
+        if info is None:
+            worker, num_workers, skip = 0, 1, self.start_batch
+        else:
+            num_workers = info.num_workers
+            worker, skip = worker_start(self.start_batch, info.id, num_workers, self.ring.chunk)
+        reader = ShardReader(self.expected_shape, who=f"rank {self.rank} worker {worker}", digests=self.digests)
+        batches = self._batches(reader, worker, num_workers, skip, in_worker=info is not None)
+        if info is None:
+            yield from batches
+            return
+        try:
+            yield from batches
+        except ConfigError as err:  # one line for the trainer, not the DataLoader's wrapped traceback
+            yield str(err)
+
+    def _batches(self, reader: ShardReader, worker: int, num_workers: int, skip: int, *, in_worker: bool) -> Iterator:
+        clips = self._clips(reader, worker, num_workers)
+        if self.shuffle_buffer > 1:
+            clips = self._shuffled(clips, np.random.default_rng([self.sample_seed, self.rank, worker]))
+        ring = self.ring if in_worker else None
+        pool = _BatchPool((self.batch_size, *self.expected_shape), pin=self.pin) if ring is None else None
+        batch: list = []
+        first, count = 0, 0
+        for clip in clips:
+            batch.append(clip)
+            if len(batch) < self.batch_size:
+                continue
+            if skip:  # fast-forward: the batch was trained on before the resume; read no pixels
+                skip -= 1
+            elif ring is None:
+                out, out_np = pool.get()
+                fill_batch(out_np, batch)
+                yield out.permute(0, 4, 1, 2, 3)
+            else:
+                slot = ring.put(worker, batch)
+                first, count = (slot, 1) if count == 0 else (first, count + 1)
+                if count == ring.chunk:
+                    yield worker, first, count, reader.skipped
+                    count = 0
+            batch = []
