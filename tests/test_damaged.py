@@ -195,7 +195,7 @@ def test_training_goes_on_past_a_damaged_shard_and_logs_the_count(tmp_path, capf
     make_shards(shards, n_train_shards=3, clips_per_shard=2)
     cut(shards / BAD)
     out = train(load_tiny(shards, tmp_path / "run", **{"train.max_steps": 4, "train.log_every": 2,
-                                                         "train.val_every": 100, "train.vis_every": 100,
+                                                         "train.val_every": 100, "train.preview_every": 100,
                                                          "data.shuffle_buffer": 0}))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # 4 good clips a pass, batch 2: steps 1-2 read pass 0, steps 3-4 pass 1; the shard is dealt once a pass.
