@@ -210,26 +210,29 @@ def run_sample(job: dict, device, scale: str, work: Path) -> None:
     start = torch.rand(batch, C, K, S, S, generator=gen, device=device) * 2 - 1
     end = torch.rand(batch, C, K, S, S, generator=gen, device=device) * 2 - 1
 
-    def call(n_steps: int) -> tuple[float, torch.Tensor]:
+    def call(n_steps: int, net=net, precision: str = job["precision"]) -> tuple[float, torch.Tensor]:
         bench.sync(device)
         t0 = time.perf_counter()
         clip = fill_middle(net, schedule, cfg, start, end, steps=n_steps, eta=0.0, guidance_scale=GUIDANCE,
-                           generator=torch.Generator(device=device).manual_seed(1), precision=job["precision"],
+                           generator=torch.Generator(device=device).manual_seed(1), precision=precision,
                            channels_last=channels_last)
         bench.sync(device)
-        return time.perf_counter() - t0, clip
+        return time.perf_counter() - t0, clip.float().cpu()
 
     reset_peak(device)
     first_s, _ = call(2)  # compile (if any), allocator, kernel selection
     seconds, clip = call(steps)
-    clip = clip.float().cpu()
-    row = dict(batch=batch, channels_last=channels_last, forward_batch=2 * batch, steps=steps, guidance=GUIDANCE, first_step_s=round(first_s, 3),
-               seconds_per_call=round(seconds, 4), ms_per_model_call=round(1000 * seconds / steps, 2),
-               clips_per_s=round(batch / seconds, 3), peak_mem_gb=peak_mem_gb(device), status="ok")
+    row = dict(batch=batch, channels_last=channels_last, forward_batch=2 * batch, steps=steps, guidance=GUIDANCE,
+               first_step_s=round(first_s, 3), seconds_per_call=round(seconds, 4),
+               ms_per_model_call=round(1000 * seconds / steps, 2), clips_per_s=round(batch / seconds, 3),
+               peak_mem_gb=peak_mem_gb(device), status="ok")
+    reference = work / "sample-fp32.pt"  # the fp32 row's clips; made here when that row ran in another run
     if job["precision"] == "fp32" and not job["compile"]:
-        torch.save(clip, work / "sample-fp32.pt")
-    elif (work / "sample-fp32.pt").is_file():
-        row["max_abs_diff_vs_fp32"] = round(float((clip - torch.load(work / "sample-fp32.pt")).abs().max()), 5)
+        torch.save(clip, reference)
+    else:
+        if not reference.is_file():
+            torch.save(call(steps, model, "fp32")[1], reference)
+        row["max_abs_diff_vs_fp32"] = round(float((clip - torch.load(reference)).abs().max()), 5)
     emit(row)
 
 
@@ -265,9 +268,16 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def run_probe() -> int:
     """Print one JSON line: the machine, and what is missing (modules, or evdm's own imports failing)."""
-    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    missing = [name for name in NEEDED if not importable(name)]
     facts = {}
     if "torch" not in missing:
         import torch
