@@ -5,6 +5,9 @@
 Rows, over one synthetic dataset (preprocess.synth MP4s, sharded by preprocess.shard):
   baseline   a torch Dataset that decodes a random T-frame window of one MP4 per item with an ffmpeg
              subprocess, DataLoader with 0 and 2 workers (the plain research loader);
+  wds stock  the stock webdataset pipeline over the same shards:
+             `wds.WebDataset(shards).shuffle(1000).decode().to_tuple("clip.npy").batched(8)`, through
+             `wds.WebLoader` with 0 and 2 workers (what evdm's own reader is measured against);
   webdataset evdm.data.make_train_loader, 0 and 2 workers;
   dali       evdm.dali_loader in DALI's CPU-only mode (2 threads), where nvidia.dali is installed;
   ceiling    reading the same shard bytes from page cache into one reused 1 MiB buffer, one
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -71,6 +75,15 @@ def forever(make_loader):
     loader = make_loader()
     while True:
         yield from loader
+
+
+def stock_webdataset(shards: list[str], workers: int, shuffle: int):
+    """webdataset's own pipeline (tarfile reads, per-sample dicts, np.load decoding) -> uint8
+    [B, C, T, H, W] batches like evdm's loader; shards are split across workers by the pipeline."""
+    dataset = (wds.WebDataset(shards, shardshuffle=len(shards), empty_check=False).repeat()
+               .shuffle(shuffle).decode().to_tuple("clip.npy").batched(B))
+    for (clips,) in wds.WebLoader(dataset, batch_size=None, num_workers=workers):
+        yield torch.as_tensor(clips).permute(0, 4, 1, 2, 3)
 
 
 def _cpu_s() -> float:
@@ -161,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                                   drop_last=True, persistent_workers=w > 0)
 
             row("baseline (mp4 + ffmpeg per item)", str(w), max(w, 1), measure(forever(baseline), args.seconds, 2))
+        for w in (0, 2):
+            warmup = (cfg.data.shuffle_buffer // B + 2) * max(w, 1)
+            row("wds stock pipeline (WebDataset + WebLoader)", str(w), max(w, 1),
+                measure(stock_webdataset(shards, w, cfg.data.shuffle_buffer), args.seconds, warmup))
         for w in (0, 2):
             wcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=w))
             warmup = (cfg.data.shuffle_buffer // B + 2) * max(w, 1)  # past the shuffle buffer's fill

@@ -294,3 +294,20 @@ def test_stream_from_start_batch_equals_the_rest_of_a_fresh_stream(shards, monke
     for start in (1, 5, 7, 12):
         resumed = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=5, start_batch=start), 20 - start)]
         assert resumed == fresh[start:], f"start_batch={start}"
+
+
+def test_shards_read_the_same_through_the_stock_webdataset_pipeline(shards):
+    """evdm's own tar reader is a fast path, not a private format: the stock wds.WebDataset pipeline
+    reads the same shards to the same keys, clips and metadata."""
+    import webdataset as wds
+
+    from evdm.shards import iter_clips
+
+    d, _, _ = shards
+    url = str(d / "train-000003.tar")
+    ours = {key: np.array(clip) for key, clip in iter_clips(url)}
+    stock = [(s["__key__"], s["clip.npy"], s["meta.json"])
+             for s in wds.WebDataset(url, shardshuffle=False, empty_check=False).decode()]
+    assert [k for k, _, _ in stock] == list(ours) and len(ours) == CLIPS_PER_SHARD
+    for i, (key, clip, meta) in enumerate(stock):
+        assert clip.dtype == np.uint8 and np.array_equal(clip, ours[key]) and meta == {"i": i}
