@@ -71,7 +71,8 @@ _spec.loader.exec_module(bench)
 # Priority order (the table sorts by batch); no batch 1 in --smoke: compile specialises size-1 dimensions.
 BATCHES = {"gpu": (64, 128, 32), "smoke": (2, 3)}
 SAMPLE = {"gpu": dict(batch=64, steps=10), "smoke": dict(batch=2, steps=2)}
-FED = {"gpu": dict(config="configs/bair.toml", batch=64, steps=30), "smoke": dict(config="configs/smoke.toml", batch=2, steps=2)}
+FED = {"gpu": dict(config="configs/bair.toml", batch=64, steps=30),
+       "smoke": dict(config="configs/smoke.toml", batch=2, steps=2)}
 GUIDANCE = 1.8
 STEPS, WARMUP = {"gpu": 3, "smoke": 1}, 1  # per batch: timed steps (median) after warm-up (compile: in the first)
 # --smoke: each code path once (both forms and layouts, both precisions, every kind of row, the compile skip).
@@ -250,7 +251,8 @@ def run_fed(job: dict, device, scale: str, work: Path) -> None:
     row = bench.measure_fed(workers, batch=fed["batch"], steps=fed["steps"], device_name=device.type, work=work,
                             allow_compile=job["compile"], config=config, val_clips=8,
                             extra={"train.preview_clips": 1, "train.preview_steps": 2})  # the final preview: short
-    emit(dict(row, batch=fed["batch"], config=fed["config"]))
+    mem = row.pop("gpu_mem_gb")
+    emit(dict(row, batch=fed["batch"], config=fed["config"], peak_mem_gb=mem and round(mem, 2)))
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -381,10 +383,11 @@ def table_cells(result: dict) -> list[list[str]]:
             note = f"{r.get('steps', '')} DDIM steps" + (f"; max abs bf16-fp32 {diff}" if diff is not None else "")
         else:
             ms, rate = r.get("step_ms"), r.get("samples_per_s")
-            note = f"{r['num_workers']} workers, {r['variant']}, data wait {pct(r['data_wait'])}" if "data_wait" in r else ""
+            fed = "data_wait" in r
+            note = f"{r['num_workers']} workers, {r['variant']}, data wait {pct(r['data_wait'])}" if fed else ""
         cells.append([r["job"], str(r["batch"]), num(ms, ".1f"), num(rate, ".1f"), pct(r.get("mfu")),
-                      num(r.get("peak_mem_gb"), ".1f"), num(r.get("first_step_s"), ".1f"), note if r["status"] == "ok" else "",
-                      r["status"]])
+                      num(r.get("peak_mem_gb"), ".1f"), num(r.get("first_step_s"), ".1f"),
+                      note if r["status"] == "ok" else "", r["status"]])
     return cells
 
 

@@ -217,8 +217,8 @@ def gpu_check_command(r: dict) -> str:
 def gpu_check_body(r: dict) -> list[str]:
     gpu_check = load_bench("gpu_check")
     headers = [c + ("<" if c in ("row", "note", "status") else "") for c in gpu_check.COLUMNS]
-    return md_table(headers, gpu_check.table_cells(r)) + ["", gpu_check.LEGEND, "",
-                                                          f"Wall time {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget."]
+    wall = f"Wall time {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget."
+    return md_table(headers, gpu_check.table_cells(r)) + ["", gpu_check.LEGEND, "", wall]
 
 
 def load_bench(name: str):
