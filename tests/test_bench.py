@@ -109,6 +109,7 @@ def test_reliability_bench_smoke(tmp_path):
     r = json.loads(out.read_text())
     assert (r["clips"], r["shards"], r["verify_clips"], r["verify_shards"]) == (200, 20, 40, 4)
     assert [(x["workers"], x["start_batch"], x["clip_refs"]) for x in r["fast_forward_rows"]] == [(0, 24, 192), (2, 24, 192)]
-    assert all(x["first_batch_s"] > 0 and x["fast_forward_s"] > 0 and x["refs_per_s"] > 0 for x in r["fast_forward_rows"])
+    # fast_forward_s is a difference of two timings, rounded to ms: 0.0 on a quiet machine.
+    assert all(x["first_batch_s"] > 0 and x["fast_forward_s"] >= 0 and x["refs_per_s"] > 0 for x in r["fast_forward_rows"])
     assert [(x["workers"], x["verify_shards"]) for x in r["verify_rows"]] == [(0, False), (0, True), (2, False), (2, True)]
     assert all(x["clips_per_s"] > 0 and (x["mb_hashed"] > 0) == x["verify_shards"] for x in r["verify_rows"])
