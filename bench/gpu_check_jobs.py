@@ -27,8 +27,9 @@ _spec.loader.exec_module(bench)
 # Priority order (the table sorts by batch); no batch 1 in --smoke: compile specialises size-1 dimensions.
 BATCHES = {"gpu": (64, 128, 32), "smoke": (2, 3)}
 SAMPLE = {"gpu": dict(batch=64, steps=10), "smoke": dict(batch=2, steps=2)}
-FED = {"gpu": dict(config="configs/bair.toml", batch=64, steps=30),
-       "smoke": dict(config="configs/smoke.toml", batch=2, steps=2)}
+FED = {"gpu": dict(config="configs/bair.toml", batch=64, steps=30, overrides={}),
+       "smoke": dict(config="configs/smoke.toml", batch=2, steps=2,  # with the "tiny" model's sizes
+                     overrides={"data.size": 16, "data.T": 6, "model.base_channels": 8, "model.attn_head_channels": 8})}
 GUIDANCE = 1.8
 STEPS, WARMUP = {"gpu": 3, "smoke": 1}, 1  # per batch: timed steps (median) after warm-up (compile: in the first)
 NEEDED = ("torch", "numpy", "rich", "PIL", "tomli", "webdataset", "braceexpand")
@@ -161,7 +162,7 @@ def run_fed(job: dict, device, scale: str, work: Path) -> None:
 
     fed = FED[scale]
     config = ROOT / fed["config"]
-    data = load_config(config).data
+    data = load_config(config, [f"{k}={v}" for k, v in fed["overrides"].items()]).data
     shards = work / "shards"
     if not shards.is_dir():
         shards.mkdir()
@@ -169,7 +170,7 @@ def run_fed(job: dict, device, scale: str, work: Path) -> None:
     workers = 1 if scale == "smoke" else min(6, max(1, (os.cpu_count() or 2) - 2))
     row = bench.measure_fed(workers, batch=fed["batch"], steps=fed["steps"], device_name=device.type, work=work,
                             allow_compile=job["compile"], config=config, val_clips=8,
-                            extra={"train.preview_clips": 1, "train.preview_steps": 2})  # the final preview: short
+                            extra={**fed["overrides"], "train.preview_clips": 1, "train.preview_steps": 2})
     mem = row.pop("gpu_mem_gb")
     emit(dict(row, batch=fed["batch"], config=fed["config"], peak_mem_gb=mem and round(mem, 2)))
 
