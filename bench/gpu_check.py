@@ -4,7 +4,7 @@
     bash bench/gpu_check.sh --resume        # then: only the rows the last run did not reach, merged in
     bash bench/gpu_check.sh --list          # the rows in priority order (--only NAME,... runs some)
     bash bench/gpu_check.sh --budget 1000   # the whole grid (4 cold compiles: ~15 min, estimate below)
-    python bench/gpu_check.py --smoke       # the same code on a CPU with a tiny model, ~40 s (tests/test_bench.py)
+    python bench/gpu_check.py --smoke       # the same code on a CPU, tiny model: ~30 s quiet (tests/test_bench.py)
 
 Rows (reference model: 64 px, T 8, K 2, base 96, mults 1 2 4, 2 res blocks, attention at levels 1 2):
 - train: fwd + bwd + AdamW on a fixed random clip (bench/train_step.py prepare / time_steps) per
@@ -37,12 +37,13 @@ How it fits (a cold compile of the reference model took 124 s on the H200):
   default path 8 s start + 124 s compile + 2 re-traces x ~40 s + 4 steps x (0.19 + 0.37 + 0.74) s =
   ~220 s; eager bf16 8 + 4 x (0.27 + 0.54 + 1.07) = ~16 s; eager fp32 8 + 4 x (0.44 + 0.88 + 1.77) =
   ~21 s; 3d eager bf16 ~16 s; sample fp32 8 + 1.2 + 6 = ~16 s; sample bf16 ~12 s: ~305 s. The fed row
-  (~30 s) fits if the compile is quicker; --resume, or a second run with --only, takes what is left.
+  (~30 s) fits if the compile is quicker. What is left: --resume (or --only) in a later run, or one
+  longer run (--budget 540 fits a 10-minute command).
 
 --smoke runs one variant of each kind (SMOKE_ROWS) on the CPU: bench/train_step.py's "tiny" model at
-batch 2 and 3, sampling at batch 2 with 2 steps, train() on configs/smoke.toml at batch 2. Compile rows
-say "skipped" (a cold CPU compile takes minutes) unless --smoke-compile. Every subprocess gets oneDNN
-capped below AMX (ONEDNN_CAP), whose bf16 Conv3d backward can hang.
+batch 2 and 3, sampling at batch 2 with 2 steps, train() on configs/smoke.toml resized to the tiny
+model at batch 2. Compile rows say "skipped" (a cold CPU compile takes minutes) unless --smoke-compile.
+Every subprocess gets oneDNN capped below AMX (ONEDNN_CAP), whose bf16 Conv3d backward can hang.
 """
 
 from __future__ import annotations
