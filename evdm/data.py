@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from evdm.config import ConfigError, RunConfig
+from evdm.preemption import ignore_stop_signals, stop_signals_blocked
 from evdm.schema import clip_shape
 from evdm.shards import (
     clip_refs, expand_urls, fill_batch, iter_clips, manifest_beside, peek_clip_shape, shard_slice,
@@ -280,12 +281,15 @@ def make_train_loader(
     )
     if ring is None:
         return iter(dataset)
-    loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS)
+    loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS,
+                        worker_init_fn=ignore_stop_signals)  # preemption signals are the main process's
     return _batches_from_ring(loader, ring, _BatchPool((cfg.train.batch_size, *expected_clip_shape(cfg)), pin=pin))
 
 
 def _batches_from_ring(loader: DataLoader, ring: BatchRing, pool: _BatchPool) -> Iterator[torch.Tensor]:
-    for worker, first, count in loader:
+    with stop_signals_blocked():  # the workers fork here (see evdm.preemption)
+        tickets = iter(loader)
+    for worker, first, count in tickets:
         for i in range(count):
             yield ring.take(worker, (first + i) % ring.slots, pool)
 
