@@ -76,13 +76,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated/foreign files
-        raise CheckpointError(f"{path}: not a readable evdm checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an evdm checkpoint (format {FORMAT} expected)")
     for key in ("step", "config", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     return ckpt
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line on why torch.load failed: a foreign file (by its first bytes), or a damaged checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..); the legacy format is a pickle (protocol 2+: 0x80).
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        return f"{path}: not a PyTorch/evdm checkpoint file (neither a zip archive nor a pickle; it starts {head!r})"
+    first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{path}: damaged or unreadable PyTorch checkpoint ({type(err).__name__}: {first})"
 
 
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
