@@ -12,7 +12,7 @@ import sys
 
 from evdm.checkpoint import CheckpointError
 from evdm.config import ConfigError, load_config
-from evdm.preemption import stop_on_signals
+from evdm.preemption import install_stop_handlers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--overwrite", action="store_true",
                       help="start over in an out_dir that holds a run (its checkpoints and metrics are removed)")
     args = parser.parse_args(argv)
-    with stop_on_signals():  # for the whole command: a signal at any moment is a clean stop, no traceback
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
+    install_stop_handlers()  # until the process ends: a signal at any moment is a clean stop, no traceback
     try:
         cfg = load_config(args.config, args.set)
         from evdm.train import train  # after the config is known good: torch import is slow

@@ -40,21 +40,29 @@ def stop_requested() -> bool:
     return bool(_received)
 
 
+def install_stop_handlers() -> None:
+    """From now on SIGINT/SIGTERM set the stop flag instead of raising (entry points: until the process ends).
+
+    Installing again keeps a request already received (train.py installs the handlers at start, and
+    train() again for library callers).
+    """
+    if signal.getsignal(signal.SIGINT) is not _on_signal:
+        _received.clear()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within: SIGINT/SIGTERM set the stop flag instead of raising; the previous handlers come back after.
+    """`install_stop_handlers` while inside; the previous handlers come back after.
 
-    Nested uses keep the outer request (train.py installs the handlers before torch loads, train()
-    again for library callers). Outside the main thread signals cannot be handled: a no-op there.
+    Outside the main thread signals cannot be handled: a no-op there.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    if previous[signal.SIGINT] is not _on_signal:
-        _received.clear()
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _on_signal)
+    install_stop_handlers()
     try:
         yield
     finally:
