@@ -23,7 +23,8 @@ from evdm.train.outdir import lock_out_dir
 from evdm.train.runlog import read_metrics
 from test_train import ROOT, _set_args, load_tiny, make_shards, run_cli, tiny_overrides
 
-LONG = {"train.max_steps": 100_000, "train.val_every": 100_000, "train.ckpt_every": 100_000,
+QUICK = {"train.vis_every": 1000}  # no previews: sampling and MP4s cost more than these tests' steps
+LONG = {**QUICK, "train.max_steps": 100_000, "train.val_every": 100_000, "train.ckpt_every": 100_000,
         "train.snapshot_every": 100_000, "train.log_every": 1}
 
 
@@ -180,9 +181,9 @@ def test_out_dir_with_a_checkpoint_needs_resume_or_overwrite(shard_dir, tmp_path
     from evdm.train import train
 
     out = tmp_path / "run"
-    train(load_tiny(shard_dir, out, **{"train.max_steps": 6}))
+    train(load_tiny(shard_dir, out, **QUICK, **{"train.max_steps": 2, "train.snapshot_every": 2}))
     before = snapshot(out)
-    cli = ["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, out, **{"train.max_steps": 2}))]
+    cli = ["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, out, **QUICK, **{"train.max_steps": 1}))]
 
     err = one_error_line(run_cli(cli))
     assert str(out) in err and "--resume" in err and "--overwrite" in err
@@ -190,16 +191,16 @@ def test_out_dir_with_a_checkpoint_needs_resume_or_overwrite(shard_dir, tmp_path
 
     proc = run_cli([*cli, "--overwrite"])
     assert proc.returncode == 0, proc.stderr
-    assert [r["step"] for r in records(out)] == [2]
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
-    assert not (out / "step_0000006.pt").exists()
+    assert [r["step"] for r in records(out)] == [1]
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    assert not (out / "step_0000002.pt").exists()
 
 
 def test_resume_into_a_different_model_changes_nothing(shard_dir, tmp_path):
     from evdm.train import train
 
     out = tmp_path / "run"
-    train(load_tiny(shard_dir, out, **{"train.max_steps": 3}))
+    train(load_tiny(shard_dir, out, **QUICK, **{"train.max_steps": 1}))
     before = snapshot(out)
     changed = {"model.base_channels": 16, "diffusion.prediction": '"v"', "train.max_steps": 6}
     err = one_error_line(run_cli(["train.py", "configs/smoke.toml",
@@ -228,8 +229,8 @@ def test_a_stale_lock_file_of_a_dead_process_does_not_block(shard_dir, tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lock").write_text("pid 999999 on host gone\n")  # left by a run killed with -9: no flock held
-    train(load_tiny(shard_dir, out, **{"train.max_steps": 2}))
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    train(load_tiny(shard_dir, out, **QUICK, **{"train.max_steps": 1}))
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
     with lock_out_dir(out):  # the lock is free again after the run
         pass
 
