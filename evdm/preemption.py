@@ -53,8 +53,8 @@ def install_stop_handlers() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """`install_stop_handlers` while inside; the previous handlers come back after.
+def _handlers(handler: object) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` while inside, the previous handlers after.
 
     Outside the main thread signals cannot be handled: a no-op there.
     """
@@ -62,12 +62,30 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    install_stop_handlers()
+    if handler is _on_signal:
+        install_stop_handlers()
+    else:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager:
+    """`install_stop_handlers` while inside; the previous handlers come back after (library callers, tests)."""
+    return _handlers(_on_signal)
+
+
+def default_signals() -> contextlib.AbstractContextManager:
+    """SIGINT/SIGTERM end the process at once while inside (for waits in C++ that hold Python handlers back).
+
+    A rendezvous waits inside one C++ call for up to its timeout: a flag-setting handler would only run
+    after it, so a signal would seem ignored. Nothing is trained yet there, so nothing is lost.
+    """
+    return _handlers(signal.SIG_DFL)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

@@ -163,6 +163,20 @@ def test_ddp_ranks_stop_at_the_same_step_and_rank0_saves(shard_dir, tmp_path, ta
     assert_saved_at_last_record(out)
 
 
+def test_a_rank_waiting_for_the_others_stops_at_once(shard_dir, tmp_path):
+    """Rank 0 of 2 with no rank 1: it waits in the rendezvous (one C++ call), where no Python handler can
+    run; a signal there must end it rather than wait for the rendezvous timeout (30 minutes)."""
+    out = tmp_path / "ddp"
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "RANK": "0",
+           "LOCAL_RANK": "0"}
+    proc = start(shard_dir, out, env=env)
+    wait_for(lambda: (out / ".lock").exists(), "the out_dir lock, taken just before the rendezvous")
+    # A signal in the instant between the lock and the rendezvous only sets the stop flag: send until it ends.
+    wait_for(lambda: proc.send_signal(signal.SIGTERM) or proc.poll() is not None, "the process to end", timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert not (out / "last.pt").exists()
+
+
 # ---- out_dir ----------------------------------------------------------------------------------
 
 

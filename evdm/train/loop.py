@@ -20,7 +20,7 @@ from evdm.diffusion.loss import diffusion_loss, draw_training_noise
 from evdm.diffusion.schedule import Schedule, make_schedule
 from evdm.train.ema import ema_decay_at, make_ema, update_ema
 from evdm.models import build_model
-from evdm.preemption import stop_on_signals, stop_requested
+from evdm.preemption import default_signals, stop_on_signals, stop_requested
 from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
 from evdm.train.preview import write_preview
 from evdm.train.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
@@ -63,7 +63,8 @@ def setup_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    with default_signals():  # waiting for the other ranks: a signal must end it, not wait for its timeout
+        dist.init_process_group(backend)
     return dist.get_rank(), world_size, local_rank
 
 
