@@ -252,3 +252,11 @@ def test_a_stale_lock_file_of_a_dead_process_does_not_block(shard_dir, tmp_path)
 def test_a_config_path_that_is_a_folder_is_one_line():
     err = one_error_line(run_cli(["train.py", "configs"]))
     assert "configs: is a folder" in err
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(shard_dir, tmp_path):
+    taken = tmp_path / "run"
+    taken.write_text("not a folder")
+    err = one_error_line(run_cli(["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, taken))]))
+    assert f"train.out_dir {taken} exists and is not a folder" in err
+    assert taken.read_text() == "not a folder"

@@ -27,6 +27,11 @@ MODEL_KEYS = (
 RUN_FILES = ("last.pt", "last.pt.tmp", "step_*.pt", "step_*.pt.tmp", "metrics.jsonl", "loss.png", "config.toml")
 
 
+def check_folder(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir {out_dir} exists and is not a folder")
+
+
 def checkpoints_in(out_dir: Path) -> list[Path]:
     return sorted(p for pattern in ("last.pt", "step_*.pt") for p in out_dir.glob(pattern))
 
@@ -53,8 +58,7 @@ def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | No
     a checkpoint) or CheckpointError (unreadable checkpoint, model keys that differ from the config).
     """
     out_dir = Path(cfg.train.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"train.out_dir {out_dir} exists and is not a folder")
+    check_folder(out_dir)
     if not resume:
         found = checkpoints_in(out_dir) if out_dir.is_dir() else []
         if found and not overwrite:
@@ -97,8 +101,12 @@ def lock_out_dir(out_dir: Path) -> Iterator[None]:
     says "pid N on host H" only to name the holder, and is removed on the way out (with out_dir itself
     when this call created it and nothing else was written, so a refused command leaves no trace).
     """
+    check_folder(out_dir)
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"train.out_dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
     lock_path = out_dir / LOCK_NAME
     fd = _acquire(lock_path, out_dir)
     try:
