@@ -127,9 +127,13 @@ def test_second_ctrl_c_prints_no_traceback(shard_dir, tmp_path):
 
 def test_sigint_during_validation_keeps_that_steps_record(shard_dir, tmp_path):
     out = tmp_path / "run"
-    # Validation every step over 4 single-clip chunks: most of the time goes to validation.
-    proc = start(shard_dir, out, **{"train.val_every": 1, "train.batch_size": 1, "train.vis_every": 1000})
-    wait_for(lambda: len(records(out)) >= 2, "two steps")
+    # Validation every step over 8 single-clip chunks: most of each step's time goes to validation.
+    proc = start(shard_dir, out, **{"train.val_every": 1, "train.batch_size": 1, "data.val_clips": 8})
+    wait_for(lambda: len(records(out)) >= 1, "the first step")
+    first = time.monotonic()
+    wait_for(lambda: len(records(out)) >= 2, "the second step")
+    # Aim the signal at the next validation (it ends each step's cycle); where it lands, the promise holds.
+    time.sleep(0.6 * (time.monotonic() - first))
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = finish(proc, out)
     assert proc.returncode == 0, stderr
