@@ -36,7 +36,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def stop_requested() -> bool:
-    """True once SIGINT or SIGTERM arrived inside `stop_on_signals`."""
+    """True once SIGINT or SIGTERM arrived while the stop handlers were installed."""
     return bool(_received)
 
 
