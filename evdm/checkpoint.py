@@ -96,6 +96,24 @@ def _unreadable(path: Path, err: Exception) -> str:
     return f"{path}: damaged or unreadable PyTorch checkpoint ({type(err).__name__}: {first})"
 
 
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """module.load_state_dict(state), or one CheckpointError line when names or shapes differ.
+
+    (torch's own message lists every differing tensor: hundreds of lines for one changed width.)
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        first = (missing or unexpected or reshaped)[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the model built from the config: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (first: {first})"
+        )
+    module.load_state_dict(state)
+
+
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
     try:
         return from_dict(ckpt["config"], f"{path} (stored config)")
@@ -113,8 +131,5 @@ def load_for_inference(
     cfg = config_of(ckpt, path)
     model = build_model(cfg)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the stored config: {err}") from None
+    load_weights(model, weights, path)
     return model.to(device).eval(), cfg

@@ -228,6 +228,23 @@ def test_resume_into_a_different_model_changes_nothing(shard_dir, tmp_path):
     assert snapshot(out) == before
 
 
+def test_resume_from_weights_that_do_not_fit_is_one_line(shard_dir, tmp_path):
+    """Same model keys, but the stored weights lack a tensor (an older code version, a hand-edited file)."""
+    from evdm.train import train
+
+    out = tmp_path / "run"
+    train(load_tiny(shard_dir, out, **QUICK, **{"train.max_steps": 1}))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    dropped = sorted(ckpt["model"])[0]
+    del ckpt["model"][dropped]
+    torch.save(ckpt, out / "last.pt")
+    before = snapshot(out)
+    err = one_error_line(run_cli(["train.py", "configs/smoke.toml", "--resume",
+                                  *_set_args(tiny_overrides(shard_dir, out, **QUICK, **{"train.max_steps": 2}))]))
+    assert "weights do not fit" in err and f"1 missing, 0 unexpected, 0 of another shape (first: {dropped})" in err
+    assert snapshot(out) == before
+
+
 def test_a_second_live_run_on_the_same_out_dir_is_refused(shard_dir, tmp_path):
     out = tmp_path / "run"
     first = start(shard_dir, out)

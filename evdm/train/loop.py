@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from evdm import data
-from evdm.checkpoint import make_payload, save_checkpoint, set_rng_state
+from evdm.checkpoint import load_weights, make_payload, save_checkpoint, set_rng_state
 from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
 from evdm.train.dashboard import Dashboard
 from evdm.diffusion.loss import diffusion_loss, draw_training_noise
@@ -154,9 +154,9 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     # --- resume --------------------------------------------------------------------------------
     step = 0
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
+        load_weights(raw_model, ckpt["model"], ckpt_path)
         if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
+            load_weights(ema, ckpt["ema"], ckpt_path)
         if ckpt.get("optimizer") is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") is not None:
