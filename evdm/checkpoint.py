@@ -76,13 +76,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated/foreign files
-        raise CheckpointError(f"{path}: not a readable evdm checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an evdm checkpoint (format {FORMAT} expected)")
     for key in ("step", "config", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     return ckpt
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line on why torch.load failed: a foreign file (by its first bytes), or a damaged checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..); the legacy format is a pickle (protocol 2+: 0x80).
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        return f"{path}: not a PyTorch/evdm checkpoint file (neither a zip archive nor a pickle; it starts {head!r})"
+    first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{path}: damaged or unreadable PyTorch checkpoint ({type(err).__name__}: {first})"
+
+
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """module.load_state_dict(state), or one CheckpointError line when names or shapes differ.
+
+    (torch's own message lists every differing tensor: hundreds of lines for one changed width.)
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        first = (missing or unexpected or reshaped)[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the model built from the config: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (first: {first})"
+        )
+    module.load_state_dict(state)
 
 
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
@@ -102,8 +131,5 @@ def load_for_inference(
     cfg = config_of(ckpt, path)
     model = build_model(cfg)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(adapt_conv_weights(weights, model))
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the stored config: {err}") from None
+    load_weights(model, adapt_conv_weights(weights, model), path)
     return model.to(device).eval(), cfg

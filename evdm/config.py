@@ -146,6 +146,51 @@ RETIRED_KEYS = {
 }
 
 
+# Valid ranges, checked at load time: "> 0", ">= 1", "[0, 1)" (interval notation) ... Tuples are checked
+# item by item. guidance_scale may be 0 (the unconditional model) or between 0 and 1 (weaker
+# conditioning): w * cond + (1 - w) * null is defined for every w >= 0.
+_RANGES = {
+    "data.size": ">= 1", "data.T": ">= 1", "data.frame_stride": ">= 1", "data.num_workers": ">= 0",
+    "data.shuffle_buffer": ">= 0", "data.val_clips": ">= 1",
+    "model.base_channels": ">= 1", "model.channel_mults": ">= 1", "model.res_blocks": ">= 1",
+    "model.attn_head_channels": ">= 1", "model.dropout": "[0, 1)",
+    "diffusion.timesteps": ">= 1", "diffusion.temporal_loss_weight": ">= 0", "diffusion.noise_offset": ">= 0",
+    "diffusion.cfg_drop_prob": "[0, 1)",
+    "train.batch_size": ">= 1", "train.grad_accum_steps": ">= 1", "train.max_steps": ">= 1", "train.lr": "> 0",
+    "train.lr_warmup_steps": ">= 0", "train.lr_min_ratio": "[0, 1]", "train.weight_decay": ">= 0",
+    "train.adam_betas": "[0, 1)", "train.grad_clip": "> 0", "train.ema_decay": "[0, 1)", "train.log_every": ">= 1",
+    "train.val_every": ">= 1", "train.preview_every": ">= 1", "train.ckpt_every": ">= 1",
+    "train.snapshot_every": ">= 1", "train.preview_clips": ">= 1", "train.preview_steps": ">= 1", "train.peak_tflops": ">= 0",
+    "sample.steps": ">= 1", "sample.eta": ">= 0", "sample.guidance_scale": ">= 0",
+    "sample.dynamic_threshold_percentile": "(0, 1]",
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """`value` against a _RANGES spec: "> a", ">= a", or an interval "[a, b)" with [ ] closed, ( ) open."""
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    above = value >= low if spec[0] == "[" else value > low
+    below = value <= high if spec[-1] == "]" else value < high
+    return above and below  # NaN fails both
+
+
+def check_ranges(cfg: RunConfig, source: str) -> None:
+    """Raise ConfigError naming the key, the allowed range and `source` for the first value outside _RANGES."""
+    for dotted, spec in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            if not in_range(v, spec):
+                where = dotted if i is None else f"{dotted}[{i}]"
+                wanted = f"be {spec}" if spec[0] in "<>" else f"be in {spec}"
+                raise ConfigError(f"{source}: {where} must {wanted}, got {v!r}")
+
+
 def check_context(T: int, K: int) -> None:
     """Raise unless T > 2K >= 2: the middle must hold at least one frame."""
     if K < 1:
@@ -231,15 +276,7 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         check_context(d.T, d.endpoint_context)
     except ValueError as err:
         raise ConfigError(f"{source}: data.T / data.endpoint_context: {err}") from None
-    positive = {
-        "data.size": d.size, "data.frame_stride": d.frame_stride, "model.base_channels": m.base_channels,
-        "model.res_blocks": m.res_blocks, "diffusion.timesteps": cfg.diffusion.timesteps,
-        "train.batch_size": cfg.train.batch_size, "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.max_steps": cfg.train.max_steps, "sample.steps": cfg.sample.steps,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{source}: {key} must be >= 1, got {value}")
+    check_ranges(cfg, source)
     if not m.channel_mults:
         raise ConfigError(f"{source}: model.channel_mults must not be empty")
     factor = 2 ** (len(m.channel_mults) - 1)
@@ -252,8 +289,6 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(
             f"{source}: model.temporal_attn_levels {bad_levels} out of range 0..{len(m.channel_mults) - 1}"
         )
-    if not 0.0 <= cfg.diffusion.cfg_drop_prob < 1.0:
-        raise ConfigError(f"{source}: diffusion.cfg_drop_prob must be in [0, 1)")
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"{source}: sample.steps must be <= diffusion.timesteps")
 
@@ -284,6 +319,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
                 raw = tomli.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{source}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a folder, not a TOML config file") from None
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read the config file ({err.strerror or err})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not a text (TOML) file") from None
         except tomli.TOMLDecodeError as err:
             raise ConfigError(f"{source}: invalid TOML: {err}") from None
     for text in overrides:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from evdm.config import ConfigError, RunConfig
+from evdm.preemption import ignore_stop_signals, stop_signals_blocked
 from evdm.schema import clip_shape
 from evdm.shards import REMOTE_PREFIXES, expand_urls, iter_clips, manifest_beside, peek_clip_shape
 from evdm.shards import shard_slice  # noqa: F401  (re-exported: part of this module's API)
@@ -220,7 +221,8 @@ def make_train_loader(
     )
     if ring is None:
         return TrainBatches(dataset, iter(dataset))
-    loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS)
+    loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS,
+                        worker_init_fn=ignore_stop_signals)  # preemption signals are the main process's
     skipped: dict[int, int] = {}
     batches = _batches_from_ring(loader, ring, _BatchPool(batch_shape, pin=pin), skipped, drop=start_batch % ring.chunk)
     return TrainBatches(dataset, batches, skipped)
@@ -230,7 +232,9 @@ def _batches_from_ring(
     loader: DataLoader, ring: BatchRing, pool: _BatchPool, skipped: dict[int, int], *, drop: int
 ) -> Iterator[torch.Tensor]:
     """Batches out of the workers' tickets; `drop`: leading batches a resume has already trained on."""
-    for ticket in loader:
+    with stop_signals_blocked():  # the workers fork here (see evdm.preemption)
+        tickets = iter(loader)
+    for ticket in tickets:
         if isinstance(ticket, str):
             raise ConfigError(ticket)
         worker, first, count, skipped[worker] = ticket

@@ -102,19 +102,26 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
                                                                  reducing_gap=2.0)
 
 
-def load_image(path: str | Path, size: int, color_mode: str) -> np.ndarray:
-    """Any image PIL reads -> uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped."""
+def open_image(path: str | Path, color_mode: str) -> Image.Image:
+    """Any image PIL reads, upright (EXIF orientation applied), in RGB or L; SamplingError names the file."""
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img = img.convert("RGB" if color_mode == "rgb" else "L")
-            img = center_crop_resize(img, size)
+            return ImageOps.exif_transpose(img).convert("RGB" if color_mode == "rgb" else "L")
     except FileNotFoundError:
         raise SamplingError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise SamplingError(f"{path}: not a readable image ({err})") from None
-    arr = np.asarray(img, dtype=np.uint8)
+
+
+def to_array(img: Image.Image, size: int) -> np.ndarray:
+    """uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped and resized."""
+    arr = np.asarray(center_crop_resize(img, size), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def load_image(path: str | Path, size: int, color_mode: str) -> np.ndarray:
+    """Any image PIL reads -> uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped."""
+    return to_array(open_image(path, color_mode), size)
 
 
 def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +131,14 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
         if len(paths) != K:
             raise SamplingError(f"{flag}: got {len(paths)} image(s) ({' '.join(map(str, paths))}), "
                                 f"but the checkpoint's endpoint_context is K={K}")
-    load = lambda p: load_image(p, cfg.data.size, cfg.data.color_mode)  # noqa: E731
+    images = {p: open_image(p, cfg.data.color_mode) for p in [*start_paths, *end_paths]}
+    # Frames of one clip share a camera: images of different sizes are different shots or crops, and
+    # resizing them to one size would silently stretch one against the other.
+    sizes = {img.size for img in images.values()}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{p} {img.size[0]}x{img.size[1]}" for p, img in images.items())
+        raise SamplingError(f"start and end images must all have the same size: {listed}")
+    load = lambda p: to_array(images[p], cfg.data.size)  # noqa: E731
     return np.stack([load(p) for p in start_paths]), np.stack([load(p) for p in end_paths])
 
 
@@ -256,7 +270,12 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
     Writes grid_{i:03d}.gif per batch. `total` is the number of jobs, for the progress bar.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SamplingError(f"--out_dir {out_dir} exists and is not a folder; choose a folder path")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SamplingError(f"--out_dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
     sc, K = cfg.sample, cfg.data.endpoint_context
     steps = sc.steps if settings.steps is None else settings.steps
     eta = sc.eta if settings.eta is None else settings.eta

@@ -33,7 +33,12 @@ def open_state(shard_dir: Path, identity: dict, *, overwrite: bool, resume: bool
     resume=False is for a tool that writes every shard in one go (preprocess.bair): any earlier
     output of ours is then a conflict, and other files in the folder are left alone.
     """
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise UserError(f"SHARD_DIR {shard_dir} exists and is not a folder; choose a folder path")
+    try:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"SHARD_DIR {shard_dir}: cannot create the folder ({err.strerror or err})") from None
     for tmp in shard_dir.glob("*" + TMP_SUFFIX):  # left by a crash: never complete
         if is_ours(tmp):
             tmp.unlink()

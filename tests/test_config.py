@@ -63,3 +63,65 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["lr=1"])
+
+
+# One bad value per family of ranges: (override, the key named, the range named).
+OUT_OF_RANGE = [
+    # > 0
+    ("train.lr=-1e-3", "train.lr", "> 0"), ("train.lr=0.0", "train.lr", "> 0"),
+    ("train.grad_clip=0.0", "train.grad_clip", "> 0"),
+    # [0, 1): decays, probabilities, betas, dropout
+    ("train.ema_decay=2.0", "train.ema_decay", "[0, 1)"), ("train.ema_decay=1.0", "train.ema_decay", "[0, 1)"),
+    ("train.ema_decay=-0.1", "train.ema_decay", "[0, 1)"),
+    ("diffusion.cfg_drop_prob=1.0", "diffusion.cfg_drop_prob", "[0, 1)"),
+    ("train.adam_betas=[0.9, 1.0]", "train.adam_betas[1]", "[0, 1)"),
+    ("train.adam_betas=[-0.1, 0.99]", "train.adam_betas[0]", "[0, 1)"),
+    ("model.dropout=1.0", "model.dropout", "[0, 1)"),
+    # [0, 1] and (0, 1]
+    ("train.lr_min_ratio=1.5", "train.lr_min_ratio", "[0, 1]"),
+    ("sample.dynamic_threshold_percentile=0.0", "sample.dynamic_threshold_percentile", "(0, 1]"),
+    ("sample.dynamic_threshold_percentile=1.01", "sample.dynamic_threshold_percentile", "(0, 1]"),
+    # >= 0
+    ("train.weight_decay=-1e-4", "train.weight_decay", ">= 0"),
+    ("diffusion.noise_offset=-0.1", "diffusion.noise_offset", ">= 0"),
+    ("diffusion.noise_offset=nan", "diffusion.noise_offset", ">= 0"),
+    ("diffusion.temporal_loss_weight=-1.0", "diffusion.temporal_loss_weight", ">= 0"),
+    ("sample.eta=-0.5", "sample.eta", ">= 0"), ("sample.guidance_scale=-1.0", "sample.guidance_scale", ">= 0"),
+    ("data.num_workers=-1", "data.num_workers", ">= 0"), ("data.shuffle_buffer=-1", "data.shuffle_buffer", ">= 0"),
+    ("train.lr_warmup_steps=-1", "train.lr_warmup_steps", ">= 0"),
+    # >= 1: counts and cadences
+    ("train.log_every=0", "train.log_every", ">= 1"), ("train.val_every=0", "train.val_every", ">= 1"),
+    ("train.ckpt_every=0", "train.ckpt_every", ">= 1"), ("train.snapshot_every=0", "train.snapshot_every", ">= 1"),
+    ("train.preview_every=0", "train.preview_every", ">= 1"), ("train.preview_clips=0", "train.preview_clips", ">= 1"),
+    ("train.preview_steps=0", "train.preview_steps", ">= 1"), ("data.val_clips=0", "data.val_clips", ">= 1"),
+    ("model.attn_head_channels=0", "model.attn_head_channels", ">= 1"),
+    ("model.channel_mults=[1, 0]", "model.channel_mults[1]", ">= 1"),
+    ("diffusion.timesteps=0", "diffusion.timesteps", ">= 1"), ("train.batch_size=0", "train.batch_size", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("override, key, allowed", OUT_OF_RANGE, ids=[c[0] for c in OUT_OF_RANGE])
+def test_out_of_range_values_name_key_range_and_file(tmp_path, override, key, allowed):
+    path = tmp_path / "run.toml"
+    path.write_text((Path(__file__).parent.parent / "configs" / "smoke.toml").read_text())
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key} must") and allowed in message and "\n" not in message
+
+
+@pytest.mark.parametrize("override", [
+    "train.ema_decay=0.0", "train.lr_min_ratio=1.0", "train.lr_min_ratio=0.0", "sample.guidance_scale=0.0",
+    "sample.dynamic_threshold_percentile=1.0", "data.num_workers=0", "train.adam_betas=[0.0, 0.999]",
+])
+def test_range_edges_that_are_allowed(override):
+    load_config(Path(__file__).parent.parent / "configs" / "smoke.toml", [override])
+
+
+def test_a_config_path_that_is_not_a_readable_toml_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a TOML config file"):
+        load_config(tmp_path)
+    binary = tmp_path / "weights.toml"
+    binary.write_bytes(b"\x80\x02\xff\xfe")
+    with pytest.raises(ConfigError, match=f"{binary}: not a text"):
+        load_config(binary)

@@ -88,11 +88,11 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Four endpoint images of assorted sizes and formats."""
+    """Four endpoint images of one (non-square) size in assorted formats and modes."""
     d = tmp_path_factory.mktemp("img")
     rng = np.random.default_rng(2)
     paths = []
-    kinds = [((40, 30, 3), "png"), ((20, 50, 3), "jpeg"), ((33, 33), "bmp"), ((64, 64, 4), "png")]
+    kinds = [((30, 40, 3), "png"), ((30, 40, 3), "jpeg"), ((30, 40), "bmp"), ((30, 40, 4), "png")]
     for i, (shape, fmt) in enumerate(kinds):
         p = d / f"im{i}.{fmt}"
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(p)
@@ -238,7 +238,10 @@ def test_unreadable_and_missing_image(ckpt, images, tmp_path, capsys):
 def test_missing_and_corrupt_checkpoint(images, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00" * 64)
-    for path, words in ((tmp_path / "missing.pt", "not found"), (corrupt, "not a readable evdm checkpoint")):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, this is not a checkpoint\n")
+    for path, words in ((tmp_path / "missing.pt", "not found"), (corrupt, "not a PyTorch/evdm checkpoint file"),
+                        (text, "not a PyTorch/evdm checkpoint file")):
         rc, err = run_main(["--ckpt", path, "--start_images", *images[:2], "--end_images", *images[2:],
                             "--out_dir", tmp_path, "--device", "cpu"], capsys)
         assert rc == 2 and str(path) in err and words in err and err.count("\n") == 1
@@ -270,3 +273,22 @@ def test_flag_errors(ckpt, images, tmp_path, capsys):
     rc, err = run_main(["--ckpt", ckpt, "--start_images", *images[:2], "--end_images", *images[2:],
                         "--steps", 500, "--out_dir", tmp_path, "--device", "cpu"], capsys)
     assert rc == 2 and "--steps 500" in err
+
+
+def test_start_and_end_images_of_different_sizes_are_refused(ckpt, images, tmp_path, capsys):
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(small)
+    rc, err = run_main(["--ckpt", ckpt, "--start_images", *images[:2], "--end_images", images[2], small,
+                        "--out_dir", tmp_path / "out", "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{images[0]} 40x30" in err and f"{small} 16x16" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_that_is_a_file_is_one_line(ckpt, images, tmp_path, capsys):
+    taken = tmp_path / "samples"
+    taken.write_text("not a folder")
+    rc, err = run_main(["--ckpt", ckpt, "--start_images", *images[:2], "--end_images", *images[2:],
+                        "--out_dir", taken, "--steps", 2, "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"--out_dir {taken} exists and is not a folder" in err
+    assert taken.read_text() == "not a folder"

@@ -234,10 +234,13 @@ def test_nothing_usable_exits_nonzero(messy, tmp_path, capsys):
     ("missing", "does not exist"),
     ("no_mp4", "no .mp4 files"),
     ("no_ffmpeg", "pip install imageio-ffmpeg"),
+    ("out_is_a_file", "exists and is not a folder"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, data, setup, message):
-    src = {"missing": tmp_path / "nope", "no_mp4": tmp_path, "no_ffmpeg": data}[setup]
+    src = {"missing": tmp_path / "nope", "no_mp4": tmp_path, "no_ffmpeg": data, "out_is_a_file": data}[setup]
     env = dict(os.environ, EVDM_FFMPEG=str(tmp_path / "no-ffmpeg")) if setup == "no_ffmpeg" else None
+    if setup == "out_is_a_file":
+        (tmp_path / "out").write_text("a file where SHARD_DIR should go")
     proc = subprocess.run([sys.executable, "-m", "preprocess.shard", str(src), str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from evdm import data
-from evdm.checkpoint import load_checkpoint, make_payload, save_checkpoint, set_rng_state
+from evdm.checkpoint import load_weights, make_payload, save_checkpoint, set_rng_state
 from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
 from evdm.train.dashboard import Dashboard
 from evdm.diffusion.loss import diffusion_loss, draw_training_noise
@@ -22,6 +21,8 @@ from evdm.diffusion.schedule import Schedule, make_schedule
 from evdm.train.ema import ema_decay_at, make_ema, update_ema
 from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
 from evdm.models import adapt_conv_weights, adapt_optimizer_state, build_model, to_channels_last
+from evdm.preemption import default_signals, stop_on_signals, stop_requested
+from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
 from evdm.train.preview import write_preview
 from evdm.train.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
 
@@ -63,7 +64,8 @@ def setup_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    with default_signals():  # waiting for the other ranks: a signal must end it, not wait for its timeout
+        dist.init_process_group(backend)
     return dist.get_rank(), world_size, local_rank
 
 
@@ -74,11 +76,18 @@ def amp_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCo
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, s: Schedule, val_u8: torch.Tensor, cfg: RunConfig, device: torch.device) -> float:
-    """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop."""
+def validation_loss(
+    model: torch.nn.Module, s: Schedule, val_u8: torch.Tensor, cfg: RunConfig, device: torch.device
+) -> float | None:
+    """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop.
+
+    None when a stop request (SIGINT/SIGTERM) cuts it short: the step's record is written without it.
+    """
     gen = torch.Generator(device=device).manual_seed(VAL_SEED)
     total, count = 0.0, 0
     for chunk in val_u8.split(cfg.train.batch_size):
+        if stop_requested():
+            return None
         x = data.to_model_input(chunk, device, channels_last=cfg.train.channels_last)
         K = cfg.data.endpoint_context
         middle_shape = (x.shape[0], x.shape[1], x.shape[2] - 2 * K, *x.shape[3:])
@@ -96,17 +105,30 @@ def validation_loss(model: torch.nn.Module, s: Schedule, val_u8: torch.Tensor, c
     return total / count
 
 
-def _install_sigterm_handler() -> None:
-    # Turn SIGTERM (cluster preemption, `kill`) into KeyboardInterrupt so the loop saves last.pt.
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -> bool:
+    """Any rank's stop request, seen by every rank at the same step (ranks get signals at different moments).
 
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
+    A one-float all_reduce on a CPU (gloo) group: a network round trip per step, never a device sync.
+    """
+    if world_size == 1:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Train from `cfg`; returns the output directory holding last.pt, metrics.jsonl, loss.png, previews/."""
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train from `cfg`; returns the output directory holding last.pt, metrics.jsonl, loss.png, previews/.
+
+    SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption).
+    Rank 0 holds out_dir/.lock for the whole run; out_dir checks: evdm.train.outdir.
+    """
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with stop_on_signals(), lock_out_dir(Path(cfg.train.out_dir)) if is_main else contextlib.nullcontext():
+        return _train(cfg, resume=resume, overwrite=overwrite)
+
+
+def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     # --- setup ---------------------------------------------------------------------------------
     tc = cfg.train
     rank, world_size, local_rank = setup_distributed()
@@ -117,11 +139,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     data.check_shards(cfg)
     out_dir = Path(tc.out_dir)
     ckpt_path = out_dir / "last.pt"
-    if is_main:
-        (out_dir / "previews").mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "config.toml.tmp"
-        tmp.write_text(to_toml(cfg))
-        os.replace(tmp, out_dir / "config.toml")
+    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite)  # reads only; None for a fresh run
+    # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them (stop_agreed).
+    stop_group = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() == "nccl" else None
     torch.manual_seed(tc.seed)
     raw_model = build_model(cfg).to(device)
     if tc.channels_last:
@@ -134,22 +154,27 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
     # --- resume --------------------------------------------------------------------------------
     step = 0
-    if resume:
-        if not ckpt_path.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt is not None:
         # adapt_*: a checkpoint of the other model.spacetime form differs only in conv kernel ranks.
-        raw_model.load_state_dict(adapt_conv_weights(ckpt["model"], raw_model))
+        load_weights(raw_model, adapt_conv_weights(ckpt["model"], raw_model), ckpt_path)
         if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(adapt_conv_weights(ckpt["ema"], ema))
+            load_weights(ema, adapt_conv_weights(ckpt["ema"], ema), ckpt_path)
         if ckpt.get("optimizer") is not None:
             optimizer.load_state_dict(adapt_optimizer_state(ckpt["optimizer"], raw_model))
         if ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         step = ckpt["step"]
-        if is_main:
+    # Every check passed: only now does out_dir change.
+    if is_main:
+        if ckpt is None:
+            clear_run(out_dir)  # --overwrite, or the metrics of an earlier run that saved no checkpoint
+        else:
             truncate_metrics(out_dir / "metrics.jsonl", step)
+        (out_dir / "previews").mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / "config.toml.tmp"
+        tmp.write_text(to_toml(cfg))
+        os.replace(tmp, out_dir / "config.toml")
 
     # Wrap after loading weights: DDP, then compile; checkpoints always save raw_model.
     model: torch.nn.Module = raw_model
@@ -173,7 +198,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             save_checkpoint(path, make_payload(step=step, cfg=cfg, model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler))
 
     # --- loop ----------------------------------------------------------------------------------
-    _install_sigterm_handler()
     loss_sum = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
     window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
@@ -181,6 +205,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     try:
         with dashboard:
             while step < tc.max_steps:
+                if stop_agreed(stop_requested(), world_size, stop_group):  # between steps: nothing half done
+                    dashboard.message(f"interrupted at step {step}: saving {ckpt_path}")
+                    break
                 gen = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step))
                 lr = lr_at(step, tc)
                 for group in optimizer.param_groups:
@@ -224,7 +251,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                 is_val_step = step % tc.val_every == 0 or step == tc.max_steps
                 if is_val_step and is_main:
                     val_loss = validation_loss(eval_model, schedule, val_u8, cfg, device)
-                if is_main and (step % tc.preview_every == 0 or step == tc.max_steps):
+                if is_main and (step % tc.preview_every == 0 or step == tc.max_steps) and not stop_requested():
                     write_preview(eval_model, schedule, val_u8, cfg, out_dir / "previews", step, device)
                 if step % tc.log_every == 0 or is_val_step:
                     if world_size > 1:

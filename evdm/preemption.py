@@ -1,0 +1,109 @@
+"""Preemption: SIGTERM and SIGINT become a stop request that the training loop reads between steps.
+
+Slurm, Kubernetes and `docker stop` signal the whole process group, DataLoader workers included. A
+worker that dies of the signal makes the main process raise ("DataLoader worker ... killed by
+signal") before it can save, so workers ignore both signals and leave when the main process shuts
+them down (or, if it dies, when torch's parent watchdog notices). The main process only sets a flag:
+raising inside arbitrary code (a checkpoint write, a collective) is what loses runs. Torch-free, so
+train.py can install the handlers before the slow torch import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# Module state because a signal handler has nowhere else to write: the names of the signals received.
+_received: list[str] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    name = signal.Signals(signum).name
+    if _received:
+        text = f"{name} again: already stopping, last.pt is being saved; wait a few seconds\n"
+    else:
+        text = f"{name}: stopping after the current step and saving last.pt\n"
+    _received.append(name)
+    # os.write, not print: a handler that prints while the main code is inside print() on the same
+    # buffered stream raises "reentrant call" -- a traceback on the second Ctrl-C.
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
+def stop_requested() -> bool:
+    """True once SIGINT or SIGTERM arrived while the stop handlers were installed."""
+    return bool(_received)
+
+
+def install_stop_handlers() -> None:
+    """From now on SIGINT/SIGTERM set the stop flag instead of raising (entry points: until the process ends).
+
+    Installing again keeps a request already received (train.py installs the handlers at start, and
+    train() again for library callers).
+    """
+    if signal.getsignal(signal.SIGINT) is not _on_signal:
+        _received.clear()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def _handlers(handler: object) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` while inside, the previous handlers after.
+
+    Outside the main thread signals cannot be handled: a no-op there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    if handler is _on_signal:
+        install_stop_handlers()
+    else:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager:
+    """`install_stop_handlers` while inside; the previous handlers come back after (library callers, tests)."""
+    return _handlers(_on_signal)
+
+
+def default_signals() -> contextlib.AbstractContextManager:
+    """SIGINT/SIGTERM end the process at once while inside (for waits in C++ that hold Python handlers back).
+
+    A rendezvous waits inside one C++ call for up to its timeout: a flag-setting handler would only run
+    after it, so a signal would seem ignored. Nothing is trained yet there, so nothing is lost.
+    """
+    return _handlers(signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: ignore SIGINT/SIGTERM, then take the signals blocked at fork back."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while DataLoader workers fork.
+
+    A worker inherits the blocked mask, so a signal sent between its fork and its worker_init_fn
+    cannot kill it; the main process gets any held signal when the block ends.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

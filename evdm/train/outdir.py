@@ -1,0 +1,139 @@
+"""out_dir protection: one live run per folder, no fresh run over a checkpoint, resume only into the same model.
+
+Every check reads only; the trainer writes config.toml (and clears an old run's files) after all of them
+pass, so a refused command leaves out_dir exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from evdm.checkpoint import CheckpointError, load_checkpoint
+from evdm.config import ConfigError, RunConfig, to_dict
+
+LOCK_NAME = ".lock"
+# The keys that decide the weights' shapes or what they mean: a resume must not change them.
+MODEL_KEYS = (
+    "data.T", "data.size", "data.color_mode", "data.endpoint_context", "model.*",
+    "diffusion.prediction", "diffusion.residual", "diffusion.timesteps", "diffusion.schedule",
+)
+# Written by a run; removed before a fresh run (--overwrite, or an old run that left no checkpoint).
+RUN_FILES = ("last.pt", "last.pt.tmp", "step_*.pt", "step_*.pt.tmp", "metrics.jsonl", "loss.png", "config.toml")
+
+
+def check_folder(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir {out_dir} exists and is not a folder")
+
+
+def checkpoints_in(out_dir: Path) -> list[Path]:
+    return sorted(p for pattern in ("last.pt", "step_*.pt") for p in out_dir.glob(pattern))
+
+
+def model_key_differences(stored: dict, cfg: RunConfig) -> list[str]:
+    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where `stored` (a to_dict) and `cfg` differ."""
+    current = to_dict(cfg)
+    keys = []
+    for spec in MODEL_KEYS:
+        section, key = spec.split(".")
+        names = sorted(set(current[section]) | set(stored.get(section, {}))) if key == "*" else [key]
+        keys += [(section, name) for name in names]
+    return [
+        f"{section}.{name} (checkpoint {stored.get(section, {}).get(name)!r}, config {current[section].get(name)!r})"
+        for section, name in keys
+        if stored.get(section, {}).get(name) != current[section].get(name)
+    ]
+
+
+def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse what would lose or mix up a run; returns the checkpoint to resume from (on the CPU) or None.
+
+    Reads only. Raises ConfigError (fresh run over a checkpoint, out_dir not a folder, --resume without
+    a checkpoint) or CheckpointError (unreadable checkpoint, model keys that differ from the config).
+    """
+    out_dir = Path(cfg.train.out_dir)
+    check_folder(out_dir)
+    if not resume:
+        found = checkpoints_in(out_dir) if out_dir.is_dir() else []
+        if found and not overwrite:
+            raise ConfigError(
+                f"train.out_dir {out_dir} already holds a run ({', '.join(p.name for p in found)}): pass --resume "
+                f"to continue it, --overwrite to start over, or choose another out_dir"
+            )
+        return None
+    ckpt_path = out_dir / "last.pt"
+    if not ckpt_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    differences = model_key_differences(ckpt["config"], cfg)
+    if differences:
+        raise CheckpointError(
+            f"{ckpt_path}: --resume with a different model: {'; '.join(differences)}; "
+            f"use the checkpoint's values or another out_dir"
+        )
+    return ckpt
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove a previous run's checkpoints, metrics and previews (other files in out_dir stay)."""
+    for pattern in RUN_FILES:
+        for path in out_dir.glob(pattern):
+            path.unlink()
+    shutil.rmtree(out_dir / "previews", ignore_errors=True)
+
+
+def _holder(lock_path: Path) -> str:
+    text = lock_path.read_text().strip() if lock_path.is_file() else ""
+    return text or "another process"
+
+
+@contextlib.contextmanager
+def lock_out_dir(out_dir: Path) -> Iterator[None]:
+    """Hold out_dir/.lock (flock) while inside; a second live run on out_dir gets a ConfigError naming the first.
+
+    The kernel drops a flock when its process dies, so a crashed run's lock is never stale; the file
+    says "pid N on host H" only to name the holder, and is removed on the way out (with out_dir itself
+    when this call created it and nothing else was written, so a refused command leaves no trace).
+    """
+    check_folder(out_dir)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"train.out_dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
+    lock_path = out_dir / LOCK_NAME
+    fd = _acquire(lock_path, out_dir)
+    try:
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # before the close: a waiting run re-checks the inode (_acquire)
+        os.close(fd)  # releases the flock
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty
+
+
+def _acquire(lock_path: Path, out_dir: Path) -> int:
+    """An fd holding an exclusive flock on lock_path, retried if the holder removed the file meanwhile."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"train.out_dir {out_dir} is in use by {_holder(lock_path)} ({lock_path}); "
+                f"wait for that run to end or choose another out_dir"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                return fd
+        os.close(fd)  # locked a file its holder had just removed: take the new one
