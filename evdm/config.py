@@ -27,7 +27,9 @@ class DataConfig:
     val_shards: str | list[str] = "shards/val-*.tar"
     size: int = 64
     T: int = 8
-    endpoint_context: int = 2  # K: observed frames at each end
+    endpoint_context: int = 2  # K: observed frames at each end (shorthand for both counts below)
+    context_start: int = 0  # observed frames before the middle; 0: endpoint_context
+    context_end: int = 0  # observed frames after the middle; 0: endpoint_context
     frame_stride: int = 1
     color_mode: str = "rgb"  # rgb | gray
     loader: str = "webdataset"  # webdataset | dali
@@ -121,8 +123,14 @@ class RunConfig:
         return 1 if self.data.color_mode == "gray" else 3
 
     @property
+    def context(self) -> tuple[int, int]:
+        """(K_start, K_end): observed frames before and after the middle."""
+        d = self.data
+        return (d.context_start or d.endpoint_context, d.context_end or d.endpoint_context)
+
+    @property
     def middle_frames(self) -> int:
-        return self.data.T - 2 * self.data.endpoint_context
+        return self.data.T - sum(self.context)
 
 
 _CHOICES = {
@@ -151,6 +159,7 @@ RETIRED_KEYS = {
 # conditioning): w * cond + (1 - w) * null is defined for every w >= 0.
 _RANGES = {
     "data.size": ">= 1", "data.T": ">= 1", "data.frame_stride": ">= 1", "data.num_workers": ">= 0",
+    "data.context_start": ">= 0", "data.context_end": ">= 0",
     "data.shuffle_buffer": ">= 0", "data.val_clips": ">= 1",
     "model.base_channels": ">= 1", "model.channel_mults": ">= 1", "model.res_blocks": ">= 1",
     "model.attn_head_channels": ">= 1", "model.dropout": "[0, 1)",
@@ -191,15 +200,21 @@ def check_ranges(cfg: RunConfig, source: str) -> None:
                 raise ConfigError(f"{source}: {where} must {wanted}, got {v!r}")
 
 
-def check_context(T: int, K: int) -> None:
-    """Raise unless T > 2K >= 2: the middle must hold at least one frame."""
-    if K < 1:
-        raise ValueError(f"endpoint_context K must be >= 1, got {K}")
-    if T <= 2 * K:
-        raise ValueError(
-            f"T must be greater than 2*endpoint_context to leave a middle to generate: "
-            f"T={T}, endpoint_context={K} (2K={2 * K})"
-        )
+def as_context(K: int | tuple[int, int]) -> tuple[int, int]:
+    """(K_start, K_end) from one count for both ends or a pair."""
+    return (K, K) if isinstance(K, int) else (int(K[0]), int(K[1]))
+
+
+def check_context(T: int, K: int | tuple[int, int]) -> None:
+    """Raise unless each context count is >= 1 and T > K_start + K_end: the middle holds a frame."""
+    Ks, Ke = as_context(K)
+    if min(Ks, Ke) < 1:
+        raise ValueError(f"context counts must be >= 1, got start {Ks}, end {Ke}")
+    if T <= Ks + Ke:
+        detail = (f"T={T}, endpoint_context={Ks} (2K={2 * Ks})" if Ks == Ke
+                  else f"T={T}, context_start={Ks}, context_end={Ke}")
+        raise ValueError(f"T must be greater than the observed frames at both ends to leave a middle to "
+                         f"generate: {detail}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -272,11 +287,11 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         if value not in allowed:
             raise ConfigError(f"{source}: {section}.{key} must be one of {allowed}, got {value!r}")
     d, m = cfg.data, cfg.model
-    try:
-        check_context(d.T, d.endpoint_context)
-    except ValueError as err:
-        raise ConfigError(f"{source}: data.T / data.endpoint_context: {err}") from None
     check_ranges(cfg, source)
+    try:
+        check_context(d.T, cfg.context)
+    except ValueError as err:
+        raise ConfigError(f"{source}: data.T / data.endpoint_context (context_start, context_end): {err}") from None
     if not m.channel_mults:
         raise ConfigError(f"{source}: model.channel_mults must not be empty")
     factor = 2 ** (len(m.channel_mults) - 1)

@@ -5,9 +5,11 @@
 
 Rows, all on the same clips: copy the nearest context frame; linear blend of the last start and
 first end frame; the model with DDIM at each --steps; optionally the best of N model samples per
-clip (chosen by mean PSNR over the middle; its SSIM/LPIPS are those of that sample). Metrics are
-computed on the generated middle frames in [0, 1] (float, before rounding to uint8), per middle
-position and averaged over clips and positions (the mean of per-frame PSNRs).
+clip (chosen by mean PSNR over the middle; its SSIM/LPIPS are those of that sample: MCVD's protocol,
+Voleti et al. 2022). Metrics are computed on the generated middle frames only, in [0, 1] (float,
+before rounding to uint8), per middle position and averaged over clips and positions (the mean of
+per-frame PSNRs). The JSON states this protocol and carries a `comparable_row` to set beside a
+published one; --examples draws the worst and the best clip by PSNR.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +27,14 @@ import torch
 
 from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.config import add_speed_flags
-from evdm.sampling import batched, iter_shard_clips, load_model, progress_bar, resolve_device, sample_float
+from evdm.diffusion import split_clip
+from evdm import visualize
+from evdm.sampling import (
+    batched, iter_shard_clips, load_model, progress_bar, resolve_device, sample_float, strip_scale, to_uint8_clips,
+)
 
 LINEAR_BLEND = "linear blend"
+BLEND_COLOR = (150, 150, 150)
 
 
 def load_lpips(device: torch.device) -> tuple[Callable | None, str]:
@@ -88,59 +96,125 @@ def evaluate(
     ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, batch_size: int = 16,
     steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
     device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
-    precision: str | None = None, compile: str | None = None,
+    precision: str | None = None, compile: str | None = None, examples: str | Path | None = None,
 ) -> dict:
     """Metrics of the baselines and the model (DDIM at each of steps_list) on the first `num` shard clips.
 
     guidance_scale None: the checkpoint's sample.guidance_scale. best_of > 1 adds a best-of-N row at
     max(steps_list). precision / compile: None for the checkpoint's sample.precision / sample.compile.
-    Returns a JSON-ready dict; result["summary"] compares the model at max(steps_list) with the linear blend.
+    examples: write a PNG of the worst and the best clip by the main row's PSNR (see `write_examples`).
+    Returns a JSON-ready dict; result["summary"] compares the model at max(steps_list) with the linear
+    blend, result["protocol"] says how the numbers were made and result["comparable_row"] is the main
+    row in the shape of a published one.
     """
     dev = resolve_device(device)
     model, cfg, schedule = load_model(ckpt_path, dev, use_ema=use_ema, compile=compile)
-    precision = precision or cfg.sample.precision
-    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler="ddim"))
-    guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-    K, T = cfg.data.endpoint_context, cfg.data.T
-    lpips_fn, lpips_status = load_lpips(dev)
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
+        cfg.sample, sampler="ddim", precision=precision or cfg.sample.precision,
+        guidance_scale=cfg.sample.guidance_scale if guidance_scale is None else guidance_scale))
     steps_list = sorted(set(steps_list))
-    main_row = f"model ddim-{steps_list[-1]}"
+    lpips_fn, lpips_status = load_lpips(dev)
     acc: dict = {}
+    extremes = Extremes()
     clips_seen = 0
-
-    def model_middle(clips: np.ndarray, steps: int, gen_seed: int) -> torch.Tensor:
-        x = sample_float(model, schedule, cfg, clips, steps=steps, eta=cfg.sample.eta, guidance_scale=guidance,
-                         generator=torch.Generator(device=dev).manual_seed(gen_seed), precision=precision,
-                         pad_to=batch_size)
-        return to_unit(x[:, :, K : T - K])
-
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=-(-num // batch_size), clips=0, visible=progress)
         for index, batch in enumerate(batched(iter_shard_clips(shards, cfg, num), batch_size)):
             clips = np.stack([np.asarray(c) for _, c in batch])
-            unit = u8_to_unit(torch.from_numpy(clips).permute(0, 4, 1, 2, 3).to(dev))
-            truth = unit[:, :, K : T - K]
-            for name, baseline in BASELINES.items():
-                _record(acc, name, _frame_metrics(baseline(unit, K), truth, lpips_fn))
-            batch_seed = seed * 1_000_003 + index
-            for steps in steps_list:
-                single = _frame_metrics(model_middle(clips, steps, batch_seed), truth, lpips_fn)
-                _record(acc, f"model ddim-{steps}", single)
-            if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
-                candidates = [single] + [_frame_metrics(model_middle(clips, steps_list[-1], batch_seed * 131 + n),
-                                                        truth, lpips_fn) for n in range(1, best_of)]
-                _record(acc, f"{main_row} best-of-{best_of}", _best_of(candidates))
+            score_batch(acc, extremes, model, schedule, cfg, clips, steps_list=steps_list, best_of=best_of,
+                        batch_seed=seed * 1_000_003 + index, pad_to=batch_size, lpips_fn=lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
+    if examples is not None:
+        write_examples(extremes, cfg.context, examples)
+    return report(acc, cfg, checkpoint=str(ckpt_path), shards=shards, clips=clips_seen, steps_list=steps_list,
+                  seed=seed, best_of=best_of, use_ema=use_ema, lpips_status=lpips_status)
 
+
+@dataclass
+class Extremes:
+    """The worst and the best clip seen so far by the main row's mean PSNR over the generated frames:
+    (psnr, [truth, model, linear blend] as uint8 [T, H, W, C]) each."""
+
+    worst: tuple[float, list[np.ndarray]] | None = None
+    best: tuple[float, list[np.ndarray]] | None = None
+
+    def update(self, psnr: torch.Tensor, truth_u8: np.ndarray, model_unit: torch.Tensor, blend_unit: torch.Tensor) -> None:
+        """psnr: [B]; truth_u8: [B, T, H, W, C]; model_unit, blend_unit: whole clips [B, C, T, H, W] in [0, 1]."""
+        for name, i, better in (("worst", int(psnr.argmin()), float.__lt__), ("best", int(psnr.argmax()), float.__gt__)):
+            current = getattr(self, name)
+            value = float(psnr[i])
+            if current is None or better(value, current[0]):
+                pictures = [truth_u8[i]] + [to_uint8_clips(x[i : i + 1] * 2 - 1)[0] for x in (model_unit, blend_unit)]
+                setattr(self, name, (value, pictures))
+
+
+def score_batch(acc: dict, extremes: Extremes, model, schedule, cfg, clips: np.ndarray, *, steps_list: list[int],
+                best_of: int, batch_seed: int, pad_to: int, lpips_fn) -> None:
+    """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
+    its best of N, into `acc`; the main row's clips into `extremes`."""
+    K, dev = cfg.context, schedule.betas.device
+
+    def model_clip(steps: int, gen_seed: int) -> torch.Tensor:
+        x = sample_float(model, schedule, cfg, clips, steps=steps, eta=cfg.sample.eta,
+                         guidance_scale=cfg.sample.guidance_scale, pad_to=pad_to,
+                         generator=torch.Generator(device=dev).manual_seed(gen_seed))
+        return to_unit(x)
+
+    unit = u8_to_unit(torch.from_numpy(clips).permute(0, 4, 1, 2, 3).to(dev))
+    start, truth, end = split_clip(unit, K)
+    for name, baseline in BASELINES.items():
+        _record(acc, name, _frame_metrics(baseline(unit, K), truth, lpips_fn))
+    for steps in steps_list:
+        sampled = model_clip(steps, batch_seed)
+        single = _frame_metrics(split_clip(sampled, K)[1], truth, lpips_fn)
+        _record(acc, f"model ddim-{steps}", single)
+    blend = torch.cat([start, BASELINES[LINEAR_BLEND](unit, K), end], dim=2)
+    extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
+    if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
+        candidates = [single] + [_frame_metrics(split_clip(model_clip(steps_list[-1], batch_seed * 131 + n), K)[1],
+                                                truth, lpips_fn) for n in range(1, best_of)]
+        _record(acc, f"model ddim-{steps_list[-1]} best-of-{best_of}", _best_of(candidates))
+
+
+def write_examples(extremes: Extremes, K: tuple[int, int], path: str | Path) -> None:
+    """PNG of the worst clip (top three rows) and the best (bottom three): truth (middle framed
+    green), model (orange), linear blend (grey); context frames framed blue."""
+    colors = (visualize.TRUTH_COLOR, visualize.GENERATED_COLOR, BLEND_COLOR)
+    rows = [list(zip(clip, visualize.frame_colors(len(clip), K, color)))
+            for _, pictures in (extremes.worst, extremes.best) for clip, color in zip(pictures, colors)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    visualize.save_png(visualize.grid(rows, scale=strip_scale(rows[0][0][0].shape[0])), path)
+
+
+def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: list[int], seed: int, best_of: int,
+           use_ema: bool, lpips_status: str) -> dict:
+    """The JSON-ready result: settings, rows, the summary, the protocol and the comparable row."""
     rows = summarize(acc)
     by_name = {r["method"]: r for r in rows}
+    (Ks, Ke), M, sc = cfg.context, cfg.middle_frames, cfg.sample
+    main_row = f"model ddim-{steps_list[-1]}"
+    headline = by_name[f"{main_row} best-of-{best_of}" if best_of > 1 else main_row]
+    protocol = {
+        "frames": f"{Ks} observed + {M} generated + {Ke} observed (T {cfg.data.T}), "
+                  f"{cfg.data.size}x{cfg.data.size} {cfg.data.color_mode}",
+        "samples_per_clip": best_of,
+        "selection": (f"per clip, the best of {best_of} samples by mean PSNR over the generated frames "
+                      f"(MCVD's protocol); its SSIM and LPIPS are that sample's") if best_of > 1 else "one sample per clip",
+        "scored_frames": f"the {M} generated frames only, float in [0, 1] before rounding; context frames are exact",
+        "aggregation": f"per-frame PSNR and SSIM, averaged over the {M} generated frames and over {clips} clips "
+                       f"(the first {clips} in sorted shard order)",
+        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}, EMA {use_ema}",
+    }
     return {
-        "checkpoint": str(ckpt_path), "shards": shards, "clips": clips_seen, "T": T, "K": K, "M": T - 2 * K,
-        "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim", "steps_list": steps_list,
-        "eta": cfg.sample.eta, "guidance_scale": guidance, "seed": seed, "best_of": best_of, "ema": use_ema,
-        "precision": precision,
-        "metric_range": "[0, 1] float, PSNR capped at 100 dB", "lpips": lpips_status, "rows": rows,
+        "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": cfg.data.T, "context_start": Ks,
+        "context_end": Ke, "M": M, "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
+        "steps_list": steps_list, "eta": sc.eta, "guidance_scale": sc.guidance_scale, "seed": seed, "best_of": best_of,
+        "ema": use_ema, "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
+        "lpips": lpips_status, "rows": rows, "protocol": protocol,
+        "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": cfg.data.size,
+                           "samples_per_clip": best_of, "clips": clips,
+                           **{m: headline[m] for m in ("psnr", "ssim", "lpips") if m in headline}},
         "summary": {
             "model": main_row, "model_psnr": by_name[main_row]["psnr"],
             "linear_blend_psnr": by_name[LINEAR_BLEND]["psnr"],
@@ -164,7 +238,10 @@ def print_table(result: dict) -> None:
                       f"{r['lpips']:.4f}" if "lpips" in r else "-",
                       " ".join(f"{v:.2f}" for v in r["psnr_per_position"]),
                       " ".join(f"{v:.3f}" for v in r["ssim_per_position"]))
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    console.print("protocol: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in result["protocol"].items()),
+                  highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--examples", help="write a PNG of the worst and the best clip (truth, model, linear blend) here")
     add_speed_flags(p)
     args = p.parse_args(argv)
     if min(args.num, args.batch_size, args.best_of, *args.steps) < 1:
@@ -193,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
                           best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
-                          compile=args.compile)
+                          compile=args.compile, examples=args.examples)
     except (SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from evdm.diffusion import residual
+from evdm.diffusion.loss import split_clip
 
 PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB instead of inf
 SSIM_WINDOW = 11
@@ -82,24 +83,26 @@ def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> tor
 # ---- baselines: (clip, K) -> middle ---------------------------------------------------------
 
 
-def copy_nearest(clip: torch.Tensor, K: int) -> torch.Tensor:
+def copy_nearest(clip: torch.Tensor, K: int | tuple[int, int]) -> torch.Tensor:
     """Each middle frame copies the nearer of the last start / first end frame (ties: the start).
 
-    clip: [B, C, T, H, W] (only its context frames are read) -> [B, C, T - 2K, H, W].
+    clip: [B, C, T, H, W] (only its context frames are read); K: one count or (K_start, K_end)
+    -> [B, C, M, H, W].
     """
+    Ks, Ke = (K, K) if isinstance(K, int) else K
     T = clip.shape[2]
-    last_start, first_end = K - 1, T - K
-    picks = [last_start if j - last_start <= first_end - j else first_end for j in range(K, T - K)]
+    last_start, first_end = Ks - 1, T - Ke
+    picks = [last_start if j - last_start <= first_end - j else first_end for j in range(Ks, T - Ke)]
     return clip[:, :, picks]
 
 
-def linear_blend(clip: torch.Tensor, K: int) -> torch.Tensor:
+def linear_blend(clip: torch.Tensor, K: int | tuple[int, int]) -> torch.Tensor:
     """Pixel-wise linear interpolation in time between the last start and the first end frame.
 
-    clip: [B, C, T, H, W] float -> [B, C, T - 2K, H, W].
+    clip: [B, C, T, H, W] float; K: one count or (K_start, K_end) -> [B, C, M, H, W].
     """
-    T = clip.shape[2]
-    return residual.linear_blend(clip[:, :, :K], clip[:, :, T - K :], T - 2 * K)
+    start, middle, end = split_clip(clip, K)
+    return residual.linear_blend(start, end, middle.shape[2])
 
 
 BASELINES = {"copy nearest context": copy_nearest, "linear blend": linear_blend}

@@ -61,7 +61,7 @@ def fill_middle(
 ) -> torch.Tensor:
     """Sample the middle frames between the endpoints with cfg's sampler settings.
 
-    start_context, end_context: [B, C, K, H, W] in [-1, 1] on the model's device. steps, eta,
+    start_context [B, C, K_start, H, W], end_context [B, C, K_end, H, W] in [-1, 1] on the model's device. steps, eta,
     guidance_scale: None takes cfg.sample's. precision: "fp32" | "bf16" | "auto" (the model's
     forward only). pad_to: run batches of exactly this many clips (repeating the last endpoints), so a
     compiled model never recompiles for a short last batch. Returns clip [B, C, T, H, W]: the input

@@ -1,7 +1,7 @@
 """The library side of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
 
-Everything about the model (size, T, K, colour mode, schedule, prediction) comes from the
-checkpoint's stored config. Clips leave this module as uint8 [T, H, W, C] whose first and last K
+Everything about the model (size, T, context counts, colour mode, schedule, prediction) comes from the
+checkpoint's stored config. Clips leave this module as uint8 [T, H, W, C] whose first K_start and last K_end
 frames are the input frames byte for byte.
 """
 
@@ -125,12 +125,13 @@ def load_image(path: str | Path, size: int, color_mode: str) -> np.ndarray:
 
 
 def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The K start and K end images -> (start, end) uint8 [K, H, W, C] at the model's size and colour mode."""
-    K = cfg.data.endpoint_context
-    for flag, paths in (("--start_images", start_paths), ("--end_images", end_paths)):
+    """The K_start start and K_end end images -> (start, end) uint8 [K_*, H, W, C] at the model's size
+    and colour mode."""
+    for flag, paths, K, key in (("--start_images", start_paths, cfg.context[0], "context_start"),
+                                ("--end_images", end_paths, cfg.context[1], "context_end")):
         if len(paths) != K:
             raise SamplingError(f"{flag}: got {len(paths)} image(s) ({' '.join(map(str, paths))}), "
-                                f"but the checkpoint's endpoint_context is K={K}")
+                                f"but the checkpoint observes {K} frame(s) there (data.{key} / endpoint_context)")
     images = {p: open_image(p, cfg.data.color_mode) for p in [*start_paths, *end_paths]}
     # Frames of one clip share a camera: images of different sizes are different shots or crops, and
     # resizing them to one size would silently stretch one against the other.
@@ -199,12 +200,12 @@ def sample_float(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, cli
 
     Returns float [B, C, T, H, W] in [-1, 1] on the model's device (context frames from the inputs).
     """
-    K, T = cfg.data.endpoint_context, cfg.data.T
+    (Ks, Ke), T = cfg.context, cfg.data.T
     if not 1 <= steps <= cfg.diffusion.timesteps:
         raise SamplingError(f"--steps {steps}: must be in 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
     device = schedule.betas.device
-    contexts = _to_model(np.concatenate([clips_u8[:, :K], clips_u8[:, T - K :]], axis=1), device)
-    return fill_middle(model, schedule, cfg, contexts[:, :, :K], contexts[:, :, K:], steps=steps, eta=eta,
+    contexts = _to_model(np.concatenate([clips_u8[:, :Ks], clips_u8[:, T - Ke :]], axis=1), device)
+    return fill_middle(model, schedule, cfg, contexts[:, :, :Ks], contexts[:, :, Ks:], steps=steps, eta=eta,
                        guidance_scale=guidance_scale, generator=generator,
                        precision=precision or cfg.sample.precision, channels_last=device.type == "cuda", pad_to=pad_to)
 
@@ -218,11 +219,11 @@ def sample_batch(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, cli
                  steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
                  precision: str | None = None, pad_to: int | None = None) -> np.ndarray:
     """Like `sample_float`, as uint8 [B, T, H, W, C] whose context frames are clips_u8's bytes exactly."""
-    K, T = cfg.data.endpoint_context, cfg.data.T
+    (Ks, Ke), T = cfg.context, cfg.data.T
     out = to_uint8_clips(sample_float(model, schedule, cfg, clips_u8, steps=steps, eta=eta,
                                       guidance_scale=guidance_scale, generator=generator,
                                       precision=precision, pad_to=pad_to))
-    out[:, :K], out[:, T - K :] = clips_u8[:, :K], clips_u8[:, T - K :]  # already equal; guaranteed here
+    out[:, :Ks], out[:, T - Ke :] = clips_u8[:, :Ks], clips_u8[:, T - Ke :]  # already equal; guaranteed here
     return out
 
 
@@ -233,7 +234,7 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip(".") or "clip"
 
 
-def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: int,
+def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: int | tuple[int, int],
                        truth: np.ndarray | None = None) -> list[Path]:
     """{name}.mp4, {name}.png (strip), {name}.npy; with truth also {name}_truth.mp4/.png and {name}_compare.png.
 
@@ -276,7 +277,7 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SamplingError(f"--out_dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
-    sc, K = cfg.sample, cfg.data.endpoint_context
+    sc, K = cfg.sample, cfg.context
     steps = sc.steps if settings.steps is None else settings.steps
     eta = sc.eta if settings.eta is None else settings.eta
     guidance = sc.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
@@ -301,7 +302,7 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
 
 
 def image_jobs(start: np.ndarray, end: np.ndarray, cfg: RunConfig, num_samples: int) -> list[tuple]:
-    """`num_samples` jobs sharing the endpoints start, end uint8 [K, H, W, C] (middle zero)."""
+    """`num_samples` jobs sharing the endpoints start [K_start, H, W, C], end [K_end, H, W, C] uint8 (middle zero)."""
     middle = np.zeros((cfg.middle_frames, *start.shape[1:]), np.uint8)
     clip = np.concatenate([start, middle, end])
     return [(f"sample_{i:03d}", clip, None) for i in range(num_samples)]

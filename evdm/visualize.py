@@ -65,25 +65,27 @@ def frame_at(img: np.ndarray, row: int, col: int, h: int, w: int, *, scale: int 
     return img[y : y + h * scale : scale, x : x + w * scale : scale]
 
 
-def _colors(T: int, K: int, middle: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    return [CONTEXT_COLOR if t < K or t >= T - K else middle for t in range(T)]
+def frame_colors(T: int, K: int | tuple[int, int], middle: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Frame border colours: context blue for the first K_start and last K_end frames (K: one count or a pair)."""
+    Ks, Ke = (K, K) if isinstance(K, int) else K
+    return [CONTEXT_COLOR if t < Ks or t >= T - Ke else middle for t in range(T)]
 
 
-def frame_strip(clip: np.ndarray, K: int, *, scale: int = 4, middle_color=GENERATED_COLOR) -> np.ndarray:
+def frame_strip(clip: np.ndarray, K: int | tuple[int, int], *, scale: int = 4, middle_color=GENERATED_COLOR) -> np.ndarray:
     """One row of all T frames of clip [T, H, W, C]; context frames framed blue, the middle orange."""
-    return grid([list(zip(clip, _colors(len(clip), K, middle_color)))], scale=scale)
+    return grid([list(zip(clip, frame_colors(len(clip), K, middle_color)))], scale=scale)
 
 
-def comparison_strip(truth: np.ndarray, sample: np.ndarray, K: int, *, scale: int = 4) -> np.ndarray:
+def comparison_strip(truth: np.ndarray, sample: np.ndarray, K: int | tuple[int, int], *, scale: int = 4) -> np.ndarray:
     """Two rows: the ground-truth clip (middle framed green) above the sample (middle orange)."""
     if truth.shape != sample.shape:
         raise ValueError(f"truth {truth.shape} and sample {sample.shape} differ in shape")
     T = len(truth)
-    return grid([list(zip(truth, _colors(T, K, TRUTH_COLOR))), list(zip(sample, _colors(T, K, GENERATED_COLOR)))],
+    return grid([list(zip(truth, frame_colors(T, K, TRUTH_COLOR))), list(zip(sample, frame_colors(T, K, GENERATED_COLOR)))],
                 scale=scale)
 
 
-def batch_grid_frames(clips: np.ndarray, K: int, *, cols: int | None = None, scale: int = 2) -> np.ndarray:
+def batch_grid_frames(clips: np.ndarray, K: int | tuple[int, int], *, cols: int | None = None, scale: int = 2) -> np.ndarray:
     """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3].
 
     At time t every cell shows its clip's frame t, framed blue while t is a context frame.
@@ -91,7 +93,7 @@ def batch_grid_frames(clips: np.ndarray, K: int, *, cols: int | None = None, sca
     B, T = clips.shape[:2]
     cols = cols or int(np.ceil(np.sqrt(B)))
     frames = []
-    for t, color in enumerate(_colors(T, K, GENERATED_COLOR)):
+    for t, color in enumerate(frame_colors(T, K, GENERATED_COLOR)):
         cells = [(clips[b, t], color) for b in range(B)]
         frames.append(grid([cells[i : i + cols] for i in range(0, B, cols)], scale=scale))
     return np.stack(frames)

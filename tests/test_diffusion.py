@@ -215,8 +215,8 @@ def test_sample_clip_rejects_bad_arguments():
     clip = make_clip()
     with pytest.raises(ValueError, match="sampler"):
         sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:], sampler="euler")
-    with pytest.raises(ValueError, match="same shape"):
-        sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -1:], steps=2)
+    with pytest.raises(ValueError, match="every dimension but the frame count"):
+        sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:, :-1], steps=2)
 
 
 def test_residual_blend_round_trips_through_loss_and_sampler():

@@ -1,5 +1,6 @@
 """evaluate(): every row on tiny shards, the JSON, the CLI, and the best-of-N selection."""
 
+import glob
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from evdm import evaluate as ev
 from evdm.schema import encode_sample, make_key
@@ -27,7 +29,7 @@ def test_evaluate_end_to_end_writes_every_row(setup, tmp_path):
     ckpt, shards = setup
     out = tmp_path / "eval.json"
     rc = ev.main(["--ckpt", str(ckpt), "--shards", shards, "--num", "5", "--batch_size", "3", "--steps", "2", "3",
-                  "--best_of", "2", "--device", "cpu", "--json", str(out)])
+                  "--best_of", "2", "--device", "cpu", "--json", str(out), "--examples", str(tmp_path / "ex.png")])
     assert rc == 0
     result = json.loads(out.read_text())
     names = [r["method"] for r in result["rows"]]
@@ -44,6 +46,37 @@ def test_evaluate_end_to_end_writes_every_row(setup, tmp_path):
     s = result["summary"]
     assert s["model"] == "model ddim-3" and s["linear_blend_psnr"] == rows["linear blend"]["psnr"]
     assert s["model_minus_linear_blend_db"] == pytest.approx(s["model_psnr"] - s["linear_blend_psnr"], abs=1e-3)
+    # The protocol is stated, and the comparable row is the best-of-N row in a published row's shape.
+    p = result["protocol"]
+    assert p["samples_per_clip"] == 2 and "best of 2" in p["selection"] and "generated frames only" in p["scored_frames"]
+    assert f"{K} observed + {T - 2 * K} generated + {K} observed" in p["frames"] and "5 clips" in p["aggregation"]
+    row = result["comparable_row"]
+    assert row["context"] == [K, T - 2 * K, K] and row["samples_per_clip"] == 2 and row["clips"] == 5
+    assert row["psnr"] == rows["model ddim-3 best-of-2"]["psnr"] and row["ssim"] == rows["model ddim-3 best-of-2"]["ssim"]
+
+
+def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
+    """The examples PNG holds six rows, worst (truth, model, blend) then best, and its truth rows are
+    real shard clips; the tracker keeps the lowest and highest PSNR over batches."""
+    from evdm import visualize
+    from evdm.shards import iter_clips
+
+    ckpt, shards = setup
+    ev.evaluate(ckpt, shards, num=6, batch_size=3, steps_list=[2], device="cpu", progress=False,
+                examples=tmp_path / "ex.png")
+    img = np.asarray(Image.open(tmp_path / "ex.png"))
+    scale = ev.strip_scale(SIZE)
+    truths = [np.array(c) for url in sorted(glob.glob(shards)) for _, c in iter_clips(url)]
+    shown = [np.stack([visualize.frame_at(img, row, t, SIZE, SIZE, scale=scale) for t in range(T)]) for row in (0, 3)]
+    assert all(any(np.array_equal(clip, truth) for truth in truths) for clip in shown)
+    assert not np.array_equal(shown[0], shown[1])
+
+    tracker = ev.Extremes()
+    u8 = np.zeros((2, T, SIZE, SIZE, 3), np.uint8)
+    unit = torch.zeros(2, 3, T, SIZE, SIZE)
+    for psnr in ([20.0, 30.0], [25.0, 10.0], [40.0, 35.0]):
+        tracker.update(torch.tensor(psnr), u8, unit, unit)
+    assert (tracker.worst[0], tracker.best[0]) == (10.0, 40.0)
 
 
 def test_linear_middle_makes_the_blend_baseline_win(tmp_path, setup):

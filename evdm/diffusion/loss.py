@@ -10,6 +10,18 @@ from evdm.diffusion.residual import residual_base
 from evdm.diffusion.schedule import Schedule, extract, q_sample, split_output, training_target
 
 
+def split_clip(clip: torch.Tensor, K: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """clip [B, C, T, ...] -> (start_context, middle, end_context) along dim 2, views.
+
+    K: the observed frames at each end, one count for both or (K_start, K_end); T > K_start + K_end.
+    """
+    Ks, Ke = (K, K) if isinstance(K, int) else K
+    T = clip.shape[2]
+    if min(Ks, Ke) < 1 or T <= Ks + Ke:
+        raise ValueError(f"clip has T={T} frames, need T > K_start + K_end with K_start={Ks}, K_end={Ke} >= 1")
+    return clip[:, :, :Ks], clip[:, :, Ks : T - Ke], clip[:, :, T - Ke :]
+
+
 def draw_training_noise(
     middle_shape: tuple[int, ...],
     *,
@@ -45,14 +57,15 @@ def diffusion_loss(
     noise: torch.Tensor,
     cond_drop: torch.Tensor,
     *,
-    K: int,
+    K: int | tuple[int, int],
     prediction: str = "eps",
     temporal_loss_weight: float = 0.05,
     residual: str = "none",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion loss on the middle frames of `clip`, conditioned on its K-frame endpoints.
+    """Diffusion loss on the middle frames of `clip`, conditioned on its endpoints.
 
-    clip: [B, C, T, H, W] in [-1, 1]; t: int64 [B]; noise: [B, C, T-2K, H, W]; cond_drop: bool [B].
+    clip: [B, C, T, H, W] in [-1, 1]; K: the observed frames at each end, one count or (K_start, K_end);
+    t: int64 [B]; noise: [B, C, M, H, W] with M = T - K_start - K_end; cond_drop: bool [B].
     loss = MSE(model output, eps or v target) over the middle frames only
          + temporal_loss_weight * temporal, where `temporal` is the MSE between the frame-to-frame
            differences of [last start frame, predicted x0 middle, first end frame] and those of the
@@ -64,11 +77,8 @@ def diffusion_loss(
     the endpoints (evdm.diffusion.residual); the temporal term always compares whole frames.
     Returns (loss: float32 scalar, stats: {"mse", "temporal"} detached float32 scalars).
     """
-    T = clip.shape[2]
-    if T <= 2 * K:
-        raise ValueError(f"clip has T={T} frames, need T > 2K with K={K}")
-    start_context, middle_target, end_context = clip[:, :, :K], clip[:, :, K : T - K], clip[:, :, T - K :]
-    base = residual_base(residual, start_context, end_context, T - 2 * K)
+    start_context, middle_target, end_context = split_clip(clip, K)
+    base = residual_base(residual, start_context, end_context, middle_target.shape[2])
     x0 = middle_target.float() if base is None else middle_target.float() - base
     x_t = q_sample(s, x0.to(middle_target.dtype), t, noise.to(middle_target.dtype))
     out = model(x_t, t, start_context, end_context, cond_drop)

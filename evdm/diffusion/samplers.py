@@ -115,20 +115,21 @@ def sample_clip(
 ) -> torch.Tensor:
     """Generate the middle between the endpoints; returns [start_context, middle, end_context].
 
-    start_context, end_context: [B, C, K, H, W] in [-1, 1]. sampler: "ddim" (eta = 0 is
+    start_context [B, C, K_start, H, W], end_context [B, C, K_end, H, W] in [-1, 1]. sampler: "ddim" (eta = 0 is
     deterministic given `generator`) or "ddpm" (ancestral, over `steps` respaced timesteps;
     steps = timesteps is the original chain). dynamic_threshold: None (off) or the percentile,
     e.g. 0.995; when off, the predicted x0 is clipped to [-1, 1] at every step. middle_frames: M, read
     from `model.middle_frames` when None. residual: as trained ("blend": the chain runs over the
     middle minus the endpoints' linear blend, which is added back to every x0 estimate).
-    Returns clip: [B, C, K + M + K, H, W]; its context frames are bit-identical to the inputs,
+    Returns clip: [B, C, K_start + M + K_end, H, W]; its context frames are bit-identical to the inputs,
     the middle is clamped to [-1, 1]. The model's train/eval mode is left to the caller.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    if start_context.shape != end_context.shape:
-        raise ValueError(f"start_context {tuple(start_context.shape)} and end_context "
-                         f"{tuple(end_context.shape)} must have the same shape")
+    s_shape, e_shape = start_context.shape, end_context.shape
+    if s_shape[:2] != e_shape[:2] or s_shape[3:] != e_shape[3:]:
+        raise ValueError(f"start_context {tuple(s_shape)} and end_context {tuple(e_shape)} must agree in every "
+                         f"dimension but the frame count")
     if dynamic_threshold is True:  # a bare flag means Imagen's default percentile
         dynamic_threshold = 0.995
     M = middle_frames if middle_frames is not None else _middle_frames(model)

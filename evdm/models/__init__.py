@@ -20,12 +20,12 @@ def build_model(cfg: RunConfig) -> VideoUNet3D:
     2 ** (len(model.channel_mults) - 1).
     """
     d, m = cfg.data, cfg.model
-    check_context(d.T, d.endpoint_context)
+    check_context(d.T, cfg.context)
     factor = 2 ** (len(m.channel_mults) - 1)
     if d.size % factor:
         raise ValueError(f"data.size={d.size} must be divisible by 2 ** (len(channel_mults) - 1) = {factor}")
     return VideoUNet3D(
-        channels=cfg.channels, T=d.T, K=d.endpoint_context, base_channels=m.base_channels,
+        channels=cfg.channels, T=d.T, K=cfg.context, base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,
         temporal_attn_levels=tuple(m.temporal_attn_levels), attn_head_channels=m.attn_head_channels,
         dropout=m.dropout, spacetime=m.spacetime,

@@ -38,7 +38,7 @@ class ConditioningEncoder(nn.Module):
     constants (torch.where, no Python branching).
     """
 
-    def __init__(self, in_channels: int, level_channels: list[int], K: int, form: str = "2d") -> None:
+    def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int], form: str = "2d") -> None:
         super().__init__()
         self.stem = FrameConv(in_channels, level_channels[0], form=form)
         self.blocks = nn.ModuleList()
@@ -49,8 +49,9 @@ class ConditioningEncoder(nn.Module):
             if i + 1 < len(level_channels):
                 self.downs.append(FrameConv(c, c, stride=2, form=form))
             c_prev = c
-        self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K, 1, 1)) for c in level_channels])
-        self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K, 1, 1)) for c in level_channels])
+        Ks, Ke = K
+        self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, Ks, 1, 1)) for c in level_channels])
+        self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, Ke, 1, 1)) for c in level_channels])
 
     def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
         """frames: [N, C, K, H, W] in [-1, 1] -> per level l: [N, c_l, K, H / 2^l, W / 2^l]."""
@@ -66,17 +67,20 @@ class ConditioningEncoder(nn.Module):
     def forward(
         self, start_context: torch.Tensor, end_context: torch.Tensor, cond_drop: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Encode both endpoints with the same weights (one batched pass of 2B clips).
+        """Encode both endpoints with the same weights: one batched pass of 2B clips when both ends
+        hold as many frames, else one pass each (GroupNorm statistics stay per clip end either way).
 
-        start_context, end_context: [B, C, K, H, W]; cond_drop: bool [B].
-        Returns (start_feats, end_feats), each a list over levels of [B, c_l, K, H_l, W_l].
+        start_context: [B, C, K_start, H, W], end_context: [B, C, K_end, H, W]; cond_drop: bool [B].
+        Returns (start_feats, end_feats), lists over levels of [B, c_l, K_start or K_end, H_l, W_l].
         """
         B = start_context.shape[0]
-        feats = self.encode(torch.cat([start_context, end_context], dim=0))
+        if start_context.shape == end_context.shape:
+            pairs = [(f[:B], f[B:]) for f in self.encode(torch.cat([start_context, end_context], dim=0))]
+        else:
+            pairs = list(zip(self.encode(start_context), self.encode(end_context)))
         drop = cond_drop.reshape(B, 1, 1, 1, 1)
         start_feats, end_feats = [], []
-        for f, null_s, null_e in zip(feats, self.null_start, self.null_end):
-            fs, fe = f[:B], f[B:]
+        for (fs, fe), null_s, null_e in zip(pairs, self.null_start, self.null_end):
             start_feats.append(torch.where(drop, null_s.to(fs.dtype), fs))
             end_feats.append(torch.where(drop, null_e.to(fe.dtype), fe))
         return start_feats, end_feats
@@ -87,27 +91,28 @@ class EndpointFusion(nn.Module):
 
     For middle frame m of M, with w_m = (m + 1) / (M + 1) (its position between the endpoints):
         cond_m = SiLU( P [ (1 - w_m) S ; w_m E ] + pos_m + A emb )
-    where S, E are the K context frames' features stacked along channels ([B, c K, H, W]), [;] is
+    where S, E are the K_start and K_end context frames' features stacked along channels, [;] is
     channel concatenation, P the 1x1 projection, pos_m a learned frame-position embedding and
     A emb the projected timestep embedding. So frame K+1 leans on the start, frame T-K-2 on the
     end, and stacking the K frames lets P read the endpoints' velocity. P is linear, so it is
     evaluated as (1 - w) P_S S + w P_E E with P's weight split in two (same result, M x cheaper).
-    start, end: [B, c, K, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W].
+    start: [B, c, K_start, H, W], end: [B, c, K_end, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W].
     """
 
-    def __init__(self, channels: int, K: int, M: int, emb_dim: int) -> None:
+    def __init__(self, channels: int, K: tuple[int, int], M: int, emb_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Conv3d(2 * channels * K, channels, 1)
+        self.proj = nn.Conv3d(channels * sum(K), channels, 1)
         self.pos = nn.Parameter(torch.randn(1, channels, M, 1, 1) * 0.02)
         self.time = nn.Linear(emb_dim, channels)
         w = (torch.arange(M, dtype=torch.float32) + 1) / (M + 1)
         self.register_buffer("w", w.reshape(1, 1, M, 1, 1), persistent=False)
 
     def forward(self, start: torch.Tensor, end: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        B, c, K, H, W = start.shape
-        w_start, w_end = self.proj.weight.split(c * K, dim=1)
-        ps = F.conv3d(start.reshape(B, c * K, 1, H, W), w_start.to(start.dtype))
-        pe = F.conv3d(end.reshape(B, c * K, 1, H, W), w_end.to(end.dtype))
+        B, c, Ks, H, W = start.shape
+        Ke = end.shape[2]
+        w_start, w_end = self.proj.weight.split([c * Ks, c * Ke], dim=1)
+        ps = F.conv3d(start.reshape(B, c * Ks, 1, H, W), w_start.to(start.dtype))
+        pe = F.conv3d(end.reshape(B, c * Ke, 1, H, W), w_end.to(end.dtype))
         w = self.w.to(ps.dtype)
         shift = self.proj.bias.reshape(1, c, 1, 1, 1) + self.pos + self.time(emb).reshape(B, c, 1, 1, 1)
         return F.silu((1 - w) * ps + w * pe + shift.to(ps.dtype))

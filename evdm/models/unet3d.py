@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.config import check_context
+from evdm.config import as_context, check_context
 from evdm.models.blocks import (
     FiLM, Downsample, ResBlock3D, TemporalAttention, TimestepEmbedder, Upsample, group_norm, zero_init,
 )
@@ -27,8 +27,8 @@ class VideoUNet3D(nn.Module):
     """Endpoint-conditioned video U-Net; see the module docstring.
 
     forward(x_t, t, start_context, end_context, cond_drop) -> out
-    x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context, end_context: [B, C, K, H, W]
-    in [-1, 1]; cond_drop: bool [B] (True: learned null conditioning). out: [B, C, M, H, W].
+    x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
+    [B, C, K_end, H, W] in [-1, 1] (K: one count for both ends, or (K_start, K_end)); cond_drop: bool [B] (True: learned null conditioning). out: [B, C, M, H, W].
     H and W must be divisible by 2 ** (len(channel_mults) - 1).
     """
 
@@ -37,7 +37,7 @@ class VideoUNet3D(nn.Module):
         *,
         channels: int,
         T: int,
-        K: int,
+        K: int | tuple[int, int],
         base_channels: int = 96,
         channel_mults: tuple[int, ...] = (1, 2, 4),
         res_blocks: int = 2,
@@ -48,12 +48,13 @@ class VideoUNet3D(nn.Module):
     ) -> None:
         super().__init__()
         check_context(T, K)
+        Ks, Ke = self.context = as_context(K)
         if not channel_mults:
             raise ValueError("channel_mults must not be empty")
         bad = [lv for lv in temporal_attn_levels if not 0 <= lv < len(channel_mults)]
         if bad:
             raise ValueError(f"temporal_attn_levels {bad} out of range 0..{len(channel_mults) - 1}")
-        self.channels, self.T, self.K, self.middle_frames = channels, T, K, T - 2 * K
+        self.channels, self.T, self.middle_frames = channels, T, T - Ks - Ke
         self.downscale = 2 ** (len(channel_mults) - 1)
         M = self.middle_frames
         level_ch = [base_channels * m for m in channel_mults]
@@ -62,8 +63,8 @@ class VideoUNet3D(nn.Module):
         attn = lambda c: TemporalAttention(c, attn_head_channels, T)  # noqa: E731
 
         self.time_embed = TimestepEmbedder(base_channels, emb_dim)
-        self.encoder = ConditioningEncoder(channels, level_ch, K, spacetime)
-        self.fusion = nn.ModuleList([EndpointFusion(c, K, M, emb_dim) for c in level_ch])
+        self.encoder = ConditioningEncoder(channels, level_ch, self.context, spacetime)
+        self.fusion = nn.ModuleList([EndpointFusion(c, self.context, M, emb_dim) for c in level_ch])
 
         self.stem = FrameConv(channels, level_ch[0], form=spacetime)
         self.stem_film = FiLM(level_ch[0], level_ch[0], spacetime)
@@ -116,10 +117,9 @@ class VideoUNet3D(nn.Module):
         if (C, M) != (self.channels, self.middle_frames):
             raise ValueError(f"x_t {tuple(x_t.shape)}: expected C={self.channels} channels and "
                              f"M=T-2K={self.middle_frames} middle frames")
-        expect = (B, C, self.K, H, W)
-        for name, ctx in (("start_context", start), ("end_context", end)):
-            if tuple(ctx.shape) != expect:
-                raise ValueError(f"{name} {tuple(ctx.shape)}: expected {expect} (K={self.K})")
+        for name, ctx, K in (("start_context", start, self.context[0]), ("end_context", end, self.context[1])):
+            if tuple(ctx.shape) != (B, C, K, H, W):
+                raise ValueError(f"{name} {tuple(ctx.shape)}: expected {(B, C, K, H, W)} (K={K})")
         if H % self.downscale or W % self.downscale:
             raise ValueError(f"frame size {H}x{W} must be divisible by {self.downscale} "
                              f"(2 ** (len(channel_mults) - 1))")

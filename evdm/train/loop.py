@@ -89,8 +89,8 @@ def validation_loss(
         if stop_requested():
             return None
         x = data.to_model_input(chunk, device, channels_last=cfg.train.channels_last)
-        K = cfg.data.endpoint_context
-        middle_shape = (x.shape[0], x.shape[1], x.shape[2] - 2 * K, *x.shape[3:])
+        K = cfg.context
+        middle_shape = (x.shape[0], x.shape[1], cfg.middle_frames, *x.shape[3:])
         t, noise, cond_drop = draw_training_noise(
             middle_shape, timesteps=cfg.diffusion.timesteps, cfg_drop_prob=0.0,
             noise_offset=cfg.diffusion.noise_offset, generator=gen, device=device,
@@ -187,7 +187,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     loader = data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
                                     start_batch=step * tc.grad_accum_steps)
     val_u8 = data.load_val_clips(cfg) if is_main else None
-    K = cfg.data.endpoint_context
+    K = cfg.context
     samples_per_step = tc.batch_size * tc.grad_accum_steps * world_size
     train_clips = data.train_clip_count(cfg)  # for the epoch column; None when the manifest is unknown
     flops = flops_per_sample(cfg)  # per training sample, fwd + bwd, for the tflops / mfu columns
@@ -221,7 +221,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                         batch_u8, device, channels_last=tc.channels_last,
                         hflip_generator=gen if cfg.data.hflip else None,
                     )
-                    middle_shape = (x.shape[0], x.shape[1], x.shape[2] - 2 * K, *x.shape[3:])
+                    middle_shape = (x.shape[0], x.shape[1], cfg.middle_frames, *x.shape[3:])
                     t, noise, cond_drop = draw_training_noise(
                         middle_shape, timesteps=cfg.diffusion.timesteps, cfg_drop_prob=cfg.diffusion.cfg_drop_prob,
                         noise_offset=cfg.diffusion.noise_offset, generator=gen, device=device,

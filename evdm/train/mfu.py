@@ -34,15 +34,15 @@ def flops_per_sample(cfg: RunConfig) -> float:
     from evdm.models import build_model
 
     d = cfg.data
-    K, M, S = d.endpoint_context, cfg.middle_frames, d.size
+    (Ks, Ke), M, S = cfg.context, cfg.middle_frames, d.size
     with torch.device("meta"):
         model = build_model(cfg)
         x_t = torch.empty(1, cfg.channels, M, S, S)
-        context = torch.empty(1, cfg.channels, K, S, S)
+        start, end = torch.empty(1, cfg.channels, Ks, S, S), torch.empty(1, cfg.channels, Ke, S, S)
         t = torch.zeros(1, dtype=torch.long)
         drop = torch.zeros(1, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter:
-        model(x_t, t, context, context, drop).sum().backward()
+        model(x_t, t, start, end, drop).sum().backward()
     return float(counter.get_total_flops())
 
 

@@ -14,13 +14,15 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from evdm.checkpoint import CheckpointError, load_checkpoint
+from evdm.checkpoint import CheckpointError, config_of, load_checkpoint
 from evdm.config import ConfigError, RunConfig, to_dict
 
 LOCK_NAME = ".lock"
 # The keys that decide the weights' shapes or what they mean: a resume must not change them.
+# (The context counts are compared as resolved (start, end) pairs: `endpoint_context = 2` and
+# `context_start = context_end = 2` are the same model.)
 MODEL_KEYS = (
-    "data.T", "data.size", "data.color_mode", "data.endpoint_context", "model.*",
+    "data.T", "data.size", "data.color_mode", "model.*",
     "diffusion.prediction", "diffusion.residual", "diffusion.timesteps", "diffusion.schedule",
 )
 # Written by a run; removed before a fresh run (--overwrite, or an old run that left no checkpoint).
@@ -36,15 +38,18 @@ def checkpoints_in(out_dir: Path) -> list[Path]:
     return sorted(p for pattern in ("last.pt", "step_*.pt") for p in out_dir.glob(pattern))
 
 
-def model_key_differences(stored: dict, cfg: RunConfig) -> list[str]:
-    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where `stored` (a to_dict) and `cfg` differ."""
-    current = to_dict(cfg)
+def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
+    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry (and the context counts) where the
+    checkpoint's config (defaults filled in for keys newer than it) and `cfg` differ."""
+    stored, current = to_dict(stored_cfg), to_dict(cfg)
+    context = [] if stored_cfg.context == cfg.context else [
+        f"data.context_start/context_end (checkpoint {stored_cfg.context}, config {cfg.context})"]
     keys = []
     for spec in MODEL_KEYS:
         section, key = spec.split(".")
         names = sorted(set(current[section]) | set(stored.get(section, {}))) if key == "*" else [key]
         keys += [(section, name) for name in names]
-    return [
+    return context + [
         f"{section}.{name} (checkpoint {stored.get(section, {}).get(name)!r}, config {current[section].get(name)!r})"
         for section, name in keys
         if stored.get(section, {}).get(name) != current[section].get(name)
@@ -71,7 +76,7 @@ def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | No
     if not ckpt_path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-    differences = model_key_differences(ckpt["config"], cfg)
+    differences = model_key_differences(config_of(ckpt, ckpt_path), cfg)
     if differences:
         raise CheckpointError(
             f"{ckpt_path}: --resume with a different model: {'; '.join(differences)}; "

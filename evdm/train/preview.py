@@ -38,7 +38,7 @@ def write_preview(model: torch.nn.Module, schedule: Schedule, val_u8: torch.Tens
                            guidance_scale=cfg.sample.guidance_scale, generator=generator)
     model.train(was_training)
 
-    K, size = cfg.data.endpoint_context, cfg.data.size
+    K, size = cfg.context, cfg.data.size
     strips = [visualize.comparison_strip(truth, sample, K, scale=strip_scale(size))
               for truth, sample in zip(clips, samples)]
     png = out_dir / f"step_{step:07d}.png"
