@@ -41,17 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.num, args.num_samples, args.batch_size) < 1:
         p.error("--num, --num_samples and --batch_size must be >= 1")
 
-    from evdm import sampling  # torch loads here, after the arguments are known good
+    from evdm import pipeline, sampling  # torch loads here, after the arguments are known good
     from evdm.checkpoint import CheckpointError
     from evdm.config import ConfigError
 
     try:
-        device = sampling.resolve_device(args.device)
-        model, cfg, schedule = sampling.load_model(args.ckpt, device, use_ema=not args.no_ema,
+        device = pipeline.resolve_device(args.device)
+        model, cfg, schedule = pipeline.load_model(args.ckpt, device, use_ema=not args.no_ema,
                                                    color_mode=args.color_mode, compile=args.compile)
         if from_images:
             start, end = sampling.load_endpoints(args.start_images, args.end_images, cfg)
-            jobs, total = sampling.image_jobs(start, end, cfg, args.num_samples), args.num_samples
+            jobs, total = sampling.image_jobs(start, end, args.num_samples), args.num_samples
         else:
             jobs, total = sampling.shard_jobs(args.shards, cfg, args.num, args.num_samples), args.num * args.num_samples
         settings = sampling.SampleSettings(steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,

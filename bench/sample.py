@@ -6,7 +6,7 @@
 
 Guidance (scale != 1) runs the conditional and null branches in one forward of twice the batch;
 guidance 1.0 runs the conditional branch alone. Each row is the median of --repeats timed
-sample_clip calls after an untimed 2-step warm-up call at the same shapes. Prints a rich table and writes JSON
+evdm.pipeline.fill_middle calls after an untimed 2-step warm-up call at the same shapes. Prints a rich table and writes JSON
 (default bench/results/sample.json).
 """
 
@@ -27,23 +27,22 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(cfg, model, schedule, *, batch: int, steps: int, guidance: float, repeats: int, device) -> dict:
-    """Time sample_clip for one (batch, steps, guidance); returns one result row."""
+    """Time evdm.pipeline.fill_middle (DDIM, fp32) for one (batch, steps, guidance); returns one result row."""
     import torch
 
-    from evdm.diffusion import sample_clip
+    from evdm.pipeline import fill_middle
 
-    K, S, C = cfg.data.endpoint_context, cfg.data.size, cfg.channels
+    (Ks, Ke), S, C = cfg.context, cfg.data.size, cfg.channels
     gen = torch.Generator(device=device).manual_seed(0)
-    start = torch.rand(batch, C, K, S, S, generator=gen, device=device) * 2 - 1
-    end = torch.rand(batch, C, K, S, S, generator=gen, device=device) * 2 - 1
+    start = torch.rand(batch, C, Ks, S, S, generator=gen, device=device) * 2 - 1
+    end = torch.rand(batch, C, Ke, S, S, generator=gen, device=device) * 2 - 1
 
     def once(n_steps: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        sample_clip(model, schedule, start, end, sampler="ddim", steps=n_steps, eta=0.0, guidance_scale=guidance,
-                    prediction=cfg.diffusion.prediction, residual=cfg.diffusion.residual,
-                    generator=gen)
+        fill_middle(model, schedule, cfg, start, end, steps=n_steps, eta=0.0, guidance_scale=guidance,
+                    generator=gen, precision="fp32")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0

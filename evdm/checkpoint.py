@@ -119,17 +119,3 @@ def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
         return from_dict(ckpt["config"], f"{path} (stored config)", drop_retired=True)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-
-
-def load_for_inference(
-    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
-) -> tuple[torch.nn.Module, RunConfig]:
-    """Build the model from the checkpoint's stored config and load EMA (default) or raw weights."""
-    from evdm.models import adapt_conv_weights, build_model
-
-    ckpt = load_checkpoint(path)
-    cfg = config_of(ckpt, path)
-    model = build_model(cfg)
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    load_weights(model, adapt_conv_weights(weights, model), path)
-    return model.to(device).eval(), cfg

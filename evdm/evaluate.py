@@ -29,9 +29,9 @@ from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u
 from evdm.config import add_speed_flags
 from evdm.diffusion import split_clip
 from evdm import visualize
-from evdm.sampling import (
-    batched, iter_shard_clips, load_model, progress_bar, resolve_device, sample_float, strip_scale, to_uint8_clips,
-)
+from evdm.data import to_model_input
+from evdm.pipeline import fill_middle, load_model, resolve_device, to_uint8
+from evdm.sampling import batched, iter_shard_clips, progress_bar, strip_scale
 
 LINEAR_BLEND = "linear blend"
 BLEND_COLOR = (150, 150, 150)
@@ -145,7 +145,7 @@ class Extremes:
             current = getattr(self, name)
             value = float(psnr[i])
             if current is None or better(value, current[0]):
-                pictures = [truth_u8[i]] + [to_uint8_clips(x[i : i + 1] * 2 - 1)[0] for x in (model_unit, blend_unit)]
+                pictures = [truth_u8[i]] + [to_uint8(x[i : i + 1] * 2 - 1)[0] for x in (model_unit, blend_unit)]
                 setattr(self, name, (value, pictures))
 
 
@@ -154,14 +154,15 @@ def score_batch(acc: dict, extremes: Extremes, model, schedule, cfg, clips: np.n
     """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
     its best of N, into `acc`; the main row's clips into `extremes`."""
     K, dev = cfg.context, schedule.betas.device
+    u8 = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)
+    x_start, _, x_end = split_clip(to_model_input(u8, dev, channels_last=False), K)
 
     def model_clip(steps: int, gen_seed: int) -> torch.Tensor:
-        x = sample_float(model, schedule, cfg, clips, steps=steps, eta=cfg.sample.eta,
-                         guidance_scale=cfg.sample.guidance_scale, pad_to=pad_to,
-                         generator=torch.Generator(device=dev).manual_seed(gen_seed))
-        return to_unit(x)
+        return to_unit(fill_middle(model, schedule, cfg, x_start, x_end, steps=steps, pad_to=pad_to,
+                                   precision=cfg.sample.precision, channels_last=dev.type == "cuda",
+                                   generator=torch.Generator(device=dev).manual_seed(gen_seed)))
 
-    unit = u8_to_unit(torch.from_numpy(clips).permute(0, 4, 1, 2, 3).to(dev))
+    unit = u8_to_unit(u8.to(dev))
     start, truth, end = split_clip(unit, K)
     for name, baseline in BASELINES.items():
         _record(acc, name, _frame_metrics(baseline(unit, K), truth, lpips_fn))

@@ -1,20 +1,68 @@
-"""Inference on the fast path: a trained denoiser fills in the middle between given endpoints.
+"""Inference: load a trained denoiser from a checkpoint and fill in the middle between endpoints.
 
+`load_model` builds the model from a checkpoint's stored config (EMA weights by default) and
 `fill_middle` is the torch-level call that sample.py, evdm.evaluate, the training previews and the
-benchmarks share: endpoints in, whole clips out, with the model run under bf16 autocast and
+benchmarks share: endpoint tensors in, whole clips out, with the model run under bf16 autocast and
 torch.compile where asked (`sample.precision`, `sample.compile`; "auto" turns both on for CUDA
 only: on a CPU, bf16 convolutions are slow and compiling costs minutes for no gain). The sampler's
 arithmetic (schedule, guidance combination, DDIM update) stays fp32 whatever the model runs in.
+File formats (images, shards, MP4, PNG) are evdm.sampling's business, not this module's.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from evdm.config import RunConfig
-from evdm.diffusion import Schedule, sample_clip
+from evdm.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights
+from evdm.config import ConfigError, RunConfig
+from evdm.diffusion import Schedule, make_schedule, sample_clip
+from evdm.models import adapt_conv_weights, build_model, to_channels_last
+
+
+def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" or None: this rank's GPU when CUDA is present, else the CPU; "cuda": cuda:local_rank.
+    A cuda device on a machine without CUDA is a ConfigError."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available on this machine (use cpu)")
+    return torch.device(name)
+
+
+def load_model(ckpt: str | Path, device: torch.device, *, use_ema: bool = True, color_mode: str | None = None,
+               compile: str | None = None) -> tuple[torch.nn.Module, RunConfig, Schedule]:
+    """(model in eval mode, its stored config, its schedule) on `device`; CheckpointError names the file.
+
+    use_ema: the EMA weights when the checkpoint has them. color_mode: when given, the checkpoint must
+    have been trained in it. compile: "auto" | "on" | "off", None for the checkpoint's sample.compile.
+    On CUDA the weights go channels-last (the layout fill_middle feeds there).
+    """
+    state = load_checkpoint(ckpt)
+    cfg = config_of(state, ckpt)
+    if color_mode is not None and color_mode != cfg.data.color_mode:
+        raise CheckpointError(f"{ckpt}: checkpoint was trained on {cfg.data.color_mode!r} clips, "
+                              f"but {color_mode!r} was asked")
+    model = build_model(cfg)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    load_weights(model, adapt_conv_weights(weights, model), ckpt)  # either spacetime form loads
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = to_channels_last(model)
+    if wants_compile(compile or cfg.sample.compile, device):
+        model = compile_for_inference(model)
+    return model, cfg, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C], rounded to nearest: the exact
+    bytes back for frames that came from uint8 as u / 127.5 - 1."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

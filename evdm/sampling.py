@@ -1,4 +1,6 @@
-"""The library side of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
+"""The files of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
+
+The model itself is evdm.pipeline's (load_model, fill_middle); this module reads and writes files.
 
 Everything about the model (size, T, context counts, colour mode, schedule, prediction) comes from the
 checkpoint's stored config. Clips leave this module as uint8 [T, H, W, C] whose first K_start and last K_end
@@ -18,12 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evdm import visualize
-from evdm.checkpoint import load_for_inference
 from evdm.config import RunConfig
 from evdm.data import expand_urls, iter_clips, to_model_input
-from evdm.diffusion import Schedule, make_schedule
-from evdm.models import to_channels_last
-from evdm.pipeline import compile_for_inference, fill_middle, wants_compile
+from evdm.diffusion import Schedule
+from evdm.pipeline import fill_middle, to_uint8
 from evdm.schema import COLOR_CHANNELS, clip_shape
 
 FPS = 4.0
@@ -56,38 +56,6 @@ class SampleSettings:
     seed: int = 0
     batch_size: int = 16
     precision: str | None = None  # auto | bf16 | fp32; None: the checkpoint's sample.precision
-
-
-# ---- model ------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """None: cuda if available else cpu; a cuda device without CUDA is an error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SamplingError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
-
-
-def load_model(ckpt: str | Path, device: torch.device, *, use_ema: bool = True,
-               color_mode: str | None = None, compile: str | None = None) -> tuple[torch.nn.Module, RunConfig, Schedule]:
-    """Model (eval mode), its stored config and its schedule on `device`; CheckpointError names the file.
-
-    color_mode: when given, the checkpoint must have been trained in it. compile: "auto" | "on" |
-    "off", None for the checkpoint's sample.compile. On CUDA the weights go channels-last (the
-    layout fill_middle feeds there).
-    """
-    model, cfg = load_for_inference(ckpt, device, use_ema=use_ema)
-    if color_mode is not None and color_mode != cfg.data.color_mode:
-        raise SamplingError(f"{ckpt}: checkpoint was trained on {cfg.data.color_mode!r} clips, "
-                            f"but {color_mode!r} was asked")
-    if device.type == "cuda":
-        model = to_channels_last(model)
-    if wants_compile(compile or cfg.sample.compile, device):
-        model = compile_for_inference(model)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
-    return model, cfg, schedule
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -186,44 +154,24 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
 # ---- sampling ---------------------------------------------------------------------------------
 
 
-def _to_model(u8: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 [B, T, H, W, C] numpy -> float [B, C, T, H, W] in [-1, 1] on device."""
-    return to_model_input(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 4, 1, 2, 3), device,
-                          channels_last=False)
+def sample_batch(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, starts: np.ndarray, ends: np.ndarray,
+                 *, steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
+                 precision: str | None = None, pad_to: int | None = None) -> np.ndarray:
+    """Fill in the middles between uint8 endpoints starts [B, K_start, H, W, C] and ends [B, K_end, H, W, C]
+    (`pipeline.fill_middle`; precision None: the checkpoint's sample.precision).
 
-
-def sample_float(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, clips_u8: np.ndarray, *,
-                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
-                 precision: str | None = None, pad_to: int | None = None) -> torch.Tensor:
-    """Sample middles for the contexts of clips_u8 uint8 [B, T, H, W, C] (middles ignored), through
-    `pipeline.fill_middle` (precision None: the checkpoint's sample.precision).
-
-    Returns float [B, C, T, H, W] in [-1, 1] on the model's device (context frames from the inputs).
+    Returns uint8 [B, T, H, W, C] whose context frames are the input bytes exactly.
     """
-    (Ks, Ke), T = cfg.context, cfg.data.T
     if not 1 <= steps <= cfg.diffusion.timesteps:
         raise SamplingError(f"--steps {steps}: must be in 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
     device = schedule.betas.device
-    contexts = _to_model(np.concatenate([clips_u8[:, :Ks], clips_u8[:, T - Ke :]], axis=1), device)
-    return fill_middle(model, schedule, cfg, contexts[:, :, :Ks], contexts[:, :, Ks:], steps=steps, eta=eta,
-                       guidance_scale=guidance_scale, generator=generator,
-                       precision=precision or cfg.sample.precision, channels_last=device.type == "cuda", pad_to=pad_to)
-
-
-def to_uint8_clips(x: torch.Tensor) -> np.ndarray:
-    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C] (round to nearest)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
-def sample_batch(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, clips_u8: np.ndarray, *,
-                 steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
-                 precision: str | None = None, pad_to: int | None = None) -> np.ndarray:
-    """Like `sample_float`, as uint8 [B, T, H, W, C] whose context frames are clips_u8's bytes exactly."""
-    (Ks, Ke), T = cfg.context, cfg.data.T
-    out = to_uint8_clips(sample_float(model, schedule, cfg, clips_u8, steps=steps, eta=eta,
-                                      guidance_scale=guidance_scale, generator=generator,
-                                      precision=precision, pad_to=pad_to))
-    out[:, :Ks], out[:, T - Ke :] = clips_u8[:, :Ks], clips_u8[:, T - Ke :]  # already equal; guaranteed here
+    start, end = (to_model_input(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 4, 1, 2, 3), device,
+                                 channels_last=False) for u8 in (starts, ends))
+    clip = fill_middle(model, schedule, cfg, start, end, steps=steps, eta=eta, guidance_scale=guidance_scale,
+                       generator=generator, precision=precision or cfg.sample.precision,
+                       channels_last=device.type == "cuda", pad_to=pad_to)
+    out = to_uint8(clip)  # the context frames already round back to the input bytes; pasted to guarantee it
+    out[:, : starts.shape[1]], out[:, out.shape[1] - ends.shape[1] :] = starts, ends
     return out
 
 
@@ -262,10 +210,11 @@ def progress_bar() -> Progress:
                     TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn())
 
 
-def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, model: torch.nn.Module,
+def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int, model: torch.nn.Module,
         schedule: Schedule, cfg: RunConfig, settings: SampleSettings, out_dir: str | Path, *,
         keep_arrays: bool = True) -> list[dict]:
-    """Sample every job (name, clip uint8 [T, H, W, C] whose context is used, truth or None) and write outputs.
+    """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth
+    [T, H, W, C] or None) and write its outputs.
 
     Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth.
     Writes grid_{i:03d}.gif per batch. `total` is the number of jobs, for the progress bar.
@@ -288,10 +237,10 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
                                  total=-(-total // settings.batch_size), clips=0)
         for index, batch in enumerate(batched(jobs, settings.batch_size)):
             generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + index)
-            clips = np.stack([clip for _, clip, _ in batch])
-            samples = sample_batch(model, schedule, cfg, clips, steps=steps, eta=eta, guidance_scale=guidance,
+            starts, ends = (np.stack([job[i] for job in batch]) for i in (1, 2))
+            samples = sample_batch(model, schedule, cfg, starts, ends, steps=steps, eta=eta, guidance_scale=guidance,
                                    generator=generator, precision=settings.precision, pad_to=settings.batch_size)
-            for (name, _, truth), sample in zip(batch, samples):
+            for (name, _, _, truth), sample in zip(batch, samples):
                 paths = write_clip_outputs(out_dir, name, sample, K, truth)
                 arrays = dict(sample=sample, truth=truth) if keep_arrays else {}
                 results.append(dict(name=name, paths=paths, **arrays))
@@ -301,16 +250,15 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
     return results
 
 
-def image_jobs(start: np.ndarray, end: np.ndarray, cfg: RunConfig, num_samples: int) -> list[tuple]:
-    """`num_samples` jobs sharing the endpoints start [K_start, H, W, C], end [K_end, H, W, C] uint8 (middle zero)."""
-    middle = np.zeros((cfg.middle_frames, *start.shape[1:]), np.uint8)
-    clip = np.concatenate([start, middle, end])
-    return [(f"sample_{i:03d}", clip, None) for i in range(num_samples)]
+def image_jobs(start: np.ndarray, end: np.ndarray, num_samples: int) -> list[tuple]:
+    """`num_samples` jobs sharing the endpoints start [K_start, H, W, C], end [K_end, H, W, C] uint8."""
+    return [(f"sample_{i:03d}", start, end, None) for i in range(num_samples)]
 
 
 def shard_jobs(shards: str | list[str], cfg: RunConfig, num: int, num_samples: int = 1) -> Iterator[tuple]:
     """Streamed jobs from shard clips, each sampled `num_samples` times; the clip is the truth."""
+    (Ks, Ke), T = cfg.context, cfg.data.T
     for key, clip in iter_shard_clips(shards, cfg, num):
         clip = np.array(clip)  # own the bytes: the shard view is read-only
         for i in range(num_samples):
-            yield (safe_name(key) + (f"_s{i}" if num_samples > 1 else ""), clip, clip)
+            yield (safe_name(key) + (f"_s{i}" if num_samples > 1 else ""), clip[:Ks], clip[T - Ke :], clip)

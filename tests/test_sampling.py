@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evdm import sampling, visualize
+from evdm import pipeline, sampling, visualize
+from evdm.data import to_model_input
 from evdm.checkpoint import make_payload, save_checkpoint
 from evdm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
 from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
@@ -126,9 +127,9 @@ def test_load_image_center_crops_and_converts(tmp_path):
 
 
 def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_path):
-    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
-    jobs = sampling.image_jobs(start, end, cfg, num_samples=3)
+    jobs = sampling.image_jobs(start, end, num_samples=3)
     results = sampling.run(jobs, 3, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=2), tmp_path)
     assert len(results) == 3 and (tmp_path / "grid_000.gif").is_file() and (tmp_path / "grid_001.gif").is_file()
     for r in results:
@@ -143,19 +144,19 @@ def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_p
 
 
 def test_sampler_output_round_trips_the_context_bytes(ckpt, shards):
-    """Without the final paste, float sampling + rounding already reproduces the input bytes."""
-    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    """Without sample_batch's final paste, float sampling + rounding already reproduces the input bytes."""
+    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
     clips = np.stack([c for _, c in sampling.iter_shard_clips(shards, cfg, 3)])
-    x = sampling.sample_float(model, schedule, cfg, clips, steps=2, eta=0.0, guidance_scale=1.8,
-                              generator=torch.Generator().manual_seed(0))
-    u8 = sampling.to_uint8_clips(x)
+    x = to_model_input(torch.from_numpy(clips).permute(0, 4, 1, 2, 3), "cpu", channels_last=False)
+    u8 = pipeline.to_uint8(pipeline.fill_middle(model, schedule, cfg, x[:, :, :K], x[:, :, T - K :], steps=2,
+                                                eta=0.0, guidance_scale=1.8, generator=torch.Generator().manual_seed(0)))
     assert np.array_equal(u8[:, :K], clips[:, :K]) and np.array_equal(u8[:, T - K :], clips[:, T - K :])
 
 
 def test_same_seed_same_samples(ckpt, images, tmp_path):
-    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
-    runs = [sampling.run(sampling.image_jobs(start, end, cfg, 1), 1, model, schedule, cfg,
+    runs = [sampling.run(sampling.image_jobs(start, end, 1), 1, model, schedule, cfg,
                          sampling.SampleSettings(steps=2, eta=1.0, seed=seed), tmp_path / str(i))
             for i, seed in enumerate((0, 0, 1))]
     a, b, c = (r[0]["sample"] for r in runs)
@@ -182,7 +183,7 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
 
 
 def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, shards, tmp_path):
-    model, cfg, schedule = sampling.load_model(ckpt, torch.device("cpu"))
+    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
     jobs = sampling.shard_jobs(shards, cfg, num=4)
     results = sampling.run(jobs, 4, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=3), tmp_path)
     truths = [c for _, c in sampling.iter_shard_clips(shards, cfg, 4)]
@@ -259,9 +260,9 @@ def test_checkpoint_of_another_color_mode(ckpt, images, tmp_path, capsys):
 
 def test_gray_checkpoint_samples_gray(tmp_path, images):
     gray_ckpt = make_checkpoint(tmp_path / "gray.pt", color_mode="gray", train_steps=1)
-    model, cfg, schedule = sampling.load_model(gray_ckpt, torch.device("cpu"), color_mode="gray")
+    model, cfg, schedule = pipeline.load_model(gray_ckpt, torch.device("cpu"), color_mode="gray")
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
-    (r,) = sampling.run(sampling.image_jobs(start, end, cfg, 1), 1, model, schedule, cfg,
+    (r,) = sampling.run(sampling.image_jobs(start, end, 1), 1, model, schedule, cfg,
                         sampling.SampleSettings(steps=2), tmp_path / "out")
     assert r["sample"].shape == (T, SIZE, SIZE, 1) and np.array_equal(r["sample"][:K], start)
 

@@ -13,7 +13,10 @@ import torch
 from evdm import visualize
 from evdm.config import RunConfig
 from evdm.diffusion.schedule import Schedule
-from evdm.sampling import FPS, VIDEO_PX, sample_batch, strip_scale
+from evdm.data import to_model_input
+from evdm.diffusion import split_clip
+from evdm.pipeline import fill_middle, to_uint8
+from evdm.sampling import FPS, VIDEO_PX, strip_scale
 
 PREVIEW_SEED = 4321
 
@@ -32,11 +35,13 @@ def write_preview(model: torch.nn.Module, schedule: Schedule, val_u8: torch.Tens
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    clips = val_u8[: cfg.train.preview_clips].permute(0, 2, 3, 4, 1).cpu().numpy()  # [B, T, H, W, C]
+    u8 = val_u8[: cfg.train.preview_clips]
+    start, _, end = split_clip(to_model_input(u8, device, channels_last=False), cfg.context)
     generator = torch.Generator(device=device).manual_seed(PREVIEW_SEED)
-    samples = sample_batch(model, schedule, cfg, clips, steps=cfg.train.preview_steps, eta=0.0,
-                           guidance_scale=cfg.sample.guidance_scale, generator=generator)
+    samples = to_uint8(fill_middle(model, schedule, cfg, start, end, steps=cfg.train.preview_steps, eta=0.0,
+                                   generator=generator, channels_last=device.type == "cuda"))  # [B, T, H, W, C]
     model.train(was_training)
+    clips = u8.permute(0, 2, 3, 4, 1).cpu().numpy()
 
     K, size = cfg.context, cfg.data.size
     strips = [visualize.comparison_strip(truth, sample, K, scale=strip_scale(size))
