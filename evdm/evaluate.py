@@ -25,6 +25,7 @@ import torch
 from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.config import add_speed_flags
 from evdm.sampling import batched, iter_shard_clips, load_model, progress_bar, resolve_device, sample_float
+from evdm.seeds import mix_seed
 
 LINEAR_BLEND = "linear blend"
 
@@ -122,7 +123,7 @@ def evaluate(
             truth = unit[:, :, K : T - K]
             for name, baseline in BASELINES.items():
                 _record(acc, name, _frame_metrics(baseline(unit, K), truth, lpips_fn))
-            batch_seed = seed * 1_000_003 + index
+            batch_seed = mix_seed(seed, index)
             for steps in steps_list:
                 single = _frame_metrics(model_middle(clips, steps, batch_seed), truth, lpips_fn)
                 _record(acc, f"model ddim-{steps}", single)

@@ -25,6 +25,7 @@ from evdm.diffusion import Schedule, make_schedule
 from evdm.models import to_channels_last
 from evdm.pipeline import compile_for_inference, fill_middle, wants_compile
 from evdm.schema import COLOR_CHANNELS, clip_shape
+from evdm.seeds import mix_seed
 
 FPS = 4.0
 VIDEO_PX = 256  # MP4s are enlarged (nearest) to about this many pixels across
@@ -286,7 +287,7 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray | None]], total: int, m
         task = progress.add_task(f"sampling ddim-{steps}" if sc.sampler == "ddim" else f"{sc.sampler}-{steps}",
                                  total=-(-total // settings.batch_size), clips=0)
         for index, batch in enumerate(batched(jobs, settings.batch_size)):
-            generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + index)
+            generator = torch.Generator(device=device).manual_seed(mix_seed(settings.seed, index))
             clips = np.stack([clip for _, clip, _ in batch])
             samples = sample_batch(model, schedule, cfg, clips, steps=steps, eta=eta, guidance_scale=guidance,
                                    generator=generator, precision=settings.precision, pad_to=settings.batch_size)

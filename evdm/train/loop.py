@@ -42,7 +42,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Per-step seed from (seed, rank, step), so a resumed run draws the same noise as a straight one."""
-    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63)
+    from evdm.seeds import mix_seed  # here, not at the top: keeps this change inside step_seed
+
+    return mix_seed(seed, rank, step) % (2**63)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
