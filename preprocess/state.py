@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from evdm.atomic import TMP_SUFFIX
 from evdm.schema import MANIFEST_NAME
 from preprocess.options import UserError
-from preprocess.writer import SPLITS, TMP_SUFFIX, sha256_file, write_json_atomic
+from preprocess.writer import SPLITS, sha256_file, write_json_atomic
 
 PROGRESS_NAME = "progress.json"
 

@@ -174,9 +174,9 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
         else:
             truncate_metrics(out_dir / "metrics.jsonl", step)
         (out_dir / "previews").mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "config.toml.tmp"
-        tmp.write_text(to_toml(cfg))
-        os.replace(tmp, out_dir / "config.toml")
+        from evdm.atomic import atomic_write  # hoist to the import block when merging issue 13
+
+        atomic_write(out_dir / "config.toml", lambda tmp: tmp.write_text(to_toml(cfg)))
 
     # Wrap after loading weights: DDP, then compile; checkpoints always save raw_model.
     model: torch.nn.Module = raw_model
