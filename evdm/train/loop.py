@@ -42,7 +42,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Per-step seed from (seed, rank, step), so a resumed run draws the same noise as a straight one."""
-    from evdm.seeds import mix_seed  # here, not at the top: keeps this change inside step_seed
+    from evdm.seeds import mix_seed  # hoist to the import block when merging issue 13
 
     return mix_seed(seed, rank, step) % (2**63)
 
