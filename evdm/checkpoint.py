@@ -6,11 +6,11 @@ Only tensors and primitives: `torch.load(path, weights_only=True)` reads it, no 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from evdm.atomic import atomic_write
 from evdm.config import ConfigError, RunConfig, from_dict, to_dict
 
 FORMAT = 1
@@ -40,16 +40,12 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, fsync=True)
 
 
 def make_payload(

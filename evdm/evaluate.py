@@ -32,6 +32,7 @@ from evdm import visualize
 from evdm.data import to_model_input
 from evdm.pipeline import fill_middle, load_model, resolve_device, to_uint8
 from evdm.sampling import batched, iter_shard_clips, progress_bar, strip_scale
+from evdm.seeds import mix_seed
 
 LINEAR_BLEND = "linear blend"
 BLEND_COLOR = (150, 150, 150)
@@ -122,7 +123,7 @@ def evaluate(
         for index, batch in enumerate(batched(iter_shard_clips(shards, cfg, num), batch_size)):
             clips = np.stack([np.asarray(c) for _, c in batch])
             score_batch(acc, extremes, model, schedule, cfg, clips, steps_list=steps_list, best_of=best_of,
-                        batch_seed=seed * 1_000_003 + index, pad_to=batch_size, lpips_fn=lpips_fn)
+                        batch_seed=mix_seed(seed, index), pad_to=batch_size, lpips_fn=lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
     if examples is not None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evdm.atomic import atomic_write
+
 
 class FFmpegNotFound(RuntimeError):
     pass
@@ -60,15 +62,16 @@ def write_mp4(
     out_h += out_h % 2
     out_w += out_w % 2
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.mp4")
-    cmd = [
-        ffmpeg_exe(), "-y", "-loglevel", "error",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:",
-        "-vf", f"scale={out_w}:{out_h}:flags=neighbor",
-        "-c:v", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf), str(tmp),
-    ]
-    proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
-    os.replace(tmp, path)
+
+    def encode(tmp: Path) -> None:
+        cmd = [
+            ffmpeg_exe(), "-y", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:",
+            "-vf", f"scale={out_w}:{out_h}:flags=neighbor",
+            "-c:v", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf), "-f", "mp4", str(tmp),
+        ]
+        proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
+
+    atomic_write(path, encode, keep_extension=True)

@@ -25,6 +25,7 @@ from evdm.data import expand_urls, iter_clips, to_model_input
 from evdm.diffusion import Schedule
 from evdm.pipeline import fill_middle, to_uint8
 from evdm.schema import COLOR_CHANNELS, clip_shape
+from evdm.seeds import mix_seed
 
 FPS = 4.0
 VIDEO_PX = 256  # MP4s are enlarged (nearest) to about this many pixels across
@@ -236,7 +237,7 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], t
         task = progress.add_task(f"sampling ddim-{steps}" if sc.sampler == "ddim" else f"{sc.sampler}-{steps}",
                                  total=-(-total // settings.batch_size), clips=0)
         for index, batch in enumerate(batched(jobs, settings.batch_size)):
-            generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + index)
+            generator = torch.Generator(device=device).manual_seed(mix_seed(settings.seed, index))
             starts, ends = (np.stack([job[i] for job in batch]) for i in (1, 2))
             samples = sample_batch(model, schedule, cfg, starts, ends, steps=steps, eta=eta, guidance_scale=guidance,
                                    generator=generator, precision=settings.precision, pad_to=settings.batch_size)

@@ -8,13 +8,13 @@ are copied unchanged, so `frame_at` reads the exact input frame back out of any 
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from evdm.atomic import atomic_write
 from evdm.ffmpeg import FFmpegNotFound, write_mp4
 
 CONTEXT_COLOR = (40, 110, 255)
@@ -99,24 +99,18 @@ def batch_grid_frames(clips: np.ndarray, K: int | tuple[int, int], *, cols: int 
     return np.stack(frames)
 
 
-def _atomic_save(path: Path, save) -> None:
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    save(tmp)
-    os.replace(tmp, path)
-
-
 def save_png(img: np.ndarray, path: str | Path) -> None:
     """Write uint8 [H, W, 1|3] losslessly as PNG."""
     path = Path(path)
-    _atomic_save(path, lambda p: Image.fromarray(to_rgb(img)).save(p, format="PNG"))
+    atomic_write(path, lambda p: Image.fromarray(to_rgb(img)).save(p, format="PNG"), keep_extension=True)
 
 
 def save_gif(frames: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
     """Write uint8 [T, H, W, 1|3] as a looping animated GIF (palette per frame)."""
     images = [Image.fromarray(f) for f in to_rgb(frames)]
     duration_ms = int(round(1000 / fps))
-    _atomic_save(Path(path), lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
-                                                      duration=duration_ms, loop=0))
+    atomic_write(Path(path), lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
+                                                      duration=duration_ms, loop=0), keep_extension=True)
 
 
 def save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> None:

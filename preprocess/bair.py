@@ -9,10 +9,11 @@ Per frame i a record holds (tensorflow_datasets video/bair_robot_pushing.py): `{
 and `{i}/image_main/encoded`, raw RGB uint8 64x64x3 (12,288 bytes, not PNG), `{i}/action` (4 floats) and
 `{i}/endeffector_pos` (3 floats). The dataset states no frame rate: meta.json and the MP4s say 10 fps.
 
-Plan, then work, as preprocess.shard does: a framing scan lists every record; a seeded permutation
-deals each split's records into fixed groups, one group per shard; each shard's clips are shuffled
-with a seed of their own and written atomically. Same input and options -> same bytes, whatever
---workers. A corrupt record is reported (file + record index) and skipped; see preprocess.tfrecords.
+Plan, then work, with preprocess.plan as preprocess.shard does: a framing scan lists every record;
+a seeded permutation deals each split's records into fixed groups, one group per shard; each
+shard's clips are shuffled with a seed of their own and written atomically, and a rerun of the same
+command resumes. Same input and options -> same bytes, whatever --workers. A corrupt record is
+reported (file + record index) and skipped; see preprocess.tfrecords.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
-from evdm.schema import COLOR_CHANNELS, MANIFEST_NAME, SHARD_PATTERN, clip_shape, encode_sample, make_key
+from evdm.schema import COLOR_CHANNELS, MANIFEST_NAME, clip_shape, encode_sample, make_key
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
+from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
+                             worker_map, write_planned_shard)
 from preprocess.progress import Progress
 from preprocess.state import open_state
 from preprocess.tfrecords import RecordError, iter_records, parse_example, read_record_at
 from preprocess.video import VideoError, clip_span, clip_starts, cut_all_clips, prepare_frames
-from preprocess.writer import SPLITS, split_entries, write_manifest, write_shard
+from preprocess.writer import SPLITS
 
 SPLIT_FOLDERS = dict(zip(SPLITS, ("train", "test")))  # evdm split -> softmotion30_44k folder
 MP4_FOLDERS = {"train": "videos_train", "val": "videos_val"}  # the layout preprocess.shard reads
@@ -47,7 +50,7 @@ MP4_CRF, MP4_PIX_FMT = 10, "yuv444p"  # as preprocess.synth: decoded frames stay
 
 @dataclass(frozen=True, kw_only=True)
 class Options(ShardOptions):
-    """Everything that decides the shards' bytes; recorded in the manifest."""
+    """Everything that decides the shards' bytes; recorded in the manifest and checked on resume."""
 
     camera: str = "aux1"
 
@@ -58,17 +61,6 @@ class RecordRef:
     source: str  # tfrecord path relative to the dataset root, e.g. "train/traj_0_to_255.tfrecords"
     index: int  # record index within the file
     offset: int  # byte offset of its framing
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    split: str
-    index: int
-    records: tuple[RecordRef, ...]
-
-    @property
-    def name(self) -> str:
-        return SHARD_PATTERN.format(split=self.split, index=self.index)
 
 
 @dataclass(frozen=True)
@@ -152,27 +144,20 @@ def scan_records(root: Path, split: str, source: str) -> tuple[list[RecordRef], 
     return refs, skipped
 
 
-def plan_shards(refs: list[RecordRef], opts: Options, records_per_shard: int) -> list[ShardPlan]:
-    """Deal each split's records, in a seeded random order, into groups of records_per_shard."""
-    plans = []
-    for split_id, split in enumerate(SPLIT_FOLDERS):
-        mine = [r for r in refs if r.split == split]
-        # Neighbouring trajectories (same file) are often alike: permuting spreads them over shards.
-        order = np.random.default_rng([opts.seed, split_id]).permutation(len(mine))
-        for index, start in enumerate(range(0, len(mine), records_per_shard)):
-            plans.append(ShardPlan(split, index, tuple(mine[i] for i in order[start:start + records_per_shard])))
-    return plans
+def plan_records(refs: list[RecordRef], opts: Options, records_per_shard: int) -> list[ShardPlan]:
+    """Each split's records dealt, in a seeded random order, into shards of records_per_shard."""
+    return plan_shards({split: [r for r in refs if r.split == split] for split in SPLITS}, opts.seed,
+                       records_per_shard)
 
 
 # ---- writing one shard (runs in the pool)
 
-def write_planned_shard(args: tuple[Path, Path, ShardPlan, Options]) -> dict:
-    """Read, cut and write one shard (none when it gets no clips); returns its summary record."""
-    root, shard_dir, plan, opts = args
+def read_clips(root: Path, refs: tuple[RecordRef, ...], opts: Options) -> tuple[list[tuple], int, list[dict]]:
+    """([(key, clip, meta)] of these records, trajectories read, skip entries for the unusable ones)."""
     items, skipped, videos = [], [], 0
     handles = {}
     try:
-        for ref in plan.records:
+        for ref in refs:
             try:
                 if ref.source not in handles:
                     handles[ref.source] = open(root / ref.source, "rb")
@@ -188,15 +173,15 @@ def write_planned_shard(args: tuple[Path, Path, ShardPlan, Options]) -> dict:
     finally:
         for f in handles.values():
             f.close()
-    # A seed of the shard's own, so one trajectory's clips are not adjacent.
-    split_id = SPLITS.index(plan.split)
-    order = np.random.default_rng([opts.seed, split_id, plan.index, 1]).permutation(len(items))
-    record = {"name": plan.name, "split": plan.split, "clips": len(items), "sha256": None, "videos": videos,
-              "skipped": skipped}
-    if items:
-        samples = (encode_sample(*items[k]) for k in order)
-        _, record["sha256"] = write_shard(shard_dir / plan.name, samples)
-    return record
+    return items, videos, skipped
+
+
+def write_record_shard(args: tuple[Path, Path, ShardPlan, Options]) -> dict:
+    """Read, cut and write one shard (none when it gets no clips); returns its progress record."""
+    root, shard_dir, plan, opts = args
+    items, videos, skipped = read_clips(root, plan.items, opts)
+    return write_planned_shard(shard_dir, plan, opts.seed, items, lambda item: encode_sample(*item),
+                               videos=videos, skipped=skipped)
 
 
 # ---- the runs
@@ -220,12 +205,8 @@ def _sorted_skips(skipped: list[dict]) -> list[dict]:
     return sorted(skipped, key=lambda s: (s["path"], -1 if s["record"] is None else s["record"]))
 
 
-def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1,
-            overwrite: bool = False) -> tuple[dict | None, list[dict]]:
-    """Write the shards and the manifest; returns (manifest, or None when no clip came out; skipped)."""
-    root, files = find_sources(source_dir)
-    per_record = check_options(opts)
-    open_state(shard_dir, {"options": asdict(opts)}, overwrite=overwrite, resume=False)
+def scan_sources(root: Path, files: dict[str, list[str]]) -> tuple[list[RecordRef], list[dict]]:
+    """Every readable record of every file, and skip entries for the damaged parts (a framing scan)."""
     refs, skipped = [], []
     with Progress("files", sum(map(len, files.values()))) as progress:
         for split, sources in files.items():
@@ -234,25 +215,32 @@ def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 
                 refs += found
                 skipped += bad
                 progress.advance()
-    plans = plan_shards(refs, opts, max(1, round(opts.shard_size / per_record)))
-    tasks = [(root, shard_dir, plan, opts) for plan in plans]
-    records = []
-    with Progress("records", len(refs)) as progress:
-        # spawn, not fork: the progress bar runs a thread, and forking a threaded process is unsafe.
-        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
-        try:
-            for plan, record in zip(plans, pool.imap(write_planned_shard, tasks) if pool else
-                                    map(write_planned_shard, tasks)):
-                records.append(record)
-                progress.advance(len(plan.records))
-        finally:
-            if pool:
-                pool.terminate()
-    skipped = _sorted_skips(skipped + [s for r in records for s in r["skipped"]])
-    if not any(r["clips"] for r in records):
-        return None, skipped
-    manifest = write_manifest(shard_dir, options=asdict(opts), skipped=skipped, splits=split_entries(records),
-                              clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
+    return refs, skipped
+
+
+def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1,
+            overwrite: bool = False) -> tuple[dict | None, list[dict]]:
+    """Write the shards and the manifest, resuming an interrupted run of the same command.
+
+    Returns (manifest, or None when no clip came out; skipped).
+    """
+    root, files = find_sources(source_dir)
+    per_record = check_options(opts)
+    inputs = inputs_digest(root, [source for sources in files.values() for source in sources])
+    state = open_state(shard_dir, {"options": asdict(opts), "inputs": inputs}, overwrite=overwrite)
+    refs, skipped = scan_sources(root, files)
+    state["videos_per_shard"] = max(1, round(opts.shard_size / per_record))
+    plans = plan_records(refs, opts, state["videos_per_shard"])
+    records, todo = resume_plans(shard_dir, plans, state)
+    tasks = [(root, shard_dir, plan, opts) for plan in todo]
+    with Progress("records", len(refs), done=sum(len(p.items) for p in plans if p.name in records)) as progress, \
+            worker_map(write_record_shard, tasks, workers) as results:
+        for plan, record in zip(todo, results):
+            record_shard(shard_dir, state, records, plan, record)
+            progress.advance(len(plan.items))
+    skipped = _sorted_skips(skipped + [s for r in records.values() for s in r["skipped"]])
+    manifest = finish(shard_dir, plans, records, options=asdict(opts), skipped=skipped,
+                      clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
     return manifest, skipped
 
 
@@ -320,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(**shard_options(args), camera=args.camera)
     if args.to_mp4 is not None:
         return run_cli(lambda: _mp4_main(args, opts), interrupted="rerun the same command")
-    return run_cli(lambda: _shards_main(args, opts), interrupted="rerun the same command with --overwrite")
+    return run_cli(lambda: _shards_main(args, opts), interrupted="rerun the same command to resume")
 
 
 def _mp4_main(args: argparse.Namespace, opts: Options) -> int:

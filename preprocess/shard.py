@@ -1,19 +1,15 @@
 """`python -m preprocess.shard DATA_DIR SHARD_DIR [options]`: MP4 folders -> WebDataset tar shards.
 
-Plan first, then work: the scan fixes each video's split, and a seeded permutation deals the
-videos of a split into fixed groups, one group per shard. A shard is then an independent unit:
-its videos are decoded in parallel (a process pool, one task per video), its clips shuffled with a
-seed of their own and written atomically, and its completion (clip count, sha256) recorded in
-SHARD_DIR/progress.json. A rerun with the same options and inputs keeps every recorded shard whose
-file still has its sha256 and redoes the rest; the manifest is written last.
+The scan fixes each video's split; preprocess.plan deals the videos of a split into fixed groups,
+one group per shard, and makes the run resumable (a rerun with the same options and inputs keeps
+every finished shard). A shard's videos are decoded in parallel (a process pool, one task per
+video), and its clips shuffled with a seed of their own and written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -24,12 +20,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
-from evdm.schema import MANIFEST_NAME, SHARD_PATTERN, clip_shape, encode_sample, make_key
+from evdm.schema import clip_shape, encode_sample, make_key
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
+from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
+                             worker_map, write_planned_shard)
 from preprocess.progress import Progress
-from preprocess.state import open_state, save_state, still_valid
+from preprocess.state import open_state
 from preprocess.video import VideoError, cut_all_clips, decode_ffmpeg
-from preprocess.writer import SPLITS, split_entries, write_manifest, write_shard
+from preprocess.writer import SPLITS
 
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
 
@@ -40,17 +38,6 @@ class Options(ShardOptions):
 
     val_fraction: float = 0.05
     decoder: str = "ffmpeg"
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    split: str
-    index: int
-    videos: tuple[str, ...]  # paths relative to DATA_DIR
-
-    @property
-    def name(self) -> str:
-        return SHARD_PATTERN.format(split=self.split, index=self.index)
 
 
 @dataclass
@@ -79,7 +66,7 @@ class Summary:
     skipped: list[dict] = field(default_factory=list)
 
 
-# ---- scan, split and plan: pure functions of the file list and the options
+# ---- scan and split: pure functions of the file list and the options
 
 def scan(data_dir: Path) -> list[str]:
     """Relative posix paths of every *.mp4 (any case) under data_dir, sorted."""
@@ -104,29 +91,10 @@ def split_of(relpath: str, val_fraction: float) -> str:
     return "val" if u < val_fraction else "train"
 
 
-def plan_shards(videos: list[str], opts: Options, videos_per_shard: int) -> list[ShardPlan]:
-    """Deal each split's videos, in a seeded random order, into groups of videos_per_shard."""
-    plans = []
-    for split_id, split in enumerate(SPLITS):
-        mine = [v for v in videos if split_of(v, opts.val_fraction) == split]
-        # Permuting spreads neighbouring (often similar) videos over different shards.
-        order = np.random.default_rng([opts.seed, split_id]).permutation(len(mine))
-        for index, start in enumerate(range(0, len(mine), videos_per_shard)):
-            group = tuple(mine[i] for i in order[start:start + videos_per_shard])
-            plans.append(ShardPlan(split, index, group))
-    return plans
-
-
-def inputs_digest(data_dir: Path, videos: list[str]) -> str:
-    """Fingerprint of the input files (path and size), so resume refuses a changed DATA_DIR."""
-    h = hashlib.sha256()
-    for rel in videos:
-        try:
-            size = (data_dir / rel).stat().st_size
-        except OSError:
-            size = -1
-        h.update(f"{rel}\0{size}\n".encode())
-    return h.hexdigest()
+def plan_videos(videos: list[str], opts: Options, videos_per_shard: int) -> list[ShardPlan]:
+    """Each split's videos dealt, in a seeded random order, into shards of videos_per_shard."""
+    by_split = {split: [v for v in videos if split_of(v, opts.val_fraction) == split] for split in SPLITS}
+    return plan_shards(by_split, opts.seed, videos_per_shard)
 
 
 # ---- per-video work (runs in the pool)
@@ -172,34 +140,19 @@ def calibrate(data_dir: Path, videos: list[str], opts: Options) -> int:
 
 # ---- writing one shard
 
-def shard_samples(plan: ShardPlan, results: list[VideoResult], opts: Options) -> list[dict]:
-    """The shard's samples, in a seeded shuffled order so one video's clips are not adjacent."""
+def encode_clip(r: VideoResult, i: int, split: str, opts: Options) -> dict:
+    """Clip i of a decoded video as one shard sample."""
+    meta = {"source": r.path, "start_frame": r.starts[i], "frame_stride": opts.frame_stride, "fps": r.fps,
+            "split": split}
+    return encode_sample(make_key(r.path, r.starts[i]), r.clips[i], meta)
+
+
+def write_video_shard(shard_dir: Path, plan: ShardPlan, results: list[VideoResult], opts: Options) -> dict:
+    """Write the shard of these decoded videos (none when no clip came out); return its progress record."""
     items = [(r, i) for r in results if r.clips is not None for i in range(len(r.clips))]
-    order = np.random.default_rng([opts.seed, SPLITS.index(plan.split), plan.index, 1]).permutation(len(items))
-    samples = []
-    for k in order:
-        r, i = items[k]
-        meta = {"source": r.path, "start_frame": r.starts[i], "frame_stride": opts.frame_stride,
-                "fps": r.fps, "split": plan.split}
-        samples.append(encode_sample(make_key(r.path, r.starts[i]), r.clips[i], meta))
-    return samples
-
-
-def write_planned_shard(shard_dir: Path, plan: ShardPlan, results: list[VideoResult], opts: Options) -> dict:
-    """Write the shard (none when it has no clips) and return its progress record."""
-    samples = shard_samples(plan, results, opts)
-    record = {
-        "split": plan.split,
-        "clips": len(samples),
-        "sha256": None,
-        "bytes": 0,
-        "videos": sum(r.clips is not None for r in results),
-        "skipped": [{"path": r.path, "reason": r.reason} for r in results if r.clips is None],
-    }
-    if samples:
-        _, record["sha256"] = write_shard(shard_dir / plan.name, samples)
-        record["bytes"] = (shard_dir / plan.name).stat().st_size
-    return record
+    return write_planned_shard(shard_dir, plan, opts.seed, items, lambda item: encode_clip(*item, plan.split, opts),
+                               videos=sum(r.clips is not None for r in results),
+                               skipped=[{"path": r.path, "reason": r.reason} for r in results if r.clips is None])
 
 
 # ---- the run
@@ -215,10 +168,8 @@ def check_ffmpeg() -> None:
                              "or point EVDM_FFMPEG at a binary") from None
 
 
-def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, overwrite: bool = False,
-        show_progress: bool = False) -> Summary:
-    """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input."""
-    started = time.perf_counter()
+def find_videos(data_dir: Path, opts: Options) -> list[str]:
+    """The videos to shard; UserError when there are none, FFmpegNotFound when the decoder cannot run."""
     if not data_dir.is_dir():
         raise UserError(f"DATA_DIR {data_dir} does not exist or is not a folder")
     videos = scan(data_dir)
@@ -226,69 +177,59 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
         raise UserError(f"no .mp4 files found under {data_dir}")
     if opts.decoder == "ffmpeg":
         check_ffmpeg()
+    return videos
+
+
+def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, overwrite: bool = False,
+        show_progress: bool = False) -> Summary:
+    """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input."""
+    started = time.perf_counter()
+    videos = find_videos(data_dir, opts)
     identity = {"options": asdict(opts), "inputs": inputs_digest(data_dir, videos)}
     state = open_state(shard_dir, identity, overwrite=overwrite)
     if not state["videos_per_shard"]:
         state["videos_per_shard"] = calibrate(data_dir, videos, opts)
-    plans = plan_shards(videos, opts, state["videos_per_shard"])
-    records = {p.name: state["shards"][p.name] for p in plans
-               if p.name in state["shards"] and still_valid(shard_dir, p.name, state["shards"][p.name])}
-    state["shards"] = dict(records)
-    todo = [p for p in plans if p.name not in records]
-    if todo:  # the manifest must never describe shards that are being redone
-        (shard_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    # Saved before any shard exists, so a crash at any later point leaves a resumable folder.
-    save_state(shard_dir, state)
+    plans = plan_videos(videos, opts, state["videos_per_shard"])
+    records, todo = resume_plans(shard_dir, plans, state)
     summary = Summary(manifest=None, reused_shards=len(records))
-    progress = Progress("videos", len(videos), done=sum(len(p.videos) for p in plans if p.name in records),
+    progress = Progress("videos", len(videos), done=sum(len(p.items) for p in plans if p.name in records),
                         counts={"clips": sum(r["clips"] for r in records.values()),
                                 "MB": sum(r["bytes"] for r in records.values()) / 1e6},
                         log_tenths=False, quiet=not show_progress)  # a log line per shard instead
+    with progress:
+        write_shards(data_dir, shard_dir, todo, opts, workers, state, records, summary, progress)
+    skipped = sorted((s for r in records.values() for s in r["skipped"]), key=lambda s: s["path"])
+    summary.manifest = finish(shard_dir, plans, records, options=asdict(opts), skipped=skipped,
+                              clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
+    for r in records.values():
+        summary.videos += r["videos"]
+        summary.clips += r["clips"]
+        summary.bytes_written += r["bytes"]
+    summary.skipped = skipped
+    summary.wall_s = time.perf_counter() - started
+    return summary
 
-    tasks = [(data_dir, rel, opts) for p in todo for rel in p.videos]
+
+def write_shards(data_dir: Path, shard_dir: Path, todo: list[ShardPlan], opts: Options, workers: int, state: dict,
+                 records: dict[str, dict], summary: Summary, progress: Progress) -> None:
+    """Decode the videos of the shards to do (one pool task per video) and write each shard as it completes."""
+    tasks = [(data_dir, rel, opts) for p in todo for rel in p.items]
     summary.processed = len(tasks)
-    with progress, _pool(workers) as pool:
-        results = pool.imap(_process_task, tasks) if pool else map(_process_task, tasks)
+    with worker_map(_process_task, tasks, workers) as results:
         for plan in todo:
             group = []
-            for _ in plan.videos:
+            for _ in plan.items:
                 r = next(results)
                 group.append(r)
                 summary.decode_s += r.decode_s
                 summary.task_s += r.task_s
                 progress.advance(clips=0 if r.clips is None else len(r.clips))
             t0 = time.perf_counter()
-            record = write_planned_shard(shard_dir, plan, group, opts)
+            record = write_video_shard(shard_dir, plan, group, opts)
             summary.write_s += time.perf_counter() - t0
-            records[plan.name] = state["shards"][plan.name] = record
-            save_state(shard_dir, state)
+            record_shard(shard_dir, state, records, plan, record)
             progress.advance(0, MB=record["bytes"] / 1e6)
             progress.log(f"{plan.name}: {record['clips']} clips, {record['bytes'] / 1e6:.1f} MB")
-
-    summary.manifest = _finish(shard_dir, plans, records, opts) if any(r["clips"] for r in records.values()) else None
-    for r in records.values():
-        summary.videos += r["videos"]
-        summary.clips += r["clips"]
-        summary.bytes_written += r["bytes"]
-        summary.skipped += r["skipped"]
-    summary.skipped.sort(key=lambda s: s["path"])
-    summary.wall_s = time.perf_counter() - started
-    return summary
-
-
-def _pool(workers: int):
-    # One worker decodes in this process: no pickling, and a fair single-core measurement.
-    if workers <= 1:
-        return contextlib.nullcontext()
-    # spawn, not fork: the progress display runs a thread, and forking threads is unsafe.
-    return multiprocessing.get_context("spawn").Pool(workers)
-
-
-def _finish(shard_dir: Path, plans: list[ShardPlan], records: dict, opts: Options) -> dict:
-    skipped = sorted((s for r in records.values() for s in r["skipped"]), key=lambda s: s["path"])
-    return write_manifest(shard_dir, options=asdict(opts),
-                          clip_shape=clip_shape(opts.T, opts.size, opts.color_mode), skipped=skipped,
-                          splits=split_entries({"name": p.name, **records[p.name]} for p in plans))
 
 
 # ---- command line

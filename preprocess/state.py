@@ -1,7 +1,8 @@
 """The state of SHARD_DIR, for both shard writers: which files are ours, what can be resumed, what is refused.
 
-A resumable run (preprocess.shard) records its identity (options and an input fingerprint) and each
-finished shard in SHARD_DIR/progress.json, saved atomically after every shard. A rerun with the same
+A run (preprocess.shard or preprocess.bair, through preprocess.plan) records its identity (options
+and an input fingerprint) and each finished shard in SHARD_DIR/progress.json, saved atomically after
+every shard. A rerun with the same
 identity keeps the recorded shards whose bytes still match; anything else is refused unless
 --overwrite, which deletes only files this package writes, never the user's own.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from evdm.atomic import TMP_SUFFIX
 from evdm.schema import MANIFEST_NAME
 from preprocess.options import UserError
-from preprocess.writer import SPLITS, TMP_SUFFIX, sha256_file, write_json_atomic
+from preprocess.writer import SPLITS, sha256_file, write_json_atomic
 
 PROGRESS_NAME = "progress.json"
 
@@ -27,12 +29,8 @@ def is_ours(path: Path) -> bool:
     return split in SPLITS and rest.endswith(".tar") and rest[:-4].isdigit()
 
 
-def open_state(shard_dir: Path, identity: dict, *, overwrite: bool, resume: bool = True) -> dict:
-    """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh).
-
-    resume=False is for a tool that writes every shard in one go (preprocess.bair): any earlier
-    output of ours is then a conflict, and other files in the folder are left alone.
-    """
+def open_state(shard_dir: Path, identity: dict, *, overwrite: bool) -> dict:
+    """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh)."""
     if shard_dir.exists() and not shard_dir.is_dir():
         raise UserError(f"SHARD_DIR {shard_dir} exists and is not a folder; choose a folder path")
     try:
@@ -45,17 +43,13 @@ def open_state(shard_dir: Path, identity: dict, *, overwrite: bool, resume: bool
     fresh = {"format": 1, "identity": identity, "videos_per_shard": None, "shards": {}}
     entries = list(shard_dir.iterdir())
     ours = [p for p in entries if p.is_file() and is_ours(p)]
-    if not resume:
-        if ours and not overwrite:
-            raise UserError(f"{shard_dir} already holds shards or a manifest; pass --overwrite to replace them, "
-                            "or choose another SHARD_DIR")
-    elif entries:
+    if entries:
         old = _read_progress(shard_dir, overwrite)
         if old is not None and old.get("identity") == identity:
             return old
         if not overwrite:
             if old is None:
-                raise UserError(f"{shard_dir} is not empty and has no {PROGRESS_NAME} from preprocess.shard; "
+                raise UserError(f"{shard_dir} is not empty and has no {PROGRESS_NAME} of a shard writer; "
                                 "choose an empty SHARD_DIR or pass --overwrite")
             changed = _describe_change(old.get("identity", {}), identity)
             raise UserError(f"{shard_dir} holds shards made with different {changed}; "
@@ -78,7 +72,7 @@ def _read_progress(shard_dir: Path, overwrite: bool) -> dict | None:
 
 def _describe_change(old: dict, new: dict) -> str:
     if old.get("inputs") != new.get("inputs"):
-        return "input videos (DATA_DIR changed)"
+        return "inputs (files added, removed or resized in the input folder)"
     before, after = old.get("options", {}), new.get("options", {})
     diffs = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
              if before.get(k) != after.get(k)]

@@ -16,6 +16,7 @@ import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -79,20 +80,9 @@ def _orbit(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
     return np.stack([pivot[0] + radii[0] * np.sin(theta), pivot[1] + radii[1] * np.cos(theta)])
 
 
-def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64, motion: str = "glide") -> np.ndarray:
-    """Render one synthetic clip: uint8 [frames, size, size, 3]; a pure function of its arguments."""
-    if motion not in MOTIONS:
-        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
-    rng = np.random.default_rng(seed)
-    px = 1.0 / size  # one pixel in frame units
-    coords = (np.arange(size) + 0.5) / size
-    ys, xs = np.meshgrid(coords, coords, indexing="ij")  # [H, W] in (0, 1)
-    t = np.linspace(0.0, 1.0, frames)[:, None, None]  # [T, 1, 1]
-
-    canvas = np.broadcast_to(_table(rng, ys, xs), (frames, size, size, 3)).copy()
-
-    # Objects: textured discs and boxes, moved rigidly; the first drawn is the lowest.
-    path = _glide if motion == "glide" else _orbit
+def _draw_objects(canvas: np.ndarray, rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, t: np.ndarray,
+                  px: float, path: Callable[[np.random.Generator, np.ndarray], np.ndarray]) -> None:
+    """In place: 2-4 textured discs and boxes, moved rigidly along path(rng, t); the first drawn is the lowest."""
     for _ in range(rng.integers(2, 5)):
         radius = rng.uniform(0.08, 0.15)
         cy, cx = path(rng, t)
@@ -114,8 +104,10 @@ def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64, 
         canvas *= 1.0 - alpha
         canvas += alpha * shade
 
-    # The arm: a capsule from a base outside the frame to a gripper tip that sweeps a smooth curve;
-    # drawn last, so it occludes the objects it passes over.
+
+def _draw_arm(canvas: np.ndarray, rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, t: np.ndarray,
+              px: float) -> None:
+    """In place: the arm, a capsule from a base outside the frame to a gripper tip sweeping a smooth curve."""
     edge = rng.integers(4)
     along = rng.uniform(0.2, 0.8)
     base = [(-0.3, along), (1.3, along), (along, -0.3), (along, 1.3)][edge]
@@ -139,6 +131,20 @@ def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64, 
     gripper = np.maximum(np.abs(ys - tip[0]), np.abs(xs - tip[1])) - 0.06
     _composite(canvas, _coverage(gripper, px), np.array([0.15, 0.15, 0.18]))
 
+
+def render_video(seed: int | tuple[int, ...], frames: int = 30, size: int = 64, motion: str = "glide") -> np.ndarray:
+    """Render one synthetic clip: uint8 [frames, size, size, 3]; a pure function of its arguments."""
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+    rng = np.random.default_rng(seed)
+    px = 1.0 / size  # one pixel in frame units
+    coords = (np.arange(size) + 0.5) / size
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")  # [H, W] in (0, 1)
+    t = np.linspace(0.0, 1.0, frames)[:, None, None]  # [T, 1, 1]
+
+    canvas = np.broadcast_to(_table(rng, ys, xs), (frames, size, size, 3)).copy()
+    _draw_objects(canvas, rng, ys, xs, t, px, _glide if motion == "glide" else _orbit)
+    _draw_arm(canvas, rng, ys, xs, t, px)  # last, so it occludes the objects it passes over
     return np.round(np.clip(canvas, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

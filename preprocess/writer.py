@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterable
 
-TMP_SUFFIX = ".tmp"
+from evdm.atomic import atomic_write
+
 SPLITS = ("train", "val")  # the manifest's splits, in its order
 
 
@@ -30,24 +30,19 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, bytes | str]]) -> 
     Written to `path.tmp`, fsynced, then renamed: a crash never leaves a half-written shard
     under the final name.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    count = 0
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in samples:
-                    key = sample["__key__"]
-                    for ext in sorted(k for k in sample if k != "__key__"):
-                        tar.addfile(*_tar_member(f"{key}.{ext}", sample[ext]))
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
+    count, digest = 0, ""
+
+    def write(tmp: Path) -> None:
+        nonlocal count, digest
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                for ext in sorted(k for k in sample if k != "__key__"):
+                    tar.addfile(*_tar_member(f"{key}.{ext}", sample[ext]))
+                count += 1
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, fsync=True)
     return count, digest
 
 
@@ -61,13 +56,7 @@ def sha256_file(path: str | Path) -> str:
 
 def write_json_atomic(path: str | Path, text: str) -> None:
     """Write text to `path` via a temporary name, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text), fsync=True)
 
 
 def split_entries(records: Iterable[dict]) -> dict[str, dict]:

@@ -252,12 +252,67 @@ def test_cli_missing_dir_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
 
 
-def test_existing_shards_need_overwrite(dataset, tmp_path, capsys):
+def test_changed_options_are_refused_and_overwrite_restarts(dataset, tmp_path, capsys):
     root, _ = dataset
     convert(root, tmp_path / "shards")
-    assert bair.main([str(root), str(tmp_path / "shards")]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert bair.main([str(root), str(tmp_path / "shards"), "--overwrite", "--workers", "1"]) == 0
+    assert bair.main([str(root), str(tmp_path / "shards"), "--T", "4", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "T 8 -> 4" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert bair.main([str(root), str(tmp_path / "shards"), "--T", "4", "--overwrite", "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "shards/manifest.json").read_text())["clip_shape"] == [4, 64, 64, 3]
+
+
+# `python -c KILLED MODE ARGS...`: preprocess.bair with ARGS, killed by SIGKILL (no cleanup at all).
+# MODE "mid-write" (one worker): while writing the third shard, once one sample reached its temporary
+# file. MODE "group" (a pool): the whole process group, the pool's workers too, after two shards finished.
+KILLED = """
+import os, signal, sys
+import preprocess.plan as plan
+from preprocess import bair
+mode, calls = sys.argv.pop(1), []
+def samples_then_die(samples):
+    for k, sample in enumerate(samples):
+        if k == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield sample
+def write_shard(path, samples, real=plan.write_shard):
+    calls.append(path)
+    return real(path, samples_then_die(samples) if len(calls) == 3 else samples)
+def record_shard(*args, real=bair.record_shard):
+    real(*args)
+    calls.append(args[3])
+    if len(calls) == 2:
+        os.killpg(0, signal.SIGKILL)
+if mode == "mid-write":
+    plan.write_shard = write_shard
+else:
+    bair.record_shard = record_shard
+sys.exit(bair.main(sys.argv[1:]))
+"""
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("mode, workers", [("mid-write", 1), ("group", 2)])
+def test_rerun_after_kill_9_resumes_to_identical_shards(dataset, tmp_path, mode, workers):
+    root, _ = dataset
+    killed = tmp_path / "killed"
+    args = [str(root), str(killed), "--shard-size", "3", "--workers", str(workers)]  # 7 shards of 1 record
+    proc = subprocess.run([sys.executable, "-c", KILLED, mode, *args], cwd=ROOT, capture_output=True,
+                          start_new_session=True)  # its own process group, so "group" kills nothing else
+    assert proc.returncode == -9, proc.stderr.decode()
+    finished = sorted(json.loads((killed / "progress.json").read_text())["shards"])
+    assert finished == ["train-000000.tar", "train-000001.tar"]  # recorded in plan order
+    assert not (killed / "manifest.json").exists()
+    assert mode != "mid-write" or (killed / "train-000002.tar.tmp").stat().st_size > 0
+    mtimes = {name: (killed / name).stat().st_mtime_ns for name in finished}
+
+    assert bair.main(args) == 0
+    assert all((killed / name).stat().st_mtime_ns == mtimes[name] for name in finished)  # kept, not rewritten
+    convert(root, tmp_path / "straight", shard_size=3)
+    assert folder_bytes(killed) == folder_bytes(tmp_path / "straight")  # shards, manifest and progress.json
 
 
 def test_clips_spread_over_shards_and_output_is_deterministic(dataset, tmp_path):

@@ -42,7 +42,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Per-step seed from (seed, rank, step), so a resumed run draws the same noise as a straight one."""
-    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63)
+    from evdm.seeds import mix_seed  # hoist to the import block when merging issue 13
+
+    return mix_seed(seed, rank, step) % (2**63)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -172,9 +174,9 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
         else:
             truncate_metrics(out_dir / "metrics.jsonl", step)
         (out_dir / "previews").mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "config.toml.tmp"
-        tmp.write_text(to_toml(cfg))
-        os.replace(tmp, out_dir / "config.toml")
+        from evdm.atomic import atomic_write  # hoist to the import block when merging issue 13
+
+        atomic_write(out_dir / "config.toml", lambda tmp: tmp.write_text(to_toml(cfg)))
 
     # Wrap after loading weights: DDP, then compile; checkpoints always save raw_model.
     model: torch.nn.Module = raw_model

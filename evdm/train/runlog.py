@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from evdm.atomic import atomic_write
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
@@ -33,9 +34,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Drop records past `last_step` (those a resumed run will redo)."""
     records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records)))
 
 
 def plot_losses(records: list[dict], path: str | Path, size: tuple[int, int] = (640, 360)) -> None:
@@ -71,6 +70,4 @@ def plot_losses(records: list[dict], path: str | Path, size: tuple[int, int] = (
         draw.text((left, bottom + 5), f"step {x0}", fill="black")
         draw.text((right - 80, bottom + 5), f"step {x1}", fill="black")
     draw.text((left + 10, h - 18), "train loss (blue), val loss (orange), log scale", fill="black")
-    tmp = Path(str(path) + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, img.save, keep_extension=True)  # PIL reads the format from the extension
