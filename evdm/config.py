@@ -217,6 +217,26 @@ def check_context(T: int, K: int | tuple[int, int]) -> None:
                          f"generate: {detail}")
 
 
+def check_model_shape(*, T: int, K: int | tuple[int, int], channel_mults: tuple[int, ...],
+                      temporal_attn_levels: tuple[int, ...], size: int | None = None) -> None:
+    """The one check that a U-Net can be built for these shapes (config load, build_model and the
+    model's constructor all call it): a middle frame to generate (`check_context`), at least one
+    level, attention levels that exist, and (when given) a frame size that every level halves evenly.
+    Raises ValueError naming the keys and numbers."""
+    try:
+        check_context(T, K)
+    except ValueError as err:
+        raise ValueError(f"data.T / data.endpoint_context (context_start, context_end): {err}") from None
+    if not channel_mults:
+        raise ValueError("model.channel_mults must not be empty")
+    bad_levels = [lv for lv in temporal_attn_levels if not 0 <= lv < len(channel_mults)]
+    if bad_levels:
+        raise ValueError(f"model.temporal_attn_levels {list(bad_levels)} out of range 0..{len(channel_mults) - 1}")
+    factor = 2 ** (len(channel_mults) - 1)
+    if size is not None and size % factor:
+        raise ValueError(f"data.size={size} must be divisible by 2**(len(model.channel_mults)-1)={factor}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; convert lists to tuples where asked."""
     origin = typing.get_origin(tp)
@@ -289,21 +309,10 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
     d, m = cfg.data, cfg.model
     check_ranges(cfg, source)
     try:
-        check_context(d.T, cfg.context)
+        check_model_shape(T=d.T, K=cfg.context, channel_mults=m.channel_mults,
+                          temporal_attn_levels=m.temporal_attn_levels, size=d.size)
     except ValueError as err:
-        raise ConfigError(f"{source}: data.T / data.endpoint_context (context_start, context_end): {err}") from None
-    if not m.channel_mults:
-        raise ConfigError(f"{source}: model.channel_mults must not be empty")
-    factor = 2 ** (len(m.channel_mults) - 1)
-    if d.size % factor:
-        raise ConfigError(
-            f"{source}: data.size={d.size} must be divisible by 2**(len(model.channel_mults)-1)={factor}"
-        )
-    bad_levels = [lv for lv in m.temporal_attn_levels if not 0 <= lv < len(m.channel_mults)]
-    if bad_levels:
-        raise ConfigError(
-            f"{source}: model.temporal_attn_levels {bad_levels} out of range 0..{len(m.channel_mults) - 1}"
-        )
+        raise ConfigError(f"{source}: {err}") from None
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"{source}: sample.steps must be <= diffusion.timesteps")
 

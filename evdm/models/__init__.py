@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evdm.config import RunConfig, check_context
+from evdm.config import RunConfig, check_model_shape
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
 from evdm.models.convs import SPACETIME_FORMS, adapt_conv_weights, adapt_optimizer_state
 from evdm.models.unet3d import VideoUNet3D
@@ -20,10 +20,8 @@ def build_model(cfg: RunConfig) -> VideoUNet3D:
     2 ** (len(model.channel_mults) - 1).
     """
     d, m = cfg.data, cfg.model
-    check_context(d.T, cfg.context)
-    factor = 2 ** (len(m.channel_mults) - 1)
-    if d.size % factor:
-        raise ValueError(f"data.size={d.size} must be divisible by 2 ** (len(channel_mults) - 1) = {factor}")
+    check_model_shape(T=d.T, K=cfg.context, channel_mults=tuple(m.channel_mults),
+                      temporal_attn_levels=tuple(m.temporal_attn_levels), size=d.size)
     return VideoUNet3D(
         channels=cfg.channels, T=d.T, K=cfg.context, base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,

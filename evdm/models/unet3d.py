@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.config import as_context, check_context
+from evdm.config import as_context, check_model_shape
 from evdm.models.blocks import (
     FiLM, Downsample, ResBlock3D, TemporalAttention, TimestepEmbedder, Upsample, group_norm, zero_init,
 )
@@ -47,19 +47,15 @@ class VideoUNet3D(nn.Module):
         spacetime: str = "2d",
     ) -> None:
         super().__init__()
-        check_context(T, K)
+        check_model_shape(T=T, K=K, channel_mults=channel_mults, temporal_attn_levels=temporal_attn_levels)
         Ks, Ke = self.context = as_context(K)
-        if not channel_mults:
-            raise ValueError("channel_mults must not be empty")
-        bad = [lv for lv in temporal_attn_levels if not 0 <= lv < len(channel_mults)]
-        if bad:
-            raise ValueError(f"temporal_attn_levels {bad} out of range 0..{len(channel_mults) - 1}")
         self.channels, self.T, self.middle_frames = channels, T, T - Ks - Ke
         self.downscale = 2 ** (len(channel_mults) - 1)
         M = self.middle_frames
         level_ch = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.attn_levels = tuple(sorted(set(temporal_attn_levels)))
+        block = lambda c_in, c_out: ResBlock3D(c_in, c_out, c_out, dropout, spacetime)  # noqa: E731
         attn = lambda c: TemporalAttention(c, attn_head_channels, T)  # noqa: E731
 
         self.time_embed = TimestepEmbedder(base_channels, emb_dim)
@@ -68,15 +64,25 @@ class VideoUNet3D(nn.Module):
 
         self.stem = FrameConv(channels, level_ch[0], form=spacetime)
         self.stem_film = FiLM(level_ch[0], level_ch[0], spacetime)
+        skip_ch = self._build_down(level_ch, res_blocks, block, attn, spacetime)
+        c_mid = level_ch[-1]
+        self.mid_block1 = block(c_mid, c_mid)
+        self.mid_attn = attn(c_mid)
+        self.mid_block2 = block(c_mid, c_mid)
+        self._build_up(level_ch, res_blocks, skip_ch, block, attn, spacetime)
+        self.out_norm = group_norm(level_ch[0])
+        self.out_conv = zero_init(FrameConv(level_ch[0], channels, form=spacetime))
 
-        # Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the bottom.
+    def _build_down(self, level_ch: list[int], res_blocks: int, block, attn, spacetime: str) -> list[int]:
+        """Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the
+        bottom. Returns the channel count of every skip the up path will eat, in order."""
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_ch = [level_ch[0]]
         c = level_ch[0]
         for lv, c_out in enumerate(level_ch):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(res_blocks):
-                blocks.append(ResBlock3D(c, c_out, c_out, dropout, spacetime))
+                blocks.append(block(c, c_out))
                 if lv in self.attn_levels:
                     attns.append(attn(c_out))
                 c = c_out
@@ -87,19 +93,17 @@ class VideoUNet3D(nn.Module):
                 self.downsample.append(Downsample(c, level_ch[lv + 1], spacetime))
                 c = level_ch[lv + 1]
                 skip_ch.append(c)
+        return skip_ch
 
-        c_mid = level_ch[-1]
-        self.mid_block1 = ResBlock3D(c_mid, c_mid, c_mid, dropout, spacetime)
-        self.mid_attn = attn(c_mid)
-        self.mid_block2 = ResBlock3D(c_mid, c_mid, c_mid, dropout, spacetime)
-
-        # Up path: per level `res_blocks + 1` blocks, each eating one skip, then an upsample.
+    def _build_up(self, level_ch: list[int], res_blocks: int, skip_ch: list[int], block, attn, spacetime: str) -> None:
+        """Up path: per level `res_blocks + 1` blocks, each eating one skip, then an upsample."""
         self.up_blocks, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        c = level_ch[-1]
         for lv in reversed(range(len(level_ch))):
             c_out = level_ch[lv]
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(res_blocks + 1):
-                blocks.append(ResBlock3D(c + skip_ch.pop(), c_out, c_out, dropout, spacetime))
+                blocks.append(block(c + skip_ch.pop(), c_out))
                 if lv in self.attn_levels:
                     attns.append(attn(c_out))
                 c = c_out
@@ -107,9 +111,6 @@ class VideoUNet3D(nn.Module):
             self.up_attn.append(attns)
             if lv > 0:
                 self.upsample.append(Upsample(c, spacetime))
-
-        self.out_norm = group_norm(c)
-        self.out_conv = zero_init(FrameConv(c, channels, form=spacetime))
 
     def _check_inputs(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
         # Static shape checks: resolved at trace time, no data-dependent control flow.
