@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from evdm.config import ConfigError, load_config
+from evdm.train.runlog import read_metrics
 from evdm.schema import encode_sample, make_key
 from preprocess.writer import write_manifest, write_shard
 
@@ -219,3 +220,85 @@ def test_previews_follow_preview_every_and_survive_a_missing_ffmpeg(shard_dir, t
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_0000004.png", "step_0000006.png"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] == pytest.approx(r["tflops"] / 2.0) for r in records)
+
+
+def _same_draw_for_every_sample(middle_shape, *, timesteps, cfg_drop_prob, noise_offset, generator, device):
+    """draw_training_noise with one (t, noise) for all samples and no cond drop: a batch's draws then do
+    not depend on how it is split into micro-batches."""
+    B, rest = middle_shape[0], middle_shape[1:]
+    noise = torch.randn(1, *rest, generator=torch.Generator().manual_seed(5)).expand(B, *rest).to(device)
+    return torch.full((B,), timesteps // 3, device=device), noise, torch.zeros(B, dtype=torch.bool, device=device)
+
+
+def test_grad_accumulation_equals_one_big_batch(shard_dir, tmp_path, monkeypatch):
+    """Two micro-batches of 2 give the loss, gradient norm and weights of one batch of 4: the loss is
+    divided by grad_accum_steps, so the summed gradients are those of the mean over 4 clips. The same
+    4 clips feed both (no shuffle buffer), with the same noise (patched draws)."""
+    from evdm.train import train
+
+    monkeypatch.setattr("evdm.train.loop.draw_training_noise", _same_draw_for_every_sample)
+    common = {"train.max_steps": 2, "train.log_every": 1, "train.val_every": 100, "train.preview_every": 100,
+              "train.lr_schedule": '"constant"', "data.shuffle_buffer": 0}
+    big = train(load_tiny(shard_dir, tmp_path / "big", **common, **{"train.batch_size": 4}))
+    accum = train(load_tiny(shard_dir, tmp_path / "accum", **common,
+                            **{"train.batch_size": 2, "train.grad_accum_steps": 2}))
+    logs = [read_metrics(out / "metrics.jsonl") for out in (big, accum)]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in logs[0]] == pytest.approx([r[key] for r in logs[1]], rel=1e-5), key
+    a, b = (torch.load(out / "last.pt", weights_only=True)["model"] for out in (big, accum))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fp16_trains_with_a_grad_scaler_that_resumes(shard_dir, tmp_path):
+    """train.precision = "fp16": autocast fp16 (CPU autocast supports it) with a GradScaler, whose state is
+    saved and restored: 2 + 1 resumed steps without an overflow leave its growth tracker at 3, not 1."""
+    from evdm.train import train
+
+    fp16 = {"train.precision": '"fp16"', "train.max_steps": 2, "train.log_every": 1, "train.preview_every": 100}
+    out = train(load_tiny(shard_dir, tmp_path / "run", **fp16))
+    scaler = torch.load(out / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 2
+    train(load_tiny(shard_dir, tmp_path / "run", **{**fp16, "train.max_steps": 3}), resume=True)
+    assert torch.load(out / "last.pt", weights_only=True)["scaler"]["_growth_tracker"] == 3
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(out / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_torch_compile_inside_train(shard_dir, tmp_path):
+    """train.compile = "on" on a CPU: the training forward and backward run compiled (fullgraph, one
+    process); checkpoints hold the plain module's keys."""
+    from evdm.train import train
+
+    out = train(load_tiny(shard_dir, tmp_path / "run", **{
+        "train.compile": '"on"', "train.max_steps": 2, "train.log_every": 1, "train.val_every": 100,
+        "train.preview_every": 100, "model.base_channels": 4, "model.attn_head_channels": 4, "train.ema": "false"}))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_tensorboard_logs_the_metrics_and_previews(shard_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from evdm.train import train
+
+    out = train(load_tiny(shard_dir, tmp_path / "run", **{"train.tensorboard": "true", "train.preview_every": 4}))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    records = read_metrics(out / "metrics.jsonl")
+    numbers = {k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    assert {"loss", "val_loss", "lr", "grad_norm", "samples_per_s", "tflops", "data_wait"} <= numbers
+    assert set(events.Tags()["scalars"]) == numbers
+    for key in numbers:
+        logged = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == logged, key
+    assert [e.step for e in events.Images("preview")] == [4, 6]
+
+
+def test_tensorboard_missing_is_one_line(shard_dir, tmp_path, monkeypatch):
+    from evdm.train import train
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails as if not installed
+    with pytest.raises(ConfigError, match=r"train.tensorboard = true needs the tensorboard package: pip install"):
+        train(load_tiny(shard_dir, tmp_path / "run", **{"train.tensorboard": "true"}))
+    assert not (tmp_path / "run").exists()
