@@ -176,9 +176,14 @@ def make_fed_shards(shard_dir: Path, *, T: int, size: int, val_clips: int, train
 
 def trainer_variant(cfg, device_name: str) -> str:
     """The VARIANTS name of what train() applies for `cfg` on this device, or its parts joined by '+'."""
-    tc, cuda = cfg.train, device_name.startswith("cuda")
-    opts = dict(channels_last=tc.channels_last, compile=tc.compile and (cuda or tc.compile_on_cpu),
-                bf16=tc.amp and tc.amp_dtype == "bf16" and (cuda or tc.amp_on_cpu))
+    import torch
+
+    from evdm.pipeline import wants_compile
+    from evdm.train.loop import train_dtype
+
+    tc, device = cfg.train, torch.device(device_name)
+    opts = dict(channels_last=tc.channels_last, compile=wants_compile(tc.compile, device),
+                bf16=train_dtype(tc, device) == torch.bfloat16)
     named = [name for name, v in VARIANTS.items() if v == opts]
     return named[0] if named else "+".join(k for k, on in opts.items() if on) or "eager"
 
@@ -200,7 +205,7 @@ def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work:
         "data.num_workers": workers, "train.out_dir": f'"{out_dir}"', "train.device": f'"{device_name}"',
         "data.val_clips": val_clips or batch, "train.batch_size": batch, "train.max_steps": max_steps,
         "train.log_every": log_every, "train.val_every": max_steps, "train.preview_every": never,
-        "train.ckpt_every": never, "train.snapshot_every": never, "train.compile": str(allow_compile).lower(),
+        "train.ckpt_every": never, "train.snapshot_every": never, "train.compile": '"auto"' if allow_compile else '"off"',
         **(extra or {}),
     }
     cfg = load_config(config, [f"{k}={v}" for k, v in overrides.items()])

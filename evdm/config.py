@@ -79,11 +79,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    amp: bool = True  # used on CUDA; on CPU only when amp_on_cpu
-    amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 uses a GradScaler)
-    amp_on_cpu: bool = False
-    compile: bool = True  # applied on CUDA; on CPU only when compile_on_cpu
-    compile_on_cpu: bool = False
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp16 (with a GradScaler) | fp32
+    compile: str = "auto"  # auto (torch.compile on CUDA) | on | off
     channels_last: bool = True
     ema: bool = True
     ema_decay: float = 0.9999
@@ -96,6 +93,7 @@ class TrainConfig:
     preview_clips: int = 4
     preview_steps: int = 20
     peak_tflops: float = 0.0  # per-GPU bf16 dense peak for the mfu column; 0: known GPUs by name (train/mfu.py)
+    tensorboard: bool = False  # also log metrics and preview strips to out_dir/tensorboard/ (pip install tensorboard)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +139,8 @@ _CHOICES = {
     ("diffusion", "prediction"): ("eps", "v", "x0"),
     ("diffusion", "residual"): ("none", "blend"),
     ("train", "lr_schedule"): ("cosine", "constant"),
-    ("train", "amp_dtype"): ("bf16", "fp16"),
+    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("train", "compile"): ("auto", "on", "off"),
     ("sample", "sampler"): ("ddim", "ddpm"),
     ("sample", "precision"): ("auto", "bf16", "fp32"),
     ("sample", "compile"): ("auto", "on", "off"),
@@ -151,6 +150,16 @@ _CHOICES = {
 # configs stored in old checkpoints (they changed no weights).
 RETIRED_KEYS = {
     ("train", "vis_every"): "train.preview_every (a step count)",
+    ("train", "amp"): 'train.precision = "auto" | "bf16" | "fp16" | "fp32"',
+    ("train", "amp_dtype"): 'train.precision = "auto" | "bf16" | "fp16" | "fp32"',
+    ("train", "amp_on_cpu"): 'train.precision = "bf16" (auto is fp32 on CPU)',
+    ("train", "compile_on_cpu"): 'train.compile = "on" (auto compiles on CUDA only)',
+}
+# Keys that kept their name but changed type: an old value (a checkpoint's stored config) maps to the
+# new one; in a config file it is refused naming the new values. train.compile was a bool meaning
+# "compile on CUDA", which is "auto" now.
+RETYPED_KEYS = {
+    ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),
 }
 
 
@@ -289,6 +298,12 @@ def from_dict(raw: dict, source: str = "<dict>", *, drop_retired: bool = False) 
                 if drop_retired:
                     continue
                 raise ConfigError(f"{source}: {name}.{key} is gone; use {RETIRED_KEYS[name, key]}")
+            if (name, key) in RETYPED_KEYS and isinstance(v, bool):
+                old_to_new, values = RETYPED_KEYS[name, key]
+                if not drop_retired:
+                    raise ConfigError(f"{source}: {name}.{key} is now one of {values}, not a bool; "
+                                      f"{v!r} was {old_to_new[v]!r}")
+                v = old_to_new[v]
             if key not in field_types:
                 raise ConfigError(
                     f"{source}: unknown key {name}.{key} (known: {', '.join(field_types)})"

@@ -1,5 +1,6 @@
 """Config: TOML -> dataclass -> dict round trips, overrides, and errors that name the key and file."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,30 @@ def test_a_config_path_that_is_not_a_readable_toml_file_is_one_line(tmp_path):
     binary.write_bytes(b"\x80\x02\xff\xfe")
     with pytest.raises(ConfigError, match=f"{binary}: not a text"):
         load_config(binary)
+
+
+@pytest.mark.parametrize("key, value, replacement", [
+    ("amp", "true", "train.precision"), ("amp_dtype", '"fp16"', "train.precision"),
+    ("amp_on_cpu", "true", 'train.precision = "bf16"'), ("compile_on_cpu", "true", 'train.compile = "on"'),
+    ("vis_every", "5", "train.preview_every"),
+])
+def test_retired_train_keys_name_their_replacement(tmp_path, key, value, replacement):
+    path = tmp_path / "old.toml"
+    path.write_text(f"[train]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"old.toml: train.{key} is gone; use {replacement}")):
+        load_config(path)
+
+
+def test_a_bool_compile_is_refused_in_a_file_and_mapped_in_a_stored_config(tmp_path):
+    """train.compile was a bool ("compile on CUDA"); checkpoints of that time store it so."""
+    path = tmp_path / "old.toml"
+    path.write_text("[train]\ncompile = true\n")
+    with pytest.raises(ConfigError, match=re.escape('train.compile is now one of "auto" | "on" | "off", not a bool; True was \'auto\'')):
+        load_config(path)
+    stored = to_dict(RunConfig())
+    stored["train"].update(amp=True, amp_dtype="fp16", amp_on_cpu=False, compile=True, compile_on_cpu=False)
+    del stored["train"]["precision"]
+    assert from_dict(stored, drop_retired=True).train == RunConfig().train  # precision and compile "auto"
+    stored["train"]["compile"] = False
+    assert from_dict(stored, drop_retired=True).train.compile == "off"
+    assert load_config(None, ["train.precision=fp16", "train.compile=off"]).train.precision == "fp16"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_tiny, make_train_shards
 from evdm.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict
 from evdm.models import build_model, count_parameters
 
@@ -60,14 +61,11 @@ def _png(path: Path, frame: np.ndarray) -> str:
 @pytest.mark.slow
 def test_one_plus_five_plus_two_trains_samples_and_evaluates_with_exact_context(tmp_path, capsys):
     """MCVD's setup end to end: train (train.py), sample from images and from shards (sample.py), evaluate."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_train import load_tiny, make_shards  # noqa: E402  (the training tests' tiny shards)
-
     from evdm.train import train
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    make_shards(shards)
+    make_train_shards(shards)
     out = train(load_tiny(shards, tmp_path / "run", **{"data.context_start": 1, "data.context_end": 2}))
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert (ckpt["config"]["data"]["context_start"], ckpt["config"]["data"]["context_end"]) == (1, 2)

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_clips, write_shards
 from evdm import data
 from evdm.config import ConfigError, from_dict
-from evdm.schema import encode_sample
-from preprocess.writer import write_shard
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali is not importable (pip install 'evdm[dali]')")
@@ -28,11 +27,8 @@ SHARDS, PER_SHARD = 3, 5  # 15 clips: batches of 4 straddle shard and epoch boun
 def shard_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("dali_shards")
     rng = np.random.default_rng(0)
-    for split, n in (("train", SHARDS), ("val", 1)):
-        for s in range(n):
-            samples = [encode_sample(f"{split}{s}_{i}", rng.integers(0, 256, (T, SIZE, SIZE, 3), dtype=np.uint8), {})
-                       for i in range(PER_SHARD)]
-            write_shard(d / f"{split}-{s:06d}.tar", samples)
+    write_shards(d, {split: [random_clips(rng, PER_SHARD, (T, SIZE, SIZE, 3)) for _ in range(n)]
+                     for split, n in (("train", SHARDS), ("val", 1))}, manifest=False)
     return d
 
 

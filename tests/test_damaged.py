@@ -10,31 +10,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import clip_bytes, random_clips, take, write_shards
 from evdm import data
 from evdm.config import ConfigError, from_dict
 from evdm.schema import encode_sample
-from preprocess.writer import split_entries, write_manifest, write_shard
-from tests.test_data import C, CLIPS_PER_SHARD, SIZE, T, clip_bytes, make_clips, take
+from preprocess.writer import write_shard
+
+T, SIZE, C = 6, 16, 3
+CLIPS_PER_SHARD = 4
 
 SHARDS = 4
 BAD = "train-000001.tar"
 
 
 def write_dataset(d: Path, seed: int = 0) -> dict[bytes, str]:
-    """SHARDS train shards and one val shard of random clips, with manifest.json; returns {clip bytes: shard name}."""
+    """SHARDS train shards and one val shard of random clips, with manifest.json; returns {train clip bytes: shard name}."""
     rng = np.random.default_rng(seed)
-    owner, records = {}, []
-    for split, n in (("train", SHARDS), ("val", 1)):
-        for s in range(n):
-            name = f"{split}-{s:06d}.tar"
-            clips = make_clips(rng, CLIPS_PER_SHARD)
-            _, sha = write_shard(d / name, [encode_sample(f"{split}{s}_{i}", c, {}) for i, c in enumerate(clips)])
-            records.append({"name": name, "split": split, "videos": 1, "clips": len(clips), "sha256": sha})
-            if split == "train":
-                owner.update({c.tobytes(): name for c in clips})
-    write_manifest(d, options={"frame_stride": 1}, clip_shape=(T, SIZE, SIZE, C), splits=split_entries(records),
-                   skipped=[])
-    return owner
+    owner = write_shards(d, {split: [random_clips(rng, CLIPS_PER_SHARD, (T, SIZE, SIZE, C)) for _ in range(n)]
+                             for split, n in (("train", SHARDS), ("val", 1))})
+    return {clip: name for clip, name in owner.items() if name.startswith("train")}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,7 @@ def cut_at_member_boundary(path: Path) -> None:
 
 
 def wrong_size_member(path: Path) -> None:
-    clips = make_clips(np.random.default_rng(9), 2) + make_clips(np.random.default_rng(9), 1, (T - 1, SIZE, SIZE, C))
+    clips = random_clips(np.random.default_rng(9), 2, (T, SIZE, SIZE, C)) + random_clips(np.random.default_rng(9), 1, (T - 1, SIZE, SIZE, C))
     write_shard(path, [encode_sample(f"w{i}", c, {}) for i, c in enumerate(clips)])
 
 
@@ -188,11 +182,11 @@ def test_manifest_without_sizes_checks_existence_only(shard_dir, capfd):
 
 def test_training_goes_on_past_a_damaged_shard_and_logs_the_count(tmp_path, capfd):
     from evdm.train import train
-    from tests.test_train import load_tiny, make_shards
+    from conftest import load_tiny, make_train_shards
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    make_shards(shards, n_train_shards=3, clips_per_shard=2)
+    make_train_shards(shards, train_shards=3, per_shard=2)
     cut(shards / BAD)
     out = train(load_tiny(shards, tmp_path / "run", **{"train.max_steps": 4, "train.log_every": 2,
                                                          "train.val_every": 100, "train.preview_every": 100,
@@ -205,14 +199,14 @@ def test_training_goes_on_past_a_damaged_shard_and_logs_the_count(tmp_path, capf
 
 
 def test_every_shard_unreadable_exits_2_with_one_line(tmp_path):
-    from tests.test_train import _set_args, make_shards, run_cli, tiny_overrides
+    from conftest import make_train_shards, run_cli, set_args, tiny_overrides
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    make_shards(shards, n_train_shards=2, clips_per_shard=2)
+    make_train_shards(shards, train_shards=2, per_shard=2)
     for p in shards.glob("train-*.tar"):
         p.write_text("not a tar\n" * 100)
-    proc = run_cli(["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shards, tmp_path / "run",
+    proc = run_cli(["train.py", "configs/smoke.toml", *set_args(tiny_overrides(shards, tmp_path / "run",
                                                                                 **{"data.num_workers": 2}))])
     assert proc.returncode == 2, proc.stderr[-2000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

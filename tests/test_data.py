@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import clip_bytes, random_clips, take, write_shards
 from evdm import data
 from evdm.config import ConfigError, from_dict
 from evdm.schema import encode_clip, encode_sample
@@ -21,19 +22,10 @@ CLIPS_PER_SHARD = 4
 TRAIN_SHARDS = 8
 
 
-def make_clips(rng: np.random.Generator, n: int, shape=(T, SIZE, SIZE, C)) -> list[np.ndarray]:
-    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
-
-
 def write_split(shard_dir: Path, split: str, shards: int, rng: np.random.Generator, shape=(T, SIZE, SIZE, C)):
-    """Write `shards` shards of CLIPS_PER_SHARD random clips; return {clip bytes: shard name}."""
-    owner = {}
-    for s in range(shards):
-        name = f"{split}-{s:06d}.tar"
-        clips = make_clips(rng, CLIPS_PER_SHARD, shape)
-        write_shard(shard_dir / name, [encode_sample(f"{split}{s}_{i}", c, {"i": i}) for i, c in enumerate(clips)])
-        owner.update({c.tobytes(): name for c in clips})
-    return owner
+    """Write `shards` shards of CLIPS_PER_SHARD random clips (no manifest); return {clip bytes: shard name}."""
+    return write_shards(shard_dir, {split: [random_clips(rng, CLIPS_PER_SHARD, shape) for _ in range(shards)]},
+                        manifest=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +44,6 @@ def cfg_for(shard_dir: Path, **data_overrides):
         "train": {"batch_size": 4},
     }
     return from_dict(raw)
-
-
-def clip_bytes(batch: torch.Tensor) -> list[bytes]:
-    """[B, C, T, H, W] -> per-sample bytes in the shards' [T, H, W, C] layout."""
-    return [b.permute(1, 2, 3, 0).contiguous().numpy().tobytes() for b in batch]
-
-
-def take(loader, n: int) -> list[torch.Tensor]:
-    it = iter(loader)
-    return [next(it) for _ in range(n)]
 
 
 # ---- shard lists ------------------------------------------------------------------------------
@@ -166,7 +148,7 @@ def _raw(d: Path) -> dict:
 
 def test_pipe_urls_and_tar_name_formats(tmp_path):
     """pipe: URLs stream through gopen; long keys in GNU and PAX tars parse like ustar ones."""
-    clips = make_clips(np.random.default_rng(3), 2)
+    clips = random_clips(np.random.default_rng(3), 2, (T, SIZE, SIZE, C))
     keys = ["k" * 150 + "_0", "dir/sub/short_1"]
     for fmt, name in ((tarfile.GNU_FORMAT, "gnu.tar"), (tarfile.PAX_FORMAT, "pax.tar")):
         with tarfile.open(tmp_path / name, "w", format=fmt) as tar:
@@ -183,7 +165,7 @@ def test_pipe_urls_and_tar_name_formats(tmp_path):
 
 
 def test_corrupt_shards_are_errors_naming_the_file(tmp_path):
-    clip = make_clips(np.random.default_rng(7), 1)[0]
+    clip = random_clips(np.random.default_rng(7), 1, (T, SIZE, SIZE, C))[0]
     write_shard(tmp_path / "good.tar", [encode_sample("k", clip, {})])
     whole = (tmp_path / "good.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(whole[:2048])

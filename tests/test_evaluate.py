@@ -11,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import K, SIZE, T, make_checkpoint, write_shards, write_square_shards
 from evdm import evaluate as ev
-from evdm.schema import encode_sample, make_key
-from preprocess.writer import write_shard
-from test_sampling import K, SIZE, T, make_checkpoint, write_clip_shards  # pytest puts tests/ on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    return make_checkpoint(d / "last.pt", train_steps=2), write_clip_shards(d / "shards", shards=2, per_shard=3)
+    shards = write_square_shards(d / "shards", T=T, size=SIZE, train_shards=0, val_shards=2, per_shard=3, seed=1,
+                                 manifest=False)
+    return make_checkpoint(d / "last.pt", train_steps=2), shards
 
 
 def test_evaluate_end_to_end_writes_every_row(setup, tmp_path):
@@ -84,13 +84,12 @@ def test_linear_middle_makes_the_blend_baseline_win(tmp_path, setup):
     ckpt, _ = setup
     rng = np.random.default_rng(3)
     w = np.array([(j - (K - 1)) / ((T - K) - (K - 1)) for j in range(K, T - K)])
-    samples = []
+    clips = []
     for i in range(3):
         clip = rng.integers(0, 256, (T, SIZE, SIZE, 3)).astype(np.float64)
         clip[K : T - K] = (1 - w)[:, None, None, None] * clip[K - 1] + w[:, None, None, None] * clip[T - K]
-        samples.append(encode_sample(make_key("lin.mp4", i), np.round(clip).astype(np.uint8), {}))
-    (tmp_path / "s").mkdir()
-    write_shard(tmp_path / "s" / "val-000000.tar", samples)
+        clips.append(np.round(clip).astype(np.uint8))
+    write_shards(tmp_path / "s", {"val": [clips]}, manifest=False)
     result = ev.evaluate(ckpt, str(tmp_path / "s" / "val-*.tar"), num=3, batch_size=2, steps_list=[2],
                          guidance_scale=1.0, device="cpu", seed=0, best_of=1, progress=False)
     rows = {r["method"]: r for r in result["rows"]}

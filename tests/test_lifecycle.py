@@ -1,7 +1,7 @@
 """A run's lifecycle with real signals to real processes: preemption at any moment, out_dir protection.
 
 Signals go to the whole process group (os.killpg), as Slurm, Kubernetes and `docker stop` send them,
-so DataLoader workers get them too. Runs use the tiny config of test_train.py; the tests wait for
+so DataLoader workers get them too. Runs use conftest's tiny config and shards; the tests wait for
 files (metrics.jsonl records, config.toml) rather than for fixed times.
 """
 
@@ -21,23 +21,16 @@ import torch
 
 from evdm.train.outdir import lock_out_dir
 from evdm.train.runlog import read_metrics
-from test_train import ROOT, _set_args, load_tiny, make_shards, run_cli, tiny_overrides
+from conftest import ROOT, load_tiny, run_cli, set_args, tiny_overrides
 
 QUICK = {"train.preview_every": 1000}  # no previews: sampling and MP4s cost more than these tests' steps
 LONG = {**QUICK, "train.max_steps": 100_000, "train.val_every": 100_000, "train.ckpt_every": 100_000,
         "train.snapshot_every": 100_000, "train.log_every": 1}
 
 
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("shards")
-    make_shards(path)
-    return path
-
-
 def start(shard_dir: Path, out: Path, *extra_args: str, env: dict | None = None, **sets) -> subprocess.Popen:
     """train.py in a new process group (its own session, like a batch job); output to files beside out."""
-    args = _set_args(tiny_overrides(shard_dir, out, **{**LONG, **sets}))
+    args = set_args(tiny_overrides(shard_dir, out, **{**LONG, **sets}))
     logs = out.parent / f"{out.name}.{env['RANK'] if env else 0}"
     return subprocess.Popen(
         [sys.executable, "train.py", "configs/smoke.toml", *args, *extra_args], cwd=ROOT,
@@ -201,7 +194,7 @@ def test_out_dir_with_a_checkpoint_needs_resume_or_overwrite(shard_dir, tmp_path
     out = tmp_path / "run"
     train(load_tiny(shard_dir, out, **QUICK, **{"train.max_steps": 2, "train.snapshot_every": 2}))
     before = snapshot(out)
-    cli = ["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, out, **QUICK, **{"train.max_steps": 1}))]
+    cli = ["train.py", "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, out, **QUICK, **{"train.max_steps": 1}))]
 
     err = one_error_line(run_cli(cli))
     assert str(out) in err and "--resume" in err and "--overwrite" in err
@@ -222,7 +215,7 @@ def test_resume_into_a_different_model_changes_nothing(shard_dir, tmp_path):
     before = snapshot(out)
     changed = {"model.base_channels": 16, "diffusion.prediction": '"v"', "train.max_steps": 6}
     err = one_error_line(run_cli(["train.py", "configs/smoke.toml",
-                                  *_set_args(tiny_overrides(shard_dir, out, **changed)), "--resume"]))
+                                  *set_args(tiny_overrides(shard_dir, out, **changed)), "--resume"]))
     assert "model.base_channels (checkpoint 8, config 16)" in err
     assert "diffusion.prediction (checkpoint 'eps', config 'v')" in err
     assert snapshot(out) == before
@@ -240,7 +233,7 @@ def test_resume_from_weights_that_do_not_fit_is_one_line(shard_dir, tmp_path):
     torch.save(ckpt, out / "last.pt")
     before = snapshot(out)
     err = one_error_line(run_cli(["train.py", "configs/smoke.toml", "--resume",
-                                  *_set_args(tiny_overrides(shard_dir, out, **QUICK, **{"train.max_steps": 2}))]))
+                                  *set_args(tiny_overrides(shard_dir, out, **QUICK, **{"train.max_steps": 2}))]))
     assert "weights do not fit" in err and f"1 missing, 0 unexpected, 0 of another shape (first: {dropped})" in err
     assert snapshot(out) == before
 
@@ -249,7 +242,7 @@ def test_a_second_live_run_on_the_same_out_dir_is_refused(shard_dir, tmp_path):
     out = tmp_path / "run"
     first = start(shard_dir, out)
     wait_for(lambda: len(records(out)) >= 1, "the first run's first step")
-    err = one_error_line(run_cli(["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, out)),
+    err = one_error_line(run_cli(["train.py", "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, out)),
                                   "--resume"]))
     assert f"pid {first.pid} on host {socket.gethostname()}" in err and "in use" in err
     os.killpg(first.pid, signal.SIGTERM)
@@ -278,6 +271,6 @@ def test_a_config_path_that_is_a_folder_is_one_line():
 def test_an_out_dir_that_is_a_file_is_one_line(shard_dir, tmp_path):
     taken = tmp_path / "run"
     taken.write_text("not a folder")
-    err = one_error_line(run_cli(["train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, taken))]))
+    err = one_error_line(run_cli(["train.py", "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, taken))]))
     assert f"train.out_dir {taken} exists and is not a folder" in err
     assert taken.read_text() == "not a folder"

@@ -12,79 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import K, SIZE, T, make_checkpoint, tiny_config, write_square_shards
 from evdm import pipeline, sampling, visualize
 from evdm.data import to_model_input
-from evdm.checkpoint import make_payload, save_checkpoint
-from evdm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
-from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
-from evdm.models import build_model
-from evdm.schema import encode_sample, make_key
-from preprocess.writer import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE, T, K = 16, 6, 2
 SCALE = sampling.strip_scale(SIZE)  # PNG strip enlargement
-
-
-def tiny_config(color_mode: str = "rgb") -> RunConfig:
-    return RunConfig(
-        data=DataConfig(size=SIZE, T=T, endpoint_context=K, color_mode=color_mode),
-        model=ModelConfig(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,),
-                          attn_head_channels=8),
-        diffusion=DiffusionConfig(timesteps=50),
-        sample=SampleConfig(steps=3, guidance_scale=1.5),
-    )
-
-
-def moving_square(rng: np.random.Generator, channels: int = 3) -> np.ndarray:
-    """uint8 [T, SIZE, SIZE, C]: a square moving at constant speed over a noisy background."""
-    clip = rng.integers(0, 60, (T, SIZE, SIZE, channels), dtype=np.uint8)
-    x0, dx = int(rng.integers(0, 6)), int(rng.integers(1, 2))
-    for t in range(T):
-        clip[t, 5:10, x0 + t * dx : x0 + t * dx + 5] = rng.integers(150, 256, channels, dtype=np.uint8)
-    return clip
-
-
-def make_checkpoint(path: Path, color_mode: str = "rgb", train_steps: int = 3) -> Path:
-    """A tiny model trained for a few steps on moving squares, saved with evdm.checkpoint (EMA = raw copy)."""
-    torch.manual_seed(0)
-    cfg = tiny_config(color_mode)
-    model = build_model(cfg)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(train_steps):
-        u8 = np.stack([moving_square(rng, cfg.channels) for _ in range(4)])
-        x = torch.from_numpy(u8).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        t, noise, drop = draw_training_noise((4, cfg.channels, T - 2 * K, SIZE, SIZE), timesteps=50,
-                                             cfg_drop_prob=0.2, noise_offset=0.0, generator=gen, device="cpu")
-        loss, _ = diffusion_loss(model, schedule, x, t, noise, drop, K=K)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_checkpoint(path, make_payload(step=train_steps, cfg=cfg, model=model, ema=model))
-    return path
-
-
-def write_clip_shards(shard_dir: Path, shards: int = 2, per_shard: int = 3, channels: int = 3) -> str:
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for s in range(shards):
-        samples = [encode_sample(make_key(f"vid{s}/clip.mp4", i), moving_square(rng, channels), {"split": "val"})
-                   for i in range(per_shard)]
-        write_shard(shard_dir / f"val-{s:06d}.tar", samples)
-    return str(shard_dir / "val-*.tar")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_clip_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +76,10 @@ def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_p
         assert np.array_equal(np.load(tmp_path / f"{r['name']}.npy"), r["sample"])
 
 
-def test_sampler_output_round_trips_the_context_bytes(ckpt, shards):
+def test_sampler_output_round_trips_the_context_bytes(ckpt, val_shards):
     """Without sample_batch's final paste, float sampling + rounding already reproduces the input bytes."""
     model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
-    clips = np.stack([c for _, c in sampling.iter_shard_clips(shards, cfg, 3)])
+    clips = np.stack([c for _, c in sampling.iter_shard_clips(val_shards, cfg, 3)])
     x = to_model_input(torch.from_numpy(clips).permute(0, 4, 1, 2, 3), "cpu", channels_last=False)
     u8 = pipeline.to_uint8(pipeline.fill_middle(model, schedule, cfg, x[:, :, :K], x[:, :, T - K :], steps=2,
                                                 eta=0.0, guidance_scale=1.8, generator=torch.Generator().manual_seed(0)))
@@ -182,11 +115,11 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
 # ---- shards -----------------------------------------------------------------------------------
 
 
-def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, shards, tmp_path):
+def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, val_shards, tmp_path):
     model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
-    jobs = sampling.shard_jobs(shards, cfg, num=4)
+    jobs = sampling.shard_jobs(val_shards, cfg, num=4)
     results = sampling.run(jobs, 4, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=3), tmp_path)
-    truths = [c for _, c in sampling.iter_shard_clips(shards, cfg, 4)]
+    truths = [c for _, c in sampling.iter_shard_clips(val_shards, cfg, 4)]
     assert len(results) == 4
     for r, truth in zip(results, truths):
         assert np.array_equal(r["truth"], truth)
@@ -197,10 +130,10 @@ def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, shards, tmp_p
         assert (tmp_path / f"{r['name']}_truth.mp4").is_file() and (tmp_path / f"{r['name']}_truth.png").is_file()
 
 
-def test_shard_clips_stream_lazily(ckpt, shards, tmp_path):
+def test_shard_clips_stream_lazily(ckpt, val_shards, tmp_path):
     """Reading stops after `num` clips: a broken later shard is never opened."""
     cfg = tiny_config()
-    d = Path(shards).parent
+    d = Path(val_shards).parent
     (tmp_path / "val-000000.tar").write_bytes((d / "val-000000.tar").read_bytes())
     (tmp_path / "val-000001.tar").write_bytes(b"garbage" * 100)
     pattern = str(tmp_path / "val-*.tar")
@@ -209,8 +142,8 @@ def test_shard_clips_stream_lazily(ckpt, shards, tmp_path):
         list(sampling.iter_shard_clips(pattern, cfg, 5))
 
 
-def test_sample_py_from_shards_in_process(ckpt, shards, tmp_path, capsys):
-    rc, err = run_main(["--ckpt", ckpt, "--shards", shards, "--num", 2, "--batch_size", 2, "--steps", 2,
+def test_sample_py_from_shards_in_process(ckpt, val_shards, tmp_path, capsys):
+    rc, err = run_main(["--ckpt", ckpt, "--shards", val_shards, "--num", 2, "--batch_size", 2, "--steps", 2,
                         "--out_dir", tmp_path, "--device", "cpu"], capsys)
     assert rc == 0, err
     assert len(list(tmp_path.glob("*_compare.png"))) == 2
@@ -252,7 +185,8 @@ def test_checkpoint_of_another_color_mode(ckpt, images, tmp_path, capsys):
     rc, err = run_main(["--ckpt", ckpt, "--color_mode", "gray", "--start_images", *images[:2],
                         "--end_images", *images[2:], "--out_dir", tmp_path, "--device", "cpu"], capsys)
     assert rc == 2 and str(ckpt) in err and "'rgb'" in err and "'gray'" in err
-    gray_shards = write_clip_shards(tmp_path / "gray", shards=1, per_shard=2, channels=1)
+    gray_shards = write_square_shards(tmp_path / "gray", T=T, size=SIZE, train_shards=0, val_shards=1, per_shard=2,
+                                      channels=1, manifest=False)
     rc, err = run_main(["--ckpt", ckpt, "--shards", gray_shards, "--num", 2, "--out_dir", tmp_path / "o",
                         "--device", "cpu"], capsys)
     assert rc == 2 and "val-000000.tar" in err and "'gray'" in err and "'rgb'" in err and err.count("\n") == 1

@@ -1,86 +1,20 @@
 """End-to-end training runs on tiny shards made here: artifacts, resume equivalence, errors, DDP (gloo)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, TRAIN_SIZE, TRAIN_T, load_tiny, make_train_shards, run_cli, set_args, tiny_overrides
 from evdm.config import ConfigError, load_config
-from evdm.schema import encode_sample, make_key
-from preprocess.writer import write_manifest, write_shard
+from evdm.train.runlog import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
-SIZE, T = 16, 8
-
-
-def moving_square_clip(rng: np.random.Generator) -> np.ndarray:
-    """uint8 [T, H, W, 3]: a coloured square moving at constant speed over a grey floor."""
-    clip = np.full((T, SIZE, SIZE, 3), 60, np.uint8)
-    x, y = rng.integers(0, SIZE - 6, size=2)
-    dx, dy = rng.choice([-1, 1], size=2)
-    color = rng.integers(100, 255, size=3)
-    for f in range(T):
-        cx, cy = np.clip([x + dx * f, y + dy * f], 0, SIZE - 5)
-        clip[f, cy:cy + 5, cx:cx + 5] = color
-    return clip
-
-
-def make_shards(shard_dir: Path, n_train_shards: int = 4, clips_per_shard: int = 8, same_clip: bool = False) -> None:
-    rng = np.random.default_rng(0)
-    fixed = moving_square_clip(rng)
-    splits = {}
-    for split, n_shards in (("train", n_train_shards), ("val", 1)):
-        shards = []
-        for i in range(n_shards):
-            samples = []
-            for j in range(clips_per_shard):
-                clip = fixed if same_clip else moving_square_clip(rng)
-                samples.append(encode_sample(make_key(f"{split}/v{i}", j), clip, {"split": split}))
-            name = f"{split}-{i:06d}.tar"
-            count, sha = write_shard(shard_dir / name, samples)
-            shards.append({"name": name, "clips": count, "sha256": sha})
-        splits[split] = {"videos": n_shards, "clips": n_shards * clips_per_shard, "shards": shards}
-    write_manifest(shard_dir, options={}, clip_shape=(T, SIZE, SIZE, 3), splits=splits, skipped=[])
-
-
-def tiny_overrides(shard_dir: Path, out_dir: Path, **extra) -> list[str]:
-    values = {
-        "data.train_shards": f'"{shard_dir}/train-*.tar"', "data.val_shards": f'"{shard_dir}/val-*.tar"',
-        "data.size": SIZE, "data.num_workers": 0, "data.val_clips": 4,
-        "model.base_channels": 8, "model.attn_head_channels": 8,
-        "train.out_dir": f'"{out_dir}"', "train.batch_size": 2, "train.max_steps": 6, "train.log_every": 2,
-        "train.val_every": 3, "train.ckpt_every": 3, "train.snapshot_every": 6, "train.preview_clips": 2,
-        "train.preview_steps": 2, "train.lr_warmup_steps": 2, "train.ema_decay": 0.9,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def load_tiny(shard_dir, out_dir, **extra):
-    return load_config(ROOT / "configs" / "smoke.toml", tiny_overrides(shard_dir, out_dir, **extra))
-
-
-def run_cli(args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
-
-
-def _set_args(overrides):
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("shards")
-    make_shards(path)
-    return path
+T, SIZE = TRAIN_T, TRAIN_SIZE
 
 
 def test_smoke_trains_end_to_end_and_writes_artifacts(shard_dir, tmp_path):
@@ -114,7 +48,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(data, "_CHUNK_BYTES", 3 * 2 * T * SIZE * SIZE * 3)
     shards = tmp_path / "shards"
     shards.mkdir()
-    make_shards(shards, n_train_shards=2, clips_per_shard=6)
+    make_train_shards(shards, train_shards=2, per_shard=6)
     # A constant LR after warm-up: a 5-step run's cosine would decay over 5 steps, not 10.
     common = {"train.max_steps": 10, "train.val_every": 100, "train.ckpt_every": 100, "train.snapshot_every": 100,
               "train.lr_schedule": '"constant"', "data.num_workers": workers, "data.shuffle_buffer": 5,
@@ -141,7 +75,7 @@ def test_resume_that_restarts_the_stream_would_differ(tmp_path):
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    make_shards(shards, n_train_shards=2, clips_per_shard=6)
+    make_train_shards(shards, train_shards=2, per_shard=6)
     common = {"train.max_steps": 6, "train.val_every": 100, "train.ckpt_every": 100, "train.snapshot_every": 100,
               "train.lr_schedule": '"constant"', "data.shuffle_buffer": 5}
     straight = train(load_tiny(shards, tmp_path / "a", **common))
@@ -157,7 +91,7 @@ def test_resume_that_restarts_the_stream_would_differ(tmp_path):
 
 
 def test_clip_shape_mismatch_is_a_clear_error(shard_dir, tmp_path):
-    args = _set_args(tiny_overrides(shard_dir, tmp_path / "x", **{"data.size": 32}))
+    args = set_args(tiny_overrides(shard_dir, tmp_path / "x", **{"data.size": 32}))
     proc = run_cli(["train.py", "configs/smoke.toml", *args])
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -173,7 +107,7 @@ def test_resume_without_checkpoint_is_a_clear_error(shard_dir, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shard_dir, tmp_path):
     out = tmp_path / "run"
-    args = _set_args(tiny_overrides(shard_dir, out, **{"train.max_steps": 100000, "train.val_every": 100000,
+    args = set_args(tiny_overrides(shard_dir, out, **{"train.max_steps": 100000, "train.val_every": 100000,
                                                        "train.log_every": 1, "train.ckpt_every": 100000}))
     proc = subprocess.Popen([sys.executable, "train.py", "configs/smoke.toml", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -191,7 +125,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shard_dir, tmp_path):
 def test_two_process_ddp_with_gloo(shard_dir, tmp_path):
     out = tmp_path / "ddp"
     proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    "train.py", "configs/smoke.toml", *_set_args(tiny_overrides(shard_dir, out))], timeout=240)
+                    "train.py", "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, out))], timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6]  # rank 0 alone writes logs
@@ -219,3 +153,97 @@ def test_previews_follow_preview_every_and_survive_a_missing_ffmpeg(shard_dir, t
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_0000004.png", "step_0000006.png"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] == pytest.approx(r["tflops"] / 2.0) for r in records)
+
+
+def _same_draw_for_every_sample(middle_shape, *, timesteps, cfg_drop_prob, noise_offset, generator, device):
+    """draw_training_noise with one (t, noise) for all samples and no cond drop: a batch's draws then do
+    not depend on how it is split into micro-batches."""
+    B, rest = middle_shape[0], middle_shape[1:]
+    noise = torch.randn(1, *rest, generator=torch.Generator().manual_seed(5)).expand(B, *rest).to(device)
+    return torch.full((B,), timesteps // 3, device=device), noise, torch.zeros(B, dtype=torch.bool, device=device)
+
+
+def test_grad_accumulation_equals_one_big_batch(shard_dir, tmp_path, monkeypatch):
+    """Two micro-batches of 2 give the loss, gradient norm and weights of one batch of 4: the loss is
+    divided by grad_accum_steps, so the summed gradients are those of the mean over 4 clips. The same
+    4 clips feed both (no shuffle buffer), with the same noise (patched draws)."""
+    from evdm.train import train
+
+    monkeypatch.setattr("evdm.train.loop.draw_training_noise", _same_draw_for_every_sample)
+    common = {"train.max_steps": 2, "train.log_every": 1, "train.val_every": 100, "train.preview_every": 100,
+              "train.lr_schedule": '"constant"', "data.shuffle_buffer": 0}
+    big = train(load_tiny(shard_dir, tmp_path / "big", **common, **{"train.batch_size": 4}))
+    accum = train(load_tiny(shard_dir, tmp_path / "accum", **common,
+                            **{"train.batch_size": 2, "train.grad_accum_steps": 2}))
+    logs = [read_metrics(out / "metrics.jsonl") for out in (big, accum)]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in logs[0]] == pytest.approx([r[key] for r in logs[1]], rel=1e-5), key
+    a, b = (torch.load(out / "last.pt", weights_only=True)["model"] for out in (big, accum))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fp16_trains_with_a_grad_scaler_that_resumes(shard_dir, tmp_path):
+    """train.precision = "fp16": autocast fp16 (CPU autocast supports it) with a GradScaler, whose state is
+    saved and restored: 2 + 1 resumed steps without an overflow leave its growth tracker at 3, not 1."""
+    from evdm.train import train
+
+    fp16 = {"train.precision": '"fp16"', "train.max_steps": 2, "train.log_every": 1, "train.preview_every": 100}
+    out = train(load_tiny(shard_dir, tmp_path / "run", **fp16))
+    scaler = torch.load(out / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 2
+    train(load_tiny(shard_dir, tmp_path / "run", **{**fp16, "train.max_steps": 3}), resume=True)
+    assert torch.load(out / "last.pt", weights_only=True)["scaler"]["_growth_tracker"] == 3
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(out / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_torch_compile_inside_train(shard_dir, tmp_path, monkeypatch):
+    """train.compile = "on" on a CPU: the training forward and backward run through torch.compile with
+    fullgraph=True (one process), so a graph break fails here; checkpoints hold the plain module's keys.
+
+    The aot_eager backend: Dynamo and AOTAutograd trace the real forward and backward, but Inductor's C++
+    build of them is skipped: it took over 300 s on a loaded 2-core machine (GPU runs cover Inductor)."""
+    from evdm.train import train
+
+    calls = []
+    real_compile = torch.compile
+
+    def traced(model, **kwargs):
+        calls.append(kwargs)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", traced)
+    out = train(load_tiny(shard_dir, tmp_path / "run", **{
+        "train.compile": '"on"', "train.max_steps": 2, "train.log_every": 1, "train.val_every": 100,
+        "train.preview_every": 100, "model.base_channels": 4, "model.attn_head_channels": 4, "train.ema": "false"}))
+    assert calls == [{"fullgraph": True}]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_tensorboard_logs_the_metrics_and_previews(shard_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from evdm.train import train
+
+    out = train(load_tiny(shard_dir, tmp_path / "run", **{"train.tensorboard": "true", "train.preview_every": 4}))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    records = read_metrics(out / "metrics.jsonl")
+    numbers = {k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    assert {"loss", "val_loss", "lr", "grad_norm", "samples_per_s", "tflops", "data_wait"} <= numbers
+    assert set(events.Tags()["scalars"]) == numbers
+    for key in numbers:
+        logged = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == logged, key
+    assert [e.step for e in events.Images("preview")] == [4, 6]
+
+
+def test_tensorboard_missing_is_one_line(shard_dir, tmp_path, monkeypatch):
+    from evdm.train import train
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails as if not installed
+    with pytest.raises(ConfigError, match=r"train.tensorboard = true needs the tensorboard package: pip install"):
+        train(load_tiny(shard_dir, tmp_path / "run", **{"train.tensorboard": "true"}))
+    assert not (tmp_path / "run").exists()

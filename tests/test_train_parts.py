@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 
 from evdm import checkpoint
@@ -104,7 +105,10 @@ def test_metrics_log_truncate_and_plot(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     png = tmp_path / "loss.png"
     plot_losses(read_metrics(path), png)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
+    with Image.open(png) as img:
+        assert img.size == (640, 360) and len(img.convert("RGB").getcolors(1 << 16)) > 10  # axes, text, curves
+    plot_losses([], png)  # no records yet: empty labelled axes, no error
 
 
 def test_dashboard_plain_lines_when_not_a_terminal():

@@ -27,6 +27,7 @@ MODEL_KEYS = (
 )
 # Written by a run; removed before a fresh run (--overwrite, or an old run that left no checkpoint).
 RUN_FILES = ("last.pt", "last.pt.tmp", "step_*.pt", "step_*.pt.tmp", "metrics.jsonl", "loss.png", "config.toml")
+RUN_FOLDERS = ("previews", "tensorboard")
 
 
 def check_folder(out_dir: Path) -> None:
@@ -86,11 +87,12 @@ def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | No
 
 
 def clear_run(out_dir: Path) -> None:
-    """Remove a previous run's checkpoints, metrics and previews (other files in out_dir stay)."""
+    """Remove a previous run's checkpoints, metrics, previews and TensorBoard logs (other files in out_dir stay)."""
     for pattern in RUN_FILES:
         for path in out_dir.glob(pattern):
             path.unlink()
-    shutil.rmtree(out_dir / "previews", ignore_errors=True)
+    for folder in RUN_FOLDERS:
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
 
 
 def _holder(lock_path: Path) -> str:

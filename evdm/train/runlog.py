@@ -1,14 +1,18 @@
-"""Run logs on disk: metrics.jsonl (one record per log step) and loss.png (train/val curves)."""
+"""Run logs on disk: metrics.jsonl (one record per log step), loss.png (train/val curves) and, when
+train.tensorboard is on, the same numbers and the preview strips as TensorBoard events."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
 from evdm.atomic import atomic_write
+from evdm.config import ConfigError
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
@@ -37,37 +41,63 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records)))
 
 
-def plot_losses(records: list[dict], path: str | Path, size: tuple[int, int] = (640, 360)) -> None:
-    """Train (blue) and val (orange) loss against step, log-scale y, written atomically as PNG."""
-    series = {
-        key: [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > 0]
-        for key in ("loss", "val_loss")
-    }
-    points = [p for s in series.values() for p in s]
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, w - 20, 20, h - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    if points:
-        x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-        y0, y1 = math.log10(min(p[1] for p in points)), math.log10(max(p[1] for p in points))
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-3)
+def plot_losses(records: list[dict], path: str | Path) -> None:
+    """Train and val loss against step on a log-scale y axis, with ticks, labels and a legend; written
+    atomically as PNG. Matplotlib's Agg canvas directly: no pyplot, so no GUI backend and no global state."""
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, label, style in (("loss", "train loss", "-"), ("val_loss", "val loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > 0]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), keep_extension=True)
 
-        def to_px(step: float, value: float) -> tuple[float, float]:
-            fx = (step - x0) / (x1 - x0)
-            fy = (math.log10(value) - y0) / (y1 - y0)
-            return left + fx * (right - left), bottom - fy * (bottom - top)
 
-        for key, color in (("loss", (31, 119, 180)), ("val_loss", (255, 127, 14))):
-            pts = [to_px(*p) for p in series[key]]
-            if len(pts) > 1:
-                draw.line(pts, fill=color, width=2)
-            for x, y in pts if key == "val_loss" else []:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((4, top), f"{10 ** y1:.3g}", fill="black")
-        draw.text((4, bottom - 10), f"{10 ** y0:.3g}", fill="black")
-        draw.text((left, bottom + 5), f"step {x0}", fill="black")
-        draw.text((right - 80, bottom + 5), f"step {x1}", fill="black")
-    draw.text((left + 10, h - 18), "train loss (blue), val loss (orange), log scale", fill="black")
-    atomic_write(path, img.save, keep_extension=True)  # PIL reads the format from the extension
+def check_tensorboard() -> None:
+    """ConfigError (one line, how to install) when train.tensorboard is on but tensorboard is missing."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (raises ImportError without the tensorboard package)
+    except ImportError:
+        raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard "
+                          "(or pip install -e '.[tensorboard]')") from None
+
+
+class Board:
+    """TensorBoard logs under `log_dir` (train.tensorboard): every number of a metrics.jsonl record as a
+    scalar of the same name, preview strips as images.
+
+    Use as a context manager; `enabled=False` (the default config, non-zero ranks) makes every call a no-op.
+    purge_step: a resumed run's first new step; events a crashed run logged from there on are hidden.
+    """
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def __enter__(self) -> "Board":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def scalars(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
