@@ -102,8 +102,7 @@ class SampleConfig:
     steps: int = 40
     eta: float = 0.0
     guidance_scale: float = 1.8
-    dynamic_threshold: bool = False
-    dynamic_threshold_percentile: float = 0.995
+    dynamic_threshold: float = 0.0  # Imagen's dynamic thresholding at this percentile (e.g. 0.995); 0: off
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
     compile: str = "auto"  # auto (torch.compile on CUDA) | on | off
 
@@ -154,12 +153,14 @@ RETIRED_KEYS = {
     ("train", "amp_dtype"): 'train.precision = "auto" | "bf16" | "fp16" | "fp32"',
     ("train", "amp_on_cpu"): 'train.precision = "bf16" (auto is fp32 on CPU)',
     ("train", "compile_on_cpu"): 'train.compile = "on" (auto compiles on CUDA only)',
+    ("sample", "dynamic_threshold_percentile"): "sample.dynamic_threshold (the percentile itself; 0 = off)",
 }
 # Keys that kept their name but changed type: an old value (a checkpoint's stored config) maps to the
 # new one; in a config file it is refused naming the new values. train.compile was a bool meaning
 # "compile on CUDA", which is "auto" now.
 RETYPED_KEYS = {
     ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),
+    ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),
 }
 
 
@@ -180,7 +181,7 @@ _RANGES = {
     "train.val_every": ">= 1", "train.preview_every": ">= 1", "train.ckpt_every": ">= 1",
     "train.snapshot_every": ">= 1", "train.preview_clips": ">= 1", "train.preview_steps": ">= 1", "train.peak_tflops": ">= 0",
     "sample.steps": ">= 1", "sample.eta": ">= 0", "sample.guidance_scale": ">= 0",
-    "sample.dynamic_threshold_percentile": "(0, 1]",
+    "sample.dynamic_threshold": "[0, 1]",
 }
 
 

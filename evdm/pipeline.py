@@ -125,6 +125,6 @@ def fill_middle(
         eta=sc.eta if eta is None else eta,
         guidance_scale=sc.guidance_scale if guidance_scale is None else guidance_scale,
         prediction=cfg.diffusion.prediction, residual=cfg.diffusion.residual, middle_frames=cfg.middle_frames,
-        dynamic_threshold=sc.dynamic_threshold_percentile if sc.dynamic_threshold else None, generator=generator,
+        dynamic_threshold=sc.dynamic_threshold, generator=generator,
     )
     return clip[:B]

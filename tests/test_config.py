@@ -25,7 +25,7 @@ def test_reference_defaults():
     assert d.model.temporal_attn_levels == (1, 2)
     assert (d.diffusion.cfg_drop_prob, d.diffusion.temporal_loss_weight, d.diffusion.noise_offset) == (0.08, 0.05, 0.0)
     assert (d.train.lr, d.sample.steps, d.sample.eta, d.sample.guidance_scale) == (1e-4, 40, 0.0, 1.8)
-    assert d.sample.dynamic_threshold is False
+    assert d.sample.dynamic_threshold == 0.0
     assert load_config(Path(__file__).parent.parent / "configs" / "bair.toml").model == d.model
 
 
@@ -80,8 +80,8 @@ OUT_OF_RANGE = [
     ("model.dropout=1.0", "model.dropout", "[0, 1)"),
     # [0, 1] and (0, 1]
     ("train.lr_min_ratio=1.5", "train.lr_min_ratio", "[0, 1]"),
-    ("sample.dynamic_threshold_percentile=0.0", "sample.dynamic_threshold_percentile", "(0, 1]"),
-    ("sample.dynamic_threshold_percentile=1.01", "sample.dynamic_threshold_percentile", "(0, 1]"),
+    ("sample.dynamic_threshold=-0.5", "sample.dynamic_threshold", "[0, 1]"),
+    ("sample.dynamic_threshold=1.01", "sample.dynamic_threshold", "[0, 1]"),
     # >= 0
     ("train.weight_decay=-1e-4", "train.weight_decay", ">= 0"),
     ("diffusion.noise_offset=-0.1", "diffusion.noise_offset", ">= 0"),
@@ -113,7 +113,7 @@ def test_out_of_range_values_name_key_range_and_file(tmp_path, override, key, al
 
 @pytest.mark.parametrize("override", [
     "train.ema_decay=0.0", "train.lr_min_ratio=1.0", "train.lr_min_ratio=0.0", "sample.guidance_scale=0.0",
-    "sample.dynamic_threshold_percentile=1.0", "data.num_workers=0", "train.adam_betas=[0.0, 0.999]",
+    "sample.dynamic_threshold=1.0", "data.num_workers=0", "train.adam_betas=[0.0, 0.999]",
 ])
 def test_range_edges_that_are_allowed(override):
     load_config(Path(__file__).parent.parent / "configs" / "smoke.toml", [override])
@@ -153,3 +153,16 @@ def test_a_bool_compile_is_refused_in_a_file_and_mapped_in_a_stored_config(tmp_p
     stored["train"]["compile"] = False
     assert from_dict(stored, drop_retired=True).train.compile == "off"
     assert load_config(None, ["train.precision=fp16", "train.compile=off"]).train.precision == "fp16"
+
+
+def test_dynamic_threshold_is_one_typed_key():
+    """One float (the percentile, 0 = off); an old bool is refused in a file and mapped in a stored config,
+    the old percentile key names its replacement."""
+    assert from_dict({"sample": {"dynamic_threshold": 0.99}}).sample.dynamic_threshold == 0.99
+    with pytest.raises(ConfigError, match="sample.dynamic_threshold is now one of a percentile"):
+        from_dict({"sample": {"dynamic_threshold": True}})
+    stored = from_dict({"sample": {"dynamic_threshold": True, "dynamic_threshold_percentile": 0.99}}, drop_retired=True)
+    assert stored.sample.dynamic_threshold == 0.995
+    assert from_dict({"sample": {"dynamic_threshold": False}}, drop_retired=True).sample.dynamic_threshold == 0.0
+    with pytest.raises(ConfigError, match="dynamic_threshold_percentile is gone; use sample.dynamic_threshold"):
+        from_dict({"sample": {"dynamic_threshold_percentile": 0.99}})

@@ -108,7 +108,7 @@ def sample_clip(
     eta: float = 0.0,
     guidance_scale: float = 1.8,
     prediction: str = "eps",
-    dynamic_threshold: float | None = None,
+    dynamic_threshold: float = 0.0,
     generator: torch.Generator | None = None,
     middle_frames: int | None = None,
     residual: str = "none",
@@ -117,7 +117,7 @@ def sample_clip(
 
     start_context [B, C, K_start, H, W], end_context [B, C, K_end, H, W] in [-1, 1]. sampler: "ddim" (eta = 0 is
     deterministic given `generator`) or "ddpm" (ancestral, over `steps` respaced timesteps;
-    steps = timesteps is the original chain). dynamic_threshold: None (off) or the percentile,
+    steps = timesteps is the original chain). dynamic_threshold: 0 (off) or the percentile,
     e.g. 0.995; when off, the predicted x0 is clipped to [-1, 1] at every step. middle_frames: M, read
     from `model.middle_frames` when None. residual: as trained ("blend": the chain runs over the
     middle minus the endpoints' linear blend, which is added back to every x0 estimate).
@@ -130,8 +130,6 @@ def sample_clip(
     if s_shape[:2] != e_shape[:2] or s_shape[3:] != e_shape[3:]:
         raise ValueError(f"start_context {tuple(s_shape)} and end_context {tuple(e_shape)} must agree in every "
                          f"dimension but the frame count")
-    if dynamic_threshold is True:  # a bare flag means Imagen's default percentile
-        dynamic_threshold = 0.995
     M = middle_frames if middle_frames is not None else _middle_frames(model)
     B, C, _, H, W = start_context.shape
     device = start_context.device
