@@ -34,3 +34,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def folder_problem(path: Path) -> str | None:
+    """Create `path` (and its parents) as a folder to write into; None when that worked, else what went
+    wrong, as words that follow the path in a one-line error ("X exists and is not a folder; ...")."""
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder; choose a folder path"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot be created as a folder ({err.strerror or err})"
+    return None

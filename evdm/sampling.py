@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evdm import visualize
+from evdm.atomic import folder_problem
 from evdm.config import RunConfig
 from evdm.data import expand_urls, iter_clips, to_model_input
 from evdm.diffusion import Schedule
@@ -221,12 +222,8 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], t
     Writes grid_{i:03d}.gif per batch. `total` is the number of jobs, for the progress bar.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SamplingError(f"--out_dir {out_dir} exists and is not a folder; choose a folder path")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SamplingError(f"--out_dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
+    if problem := folder_problem(out_dir):
+        raise SamplingError(f"--out_dir {out_dir} {problem}")
     sc, K = cfg.sample, cfg.context
     steps = sc.steps if settings.steps is None else settings.steps
     eta = sc.eta if settings.eta is None else settings.eta

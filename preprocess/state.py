@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evdm.atomic import TMP_SUFFIX
+from evdm.atomic import TMP_SUFFIX, folder_problem
 from evdm.schema import MANIFEST_NAME
 from preprocess.options import UserError
 from preprocess.writer import SPLITS, sha256_file, write_json_atomic
@@ -31,12 +31,8 @@ def is_ours(path: Path) -> bool:
 
 def open_state(shard_dir: Path, identity: dict, *, overwrite: bool) -> dict:
     """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh)."""
-    if shard_dir.exists() and not shard_dir.is_dir():
-        raise UserError(f"SHARD_DIR {shard_dir} exists and is not a folder; choose a folder path")
-    try:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"SHARD_DIR {shard_dir}: cannot create the folder ({err.strerror or err})") from None
+    if problem := folder_problem(shard_dir):
+        raise UserError(f"SHARD_DIR {shard_dir} {problem}")
     for tmp in shard_dir.glob("*" + TMP_SUFFIX):  # left by a crash: never complete
         if is_ours(tmp):
             tmp.unlink()

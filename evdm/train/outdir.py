@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from evdm.atomic import folder_problem
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint
 from evdm.config import ConfigError, RunConfig, to_dict
 
@@ -108,12 +109,9 @@ def lock_out_dir(out_dir: Path) -> Iterator[None]:
     says "pid N on host H" only to name the holder, and is removed on the way out (with out_dir itself
     when this call created it and nothing else was written, so a refused command leaves no trace).
     """
-    check_folder(out_dir)
     created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"train.out_dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
+    if problem := folder_problem(out_dir):
+        raise ConfigError(f"train.out_dir {out_dir} {problem}")
     lock_path = out_dir / LOCK_NAME
     fd = _acquire(lock_path, out_dir)
     try:
