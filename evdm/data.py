@@ -234,16 +234,19 @@ def _batches_from_ring(
     """Batches out of the workers' tickets; `drop`: leading batches a resume has already trained on."""
     with stop_signals_blocked():  # the workers fork here (see evdm.preemption)
         tickets = iter(loader)
-    for ticket in tickets:
-        if isinstance(ticket, str):
-            raise ConfigError(ticket)
-        worker, first, count, skipped[worker] = ticket
-        for i in range(count):
-            if drop:
-                ring.drop(worker, (first + i) % ring.slots)
-                drop -= 1
-            else:
-                yield ring.take(worker, (first + i) % ring.slots, pool)
+    try:
+        for ticket in tickets:
+            if isinstance(ticket, str):
+                raise ConfigError(ticket)
+            worker, first, count, skipped[worker] = ticket
+            for i in range(count):
+                if drop:
+                    ring.drop(worker, (first + i) % ring.slots)
+                    drop -= 1
+                else:
+                    yield ring.take(worker, (first + i) % ring.slots, pool)
+    finally:  # closed or dropped: free the workers waiting on a full ring, so the loader can shut down
+        ring.close()
 
 
 def load_val_clips(cfg: RunConfig) -> torch.Tensor:

@@ -10,7 +10,9 @@ train.py can install the handlers before the slow torch import.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
 import os
 import signal
 import threading
@@ -95,13 +97,30 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def kill_workers_at_exit() -> None:
+    """SIGKILL the daemonic children (DataLoader workers) still alive when the process exits.
+
+    Workers ignore SIGTERM (ignore_stop_signals), and multiprocessing's own exit hook terminates
+    daemonic children with SIGTERM and then joins them with no timeout: one worker of a loader that
+    was never shut down (still referenced at exit, or blocked on a full batch ring) would keep the
+    process from ever exiting. Registered after multiprocessing's hook, so it runs first (atexit is
+    last in, first out). DataLoader's SIGCHLD handler goes first: it would report the kill as a failure.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while DataLoader workers fork.
+    """Hold SIGINT/SIGTERM back while DataLoader workers fork (and see that they die at exit).
 
     A worker inherits the blocked mask, so a signal sent between its fork and its worker_init_fn
     cannot kill it; the main process gets any held signal when the block ends.
     """
+    atexit.unregister(kill_workers_at_exit)  # registered once, and after multiprocessing's hook
+    atexit.register(kill_workers_at_exit)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

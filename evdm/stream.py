@@ -128,14 +128,21 @@ class BatchRing:
         self.slots = (prefetch + 1) * self.chunk
         self.data = torch.zeros((num_workers, self.slots, *batch_shape), dtype=torch.uint8).share_memory_()
         self.busy = torch.zeros((num_workers, self.slots), dtype=torch.uint8).share_memory_()
+        self.closed = torch.zeros(1, dtype=torch.uint8).share_memory_()  # set when the consumer is gone
         self._written = 0  # batches this worker process has written
 
-    def put(self, worker: int, refs: list) -> int:
-        """Read one batch into this worker's next slot; returns the slot."""
+    def close(self) -> None:
+        """The consumer stops taking batches: workers waiting for a free slot stop instead of spinning."""
+        self.closed[0] = 1
+
+    def put(self, worker: int, refs: list) -> int | None:
+        """Read one batch into this worker's next slot; returns the slot (None once the ring is closed)."""
         slot = self._written % self.slots
         self._written += 1
-        busy = self.busy.numpy()
+        busy, closed = self.busy.numpy(), self.closed.numpy()
         while busy[worker, slot]:  # a safety net; see __init__
+            if closed[0]:
+                return None
             time.sleep(1e-4)
         fill_batch(self.data[worker, slot].numpy(), refs)
         busy[worker, slot] = 1
@@ -281,6 +288,8 @@ class ShardClipStream(IterableDataset):
                 yield out.permute(0, 4, 1, 2, 3)
             else:
                 slot = ring.put(worker, batch)
+                if slot is None:  # the trainer has let go of the loader
+                    return
                 first, count = (slot, 1) if count == 0 else (first, count + 1)
                 if count == ring.chunk:
                     yield worker, first, count, reader.skipped

@@ -293,3 +293,30 @@ def test_shards_read_the_same_through_the_stock_webdataset_pipeline(shards):
     assert [k for k, _, _ in stock] == list(ours) and len(ours) == CLIPS_PER_SHARD
     for i, (key, clip, meta) in enumerate(stock):
         assert clip.dtype == np.uint8 and np.array_equal(clip, ours[key]) and meta == {"i": i}
+
+
+EXIT_WITH_A_LIVE_LOADER = r"""
+import sys
+from evdm import data
+from evdm.config import from_dict
+d = sys.argv[1]
+cfg = from_dict({"data": {"train_shards": d + "/train-*.tar", "val_shards": d + "/val-*.tar", "size": %d, "T": %d,
+                          "num_workers": 2, "shuffle_buffer": 0}, "train": {"batch_size": 2}})
+LOADER = data.make_train_loader(cfg)  # still referenced at exit; its workers soon block on a full ring
+next(LOADER)
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exits_with_a_loader_still_alive(shards):
+    """Workers ignore SIGTERM (preemption is the main process's), so multiprocessing's exit hook, which
+    SIGTERMs daemonic children and joins them without a timeout, hung CI after the last test passed.
+    The exit now kills them first: the process ends at once, with no worker-failure traceback."""
+    d, _, _ = shards
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LIVE_LOADER % (SIZE, T), str(d)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
