@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -45,6 +43,7 @@ from evdm import data  # noqa: E402
 from evdm.config import from_dict  # noqa: E402
 from evdm.dali_loader import dali_available, dali_batches  # noqa: E402
 from evdm.ffmpeg import ffmpeg_exe  # noqa: E402
+from results_io import machine, write_result  # noqa: E402
 from preprocess.shard import Options, run  # noqa: E402
 from preprocess.synth import generate  # noqa: E402
 
@@ -213,14 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": command, "videos": args.videos, "frames": FRAMES, "clips": clips_total, "shards": len(shards),
         "batch": B, "T": T, "size": SIZE, "seconds_per_row": args.seconds, "shuffle_buffer": cfg.data.shuffle_buffer,
-        "dali": dali_note, "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "python": platform.python_version(), "torch": torch.__version__, "goals": goals,
+        "dali": dali_note, **machine(load_before), "torch": torch.__version__, "goals": goals,
         "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -11,9 +11,7 @@ clip cutting, pickling, npy/tar encoding, sha256 and fsync.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from evdm.ffmpeg import ffmpeg_exe  # noqa: E402
+from results_io import machine, write_result  # noqa: E402
 from preprocess.shard import Options, run  # noqa: E402
 from preprocess.synth import generate  # noqa: E402
 
@@ -90,14 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     version = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.splitlines()[0]
     result = {
         "command": command, "videos": args.videos, "frames": 30, "size": 64, "synth_s": round(synth_s, 2),
-        "identical_shards_across_rows": same, "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "python": platform.python_version(),
-        "ffmpeg": version, "rows": [{k: v for k, v in r.items() if k != "shard_sha256"} for r in rows],
+        "identical_shards_across_rows": same, **machine(load_before), "ffmpeg": version, "rows": [{k: v for k, v in r.items() if k != "shard_sha256"} for r in rows],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -16,9 +16,7 @@ verify_shards one pass over --verify-clips clips shaped like the loader benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import torch  # noqa: E402
 from evdm import data  # noqa: E402
 from evdm.config import from_dict  # noqa: E402
 from evdm.schema import encode_clip  # noqa: E402
+from results_io import machine, write_result  # noqa: E402
 from preprocess.writer import split_entries, write_manifest, write_shard  # noqa: E402
 
 B = 8
@@ -131,15 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         verify = verify_rows(verify_dir, args.verify_clips, big)
     result = {
         "command": command, "clips": args.clips, "shards": ff_shards, "verify_clips": args.verify_clips,
-        "verify_shards": verify_shards, "shard_size": args.shard_size, "batch": B, "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "python": platform.python_version(), "torch": torch.__version__,
+        "verify_shards": verify_shards, "shard_size": args.shard_size, "batch": B, **machine(load_before),
+        "torch": torch.__version__,
         "fast_forward_rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in ff],
         "verify_rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in verify],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 
