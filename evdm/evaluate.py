@@ -30,7 +30,7 @@ from evdm.config import add_speed_flags
 from evdm.diffusion import split_clip
 from evdm import visualize
 from evdm.data import to_model_input
-from evdm.pipeline import fill_middle, load_model, resolve_device, to_uint8
+from evdm.pipeline import fill_middle, load_model, pad_size, resolve_device, to_uint8
 from evdm.sampling import batched, iter_shard_clips, progress_bar, strip_scale
 from evdm.seeds import mix_seed
 
@@ -123,7 +123,7 @@ def evaluate(
         for index, batch in enumerate(batched(iter_shard_clips(shards, cfg, num), batch_size)):
             clips = np.stack([np.asarray(c) for _, c in batch])
             score_batch(acc, extremes, model, schedule, cfg, clips, steps_list=steps_list, best_of=best_of,
-                        batch_seed=mix_seed(seed, index), pad_to=batch_size, lpips_fn=lpips_fn)
+                        batch_seed=mix_seed(seed, index), pad_to=pad_size(model, batch_size), lpips_fn=lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
     if examples is not None:
@@ -151,7 +151,7 @@ class Extremes:
 
 
 def score_batch(acc: dict, extremes: Extremes, model, schedule, cfg, clips: np.ndarray, *, steps_list: list[int],
-                best_of: int, batch_seed: int, pad_to: int, lpips_fn) -> None:
+                best_of: int, batch_seed: int, pad_to: int | None, lpips_fn) -> None:
     """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
     its best of N, into `acc`; the main row's clips into `extremes`."""
     K, dev = cfg.context, schedule.betas.device
@@ -165,13 +165,14 @@ def score_batch(acc: dict, extremes: Extremes, model, schedule, cfg, clips: np.n
 
     unit = u8_to_unit(u8.to(dev))
     start, truth, end = split_clip(unit, K)
-    for name, baseline in BASELINES.items():
-        _record(acc, name, _frame_metrics(baseline(unit, K), truth, lpips_fn))
+    guesses = {name: baseline(unit, K) for name, baseline in BASELINES.items()}
+    for name, middle in guesses.items():
+        _record(acc, name, _frame_metrics(middle, truth, lpips_fn))
     for steps in steps_list:
         sampled = model_clip(steps, batch_seed)
         single = _frame_metrics(split_clip(sampled, K)[1], truth, lpips_fn)
         _record(acc, f"model ddim-{steps}", single)
-    blend = torch.cat([start, BASELINES[LINEAR_BLEND](unit, K), end], dim=2)
+    blend = torch.cat([start, guesses[LINEAR_BLEND], end], dim=2)
     extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
     if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
         candidates = [single] + [_frame_metrics(split_clip(model_clip(steps_list[-1], batch_seed * 131 + n), K)[1],

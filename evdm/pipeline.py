@@ -85,6 +85,12 @@ def compile_for_inference(model: torch.nn.Module) -> Callable[..., torch.Tensor]
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
+def pad_size(model: Callable[..., torch.Tensor], batch_size: int) -> int | None:
+    """The batch fill_middle should pad a short batch to: batch_size for a compiled model (one static
+    graph, no recompile for the last batch), None for an eager one, where padding only adds work."""
+    return batch_size if hasattr(model, "_orig_mod") else None  # torch.compile's wrapper holds _orig_mod
+
+
 def denoiser(model: Callable[..., torch.Tensor], dtype: torch.dtype | None,
              channels_last: bool) -> Callable[..., torch.Tensor]:
     """The model as the sampler calls it: inputs in channels_last_3d when asked, forward under

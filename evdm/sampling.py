@@ -24,7 +24,7 @@ from evdm.atomic import folder_problem
 from evdm.config import RunConfig
 from evdm.data import expand_urls, iter_clips, to_model_input
 from evdm.diffusion import Schedule
-from evdm.pipeline import fill_middle, to_uint8
+from evdm.pipeline import fill_middle, pad_size, to_uint8
 from evdm.schema import COLOR_CHANNELS, clip_shape
 from evdm.seeds import mix_seed
 
@@ -237,7 +237,8 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], t
             generator = torch.Generator(device=device).manual_seed(mix_seed(settings.seed, index))
             starts, ends = (np.stack([job[i] for job in batch]) for i in (1, 2))
             samples = sample_batch(model, schedule, cfg, starts, ends, steps=steps, eta=eta, guidance_scale=guidance,
-                                   generator=generator, precision=settings.precision, pad_to=settings.batch_size)
+                                   generator=generator, precision=settings.precision,
+                                   pad_to=pad_size(model, settings.batch_size))
             for (name, _, _, truth), sample in zip(batch, samples):
                 paths = write_clip_outputs(out_dir, name, sample, K, truth)
                 arrays = dict(sample=sample, truth=truth) if keep_arrays else {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evdm.pipeline import autocast_dtype, wants_compile
+from evdm.pipeline import autocast_dtype, pad_size, wants_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +77,9 @@ def test_precision_and_compile_settings():
         autocast_dtype("fp16", cpu)
     with pytest.raises(ValueError, match="compile"):
         wants_compile("yes", cpu)
+
+
+def test_only_a_compiled_model_pads_its_batches():
+    model = torch.nn.Linear(2, 2)
+    assert pad_size(model, 16) is None
+    assert pad_size(torch.compile(model), 16) == 16  # wrapping only: nothing is compiled until called
