@@ -60,10 +60,12 @@ def config(shard_dir: Path, shape: tuple[int, ...], **data_overrides):
                       "train": {"batch_size": B}})
 
 
-def seconds_to_first_batch(cfg, start_batch: int) -> float:
+def seconds_for(cfg, batches: int, start_batch: int = 0) -> float:
+    """Seconds from building the loader to its `batches`-th batch (start-up and any fast-forward included)."""
     t0 = time.perf_counter()
     loader = data.make_train_loader(cfg, start_batch=start_batch)
-    next(loader)
+    for _ in range(batches):
+        next(loader)
     elapsed = time.perf_counter() - t0
     del loader
     return elapsed
@@ -74,24 +76,14 @@ def fast_forward_rows(shard_dir: Path, clips: int, shape: tuple[int, ...]) -> li
     start = clips // B - 1  # the last batch of the first pass: the longest replay within an epoch
     for workers in (0, 2):
         cfg = config(shard_dir, shape, num_workers=workers)
-        seconds_to_first_batch(cfg, 0)  # page cache and imports warm
-        fresh = seconds_to_first_batch(cfg, 0)
-        resumed = seconds_to_first_batch(cfg, start)
+        seconds_for(cfg, 1)  # page cache and imports warm
+        fresh = seconds_for(cfg, 1)
+        resumed = seconds_for(cfg, 1, start)
         ff = max(resumed - fresh, 1e-9)
         rows.append({"workers": workers, "start_batch": start, "clip_refs": start * B, "first_batch_s": fresh,
                      "resumed_first_batch_s": resumed, "fast_forward_s": ff, "refs_per_s": start * B / ff})
         print(f"fast-forward {workers} workers: {start} batches ({start * B} clip refs) in {ff:.2f} s", flush=True)
     return rows
-
-
-def one_pass_s(cfg, batches: int) -> float:
-    t0 = time.perf_counter()
-    loader = data.make_train_loader(cfg)
-    for _ in range(batches):
-        next(loader)
-    elapsed = time.perf_counter() - t0
-    del loader
-    return elapsed
 
 
 def verify_rows(shard_dir: Path, clips: int, shape: tuple[int, ...]) -> list[dict]:
@@ -101,8 +93,8 @@ def verify_rows(shard_dir: Path, clips: int, shape: tuple[int, ...]) -> list[dic
         for verify in (False, True):
             cfg = config(shard_dir, shape, num_workers=workers, verify_shards=verify)
             if not rows:
-                one_pass_s(cfg, clips // B)  # page cache warm
-            seconds = one_pass_s(cfg, clips // B)
+                seconds_for(cfg, clips // B)  # page cache warm
+            seconds = seconds_for(cfg, clips // B)
             rows.append({"workers": workers, "verify_shards": verify, "pass_s": seconds,
                          "clips_per_s": clips // B * B / seconds, "mb_hashed": mb if verify else 0.0})
             print(f"verify_shards={verify} {workers} workers: {rows[-1]['clips_per_s']:.0f} clips/s", flush=True)
