@@ -78,7 +78,7 @@ OUT_OF_RANGE = [
     ("train.adam_betas=[0.9, 1.0]", "train.adam_betas[1]", "[0, 1)"),
     ("train.adam_betas=[-0.1, 0.99]", "train.adam_betas[0]", "[0, 1)"),
     ("model.dropout=1.0", "model.dropout", "[0, 1)"),
-    # [0, 1] and (0, 1]
+    # [0, 1]
     ("train.lr_min_ratio=1.5", "train.lr_min_ratio", "[0, 1]"),
     ("sample.dynamic_threshold=-0.5", "sample.dynamic_threshold", "[0, 1]"),
     ("sample.dynamic_threshold=1.01", "sample.dynamic_threshold", "[0, 1]"),
