@@ -113,3 +113,47 @@ def test_reliability_bench_smoke(tmp_path):
     assert all(x["first_batch_s"] > 0 and x["fast_forward_s"] >= 0 and x["refs_per_s"] > 0 for x in r["fast_forward_rows"])
     assert [(x["workers"], x["verify_shards"]) for x in r["verify_rows"]] == [(0, False), (0, True), (2, False), (2, True)]
     assert all(x["clips_per_s"] > 0 and (x["mb_hashed"] > 0) == x["verify_shards"] for x in r["verify_rows"])
+
+
+def _load_recipes():
+    sys.path.insert(0, str(ROOT / "bench"))  # bench scripts import their neighbours (results_io)
+    spec = importlib.util.spec_from_file_location("bench_recipes", ROOT / "bench" / "recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_grids():
+    """One-at-a-time: the base, then every single change from it; full: every combination, once."""
+    recipes = _load_recipes()
+    base = {"prediction": "x0", "residual": "blend", "schedule": "cosine"}
+    oat = recipes.recipes("one-at-a-time", base)
+    assert oat[0] == base and len(oat) == 1 + 2 + 1 + 1
+    assert all(sum(r[a] != base[a] for a in base) == 1 for r in oat[1:])
+    assert len({recipes.name_of(r) for r in oat}) == len(oat)
+    full = recipes.recipes("full", base)
+    assert len(full) == 12 and len({recipes.name_of(r) for r in full}) == 12 and base in full
+
+
+def test_recipe_table_reads_each_motion_and_guidance():
+    """The markdown table: a header, the best baselines, then one row per recipe whose cells are that
+    recipe's numbers for each motion and guidance."""
+    recipes = _load_recipes()
+
+    def record(recipe, psnr):
+        s = lambda g: {"model_psnr": psnr + g, "model_ssim": 0.9 + g / 100,  # noqa: E731
+                       "best_baseline_psnr": {"method": "linear blend", "psnr": 30.0},
+                       "best_baseline_ssim": {"method": "copy nearest context", "ssim": 0.85},
+                       "model_minus_best_baseline_db": psnr + g - 30.0, "model_minus_best_baseline_ssim": 0.05 + g / 100}
+        return {"recipe": recipe, "guidance": {"1.0": s(0.0), "1.8": s(1.0)}}
+
+    grid = recipes.recipes("one-at-a-time", {"prediction": "x0", "residual": "blend", "schedule": "cosine"})
+    results = {"glide": [record(r, 31.0 + i) for i, r in enumerate(grid)],
+               "orbit": [record(r, 25.0 + i) for i, r in enumerate(grid)]}
+    lines = recipes.table(results).splitlines()
+    assert len(lines) == 3 + len(grid) and lines[2].startswith("| best baseline |  |  | 30.00 | 0.8500 |")
+    eps_row = next(line for line in lines if line.startswith("| eps | blend | cosine |"))
+    cells = [c.strip() for c in eps_row.strip("|").split("|")]
+    i = grid.index({"prediction": "eps", "residual": "blend", "schedule": "cosine"})
+    assert cells[3:7] == [f"{31.0 + i:.2f}", "0.9000", f"{32.0 + i:.2f}", "0.9100"]
+    assert cells[8:10] == [f"{25.0 + i:.2f}", "0.9000"] and cells[7] == f"{1.0 + i:+.2f} dB / +0.0500"

@@ -46,6 +46,12 @@ def test_evaluate_end_to_end_writes_every_row(setup, tmp_path):
     s = result["summary"]
     assert s["model"] == "model ddim-3" and s["linear_blend_psnr"] == rows["linear blend"]["psnr"]
     assert s["model_minus_linear_blend_db"] == pytest.approx(s["model_psnr"] - s["linear_blend_psnr"], abs=1e-3)
+    # The margin that counts is over the stronger baseline on each metric, whichever that is.
+    for metric, key in (("psnr", "model_minus_best_baseline_db"), ("ssim", "model_minus_best_baseline_ssim")):
+        best = max(rows["copy nearest context"][metric], rows["linear blend"][metric])
+        assert s[f"best_baseline_{metric}"][metric] == best
+        assert rows[s[f"best_baseline_{metric}"]["method"]][metric] == best
+        assert s[key] == pytest.approx(rows["model ddim-3"][metric] - best, abs=1e-3)
     # The protocol is stated, and the comparable row is the best-of-N row in a published row's shape.
     p = result["protocol"]
     assert p["samples_per_clip"] == 2 and "best of 2" in p["selection"] and "generated frames only" in p["scored_frames"]

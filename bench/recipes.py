@@ -1,0 +1,113 @@
+"""The recipe study behind docs/RECIPES.md: which prediction, residual, schedule and guidance train best
+at the demo's CPU budget, on each kind of synthetic motion.
+
+    python bench/recipes.py [--out runs/recipes] [--grid one-at-a-time|full] [--motions glide orbit] [--seed 1]
+
+Each recipe is configs/demo.toml (its model, 480 steps of batch 16, 32x32: the demo's budget) with the
+diffusion keys changed, trained with demo.py's own stages on 300 synthetic videos of each motion and
+evaluated on their first 64 val clips at guidance 1.0 and 1.8, at the demo's summary step count.
+--grid full trains every prediction x residual x schedule (12 runs a motion); one-at-a-time trains
+demo.toml's recipe and each single change from it (5 runs a motion, about 5 min each on 2 cores).
+The videos use --seed (default 1; the demo renders seed 0), so nothing here is chosen on the demo's val
+clips. Resumable: a recipe whose evaluations exist is not trained again. Writes OUT/recipes.json and
+prints the markdown table of docs/RECIPES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import demo  # noqa: E402
+from evdm.config import load_config  # noqa: E402
+from results_io import machine, write_result  # noqa: E402
+
+AXES = {"prediction": ("eps", "v", "x0"), "residual": ("none", "blend"), "schedule": ("linear", "cosine")}
+GUIDANCE = (1.0, 1.8)
+
+
+def recipes(grid: str, base: dict[str, str]) -> list[dict[str, str]]:
+    """The recipes to train: every combination of AXES (full), or `base` then each single change from it."""
+    if grid == "full":
+        return [dict(zip(AXES, combo)) for combo in itertools.product(*AXES.values())]
+    changed = [{**base, axis: value} for axis, values in AXES.items() for value in values if value != base[axis]]
+    return [base] + changed
+
+
+def name_of(recipe: dict[str, str]) -> str:
+    return "-".join(recipe[axis] for axis in AXES)
+
+
+def run_recipe(out: Path, shards: Path, recipe: dict[str, str]) -> dict:
+    """Train one recipe (unless done) and evaluate it at each guidance; returns its record."""
+    run = out / name_of(recipe)
+    evals = {g: run / f"eval_guidance{g}.json" for g in GUIDANCE}
+    record_path = run / "record.json"
+    if record_path.is_file() and all(p.is_file() for p in evals.values()):
+        return json.loads(record_path.read_text())
+    start = time.perf_counter()
+    ckpt = demo.train_model(run / "run", shards, {f"diffusion.{k}": f'"{v}"' for k, v in recipe.items()})
+    train_s = time.perf_counter() - start
+    record = {"recipe": recipe, "train_s": round(train_s, 1),
+              "guidance": {str(g): demo.evaluate_model(ckpt, shards, path, guidance=g) for g, path in evals.items()}}
+    write_result(record_path, record)
+    return record
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Markdown: one row per recipe, per motion the model's PSNR / SSIM at each guidance and the margin
+    over the best baseline at guidance 1.0; the baselines' own row first."""
+    motions = list(results)
+    head = ["prediction", "residual", "schedule"]
+    for m in motions:
+        head += [f"{m} PSNR g1.0", f"{m} SSIM g1.0", f"{m} PSNR g1.8", f"{m} SSIM g1.8", f"{m} margin g1.0"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 3)) + "|"]
+    first = {m: results[m][0]["guidance"]["1.0"] for m in motions}
+    base_cells = ["best baseline", "", ""]
+    for m in motions:
+        s = first[m]
+        base_cells += [f"{s['best_baseline_psnr']['psnr']:.2f}", f"{s['best_baseline_ssim']['ssim']:.4f}", "", "", ""]
+    lines.append("| " + " | ".join(base_cells) + " |")
+    for i, rec in enumerate(results[motions[0]]):
+        cells = [rec["recipe"][a] for a in AXES]
+        for m in motions:
+            g1, g18 = results[m][i]["guidance"]["1.0"], results[m][i]["guidance"]["1.8"]
+            cells += [f"{g1['model_psnr']:.2f}", f"{g1['model_ssim']:.4f}", f"{g18['model_psnr']:.2f}",
+                      f"{g18['model_ssim']:.4f}",
+                      f"{g1['model_minus_best_baseline_db']:+.2f} dB / {g1['model_minus_best_baseline_ssim']:+.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/recipes.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
+    parser.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time")
+    parser.add_argument("--motions", nargs="+", choices=("glide", "orbit"), default=["glide", "orbit"])
+    parser.add_argument("--seed", type=int, default=1, help="synthetic video seed (the demo uses 0)")
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    d = load_config(demo.CONFIG).diffusion
+    todo = recipes(args.grid, {"prediction": d.prediction, "residual": d.residual, "schedule": d.schedule})
+    results = {}
+    for motion in args.motions:
+        shards = demo.make_shards(args.out / motion, motion, args.seed)
+        results[motion] = [run_recipe(args.out / motion, shards, r) for r in todo]
+    md = table(results)
+    write_result(args.out / "recipes.json", {"grid": args.grid, "seed": args.seed, "config": demo.CONFIG,
+                                              "eval_steps": demo.EVAL_STEPS, "eval_clips": demo.EVAL_CLIPS,
+                                              "machine": machine(load_before), "results": results, "table": md})
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
