@@ -98,13 +98,15 @@ def evaluate(
     steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
     device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
     precision: str | None = None, compile: str | None = None, examples: str | Path | None = None,
+    main_steps: int | None = None,
 ) -> dict:
     """Metrics of the baselines and the model (DDIM at each of steps_list) on the first `num` shard clips.
 
-    guidance_scale None: the checkpoint's sample.guidance_scale. best_of > 1 adds a best-of-N row at
-    max(steps_list). precision / compile: None for the checkpoint's sample.precision / sample.compile.
+    guidance_scale None: the checkpoint's sample.guidance_scale. main_steps (default max(steps_list);
+    added to it if missing) is the step count of the main row: the summary, the best-of-N row (best_of
+    > 1), the examples and the comparable row; it is scored last, so it is the table's last model row. precision / compile: None for the checkpoint's sample.precision / sample.compile.
     examples: write a PNG of the worst and the best clip by the main row's PSNR (see `write_examples`).
-    Returns a JSON-ready dict; result["summary"] compares the model at max(steps_list) with the linear
+    Returns a JSON-ready dict; result["summary"] compares the model's main row with the linear
     blend and with the best baseline on each metric, result["protocol"] says how the numbers were made and result["comparable_row"] is the main
     row in the shape of a published one.
     """
@@ -113,7 +115,8 @@ def evaluate(
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
         cfg.sample, sampler="ddim", precision=precision or cfg.sample.precision,
         guidance_scale=cfg.sample.guidance_scale if guidance_scale is None else guidance_scale))
-    steps_list = sorted(set(steps_list))
+    main_steps = max(steps_list) if main_steps is None else main_steps
+    steps_list = sorted(set(steps_list) - {main_steps}) + [main_steps]  # the main row last
     lpips_fn, lpips_status = load_lpips(dev)
     acc: dict = {}
     extremes = Extremes()
@@ -153,7 +156,7 @@ class Extremes:
 def score_batch(acc: dict, extremes: Extremes, model, schedule, cfg, clips: np.ndarray, *, steps_list: list[int],
                 best_of: int, batch_seed: int, pad_to: int | None, lpips_fn) -> None:
     """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
-    its best of N, into `acc`; the main row's clips into `extremes`."""
+    its best of N, into `acc`; the main row's clips into `extremes`. steps_list: the main row's count last."""
     K, dev = cfg.context, schedule.betas.device
     u8 = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)
     x_start, _, x_end = split_clip(to_model_input(u8, dev, channels_last=False), K)
@@ -212,7 +215,7 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
     return {
         "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": cfg.data.T, "context_start": Ks,
         "context_end": Ke, "M": M, "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
-        "steps_list": steps_list, "eta": sc.eta, "guidance_scale": sc.guidance_scale, "seed": seed, "best_of": best_of,
+        "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale, "seed": seed, "best_of": best_of,
         "ema": use_ema, "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
         "lpips": lpips_status, "rows": rows, "protocol": protocol,
         "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": cfg.data.size,
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="DDIM step counts, one row each")
     p.add_argument("--guidance_scale", type=float, help="default: the checkpoint's sample.guidance_scale")
-    p.add_argument("--best_of", type=int, default=1, help="N > 1 adds a best-of-N row at the largest --steps")
+    p.add_argument("--main_steps", type=int, help="the step count of the summary (and best-of) row; default: the largest --steps")
+    p.add_argument("--best_of", type=int, default=1, help="N > 1 adds a best-of-N row at the main step count")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
@@ -280,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", help="write a PNG of the worst and the best clip (truth, model, linear blend) here")
     add_speed_flags(p)
     args = p.parse_args(argv)
-    if min(args.num, args.batch_size, args.best_of, *args.steps) < 1:
-        p.error("--num, --batch_size, --best_of and --steps must be >= 1")
+    if min(args.num, args.batch_size, args.best_of, *args.steps, args.main_steps or 1) < 1:
+        p.error("--num, --batch_size, --best_of, --steps and --main_steps must be >= 1")
     try:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
                           best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
-                          compile=args.compile, examples=args.examples)
+                          compile=args.compile, examples=args.examples, main_steps=args.main_steps)
     except (SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -85,6 +85,22 @@ def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
     assert (tracker.worst[0], tracker.best[0]) == (10.0, 40.0)
 
 
+def test_main_steps_picks_the_summary_row(setup):
+    """--main_steps makes a smaller step count the main row: scored last, it heads the summary, the
+    best-of-N row and the comparable row; its numbers are the same row's as without it."""
+    ckpt, shards = setup
+    kw = dict(num=4, batch_size=2, device="cpu", seed=0, progress=False)
+    plain = ev.evaluate(ckpt, shards, steps_list=[1, 3], **kw)
+    main1 = ev.evaluate(ckpt, shards, steps_list=[3], main_steps=1, best_of=2, **kw)
+    names = [r["method"] for r in main1["rows"]]
+    assert names == ["copy nearest context", "linear blend", "model ddim-3", "model ddim-1", "model ddim-1 best-of-2"]
+    assert plain["summary"]["model"] == "model ddim-3" and main1["summary"]["model"] == "model ddim-1"
+    assert main1["main_steps"] == 1 and main1["comparable_row"]["method"] == "evdm model ddim-1 best-of-2"
+    row = {r["method"]: r for r in plain["rows"]}["model ddim-1"]
+    assert main1["summary"]["model_psnr"] == row["psnr"] and main1["summary"]["model_ssim"] == row["ssim"]
+    assert "DDIM 1 steps" in main1["protocol"]["sampler"]
+
+
 def test_linear_middle_makes_the_blend_baseline_win(tmp_path, setup):
     """Shards whose middles are exact linear blends of the inner context frames: blend PSNR is near perfect."""
     ckpt, _ = setup
