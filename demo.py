@@ -24,8 +24,8 @@ from pathlib import Path
 
 SIZE = 32
 VIDEOS = 300
-EVAL_CLIPS = 64
-EVAL_STEPS = [5, 10]  # the last is the summary row
+EVAL_STEPS = [10]  # DDIM step counts scored besides MAIN_STEPS
+MAIN_STEPS = 1  # the summary row (see configs/demo.toml: one step is the posterior-mean estimate PSNR rewards)
 SAMPLE_CLIPS = 8
 CONFIG = "configs/demo.toml"
 
@@ -63,12 +63,19 @@ def train_model(run: Path, shards: Path, overrides: dict[str, str] | None = None
     return run / "last.pt"
 
 
-def evaluate_model(ckpt: Path, shards: Path, eval_json: Path, guidance: float | None = None) -> dict:
-    """Stage 4: the model against the baselines on the first EVAL_CLIPS val clips; returns the summary."""
+def val_clips(shards: Path) -> int:
+    """How many val clips the shard folder's manifest lists."""
+    return json.loads((shards / "manifest.json").read_text())["splits"]["val"]["clips"]
+
+
+def evaluate_model(ckpt: Path, shards: Path, eval_json: Path, guidance: float | None = None,
+                   clips: int | None = None) -> dict:
+    """Stage 4: the model against the baselines on the first `clips` val clips (default: all of them);
+    returns the result's summary."""
     from evdm import evaluate
 
-    args = ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num", str(EVAL_CLIPS),
-            "--steps", *map(str, EVAL_STEPS), "--json", str(eval_json)]
+    args = ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num", str(clips or val_clips(shards)),
+            "--steps", *map(str, EVAL_STEPS), "--main_steps", str(MAIN_STEPS), "--json", str(eval_json)]
     stage("evaluate", evaluate.main, args + ([] if guidance is None else ["--guidance_scale", str(guidance)]))
     return json.loads(eval_json.read_text())["summary"]
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                   str(SAMPLE_CLIPS), "--out_dir", str(samples)])
 
     psnr_base, ssim_base = s["best_baseline_psnr"], s["best_baseline_ssim"]
-    print(f"\nevdm demo ({args.motion}) finished in {time.perf_counter() - begin:.0f} s. On {EVAL_CLIPS} val clips, "
+    print(f"\nevdm demo ({args.motion}) finished in {time.perf_counter() - begin:.0f} s. On {val_clips(shards)} val clips, "
           f"{s['model']}: {s['model_psnr']:.2f} dB PSNR, SSIM {s['model_ssim']:.4f}; the best baselines: "
           f"{psnr_base['psnr']:.2f} dB ({psnr_base['method']}), SSIM {ssim_base['ssim']:.4f} ({ssim_base['method']}); "
           f"margin {s['model_minus_best_baseline_db']:+.2f} dB, {s['model_minus_best_baseline_ssim']:+.4f} SSIM.")

@@ -5,7 +5,8 @@ at the demo's CPU budget, on each kind of synthetic motion.
 
 Each recipe is configs/demo.toml (its model, 480 steps of batch 16, 32x32: the demo's budget) with the
 diffusion keys changed, trained with demo.py's own stages on 300 synthetic videos of each motion and
-evaluated on their first 64 val clips at guidance 1.0 and 1.8, at the demo's summary step count.
+evaluated on their first --eval-clips val clips (default 160, of 360) at guidance 1.0 and 1.8, with the
+demo's sampler rows (DDIM at demo.MAIN_STEPS, the summary, and at demo.EVAL_STEPS).
 --grid full trains every prediction x residual x schedule (12 runs a motion); one-at-a-time trains
 demo.toml's recipe and each single change from it (5 runs a motion, about 5 min each on 2 cores).
 The videos use --seed (default 1; the demo renders seed 0), so nothing here is chosen on the demo's val
@@ -45,8 +46,9 @@ def name_of(recipe: dict[str, str]) -> str:
     return "-".join(recipe[axis] for axis in AXES)
 
 
-def run_recipe(out: Path, shards: Path, recipe: dict[str, str]) -> dict:
-    """Train one recipe (unless done) and evaluate it at each guidance; returns its record."""
+def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int) -> dict:
+    """Train one recipe (unless done) and evaluate it at each guidance; returns its record:
+    {"recipe", "train_s", "guidance": {g: {"summary": evaluate's summary, "rows": {method: [psnr, ssim]}}}}."""
     run = out / name_of(recipe)
     evals = {g: run / f"eval_guidance{g}.json" for g in GUIDANCE}
     record_path = run / "record.json"
@@ -54,36 +56,35 @@ def run_recipe(out: Path, shards: Path, recipe: dict[str, str]) -> dict:
         return json.loads(record_path.read_text())
     start = time.perf_counter()
     ckpt = demo.train_model(run / "run", shards, {f"diffusion.{k}": f'"{v}"' for k, v in recipe.items()})
-    train_s = time.perf_counter() - start
-    record = {"recipe": recipe, "train_s": round(train_s, 1),
-              "guidance": {str(g): demo.evaluate_model(ckpt, shards, path, guidance=g) for g, path in evals.items()}}
+    record = {"recipe": recipe, "train_s": round(time.perf_counter() - start, 1), "guidance": {}}
+    for g, path in evals.items():
+        demo.evaluate_model(ckpt, shards, path, guidance=g, clips=eval_clips)
+        result = json.loads(path.read_text())
+        record["guidance"][str(g)] = {"summary": result["summary"],
+                                      "rows": {r["method"]: [r["psnr"], r["ssim"]] for r in result["rows"]}}
     write_result(record_path, record)
     return record
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    """Markdown: one row per recipe, per motion the model's PSNR / SSIM at each guidance and the margin
-    over the best baseline at guidance 1.0; the baselines' own row first."""
-    motions = list(results)
-    head = ["prediction", "residual", "schedule"]
-    for m in motions:
-        head += [f"{m} PSNR g1.0", f"{m} SSIM g1.0", f"{m} PSNR g1.8", f"{m} SSIM g1.8", f"{m} margin g1.0"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 3)) + "|"]
-    first = {m: results[m][0]["guidance"]["1.0"] for m in motions}
-    base_cells = ["best baseline", "", ""]
-    for m in motions:
-        s = first[m]
-        base_cells += [f"{s['best_baseline_psnr']['psnr']:.2f}", f"{s['best_baseline_ssim']['ssim']:.4f}", "", "", ""]
-    lines.append("| " + " | ".join(base_cells) + " |")
-    for i, rec in enumerate(results[motions[0]]):
+def table(records: list[dict]) -> str:
+    """Markdown for one motion: a row per recipe with PSNR / SSIM of every model row (DDIM step count)
+    at each guidance, and the main row's margin over the best baseline at guidance 1.0; the best
+    baselines first."""
+    first = records[0]["guidance"]["1.0"]
+    models = [m for m in first["rows"] if m.startswith("model ")]
+    cols = [(m, g) for g in map(str, GUIDANCE) for m in models]
+    head = list(AXES) + [f"{m.removeprefix('model ')} g{g}" for m, g in cols] + [f"margin ({first['summary']['model']} g1.0)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * len(AXES) + ["--:"] * (len(head) - len(AXES))) + "|"]
+    s = first["summary"]
+    best = (f"best baseline: {s['best_baseline_psnr']['psnr']:.2f} dB ({s['best_baseline_psnr']['method']}), "
+            f"SSIM {s['best_baseline_ssim']['ssim']:.4f} ({s['best_baseline_ssim']['method']})")
+    for rec in records:
         cells = [rec["recipe"][a] for a in AXES]
-        for m in motions:
-            g1, g18 = results[m][i]["guidance"]["1.0"], results[m][i]["guidance"]["1.8"]
-            cells += [f"{g1['model_psnr']:.2f}", f"{g1['model_ssim']:.4f}", f"{g18['model_psnr']:.2f}",
-                      f"{g18['model_ssim']:.4f}",
-                      f"{g1['model_minus_best_baseline_db']:+.2f} dB / {g1['model_minus_best_baseline_ssim']:+.4f}"]
+        cells += ["{:.2f} / {:.4f}".format(*rec["guidance"][g]["rows"][m]) for m, g in cols]
+        s = rec["guidance"]["1.0"]["summary"]
+        cells.append(f"{s['model_minus_best_baseline_db']:+.2f} dB / {s['model_minus_best_baseline_ssim']:+.4f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return best + "\n\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time")
     parser.add_argument("--motions", nargs="+", choices=("glide", "orbit"), default=["glide", "orbit"])
     parser.add_argument("--seed", type=int, default=1, help="synthetic video seed (the demo uses 0)")
+    parser.add_argument("--eval-clips", type=int, default=160, help="val clips scored per recipe and guidance")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     d = load_config(demo.CONFIG).diffusion
@@ -100,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for motion in args.motions:
         shards = demo.make_shards(args.out / motion, motion, args.seed)
-        results[motion] = [run_recipe(args.out / motion, shards, r) for r in todo]
-    md = table(results)
+        results[motion] = [run_recipe(args.out / motion, shards, r, args.eval_clips) for r in todo]
+    md = "\n\n".join(f"### {motion}\n\n{table(records)}" for motion, records in results.items())
     write_result(args.out / "recipes.json", {"grid": args.grid, "seed": args.seed, "config": demo.CONFIG,
-                                              "eval_steps": demo.EVAL_STEPS, "eval_clips": demo.EVAL_CLIPS,
+                                              "eval_steps": demo.EVAL_STEPS, "main_steps": demo.MAIN_STEPS,
+                                              "eval_clips": args.eval_clips,
                                               "machine": machine(load_before), "results": results, "table": md})
     print(md)
     return 0

@@ -135,25 +135,28 @@ def test_recipe_grids():
     assert len(full) == 12 and len({recipes.name_of(r) for r in full}) == 12 and base in full
 
 
-def test_recipe_table_reads_each_motion_and_guidance():
-    """The markdown table: a header, the best baselines, then one row per recipe whose cells are that
-    recipe's numbers for each motion and guidance."""
+def test_recipe_table_reads_each_recipe_row_and_guidance():
+    """The markdown table of one motion: the best baselines, a header, then one row per recipe whose
+    cells are that recipe's numbers for each model row and guidance, and its margin."""
     recipes = _load_recipes()
 
     def record(recipe, psnr):
-        s = lambda g: {"model_psnr": psnr + g, "model_ssim": 0.9 + g / 100,  # noqa: E731
-                       "best_baseline_psnr": {"method": "linear blend", "psnr": 30.0},
-                       "best_baseline_ssim": {"method": "copy nearest context", "ssim": 0.85},
-                       "model_minus_best_baseline_db": psnr + g - 30.0, "model_minus_best_baseline_ssim": 0.05 + g / 100}
-        return {"recipe": recipe, "guidance": {"1.0": s(0.0), "1.8": s(1.0)}}
+        def at(g):
+            return {"summary": {"model": "model ddim-1", "best_baseline_psnr": {"method": "linear blend", "psnr": 30.0},
+                                "best_baseline_ssim": {"method": "copy nearest context", "ssim": 0.85},
+                                "model_minus_best_baseline_db": psnr + g - 30.0, "model_minus_best_baseline_ssim": 0.05},
+                    "rows": {"linear blend": [30.0, 0.8], "model ddim-10": [psnr - 1 + g, 0.89], "model ddim-1": [psnr + g, 0.9]}}
+        return {"recipe": recipe, "guidance": {"1.0": at(0.0), "1.8": at(0.5)}}
 
     grid = recipes.recipes("one-at-a-time", {"prediction": "x0", "residual": "blend", "schedule": "cosine"})
-    results = {"glide": [record(r, 31.0 + i) for i, r in enumerate(grid)],
-               "orbit": [record(r, 25.0 + i) for i, r in enumerate(grid)]}
-    lines = recipes.table(results).splitlines()
-    assert len(lines) == 3 + len(grid) and lines[2].startswith("| best baseline |  |  | 30.00 | 0.8500 |")
+    text = recipes.table([record(r, 31.0 + i) for i, r in enumerate(grid)])
+    best, _, *lines = text.splitlines()
+    assert best == "best baseline: 30.00 dB (linear blend), SSIM 0.8500 (copy nearest context)"
+    assert len(lines) == 2 + len(grid)
+    assert lines[0] == ("| prediction | residual | schedule | ddim-10 g1.0 | ddim-1 g1.0 | ddim-10 g1.8 | ddim-1 g1.8 "
+                        "| margin (model ddim-1 g1.0) |")
+    i = grid.index({"prediction": "eps", "residual": "blend", "schedule": "cosine"})
     eps_row = next(line for line in lines if line.startswith("| eps | blend | cosine |"))
     cells = [c.strip() for c in eps_row.strip("|").split("|")]
-    i = grid.index({"prediction": "eps", "residual": "blend", "schedule": "cosine"})
-    assert cells[3:7] == [f"{31.0 + i:.2f}", "0.9000", f"{32.0 + i:.2f}", "0.9100"]
-    assert cells[8:10] == [f"{25.0 + i:.2f}", "0.9000"] and cells[7] == f"{1.0 + i:+.2f} dB / +0.0500"
+    assert cells[3:] == [f"{30.0 + i:.2f} / 0.8900", f"{31.0 + i:.2f} / 0.9000", f"{30.5 + i:.2f} / 0.8900",
+                         f"{31.5 + i:.2f} / 0.9000", f"{1.0 + i:+.2f} dB / +0.0500"]
