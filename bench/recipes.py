@@ -2,9 +2,10 @@
 at the demo's CPU budget, on each kind of synthetic motion.
 
     python bench/recipes.py [--out runs/recipes] [--grid one-at-a-time|full] [--motions glide orbit] [--seed 1]
+                            [--eval-clips 160] [--max-steps N]
 
-Each recipe is configs/demo.toml (its model, 480 steps of batch 16, 32x32: the demo's budget) with the
-diffusion keys changed, trained with demo.py's own stages on 300 synthetic videos of each motion and
+Each recipe is configs/demo.toml (its model, batch 8, 32x32 and, unless --max-steps, its steps: the
+demo's budget) with the diffusion keys changed, trained with demo.py's own stages on 300 synthetic videos of each motion and
 evaluated on their first --eval-clips val clips (default 160, of 360) at guidance 1.0 and 1.8, with the
 demo's sampler rows (DDIM at demo.MAIN_STEPS, the summary, and at demo.EVAL_STEPS).
 --grid full trains every prediction x residual x schedule (12 runs a motion); one-at-a-time trains
@@ -46,7 +47,7 @@ def name_of(recipe: dict[str, str]) -> str:
     return "-".join(recipe[axis] for axis in AXES)
 
 
-def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int) -> dict:
+def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int, max_steps: int | None) -> dict:
     """Train one recipe (unless done) and evaluate it at each guidance; returns its record:
     {"recipe", "train_s", "guidance": {g: {"summary": evaluate's summary, "rows": {method: [psnr, ssim]}}}}."""
     run = out / name_of(recipe)
@@ -55,7 +56,8 @@ def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int)
     if record_path.is_file() and all(p.is_file() for p in evals.values()):
         return json.loads(record_path.read_text())
     start = time.perf_counter()
-    ckpt = demo.train_model(run / "run", shards, {f"diffusion.{k}": f'"{v}"' for k, v in recipe.items()})
+    overrides = {f"diffusion.{k}": f'"{v}"' for k, v in recipe.items()}
+    ckpt = demo.train_model(run / "run", shards, overrides | ({"train.max_steps": str(max_steps)} if max_steps else {}))
     record = {"recipe": recipe, "train_s": round(time.perf_counter() - start, 1), "guidance": {}}
     for g, path in evals.items():
         demo.evaluate_model(ckpt, shards, path, guidance=g, clips=eval_clips)
@@ -95,16 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--motions", nargs="+", choices=("glide", "orbit"), default=["glide", "orbit"])
     parser.add_argument("--seed", type=int, default=1, help="synthetic video seed (the demo uses 0)")
     parser.add_argument("--eval-clips", type=int, default=160, help="val clips scored per recipe and guidance")
+    parser.add_argument("--max-steps", type=int, help="training steps per recipe (default: configs/demo.toml's)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
-    d = load_config(demo.CONFIG).diffusion
+    cfg = load_config(demo.CONFIG)
+    d, max_steps = cfg.diffusion, args.max_steps or cfg.train.max_steps
     todo = recipes(args.grid, {"prediction": d.prediction, "residual": d.residual, "schedule": d.schedule})
     results = {}
     for motion in args.motions:
         shards = demo.make_shards(args.out / motion, motion, args.seed)
-        results[motion] = [run_recipe(args.out / motion, shards, r, args.eval_clips) for r in todo]
+        results[motion] = [run_recipe(args.out / motion, shards, r, args.eval_clips, max_steps) for r in todo]
     md = "\n\n".join(f"### {motion}\n\n{table(records)}" for motion, records in results.items())
-    write_result(args.out / "recipes.json", {"grid": args.grid, "seed": args.seed, "config": demo.CONFIG,
+    write_result(args.out / "recipes.json", {"grid": args.grid, "seed": args.seed, "config": demo.CONFIG, "max_steps": max_steps,
                                               "eval_steps": demo.EVAL_STEPS, "main_steps": demo.MAIN_STEPS,
                                               "eval_clips": args.eval_clips,
                                               "machine": machine(load_before), "results": results, "table": md})
