@@ -71,13 +71,13 @@ def val_clips(shards: Path) -> int:
 def evaluate_model(ckpt: Path, shards: Path, eval_json: Path, guidance: float | None = None,
                    clips: int | None = None) -> dict:
     """Stage 4: the model against the baselines on the first `clips` val clips (default: all of them);
-    returns the result's summary."""
+    returns evaluate's result (as written to `eval_json`)."""
     from evdm import evaluate
 
     args = ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num", str(clips or val_clips(shards)),
             "--steps", *map(str, EVAL_STEPS), "--main_steps", str(MAIN_STEPS), "--json", str(eval_json)]
     stage("evaluate", evaluate.main, args + ([] if guidance is None else ["--guidance_scale", str(guidance)]))
-    return json.loads(eval_json.read_text())["summary"]
+    return json.loads(eval_json.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     out, begin = args.out_dir, time.perf_counter()
     shards = make_shards(out, args.motion)
     ckpt, eval_json, samples = train_model(out / "run", shards), out / "eval.json", out / "samples"
-    s = evaluate_model(ckpt, shards, eval_json)
+    result = evaluate_model(ckpt, shards, eval_json)
+    s = result["summary"]
     stage("sample", sample.main, ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num",
                                   str(SAMPLE_CLIPS), "--out_dir", str(samples)])
 
     psnr_base, ssim_base = s["best_baseline_psnr"], s["best_baseline_ssim"]
-    print(f"\nevdm demo ({args.motion}) finished in {time.perf_counter() - begin:.0f} s. On {val_clips(shards)} val clips, "
+    print(f"\nevdm demo ({args.motion}) finished in {time.perf_counter() - begin:.0f} s. On {result['clips']} val clips, "
           f"{s['model']}: {s['model_psnr']:.2f} dB PSNR, SSIM {s['model_ssim']:.4f}; the best baselines: "
           f"{psnr_base['psnr']:.2f} dB ({psnr_base['method']}), SSIM {ssim_base['ssim']:.4f} ({ssim_base['method']}); "
           f"margin {s['model_minus_best_baseline_db']:+.2f} dB, {s['model_minus_best_baseline_ssim']:+.4f} SSIM.")

@@ -5,11 +5,12 @@ at the demo's CPU budget, on each kind of synthetic motion.
                             [--eval-clips 160] [--max-steps N]
 
 Each recipe is configs/demo.toml (its model, batch 8, 32x32 and, unless --max-steps, its steps: the
-demo's budget) with the diffusion keys changed, trained with demo.py's own stages on 300 synthetic videos of each motion and
-evaluated on their first --eval-clips val clips (default 160, of 360) at guidance 1.0 and 1.8, with the
-demo's sampler rows (DDIM at demo.MAIN_STEPS, the summary, and at demo.EVAL_STEPS).
+demo's budget) with the diffusion keys changed, trained with demo.py's own stages on 300 synthetic
+videos of each motion and evaluated on their first --eval-clips val clips (default 160, of 360) at
+guidance 1.0 and 1.8, with the demo's sampler rows (DDIM at demo.MAIN_STEPS, the summary, and at
+demo.EVAL_STEPS).
 --grid full trains every prediction x residual x schedule (12 runs a motion); one-at-a-time trains
-demo.toml's recipe and each single change from it (5 runs a motion, about 5 min each on 2 cores).
+demo.toml's recipe and each single change from it (5 runs a motion, about 7 min each at 960 steps on 2 cores).
 The videos use --seed (default 1; the demo renders seed 0), so nothing here is chosen on the demo's val
 clips. Resumable: a recipe whose evaluations exist is not trained again. Writes OUT/recipes.json and
 prints the markdown table of docs/RECIPES.md.
@@ -47,7 +48,7 @@ def name_of(recipe: dict[str, str]) -> str:
     return "-".join(recipe[axis] for axis in AXES)
 
 
-def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int, max_steps: int | None) -> dict:
+def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int, max_steps: int) -> dict:
     """Train one recipe (unless done) and evaluate it at each guidance; returns its record:
     {"recipe", "train_s", "guidance": {g: {"summary": evaluate's summary, "rows": {method: [psnr, ssim]}}}}."""
     run = out / name_of(recipe)
@@ -56,12 +57,11 @@ def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int,
     if record_path.is_file() and all(p.is_file() for p in evals.values()):
         return json.loads(record_path.read_text())
     start = time.perf_counter()
-    overrides = {f"diffusion.{k}": f'"{v}"' for k, v in recipe.items()}
-    ckpt = demo.train_model(run / "run", shards, overrides | ({"train.max_steps": str(max_steps)} if max_steps else {}))
+    overrides = {f"diffusion.{k}": f'"{v}"' for k, v in recipe.items()} | {"train.max_steps": str(max_steps)}
+    ckpt = demo.train_model(run / "run", shards, overrides)
     record = {"recipe": recipe, "train_s": round(time.perf_counter() - start, 1), "guidance": {}}
     for g, path in evals.items():
-        demo.evaluate_model(ckpt, shards, path, guidance=g, clips=eval_clips)
-        result = json.loads(path.read_text())
+        result = demo.evaluate_model(ckpt, shards, path, guidance=g, clips=eval_clips)
         record["guidance"][str(g)] = {"summary": result["summary"],
                                       "rows": {r["method"]: [r["psnr"], r["ssim"]] for r in result["rows"]}}
     write_result(record_path, record)
@@ -75,8 +75,10 @@ def table(records: list[dict]) -> str:
     first = records[0]["guidance"]["1.0"]
     models = [m for m in first["rows"] if m.startswith("model ")]
     cols = [(m, g) for g in map(str, GUIDANCE) for m in models]
-    head = list(AXES) + [f"{m.removeprefix('model ')} g{g}" for m, g in cols] + [f"margin ({first['summary']['model']} g1.0)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * len(AXES) + ["--:"] * (len(head) - len(AXES))) + "|"]
+    head = list(AXES) + [f"{m.removeprefix('model ')} g{g}" for m, g in cols]
+    head.append(f"margin ({first['summary']['model']} g1.0)")
+    align = [":--"] * len(AXES) + ["--:"] * (len(head) - len(AXES))
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     s = first["summary"]
     best = (f"best baseline: {s['best_baseline_psnr']['psnr']:.2f} dB ({s['best_baseline_psnr']['method']}), "
             f"SSIM {s['best_baseline_ssim']['ssim']:.4f} ({s['best_baseline_ssim']['method']})")
@@ -108,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         shards = demo.make_shards(args.out / motion, motion, args.seed)
         results[motion] = [run_recipe(args.out / motion, shards, r, args.eval_clips, max_steps) for r in todo]
     md = "\n\n".join(f"### {motion}\n\n{table(records)}" for motion, records in results.items())
-    write_result(args.out / "recipes.json", {"grid": args.grid, "seed": args.seed, "config": demo.CONFIG, "max_steps": max_steps,
-                                              "eval_steps": demo.EVAL_STEPS, "main_steps": demo.MAIN_STEPS,
-                                              "eval_clips": args.eval_clips,
+    write_result(args.out / "recipes.json", {"grid": args.grid, "seed": args.seed, "config": demo.CONFIG,
+                                              "max_steps": max_steps, "eval_steps": demo.EVAL_STEPS,
+                                              "main_steps": demo.MAIN_STEPS, "eval_clips": args.eval_clips,
                                               "machine": machine(load_before), "results": results, "table": md})
     print(md)
     return 0

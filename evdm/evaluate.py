@@ -104,11 +104,12 @@ def evaluate(
 
     guidance_scale None: the checkpoint's sample.guidance_scale. main_steps (default max(steps_list);
     added to it if missing) is the step count of the main row: the summary, the best-of-N row (best_of
-    > 1), the examples and the comparable row; it is scored last, so it is the table's last model row. precision / compile: None for the checkpoint's sample.precision / sample.compile.
+    > 1), the examples and the comparable row; it is scored last, so it is the table's last model row.
+    precision / compile: None for the checkpoint's sample.precision / sample.compile.
     examples: write a PNG of the worst and the best clip by the main row's PSNR (see `write_examples`).
-    Returns a JSON-ready dict; result["summary"] compares the model's main row with the linear
-    blend and with the best baseline on each metric, result["protocol"] says how the numbers were made and result["comparable_row"] is the main
-    row in the shape of a published one.
+    Returns a JSON-ready dict; result["summary"] compares the model's main row with the linear blend
+    and with the best baseline on each metric, result["protocol"] says how the numbers were made and
+    result["comparable_row"] is the main row in the shape of a published one.
     """
     dev = resolve_device(device)
     model, cfg, schedule = load_model(ckpt_path, dev, use_ema=use_ema, compile=compile)
@@ -215,7 +216,8 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
     return {
         "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": cfg.data.T, "context_start": Ks,
         "context_end": Ke, "M": M, "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
-        "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale, "seed": seed, "best_of": best_of,
+        "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale,
+        "seed": seed, "best_of": best_of,
         "ema": use_ema, "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
         "lpips": lpips_status, "rows": rows, "protocol": protocol,
         "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": cfg.data.size,
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="DDIM step counts, one row each")
     p.add_argument("--guidance_scale", type=float, help="default: the checkpoint's sample.guidance_scale")
-    p.add_argument("--main_steps", type=int, help="the step count of the summary (and best-of) row; default: the largest --steps")
+    p.add_argument("--main_steps", type=int,
+                   help="the step count of the summary (and best-of) row; default: the largest --steps")
     p.add_argument("--best_of", type=int, default=1, help="N > 1 adds a best-of-N row at the main step count")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", help="write a PNG of the worst and the best clip (truth, model, linear blend) here")
     add_speed_flags(p)
     args = p.parse_args(argv)
-    if min(args.num, args.batch_size, args.best_of, *args.steps, args.main_steps or 1) < 1:
+    main_steps = [] if args.main_steps is None else [args.main_steps]
+    if min(args.num, args.batch_size, args.best_of, *args.steps, *main_steps) < 1:
         p.error("--num, --batch_size, --best_of, --steps and --main_steps must be >= 1")
     try:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,

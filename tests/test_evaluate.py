@@ -139,3 +139,12 @@ def test_cli_errors_are_one_line(setup, tmp_path):
                            "--shards", shards, "--num", "2", "--device", "cpu"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nope.pt: checkpoint not found" in proc.stderr
+
+
+def test_step_counts_below_one_are_refused(setup, capsys):
+    """--steps and --main_steps of 0 are usage errors (exit 2, naming the flags), before any work."""
+    ckpt, shards = setup
+    for flags in (["--steps", "0"], ["--steps", "2", "--main_steps", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            ev.main(["--ckpt", str(ckpt), "--shards", shards, "--device", "cpu", *flags])
+        assert exc.value.code == 2 and "--main_steps must be >= 1" in capsys.readouterr().err
