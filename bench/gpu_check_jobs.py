@@ -67,7 +67,7 @@ def run_train(job: dict, device, scale: str, deadline: float) -> None:
     from evdm.sampling import one_line
     from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
 
-    cfg = bench.run_config("tiny" if scale == "smoke" else "reference", spacetime=job["spacetime"])
+    cfg = bench.run_config("tiny" if scale == "smoke" else "reference")
     opts = dict(channels_last=job["channels_last"], compile=job["compile"], bf16=job["precision"] == "bf16")
     flops, peak = flops_per_sample(cfg), peak_tflops(device)
     model, step_for = bench.prepare(cfg, opts, device, dynamic_batch=True)

@@ -50,7 +50,7 @@ def load_model(ckpt: str | Path, device: torch.device, *, use_ema: bool = True, 
                               f"but {color_mode!r} was asked")
     model = build_model(cfg)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    load_weights(model, adapt_conv_weights(weights, model), ckpt)  # either spacetime form loads
+    load_weights(model, adapt_conv_weights(weights, model), ckpt)  # Conv3d-form checkpoints load too
     model = model.to(device).eval()
     if device.type == "cuda":
         model = to_channels_last(model)

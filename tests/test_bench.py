@@ -31,7 +31,7 @@ sys.meta_path.insert(0, _Hide())
 """
 SMOKE_ROWS = {  # job -> batches, as bench/gpu_check.py --smoke plans them
     "train 2d cl bf16+compile": [2, 3], "train 2d cl bf16": [2, 3], "sample fp32": [2], "sample bf16": [2],
-    "train.py fed": [2], "sample bf16+compile": [2], "train 3d contig fp32": [2, 3],
+    "train.py fed": [2], "sample bf16+compile": [2], "train 2d contig fp32": [2, 3],
 }
 
 
@@ -60,13 +60,13 @@ def test_gpu_check_smoke_runs_every_row_kind(smoke):
             assert row["status"] == "skipped (--smoke: no compile; --smoke-compile)"
         else:
             assert row["status"] == "ok", (job, row["status"])
-    for job in ("train 2d cl bf16", "train 3d contig fp32"):
+    for job in ("train 2d cl bf16", "train 2d contig fp32"):
         for batch in (2, 3):
             row = rows[job, batch]
             assert row["params"] > 0 and row["flops_per_sample"] > 0 and row["tflops"] >= 0
             assert row["step_ms"] > 0 and row["samples_per_s"] > 0 and row["first_step_s"] > 0
             assert row["mfu"] is None and row["peak_mem_gb"] is None  # CPU: no known peak, no GPU memory
-    assert rows["train 2d cl bf16", 2]["flops_per_sample"] == rows["train 3d contig fp32", 2]["flops_per_sample"]
+    assert rows["train 2d cl bf16", 2]["flops_per_sample"] == rows["train 2d contig fp32", 2]["flops_per_sample"]
     for job in ("sample fp32", "sample bf16"):
         row = rows[job, 2]
         assert (row["forward_batch"], row["guidance"], row["channels_last"]) == (4, 1.8, False)

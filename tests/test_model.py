@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from evdm.config import DataConfig, ModelConfig, RunConfig
 from evdm.models import (
-    SPACETIME_FORMS, ConditioningEncoder, VideoUNet3D, adapt_conv_weights, adapt_optimizer_state, build_model,
-    count_parameters, to_channels_last,
+    ConditioningEncoder, VideoUNet3D, adapt_conv_weights, adapt_optimizer_state, build_model, count_parameters,
+    to_channels_last,
 )
-from evdm.models.blocks import SDPA_MAX_BATCH, TemporalAttention
+from evdm.models.attention import short_attention
+from evdm.models.norms import ChannelNorm, GroupNorm
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
 
@@ -130,9 +131,8 @@ def test_fusion_is_position_aware():
     assert torch.allclose(w, torch.tensor([1, 2, 3, 4, 5]) / 6)
 
 
-@pytest.mark.parametrize("spacetime", SPACETIME_FORMS)
-def test_channels_last_matches_contiguous(spacetime):
-    cfg = tiny_cfg(spacetime=spacetime)
+def test_channels_last_matches_contiguous():
+    cfg = tiny_cfg()
     model = randomize(build_model(cfg)).eval()
     args = inputs(cfg)
     ref = model(*args)
@@ -142,79 +142,96 @@ def test_channels_last_matches_contiguous(spacetime):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_spacetime_forms_share_weights_and_maths():
-    """The per-frame Conv2d form and the Conv3d form: same parameter count, same initial numbers from
-    one seed, and the same outputs once either form's weights are loaded into the other."""
-    cfg2, cfg3 = tiny_cfg(spacetime="2d"), tiny_cfg(spacetime="3d")
-    torch.manual_seed(3)
-    m2 = build_model(cfg2)
-    torch.manual_seed(3)
-    m3 = randomize(build_model(cfg3), seed=1).eval()
-    assert count_parameters(m2) == count_parameters(m3)
-    assert [k for k in m2.state_dict()] == [k for k in m3.state_dict()]
-    shapes = {k: (v.shape, m3.state_dict()[k].shape) for k, v in m2.state_dict().items()
-              if v.shape != m3.state_dict()[k].shape}
-    assert any(len(a) == 4 and len(b) == 5 for a, b in shapes.values())  # the convs really differ in rank
-    m2.load_state_dict(adapt_conv_weights(m3.state_dict(), m2))
-    m2.eval()
-    args = inputs(cfg2)
-    assert torch.allclose(m2(*args), m3(*args), atol=1e-5)
-    back = build_model(cfg3)
-    back.load_state_dict(adapt_conv_weights(m2.state_dict(), back))
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m3.state_dict().values()))
+def conv3d_state(model: torch.nn.Module) -> dict:
+    """The model's state dict as the retired Conv3d form saved it: per-frame kernels [o, i, 1, k, k],
+    temporal kernels [c, c, 3, 1, 1] (the 2d form's [o, i, k, k] and [c, c, 3, 1])."""
+    def old(name: str, v: torch.Tensor) -> torch.Tensor:
+        if v.ndim != 4:
+            return v
+        return v.unsqueeze(-1) if name.endswith("temporal.weight") else v.unsqueeze(2)
+    return {k: old(k, v) for k, v in model.state_dict().items()}
+
+
+def test_conv3d_checkpoints_load_into_the_one_form():
+    """Old checkpoints of the retired Conv3d form load (kernels differ only by singleton dimensions),
+    and the model computes the same function with them."""
+    cfg = tiny_cfg()
+    source = randomize(build_model(cfg), seed=1).eval()
+    old = conv3d_state(source)
+    assert any(v.ndim == 5 and k.endswith("temporal.weight") for k, v in old.items())
+    model = build_model(cfg).eval()
+    model.load_state_dict(adapt_conv_weights(old, model))
+    args = inputs(cfg)
+    assert torch.equal(model(*args), source(*args))
 
 
 def test_adapt_optimizer_state_follows_the_weights():
-    cfg2, cfg3 = tiny_cfg(spacetime="2d"), tiny_cfg(spacetime="3d")
-    m3 = randomize(build_model(cfg3))
-    opt3 = torch.optim.AdamW(m3.parameters())
-    m3(*inputs(cfg3)).square().mean().backward()
-    opt3.step()
-    m2 = build_model(cfg2)
-    m2.load_state_dict(adapt_conv_weights(m3.state_dict(), m2))
-    opt2 = torch.optim.AdamW(m2.parameters())
-    opt2.load_state_dict(adapt_optimizer_state(opt3.state_dict(), m2))
-    m2(*inputs(cfg2)).square().mean().backward()
+    cfg = tiny_cfg()
+    model = randomize(build_model(cfg))
+    opt = torch.optim.AdamW(model.parameters())
+    model(*inputs(cfg)).square().mean().backward()
+    opt.step()
+    state = opt.state_dict()
+    shapes = {i: v.shape for i, v in enumerate(conv3d_state(model).values()) if v.ndim == 5}
+    state["state"] = {i: {k: v.reshape(shapes[i]) if k.startswith("exp_avg") and i in shapes else v
+                          for k, v in per.items()} for i, per in state["state"].items()}  # as a Conv3d run saved it
+    fresh = build_model(cfg)
+    fresh.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(fresh.parameters())
+    opt2.load_state_dict(adapt_optimizer_state(state, fresh))
+    fresh(*inputs(cfg)).square().mean().backward()
     opt2.step()  # fails on a shape mismatch if any state tensor kept the 3d shape
-    for p, state in zip(m2.parameters(), opt2.state_dict()["state"].values()):
-        assert state["exp_avg"].shape == p.shape
+    for p, per in zip(fresh.parameters(), opt2.state_dict()["state"].values()):
+        assert per["exp_avg"].shape == p.shape
 
 
-def test_attention_pieces_equal_one_call():
-    """Forcing tiny SDPA pieces changes neither the output nor the gradients."""
-    cfg = tiny_cfg(size=8, channel_mults=(1,), temporal_attn_levels=(0,))
-    torch.manual_seed(0)
-    whole = randomize(build_model(cfg))
-    pieces = copy.deepcopy(whole)
-    for module in pieces.modules():
-        if isinstance(module, TemporalAttention):
-            module.max_batch = 7  # 2 * 8 * 8 = 128 rows -> 19 pieces, the last one shorter
-    args = inputs(cfg)
-    out_whole, out_pieces = whole(*args), pieces(*args)
-    assert torch.allclose(out_whole, out_pieces, atol=1e-6)
-    out_whole.square().mean().backward()
-    out_pieces.square().mean().backward()
-    for (name, a), b in zip(whole.named_parameters(), pieces.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+def sdpa_layout(x: torch.Tensor) -> torch.Tensor:
+    """[B, L, P, heads, d] -> SDPA's [B * P, heads, L, d]."""
+    B, L, P, h, d = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B * P, h, L, d)
 
 
-def test_no_sdpa_call_exceeds_the_cuda_batch_limit(monkeypatch):
-    """64 px, batch 64: level 1 attention folds 64 * 32 * 32 = 65,536 rows, one over CUDA's limit."""
-    sizes = []
-    sdpa = F.scaled_dot_product_attention
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_short_attention_equals_sdpa_with_gradients(dtype, atol):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, L, 5, 2, 8, generator=g).to(dtype).requires_grad_() for L in (4, 8, 8))
+    ours = short_attention(q, k, v)  # [B, Lq, P, heads, d]
+    ref = F.scaled_dot_product_attention(sdpa_layout(q), sdpa_layout(k), sdpa_layout(v))
+    assert ours.dtype == dtype
+    assert torch.allclose(sdpa_layout(ours).float(), ref.float(), atol=atol)
+    grad = torch.randn(ref.shape, generator=g).to(dtype)
+    mine = torch.autograd.grad(sdpa_layout(ours), (q, k, v), grad)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(mine, theirs):
+        assert torch.allclose(a.float(), b.float(), atol=4 * atol)
 
-    def recording(q, *args, **kwargs):
-        sizes.append(q.shape[0])
-        return sdpa(q, *args, **kwargs)
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+def test_batch_64_at_64_px_needs_no_chunking():
+    """64 px, batch 64: level 1 attention runs 64 * 32 * 32 = 65,536 sequences, one more than CUDA's SDPA
+    takes in one call; the broadcast attention runs them in one call and matches the per-sample results."""
     cfg = tiny_cfg(size=64, base_channels=4, channel_mults=(1, 2), temporal_attn_levels=(1,), attn_head_channels=4)
-    model = build_model(cfg).eval()
+    model = randomize(to_channels_last(build_model(cfg))).eval()
+    args = [a.to(memory_format=torch.channels_last_3d) if a.ndim == 5 else a for a in inputs(cfg, B=64)]
     with torch.no_grad():
-        out = model(*inputs(cfg, B=64))
-    assert out.shape[0] == 64
-    assert max(sizes) <= SDPA_MAX_BATCH == 65_535
-    assert sum(sizes) % (64 * 32 * 32) == 0 and len(sizes) > sum(sizes) // (64 * 32 * 32)  # it was split
+        out = model(*args)
+        first = model(*[a[:2] for a in args])
+    assert out.shape[0] == 64 and torch.isfinite(out).all()
+    assert torch.allclose(out[:2], first, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_norms_equal_torch_and_keep_dtype_and_layout(layout):
+    x = torch.randn(2, 16, 3, 5, 5).to(memory_format=layout) * 3 + 1
+    gn, ln = GroupNorm(4, 16, eps=1e-6), ChannelNorm(16)
+    with torch.no_grad():
+        for p in (*gn.parameters(), *ln.parameters()):
+            p.normal_()
+    ref_gn = F.group_norm(x, 4, gn.weight, gn.bias, 1e-6)
+    ref_ln = F.layer_norm(x.movedim(1, -1), (16,), ln.weight, ln.bias, ln.eps).movedim(-1, 1)
+    assert torch.allclose(gn(x), ref_gn, atol=1e-5) and torch.allclose(ln(x), ref_ln, atol=1e-5)
+    for norm in (gn, ln):
+        out = norm(x.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=layout)
 
 
 def test_reference_parameter_count():

@@ -6,11 +6,11 @@ import torch
 
 from evdm.config import RunConfig, check_model_shape
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
-from evdm.models.convs import SPACETIME_FORMS, adapt_conv_weights, adapt_optimizer_state
+from evdm.models.convs import adapt_conv_weights, adapt_optimizer_state
 from evdm.models.unet3d import VideoUNet3D
 
 __all__ = ["build_model", "VideoUNet3D", "ConditioningEncoder", "EndpointFusion", "count_parameters",
-           "SPACETIME_FORMS", "adapt_conv_weights", "adapt_optimizer_state", "to_channels_last"]
+           "adapt_conv_weights", "adapt_optimizer_state", "to_channels_last"]
 
 
 def build_model(cfg: RunConfig) -> VideoUNet3D:
@@ -26,7 +26,7 @@ def build_model(cfg: RunConfig) -> VideoUNet3D:
         channels=cfg.channels, T=d.T, K=cfg.context, base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,
         temporal_attn_levels=tuple(m.temporal_attn_levels), attn_head_channels=m.attn_head_channels,
-        dropout=m.dropout, spacetime=m.spacetime,
+        dropout=m.dropout,
     )
 
 

@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.models.blocks import group_norm
 from evdm.models.convs import FrameConv
+from evdm.models.norms import make_group_norm
 
 
 class EncoderBlock(nn.Module):
     """Per-frame residual block (spatial convs only, no FiLM). [N, c_in, K, H, W] -> [N, c_out, K, H, W]."""
 
-    def __init__(self, c_in: int, c_out: int, form: str = "2d") -> None:
+    def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), FrameConv(c_in, c_out, form=form)
-        self.norm2, self.conv2 = group_norm(c_out), FrameConv(c_out, c_out, form=form)
-        self.skip = nn.Identity() if c_in == c_out else FrameConv(c_in, c_out, kernel=1, form=form)
+        self.norm1, self.conv1 = make_group_norm(c_in), FrameConv(c_in, c_out)
+        self.norm2, self.conv2 = make_group_norm(c_out), FrameConv(c_out, c_out)
+        self.skip = nn.Identity() if c_in == c_out else FrameConv(c_in, c_out, kernel=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -38,16 +38,16 @@ class ConditioningEncoder(nn.Module):
     constants (torch.where, no Python branching).
     """
 
-    def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int], form: str = "2d") -> None:
+    def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int]) -> None:
         super().__init__()
-        self.stem = FrameConv(in_channels, level_channels[0], form=form)
+        self.stem = FrameConv(in_channels, level_channels[0])
         self.blocks = nn.ModuleList()
         self.downs = nn.ModuleList()
         c_prev = level_channels[0]
         for i, c in enumerate(level_channels):
-            self.blocks.append(EncoderBlock(c_prev, c, form))
+            self.blocks.append(EncoderBlock(c_prev, c))
             if i + 1 < len(level_channels):
-                self.downs.append(FrameConv(c, c, stride=2, form=form))
+                self.downs.append(FrameConv(c, c, stride=2))
             c_prev = c
         Ks, Ke = K
         self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, Ks, 1, 1)) for c in level_channels])
@@ -86,6 +86,18 @@ class ConditioningEncoder(nn.Module):
         return start_feats, end_feats
 
 
+def project_frames(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 projection of x's K frames stacked along channels (stacked channel ci * K + k, as
+    x.reshape(B, c * K, H, W) would order them): weight [c_out, c * K, ...] -> [B, c_out, 1, H, W].
+
+    Computed as a (K, 1) convolution over the [B, c, K, H*W] view of x, which is free for a
+    channels_last_3d x (stacking frames along channels would copy it).
+    """
+    B, c, K, H, W = x.shape
+    out = F.conv2d(x.reshape(B, c, K, H * W), weight.reshape(-1, c, K, 1).to(x.dtype))
+    return out.reshape(B, -1, 1, H, W)
+
+
 class EndpointFusion(nn.Module):
     """Fuse one level's start and end features into a position-aware conditioning map.
 
@@ -95,7 +107,8 @@ class EndpointFusion(nn.Module):
     channel concatenation, P the 1x1 projection, pos_m a learned frame-position embedding and
     A emb the projected timestep embedding. So frame K+1 leans on the start, frame T-K-2 on the
     end, and stacking the K frames lets P read the endpoints' velocity. P is linear, so it is
-    evaluated as (1 - w) P_S S + w P_E E with P's weight split in two (same result, M x cheaper).
+    evaluated as (1 - w) P_S S + w P_E E with P's weight split in two (same result, M x cheaper), each
+    half as a (K, 1) Conv2d over the frames of the channels-last features (`project_frames`: no copy).
     start: [B, c, K_start, H, W], end: [B, c, K_end, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W].
     """
 
@@ -108,11 +121,11 @@ class EndpointFusion(nn.Module):
         self.register_buffer("w", w.reshape(1, 1, M, 1, 1), persistent=False)
 
     def forward(self, start: torch.Tensor, end: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        B, c, Ks, H, W = start.shape
-        Ke = end.shape[2]
-        w_start, w_end = self.proj.weight.split([c * Ks, c * Ke], dim=1)
-        ps = F.conv3d(start.reshape(B, c * Ks, 1, H, W), w_start.to(start.dtype))
-        pe = F.conv3d(end.reshape(B, c * Ke, 1, H, W), w_end.to(end.dtype))
-        w = self.w.to(ps.dtype)
+        B, c = start.shape[:2]
+        w_start, w_end = self.proj.weight.split([c * start.shape[2], c * end.shape[2]], dim=1)
+        # Summed in the channels-last view [B, M, H, W, c], where the broadcast result is contiguous
+        # (in [B, c, M, H, W] order the broadcast would lay the output out as [B, H, M, W, c]).
+        ps, pe = (project_frames(x, w).movedim(1, -1) for x, w in ((start, w_start), (end, w_end)))
+        w = self.w.reshape(1, -1, 1, 1, 1).to(ps.dtype)
         shift = self.proj.bias.reshape(1, c, 1, 1, 1) + self.pos + self.time(emb).reshape(B, c, 1, 1, 1)
-        return F.silu((1 - w) * ps + w * pe + shift.to(ps.dtype))
+        return F.silu((1 - w) * ps + w * pe + shift.movedim(1, -1).to(ps.dtype)).movedim(-1, 1)

@@ -1,19 +1,15 @@
-"""The two forms of the video convolutions: per-frame 2D (`spacetime = "2d"`) or Conv3d (`"3d"`).
+"""The U-Net's two kinds of video convolution, as Conv2d over free views of a channels-last tensor.
 
-Every convolution of the U-Net is either per frame (a 3x3 or 1x1 kernel applied to each frame
-alone) or along time (a 3-tap kernel at each pixel). Both forms compute the same function with the
-same number of weights; only the kernel layout differs:
+Every convolution of the U-Net is either per frame (a k x k kernel applied to each frame alone) or
+along time (a 3-tap kernel at each pixel). Both run as `F.conv2d` on views of the same 5-D tensor:
+per-frame convs see [B*M, C, H, W], the temporal conv sees [B, C, M, H*W] with a (3, 1) kernel. When
+the 5-D tensor is channels_last_3d (memory [B, M, H, W, C]), both views are channels_last 4-D tensors
+without a copy: the layout cuDNN's bf16 tensor-core kernels are built for (as in diffusers' UNet3D).
+On the 2-core CPU the demo ran in 6 min 20 s with this form against 7 min 55 s with Conv3d; on an H200
+the two trained equally fast (docs/BENCHMARKS.md), so it is the one form.
 
-- "3d": `nn.Conv3d` with kernels (1, k, k) and (3, 1, 1) over [B, C, M, H, W] (the original form;
-  weights [c_out, c_in, 1, k, k] and [c, c, 3, 1, 1]);
-- "2d": `nn.Conv2d` over views of the same tensor: per-frame convs see [B*M, C, H, W], the temporal
-  conv sees [B, C, M, H*W] with a (3, 1) kernel (weights [c_out, c_in, k, k] and [c, c, 3, 1]).
-  When the 5-D tensor is channels_last_3d (memory [B, M, H, W, C]), both views are channels_last
-  4-D tensors without a copy: the layout cuDNN's bf16 tensor-core 2D kernels are built for (and
-  what diffusers' UNet3D does).
-
-`adapt_conv_weights` reshapes a state dict saved in one form to the other (they differ only by
-singleton kernel dimensions), so checkpoints of either form load into a model of either form.
+Checkpoints of the retired Conv3d form (kernels [c_out, c_in, 1, k, k] and [c, c, 3, 1, 1]) still
+load: `adapt_conv_weights` reshapes tensors that differ only by singleton dimensions.
 """
 
 from __future__ import annotations
@@ -21,13 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-SPACETIME_FORMS = ("2d", "3d")
-
-
-def _check_form(form: str) -> None:
-    if form not in SPACETIME_FORMS:
-        raise ValueError(f"unknown spacetime form {form!r}; expected one of {SPACETIME_FORMS}")
 
 
 def to_frames(x: torch.Tensor) -> torch.Tensor:
@@ -45,24 +34,16 @@ class FrameConv(nn.Module):
     """A k x k convolution applied to every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s].
 
     `upsample` doubles H and W (nearest) before the convolution. The weight and bias live on this
-    module (`.weight`, `.bias`), initialised exactly as nn.Conv2d / nn.Conv3d would, so both forms
-    built from one seed hold the same numbers.
+    module (`.weight`, `.bias`), initialised exactly as nn.Conv2d would.
     """
 
-    def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, form: str = "2d",
-                 upsample: bool = False) -> None:
+    def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, upsample: bool = False) -> None:
         super().__init__()
-        _check_form(form)
-        self.form, self.stride, self.pad, self.upsample = form, stride, kernel // 2, upsample
-        conv = nn.Conv2d(c_in, c_out, kernel) if form == "2d" else nn.Conv3d(c_in, c_out, (1, kernel, kernel))
+        self.stride, self.pad, self.upsample = stride, kernel // 2, upsample
+        conv = nn.Conv2d(c_in, c_out, kernel)
         self.weight, self.bias = conv.weight, conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.form == "3d":
-            if self.upsample:
-                x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-            s, p = self.stride, self.pad
-            return F.conv3d(x, self.weight, self.bias, stride=(1, s, s), padding=(0, p, p))
         frames = to_frames(x)
         if self.upsample:
             frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
@@ -73,16 +54,12 @@ class FrameConv(nn.Module):
 class TimeConv(nn.Module):
     """A 3-tap convolution along time at every pixel, zero-padded: [B, c, M, H, W] -> same shape."""
 
-    def __init__(self, channels: int, *, form: str = "2d") -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        _check_form(form)
-        self.form = form
-        conv = nn.Conv2d(channels, channels, (3, 1)) if form == "2d" else nn.Conv3d(channels, channels, (3, 1, 1))
+        conv = nn.Conv2d(channels, channels, (3, 1))
         self.weight, self.bias = conv.weight, conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.form == "3d":
-            return F.conv3d(x, self.weight, self.bias, padding=(1, 0, 0))
         B, C, M, H, W = x.shape
         return F.conv2d(x.reshape(B, C, M, H * W), self.weight, self.bias, padding=(1, 0)).reshape(B, -1, M, H, W)
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from evdm.config import as_context, check_model_shape
-from evdm.models.blocks import (
-    FiLM, Downsample, ResBlock3D, TemporalAttention, TimestepEmbedder, Upsample, group_norm, zero_init,
-)
-from evdm.models.convs import FrameConv
+from evdm.models.attention import TemporalAttention, zero_init
+from evdm.models.blocks import FiLM, Downsample, ResBlock3D, TimestepEmbedder, Upsample
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
+from evdm.models.convs import FrameConv
+from evdm.models.norms import make_group_norm
 
 
 class VideoUNet3D(nn.Module):
@@ -44,7 +44,6 @@ class VideoUNet3D(nn.Module):
         temporal_attn_levels: tuple[int, ...] = (1, 2),
         attn_head_channels: int = 32,
         dropout: float = 0.0,
-        spacetime: str = "2d",
     ) -> None:
         super().__init__()
         check_model_shape(T=T, K=K, channel_mults=channel_mults, temporal_attn_levels=temporal_attn_levels)
@@ -55,25 +54,25 @@ class VideoUNet3D(nn.Module):
         level_ch = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.attn_levels = tuple(sorted(set(temporal_attn_levels)))
-        block = lambda c_in, c_out: ResBlock3D(c_in, c_out, c_out, dropout, spacetime)  # noqa: E731
+        block = lambda c_in, c_out: ResBlock3D(c_in, c_out, c_out, dropout)  # noqa: E731
         attn = lambda c: TemporalAttention(c, attn_head_channels, T)  # noqa: E731
 
         self.time_embed = TimestepEmbedder(base_channels, emb_dim)
-        self.encoder = ConditioningEncoder(channels, level_ch, self.context, spacetime)
+        self.encoder = ConditioningEncoder(channels, level_ch, self.context)
         self.fusion = nn.ModuleList([EndpointFusion(c, self.context, M, emb_dim) for c in level_ch])
 
-        self.stem = FrameConv(channels, level_ch[0], form=spacetime)
-        self.stem_film = FiLM(level_ch[0], level_ch[0], spacetime)
-        skip_ch = self._build_down(level_ch, res_blocks, block, attn, spacetime)
+        self.stem = FrameConv(channels, level_ch[0])
+        self.stem_film = FiLM(level_ch[0], level_ch[0])
+        skip_ch = self._build_down(level_ch, res_blocks, block, attn)
         c_mid = level_ch[-1]
         self.mid_block1 = block(c_mid, c_mid)
         self.mid_attn = attn(c_mid)
         self.mid_block2 = block(c_mid, c_mid)
-        self._build_up(level_ch, res_blocks, skip_ch, block, attn, spacetime)
-        self.out_norm = group_norm(level_ch[0])
-        self.out_conv = zero_init(FrameConv(level_ch[0], channels, form=spacetime))
+        self._build_up(level_ch, res_blocks, skip_ch, block, attn)
+        self.out_norm = make_group_norm(level_ch[0])
+        self.out_conv = zero_init(FrameConv(level_ch[0], channels))
 
-    def _build_down(self, level_ch: list[int], res_blocks: int, block, attn, spacetime: str) -> list[int]:
+    def _build_down(self, level_ch: list[int], res_blocks: int, block, attn) -> list[int]:
         """Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the
         bottom. Returns the channel count of every skip the up path will eat, in order."""
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -90,12 +89,12 @@ class VideoUNet3D(nn.Module):
             self.down_blocks.append(blocks)
             self.down_attn.append(attns)
             if lv + 1 < len(level_ch):
-                self.downsample.append(Downsample(c, level_ch[lv + 1], spacetime))
+                self.downsample.append(Downsample(c, level_ch[lv + 1]))
                 c = level_ch[lv + 1]
                 skip_ch.append(c)
         return skip_ch
 
-    def _build_up(self, level_ch: list[int], res_blocks: int, skip_ch: list[int], block, attn, spacetime: str) -> None:
+    def _build_up(self, level_ch: list[int], res_blocks: int, skip_ch: list[int], block, attn) -> None:
         """Up path: per level `res_blocks + 1` blocks, each eating one skip, then an upsample."""
         self.up_blocks, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         c = level_ch[-1]
@@ -110,7 +109,7 @@ class VideoUNet3D(nn.Module):
             self.up_blocks.append(blocks)
             self.up_attn.append(attns)
             if lv > 0:
-                self.upsample.append(Upsample(c, spacetime))
+                self.upsample.append(Upsample(c))
 
     def _check_inputs(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
         # Static shape checks: resolved at trace time, no data-dependent control flow.

@@ -218,7 +218,7 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, di
 
 def resume_from(run: Run, ckpt: dict, ckpt_path: Path) -> int:
     """Load weights, EMA, optimizer, scaler and RNG states from `ckpt`; returns its step."""
-    # adapt_*: a checkpoint of the other model.spacetime form differs only in conv kernel ranks.
+    # adapt_*: a checkpoint of the retired Conv3d form differs only in conv kernel ranks.
     load_weights(run.raw_model, adapt_conv_weights(ckpt["model"], run.raw_model), ckpt_path)
     if run.ema is not None and ckpt.get("ema") is not None:
         load_weights(run.ema, adapt_conv_weights(ckpt["ema"], run.ema), ckpt_path)
