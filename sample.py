@@ -11,7 +11,7 @@ from shards also the truth and a truth/sample comparison strip; per batch a grid
 import argparse
 import sys
 
-from evdm.config import add_speed_flags
+from evdm.cli import add_speed_flags, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,24 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.num, args.num_samples, args.batch_size) < 1:
         p.error("--num, --num_samples and --batch_size must be >= 1")
 
-    from evdm import pipeline, sampling  # torch loads here, after the arguments are known good
+    from evdm import sample_io  # torch loads here, after the arguments are known good
     from evdm.checkpoint import CheckpointError
     from evdm.config import ConfigError
+    from evdm.denoiser import load_denoiser, resolve_device
 
     try:
-        device = pipeline.resolve_device(args.device)
-        model, cfg, schedule = pipeline.load_model(args.ckpt, device, use_ema=not args.no_ema,
-                                                   color_mode=args.color_mode, compile=args.compile)
+        denoiser, cfg = load_denoiser(args.ckpt, resolve_device(args.device), use_ema=not args.no_ema,
+                                      color_mode=args.color_mode, precision=args.precision, compile=args.compile)
+        cfg = sample_io.with_flags(cfg, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale)
         if from_images:
-            start, end = sampling.load_endpoints(args.start_images, args.end_images, cfg)
-            jobs, total = sampling.image_jobs(start, end, args.num_samples), args.num_samples
+            start, end = sample_io.load_endpoints(args.start_images, args.end_images, cfg)
+            jobs, total = sample_io.image_jobs(start, end, args.num_samples), args.num_samples
         else:
-            jobs, total = sampling.shard_jobs(args.shards, cfg, args.num, args.num_samples), args.num * args.num_samples
-        settings = sampling.SampleSettings(steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                                           seed=args.seed, batch_size=args.batch_size, precision=args.precision)
-        results = sampling.run(jobs, total, model, schedule, cfg, settings, args.out_dir, keep_arrays=False)
-    except (sampling.SamplingError, CheckpointError, ConfigError) as err:
-        print(f"error: {sampling.one_line(err)}", file=sys.stderr)
+            jobs, total = sample_io.shard_jobs(args.shards, cfg, args.num, args.num_samples), args.num * args.num_samples
+        results = sample_io.sample_to_files(jobs, total, denoiser, cfg, args.out_dir, seed=args.seed,
+                                            batch_size=args.batch_size, keep_arrays=False)
+    except (sample_io.SamplingError, CheckpointError, ConfigError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {len(results)} clip(s) to {args.out_dir}/")
     return 0

@@ -1,49 +1,47 @@
-"""GPU check: one command, one table, every figure issue 11 asks of one H100/H200, in about 6 minutes.
+"""GPU check: one command, one table, every figure the GPU issues ask of one H100/H200, in about 9 minutes.
 
     bash bench/gpu_check.sh                 # the check; JSON in bench/results/gpu_check.json
     bash bench/gpu_check.sh --resume        # then: only the rows the last run did not reach, merged in
     bash bench/gpu_check.sh --list          # the rows in priority order (--only NAME,... runs some)
-    bash bench/gpu_check.sh --budget 1000   # the whole grid (4 cold compiles: ~15 min, estimate below)
-    python bench/gpu_check.py --smoke       # the same code on a CPU, tiny model: ~30 s quiet (tests/test_bench.py)
+    bash bench/gpu_check.sh --ckpt RUN/last.pt   # sample rows on trained weights
+    python bench/gpu_check.py --smoke       # the same code on a CPU, tiny model (tests/test_bench.py)
 
-Rows (reference model: 64 px, T 8, K 2, base 96, mults 1 2 4, 2 res blocks, attention at levels 1 2):
-- train: fwd + bwd + AdamW on a fixed random clip (bench/train_step.py prepare / time_steps) per
-  space-time form ("2d" per-frame Conv2d, the default; "3d" the old Conv3d) x layout (channels_last_3d
-  or contiguous) x {eager fp32, eager bf16 autocast, compile + bf16}, at batch 64, 128, 32: ms/step
-  (median of 3 after 1 warm-up), samples/s, MFU (evdm.train.mfu), peak GPU memory, the first step's
-  seconds (compile), status (ok, OOM, the error in one line, skipped or stopped at the time budget).
-- train.py fed: evdm.train.train() on configs/bair.toml at batch 64, fed by the shard loader from
-  synthetic shards in a temporary folder: samples/s, data wait and MFU from its metrics.jsonl. Eager
-  bf16 by default, since a compile there is one more cold compile; --fed-compile compiles.
-- sample: evdm.pipeline.fill_middle at batch 64, guidance 1.8 (forward batch 128), 10 DDIM steps, as
-  evdm.sampling runs it on CUDA (channels_last), fp32 / bf16 / bf16 + compile_for_inference: clips/s,
-  ms per model call, and the max abs difference of the bf16 clips from the fp32 ones (same weights,
-  inputs and seed). The model is untrained: its zero-initialised tensors get N(0, 0.02^2) weights so
-  that it does not output zeros.
+Rows, in priority order (reference model: 64 px, T 8, context 2 + 2, base 96, mults 1 2 4, 2 res blocks,
+attention at levels 1 2; the default recipe: x0 prediction, blend residual, cosine schedule):
+1. train bf16+compile, batch 64 then 128: evdm's own training step (evdm.train.step.train_step: the
+   loss, clipping, AdamW, EMA) on a fixed uint8 batch, the blocks compiled regionally (evdm.compile):
+   ms/step (median of 3 after 1 warm-up), samples/s, MFU, peak memory, and "first s", the first step:
+   the cold compile at 64, what a batch change costs at 128.
+2. profile bf16+compile, batch 64: the top 15 kernels by CUDA time over 3 compiled steps, the share
+   and count of copy kernels among them, and the copies one eager step dispatches (evdm.train.copies).
+3. train bf16+compile (warm): the same step in a new process with the Inductor cache row 1 filled:
+   "first s" is what a resumed run's compile costs.
+4. train bf16 (eager), batch 64: the baseline the compile is measured against.
+5. sample fp32 and 6. sample bf16+compile: Denoiser.generate at batch 64, guidance 1.8 (forward batch
+   128), 10 DDIM steps: clips/s, ms per network call, and the mean, 99th percentile and max of
+   |bf16 - fp32| over the clips (same weights, endpoints and seed). The weights: --ckpt, else the
+   checkpoint the fed row trained (for the sample rows after it), else the fresh model with its
+   zero-initialised tensors redrawn N(0, 0.02^2); the note names them.
+7. train.py fed: evdm.train.train() on configs/bair.toml at batch 64 (compile on, as a user runs
+   it), fed by the shard loader from synthetic shards: samples/s, data wait, MFU from metrics.jsonl.
+8. torchrun fed (NCCL): the same under `torchrun --standalone --nproc_per_node 1`: the process group
+   and DistributedDataParallel over NCCL, as any larger run.
+9.-12. train fp32 (eager), sample bf16 (eager), sample bf16+cudagraphs (the whole network compiled
+   with mode="reduce-overhead": does a CUDA graph pay?), train bf16+compile at batch 32.
 
-How it fits (a cold compile of the reference model took 124 s on the H200):
-- Each variant runs in its own subprocess (bench/gpu_check_jobs.py) and process group, with its own
-  timeout: an OOM, hang or crash costs that variant's rows, not the run. Rows stream back per batch;
-  the JSON is rewritten after every variant, so an outer timeout leaves every finished row on disk.
-- One compiled model serves a variant's three batch sizes: the batch dimension of the model's inputs is
-  marked dynamic (torch._dynamo.maybe_mark_dynamic), so Inductor's kernels are batch-generic and
-  compiled once. Dynamo still re-traces once per batch, because the chunked temporal attention splits
-  B*H*W rows into 1, 2 and 3 SDPA calls at batch 32, 64 and 128; "first s" shows what each batch cost.
-- Priority order (--list): the default path (2d, channels_last, bf16 + compile), its eager bf16 and
-  fp32 baselines, the old 3d form (eager bf16), fp32 and bf16 sampling, the fed train.py, contiguous
-  2d, bf16 + compile sampling, the old form compiled, then the rest. A global budget (--budget, 330 s)
-  ends the run: variants not started say "skipped (time budget)", one running is stopped.
-- Estimate on an H200, from its 2026-11-25 measurements (old block; step time ~ batch): probe 5 s;
-  default path 8 s start + 124 s compile + 2 re-traces x ~40 s + 4 steps x (0.19 + 0.37 + 0.74) s =
-  ~220 s; eager bf16 8 + 4 x (0.27 + 0.54 + 1.07) = ~16 s; eager fp32 8 + 4 x (0.44 + 0.88 + 1.77) =
-  ~21 s; 3d eager bf16 ~16 s; sample fp32 8 + 1.2 + 6 = ~16 s; sample bf16 ~12 s: ~305 s. The fed row
-  (~30 s) fits if the compile is quicker. What is left: --resume (or --only) in a later run, or one
-  longer run (--budget 540 fits a 10-minute command).
+How it fits: each job runs in its own subprocess (bench/gpu_check_jobs.py) and process group, with its
+own timeout: an OOM, hang or crash costs that job's rows, not the run. Rows stream back per batch; the
+JSON is rewritten after every job, so an outer timeout leaves every finished row on disk. All jobs share
+one Inductor cache folder in the run's scratch folder: row 1 compiles cold, later compiled rows of the
+same graphs warm. A global budget (--budget, 540 s: a 10-minute command with room to start) ends the run:
+jobs not started say "skipped (time budget)", one running is stopped. The estimate for an H200: a cold
+regional compile is unmeasured (the whole-model compile took 124-198 s there; regional compilation
+compiles each kind of block once, for every size), so row 1 is given up to 300 s.
 
---smoke runs one variant of each kind (SMOKE_ROWS) on the CPU: bench/train_step.py's "tiny" model at
-batch 2 and 3, sampling at batch 2 with 2 steps, train() on configs/smoke.toml resized to the tiny
-model at batch 2. Compile rows say "skipped" (a cold CPU compile takes minutes) unless --smoke-compile.
-Every subprocess gets oneDNN capped below AMX (ONEDNN_CAP), whose bf16 Conv3d backward can hang.
+--smoke runs each kind of row on the CPU: bench/train_step.py's "tiny" model at batch 2 and 3, the
+profile of the eager step, sampling at batch 2 with 2 steps, train() and torchrun on configs/smoke.toml
+resized to the tiny model. Compile rows say "skipped" (a cold CPU compile takes minutes) unless
+--smoke-compile. Every subprocess gets oneDNN capped below AMX (ONEDNN_CAP), whose bf16 backward can hang.
 """
 
 from __future__ import annotations
@@ -65,56 +63,60 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-JOBS_SCRIPT = ROOT / "bench" / "gpu_check_jobs.py"  # one variant per process; constants and row code there
+JOBS_SCRIPT = ROOT / "bench" / "gpu_check_jobs.py"  # one job per process; constants and row code there
 _spec = importlib.util.spec_from_file_location("bench_gpu_check_jobs", JOBS_SCRIPT)
 jobs_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(jobs_mod)
 
-# --smoke: each code path once (both forms and layouts, both precisions, every kind of row, the compile skip).
-SMOKE_ROWS = ("train 2d cl bf16+compile", "train 2d cl bf16", "train 2d contig fp32", "sample fp32", "sample bf16",
-              "sample bf16+compile", "train.py fed")
 WHEELS_HINT = "see bench/wheels/README.md (bash bench/gpu_check.sh installs bench/wheels/*.whl itself)"
 
-def train_job(spacetime: str, channels_last: bool, precision: str, compile: bool) -> dict:
-    layout = "cl" if channels_last else "contig"
-    return dict(name=f"train {spacetime} {layout} {precision}{'+compile' if compile else ''}", kind="train",
-                spacetime=spacetime, channels_last=channels_last, precision=precision, compile=compile)
+
+def job(kind: str, precision: str, compile: bool, batches: tuple[int, ...], *, name: str | None = None, **extra) -> dict:
+    label = {"train": "train", "profile": "profile", "sample": "sample", "fed": "train.py fed",
+             "torchrun": "torchrun fed"}[kind]
+    if kind in ("train", "profile", "sample"):
+        label += f" {precision}" + ("+compile" if compile else "")
+    return dict(name=name or label, kind=kind, precision=precision, compile=compile, batches=list(batches), **extra)
 
 
-def sample_job(precision: str, compile: bool) -> dict:
-    return dict(name=f"sample {precision}{'+compile' if compile else ''}", kind="sample", precision=precision,
-                compile=compile)
-
-
-def plan(fed_compile: bool) -> list[dict]:
-    """Every job in priority order (see the module doc)."""
+def plan(smoke: bool) -> list[dict]:
+    """Every job in priority order (see the module doc); --smoke: CPU batches, an eager profile."""
+    if smoke:
+        return [job("train", "bf16", True, (2, 3)), job("profile", "bf16", False, (2,)), job("train", "bf16", False, (2, 3)),
+                job("sample", "fp32", False, (2,)), job("sample", "bf16", True, (2,)), job("fed", "fp32", False, (2,)),
+                job("torchrun", "fp32", False, (2,), name="torchrun fed (gloo)"), job("train", "fp32", False, (2, 3)),
+                job("sample", "bf16", False, (2,))]
     return [
-        train_job("2d", True, "bf16", True), train_job("2d", True, "bf16", False), train_job("2d", True, "fp32", False),
-        sample_job("fp32", False), sample_job("bf16", False),
-        dict(name="train.py fed", kind="fed", compile=fed_compile), train_job("2d", False, "bf16", False),
-        sample_job("bf16", True), train_job("2d", False, "fp32", False), train_job("2d", False, "bf16", True),
+        job("train", "bf16", True, (64, 128)), job("profile", "bf16", True, (64,)),
+        job("train", "bf16", True, (64,), name="train bf16+compile (warm)"), job("train", "bf16", False, (64,)),
+        job("sample", "fp32", False, (64,)), job("sample", "bf16", True, (64,)), job("fed", "bf16", True, (64,)),
+        job("torchrun", "bf16", True, (64,), name="torchrun fed (NCCL)"), job("train", "fp32", False, (64,)),
+        job("sample", "bf16", False, (64,)),
+        job("sample", "bf16", True, (64,), name="sample bf16+cudagraphs", cudagraphs=True),
+        job("train", "bf16", True, (32,), name="train bf16+compile (batch 32)"),
     ]
 
 
 def job_cap_s(job: dict, smoke: bool) -> float:
     """Seconds one job may run before it is killed (the budget may cut it shorter)."""
     if smoke:
-        return 240.0 if job["compile"] else 90.0
-    return {"train": 240.0, "sample": 180.0, "fed": 240.0}[job["kind"]] if job["compile"] else 120.0
+        return 240.0 if job["compile"] else 120.0
+    if job["name"] == "train bf16+compile":
+        return 300.0  # the cold compile
+    return 240.0 if job["compile"] or job["kind"] in ("fed", "torchrun") else 120.0
 
 
 # ---- the parent side: plan, budget, subprocesses, the table and the JSON ---------------------------------
 
 
-def expected_rows(job: dict, scale: str) -> list[dict]:
-    fields = {k: v for k, v in job.items() if k != "name"}
-    return [dict(job=job["name"], **fields, batch=b) for b in jobs_mod.job_batches(job, scale)]
+def expected_rows(job: dict) -> list[dict]:
+    fields = {k: v for k, v in job.items() if k not in ("name", "batches")}
+    return [dict(job=job["name"], **fields, batch=b) for b in job["batches"]]
 
 
 def run_job(job: dict, args: argparse.Namespace, work: Path, deadline: float, t0: float) -> list[dict]:
     """One job in a subprocess (its own process group) with a timeout; every expected row comes back with a status."""
-    scale = "smoke" if args.smoke else "gpu"
-    rows = expected_rows(job, scale)
+    rows = expected_rows(job)
     left = deadline - time.time()
     if args.smoke and job["compile"] and not args.smoke_compile:
         return [dict(r, status="skipped (--smoke: no compile; --smoke-compile)") for r in rows]
@@ -122,8 +124,11 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, deadline: float, t0
         return [dict(r, status=jobs_mod.SKIP_BUDGET) for r in rows]
     timeout = min(job_cap_s(job, args.smoke), left)
     cmd = [sys.executable, str(JOBS_SCRIPT), "--job", json.dumps(job), "--deadline", f"{deadline:.1f}",
-           "--work", str(work)] + (["--smoke"] if args.smoke else [])
-    env = {**os.environ, **(jobs_mod.bench.ONEDNN_CAP if args.smoke else {}), "PYTHONUNBUFFERED": "1"}
+           "--work", str(work)] + (["--smoke"] if args.smoke else []) + (["--ckpt", args.ckpt] if args.ckpt else [])
+    # One Inductor cache for the run: row 1 compiles cold, later rows of the same graphs warm (the user's own
+    # TORCHINDUCTOR_CACHE_DIR is not used: a warm cache would hide the cold compile).
+    env = {**os.environ, **(jobs_mod.bench.ONEDNN_CAP if args.smoke else {}), "PYTHONUNBUFFERED": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
     reported: dict[int, dict] = {}
     err_path = work / f"{job['name'].replace(' ', '_').replace('.', '')}.stderr"
 
@@ -172,27 +177,50 @@ def num(x, spec: str) -> str:
 
 
 COLUMNS = ("row", "batch", "ms", "per s", "MFU", "peak GB", "first s", "note", "status")
-LEGEND = ("ms: per training step (train rows), per model call of forward batch 2 x batch (sample rows). per s: "
+LEGEND = ("ms: per training step (train rows), per network call of forward batch 2 x batch (sample rows). per s: "
           "samples/s (train), clips/s (sample). MFU: model FLOP/s over the card's bf16 dense peak. first s: the first "
-          "step or call (compile; recompile at a new batch).")
+          "step or call (compile; recompile at a new batch). |bf16-fp32|: mean / 99th percentile / max over the "
+          "clips, in [-1, 1] units.")
+PROFILE_COLUMNS = ("kernel", "ms per step", "share", "calls per step")
+
+
+def note_of(r: dict) -> str:
+    """The note column: what a row's numbers mean beyond ms and rate (older results' fields included)."""
+    if r["kind"] == "sample":
+        diff = r.get("diff_vs_fp32")
+        text = f"{r.get('steps', '')} DDIM steps"
+        if diff:
+            text += f"; |bf16-fp32| {diff['mean']} / {diff['q99']} / {diff['max']}; weights {r.get('weights')}"
+        elif r.get("max_abs_diff_vs_fp32") is not None:  # results of 2026-11-30 and before
+            text += f"; max abs bf16-fp32 {r['max_abs_diff_vs_fp32']}"
+        return text
+    if r["kind"] == "profile":
+        copies = r["eager_copies"]
+        return (f"copy kernels {pct(r['copy_share'])} of the time ({r['copy_calls_per_step']} copy ops a step); "
+                f"eager step: {copies['layout']} layout + {copies['dtype']} dtype copies of activations")
+    if "data_wait" in r:
+        return f"{r['num_workers']} workers, {r['variant']}, data wait {pct(r['data_wait'])}"
+    return ""
 
 
 def table_cells(result: dict) -> list[list[str]]:
     """The table's cells, one list per row (the rich table here, the markdown one in bench/report.py)."""
     cells = []
     for r in result["rows"]:
-        if r["kind"] == "sample":
-            ms, rate = r.get("ms_per_model_call"), r.get("clips_per_s")
-            diff = r.get("max_abs_diff_vs_fp32")
-            note = f"{r.get('steps', '')} DDIM steps" + (f"; max abs bf16-fp32 {diff}" if diff is not None else "")
-        else:
-            ms, rate = r.get("step_ms"), r.get("samples_per_s")
-            fed = "data_wait" in r
-            note = f"{r['num_workers']} workers, {r['variant']}, data wait {pct(r['data_wait'])}" if fed else ""
+        sample = r["kind"] == "sample"
+        ms = r.get("ms_per_model_call") if sample else r.get("step_ms")
+        rate = r.get("clips_per_s") if sample else r.get("samples_per_s")
         cells.append([r["job"], str(r["batch"]), num(ms, ".1f"), num(rate, ".1f"), pct(r.get("mfu")),
                       num(r.get("peak_mem_gb"), ".1f"), num(r.get("first_step_s"), ".1f"),
-                      note if r["status"] == "ok" else "", r["status"]])
+                      note_of(r) if r["status"] == "ok" else "", r["status"]])
     return cells
+
+
+def profile_cells(result: dict) -> list[list[str]]:
+    """The top kernels of the profile row (none before it existed)."""
+    rows = [r for r in result["rows"] if r["kind"] == "profile" and r["status"] == "ok"]
+    return [[k["name"], f"{k['ms_per_step']:.2f}", pct(k["share"]), f"{k['calls_per_step']:g}"]
+            for r in rows for k in r["top"]]
 
 
 def print_table(result: dict) -> None:
@@ -207,7 +235,16 @@ def print_table(result: dict) -> None:
         table.add_column(col, justify="left" if col in ("row", "note", "status") else "right")
     for row in table_cells(result):
         table.add_row(*row)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    kernels = profile_cells(result)
+    if kernels:
+        top = Table(title="profile: the top kernels of the compiled step", title_justify="left")
+        for col in PROFILE_COLUMNS:
+            top.add_column(col, justify="left" if col == "kernel" else "right")
+        for row in kernels:
+            top.add_row(*row)
+        console.print(top)
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -229,19 +266,17 @@ def probe() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (rows after it: skipped)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run (rows after it: skipped)")
     p.add_argument("--only", default="", help="comma list of row names (see --list); default: all, in order")
     p.add_argument("--list", action="store_true", help="print the rows in priority order and exit")
     p.add_argument("--resume", action="store_true", help="rerun only the rows of --out that did not finish")
-    p.add_argument("--fed-compile", action="store_true", help="train.py fed row with compile (another cold compile)")
+    p.add_argument("--ckpt", help="weights for the sample rows (default: the checkpoint the fed row trains)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model and batches: the same code path in ~40 s")
     p.add_argument("--smoke-compile", action="store_true", help="with --smoke: run the compile rows too")
     p.add_argument("--out", default=None, help="JSON (default bench/results/gpu_check.json, _smoke.json with --smoke)")
     args = p.parse_args(argv)
     scale = "smoke" if args.smoke else "gpu"
-    jobs = plan(args.fed_compile)
-    if args.smoke:
-        jobs = [j for j in jobs if j["name"] in SMOKE_ROWS]
+    jobs = plan(args.smoke)
     if args.list:
         print("\n".join(j["name"] for j in jobs))
         return 0
@@ -261,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: cannot run: missing {', '.join(what)}{hint}", file=sys.stderr)
         return 2
     print(f"gpu_check: {machine.get('gpu', 'CPU (--smoke)')}, torch {machine['torch']}, CUDA {machine['cuda']}, "
-          f"Python {machine['python']}, {machine['cpu_count']} CPUs; budget {args.budget:.0f} s, {len(jobs)} variants",
+          f"Python {machine['python']}, {machine['cpu_count']} CPUs; budget {args.budget:.0f} s, {len(jobs)} jobs",
           file=sys.stderr, flush=True)
 
     done: dict[str, list[dict]] = {}

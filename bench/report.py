@@ -196,18 +196,22 @@ def reliability_body(r: dict) -> list[str]:
 
 
 GPU_CHECK_INTRO = (
-    "Issue 11's figures on one H100/H200 in one command of about 6 minutes, compile included: the training step "
-    "(fwd + bwd + AdamW) of the reference model (64 px, T 8, K 2, 50.95 M parameters) for the new (`2d`) and old "
-    "(`3d`) space-time block, channels_last_3d or contiguous, eager fp32 / eager bf16 / compile + bf16, at batch "
-    "32, 64 and 128 (ms/step, samples/s, MFU, peak memory, compile seconds); `train.py` on `configs/bair.toml` fed "
-    "by the shard loader at batch 64 (samples/s, data wait, MFU); DDIM sampling at batch 64 with guidance 1.8 in "
-    "fp32, bf16 and bf16 + compile (clips/s at 10 steps, max abs difference of the bf16 clips from fp32). Rows run "
-    "in priority order under a time budget; how the grid fits is in `bench/gpu_check.py`'s docstring.")
+    "The GPU issues' figures on one H100/H200 in one command of at most 9 minutes, compiles included: evdm's own "
+    "training step of the reference model (64 px, T 8, context 2 + 2, 50.95 M parameters) compiled in bf16 at batch "
+    "64 and 128 (ms/step, samples/s, MFU, peak memory, the cold compile), a kernel profile of the compiled step "
+    "(top kernels, copies), the warm compile a resumed run pays, the eager bf16 and fp32 baselines, sampling at "
+    "batch 64 with guidance 1.8 in fp32 and bf16 + compile (clips/s, |bf16 - fp32|), `train.py` fed by the shard "
+    "loader with compile, and the same under `torchrun` over NCCL. Rows run in priority order under a time budget; "
+    "`bench/gpu_check.py`'s docstring lists them.")
+OLD_GPU_CHECK = ("An earlier check, of the code before issue 18 (main at fb4df0c: SDPA attention, autocast norms, two "
+                 "space-time forms `2d` / `3d`, layouts `cl` / `contig`); its raw files, a kernel profile and the "
+                 "commands are in `shared/measurements/` of the workplace.")
 
 
 def gpu_check_intro(r: dict) -> str:
-    return GPU_CHECK_INTRO + (" **This result is the CPU smoke run (`--smoke`, tiny model): not a GPU figure.**"
-                              if r.get("smoke") else "")
+    if r.get("smoke"):
+        return GPU_CHECK_INTRO + " **This result is the CPU smoke run (`--smoke`, tiny model): not a GPU figure.**"
+    return OLD_GPU_CHECK if any(" 2d " in row["job"] or " 3d " in row["job"] for row in r["rows"]) else GPU_CHECK_INTRO
 
 
 def gpu_check_command(r: dict) -> str:
@@ -217,8 +221,12 @@ def gpu_check_command(r: dict) -> str:
 def gpu_check_body(r: dict) -> list[str]:
     gpu_check = load_bench("gpu_check")
     headers = [c + ("<" if c in ("row", "note", "status") else "") for c in gpu_check.COLUMNS]
-    wall = f"Wall time {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget."
-    return md_table(headers, gpu_check.table_cells(r)) + ["", gpu_check.LEGEND, "", wall]
+    lines = md_table(headers, gpu_check.table_cells(r)) + ["", gpu_check.LEGEND, ""]
+    kernels = gpu_check.profile_cells(r)
+    if kernels:
+        lines += ["The profile row's top kernels (compiled step, batch 64):", "",
+                  *md_table(["kernel<", "ms per step", "share", "calls per step"], kernels), ""]
+    return lines + [f"Wall time {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget."]
 
 
 def load_bench(name: str):
@@ -243,18 +251,11 @@ SECTIONS = {
                     "python bench/reliability.py"),
 }
 NOT_MEASURED = {
-    "gpu_check": [GPU_CHECK_INTRO, "", "To run it on one H100/H200 (about 6 minutes; the small wheels it needs, "
+    "gpu_check": [GPU_CHECK_INTRO, "", "To run it on one H100/H200 (at most 9 minutes; the small wheels it needs, "
                   "webdataset, braceexpand and tomli, are fetched as `bench/wheels/README.md` says):", "", "```",
                   "bash bench/gpu_check.sh   # then: python bench/report.py", "```", "",
-                  "**Table: not measured yet.** No session with a GPU has run the check; `python bench/report.py` "
-                  "renders its table here from `bench/results/gpu_check.json`.", "",
-                  "What stays and what goes is for this table to decide, and nothing has been dropped before it: "
-                  "the per-frame `Conv2d` space-time form (`model.spacetime = \"2d\"`) is the default because it is "
-                  "the layout cuDNN's bf16 tensor-core kernels serve, and the `Conv3d` form (`\"3d\"`) stays selectable "
-                  "with the same weights so the two can be timed side by side; channels-last stays on in "
-                  "`configs/bair.toml`. Measured before these changes on an H200 (old `3d` form, batch 32): eager "
-                  "fp32 72.5 samples/s, bf16 119.3, channels-last fp32 66.3 (slower), compile + channels-last + "
-                  "bf16 172.1 (about 15% MFU); batch 64 and up crashed in SDPA, which chunked attention removes."],
+                  "**Table: not measured yet on the current code.** No session with a GPU has run this version of "
+                  "the check; `python bench/report.py` renders its table here from `bench/results/gpu_check.json`."],
 }
 
 
@@ -274,12 +275,18 @@ def render(results_dir: Path) -> str:
         lines += [f"## {title} (`{run.split()[-1]}`)", ""]
         if not path.is_file():
             lines += NOT_MEASURED.get(name, [f"Not run yet: no `{shown_path(path)}`. Run `{run}`."]) + [""]
-            continue
-        r = json.loads(path.read_text())
-        command = r.get("command") or rebuild(r) + "  # rebuilt from the stored parameters"
-        lines += [intro(r), "", machine_line(r), "", "```", command, "```", "", *body(r), ""]
+        for result in [path] * path.is_file() + archived(results_dir, name):
+            r = json.loads(result.read_text())
+            command = r.get("command") or rebuild(r) + "  # rebuilt from the stored parameters"
+            heading = [] if result == path else [f"### Earlier: `{shown_path(result)}`", ""]
+            lines += [*heading, intro(r), "", machine_line(r), "", "```", command, "```", "", *body(r), ""]
         lines += log_lines(results_dir, name)
     return "\n".join(lines)
+
+
+def archived(results_dir: Path, name: str) -> list[Path]:
+    """Earlier results kept beside the current one: {name}_{machine}_{date}.json, newest first (GPU checks)."""
+    return sorted((p for p in results_dir.glob(f"{name}_*_20*.json")), reverse=True)
 
 
 def log_lines(results_dir: Path, name: str) -> list[str]:

@@ -6,7 +6,7 @@
 
 Guidance (scale != 1) runs the conditional and null branches in one forward of twice the batch;
 guidance 1.0 runs the conditional branch alone. Each row is the median of --repeats timed
-evdm.pipeline.fill_middle calls after an untimed 2-step warm-up call at the same shapes. Prints a rich table and writes JSON
+evdm.denoiser.Denoiser.generate calls (fp32) after an untimed 2-step warm-up call at the same shapes. Prints a rich table and writes JSON
 (default bench/results/sample.json).
 """
 
@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(cfg, model, schedule, *, batch: int, steps: int, guidance: float, repeats: int, device) -> dict:
-    """Time evdm.pipeline.fill_middle (DDIM, fp32) for one (batch, steps, guidance); returns one result row."""
+def measure(cfg, denoiser, *, batch: int, steps: int, guidance: float, repeats: int, device) -> dict:
+    """Time Denoiser.generate (DDIM) for one (batch, steps, guidance); returns one result row."""
     import torch
 
-    from evdm.pipeline import fill_middle
+    from evdm.config import SampleConfig
 
     (Ks, Ke), S, C = cfg.context, cfg.data.size, cfg.channels
     gen = torch.Generator(device=device).manual_seed(0)
@@ -41,8 +41,7 @@ def measure(cfg, model, schedule, *, batch: int, steps: int, guidance: float, re
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        fill_middle(model, schedule, cfg, start, end, steps=n_steps, eta=0.0, guidance_scale=guidance,
-                    generator=gen, precision="fp32")
+        denoiser.generate(start, end, SampleConfig(steps=n_steps, eta=0.0, guidance_scale=guidance), generator=gen)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from evdm.config import load_config
-    from evdm.diffusion import make_schedule
+    from evdm.denoiser import Denoiser
     from evdm.models import build_model, count_parameters
 
     if args.threads:
@@ -93,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).eval()
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+    denoiser = Denoiser.from_config(build_model(cfg), cfg, device, "fp32").eval()
     label = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
     load_before = os.getloadavg()[0]
@@ -102,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     for guidance in args.guidance:
         for batch in args.batch_sizes:
             for steps in args.steps:
-                row = measure(cfg, model, schedule, batch=batch, steps=steps, guidance=guidance,
-                              repeats=args.repeats, device=device)
+                row = measure(cfg, denoiser, batch=batch, steps=steps, guidance=guidance, repeats=args.repeats,
+                              device=device)
                 rows.append(row)
                 print(f"steps {steps} guidance {guidance} batch {batch}: {row['clips_per_s']} clips/s",
                       file=sys.stderr, flush=True)
     d, m = cfg.data, cfg.model
-    desc = (f"{Path(args.config).name}: {d.size}px T={d.T} K={d.endpoint_context} {d.color_mode}, base "
+    desc = (f"{Path(args.config).name}: {d.size}px T={d.T} context {list(d.context)} {d.color_mode}, base "
             f"{m.base_channels}, mults {list(m.channel_mults)}, res {m.res_blocks}, "
-            f"attn {list(m.temporal_attn_levels)}, {count_parameters(model) / 1e6:.2f}M params")
+            f"attn {list(m.temporal_attn_levels)}, {count_parameters(denoiser.net) / 1e6:.2f}M params")
     print_table(rows, f"DDIM sampling on {label}\n{desc}")
     if args.out:
         out = Path(args.out)

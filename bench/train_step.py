@@ -1,14 +1,17 @@
-"""Training-step benchmark: forward + backward + AdamW step of the denoiser, per config and variant.
+"""Training-step benchmark: evdm's own training step (evdm.train.step.train_step), per config and variant.
 
     python bench/train_step.py                                  # smoke + reference, all variants
     python bench/train_step.py --configs smoke --variants eager --steps 2 --warmup 1 --loader-steps 4   # CI smoke
     python bench/train_step.py --no-compile                     # skip torch.compile (30-100 s per config on CPU)
-    python bench/train_step.py --configs smoke --variants channels_last --loader-steps 60   # the loader-fed rows
+    python bench/train_step.py --configs smoke --variants eager --loader-steps 60   # the loader-fed rows
 
-Variants: eager (fp32, contiguous), channels_last (channels_last_3d), compile (torch.compile,
-fullgraph), bf16 (autocast), all (the three together). On CPU every bf16 row runs in a subprocess
-with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (set before torch loads) and a timeout, because oneDNN's
-AMX kernels can hang forever in the backward of some bf16 Conv3d shapes.
+What is timed is the step the trainer runs: the configured loss (x0 prediction, blend residual, cosine
+schedule, temporal term), gradient clipping, AdamW under the LR schedule and the EMA update, on a
+fixed uint8 batch (compute only; the loader-fed rows below add the data). Variants: eager (fp32),
+bf16 (autocast), compile (evdm.compile: the blocks compiled regionally), all (bf16 + compile). The
+layout is always channels_last_3d (evdm.models.convs). On CPU every bf16 row runs in a subprocess with
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (set before torch loads) and a timeout, because oneDNN's AMX
+kernels can hang forever in the backward of some bf16 convolution shapes.
 
 Loader-fed rows (smoke only; --loader-steps 0 skips them): evdm.train.train() on configs/smoke.toml,
 fed by the real shard loader with data.num_workers 0 and 2 from synthetic shards in a temporary
@@ -40,30 +43,29 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = {
     # name: (data overrides, model overrides, default batch)
-    "smoke": (dict(size=32, T=8, endpoint_context=2),
-              dict(base_channels=16, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,)), 8),
-    "tiny": (dict(size=16, T=6, endpoint_context=2),  # bench/gpu_check.py --smoke: seconds per row on a CPU
+    "smoke": (dict(size=32, T=8), dict(base_channels=16, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,)), 8),
+    "tiny": (dict(size=16, T=6),  # bench/gpu_check.py --smoke: seconds per row on a CPU
              dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,)), 2),
-    "reference": (dict(size=64, T=8, endpoint_context=2),
+    "reference": (dict(size=64, T=8),
                   dict(base_channels=96, channel_mults=(1, 2, 4), res_blocks=2, temporal_attn_levels=(1, 2)), 2),
 }
 # Set before torch loads, in the environment of any process that runs bf16 on a CPU (see the module doc).
 ONEDNN_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 VARIANTS = {
-    "eager": dict(channels_last=False, compile=False, bf16=False),
-    "channels_last": dict(channels_last=True, compile=False, bf16=False),
-    "compile": dict(channels_last=False, compile=True, bf16=False),
-    "bf16": dict(channels_last=False, compile=False, bf16=True),
-    "all": dict(channels_last=True, compile=True, bf16=True),
+    "eager": dict(precision="fp32", compile=False),
+    "bf16": dict(precision="bf16", compile=False),
+    "compile": dict(precision="fp32", compile=True),
+    "all": dict(precision="bf16", compile=True),
 }
 
 
-def run_config(config: str, **model_overrides):
-    """The RunConfig of CONFIGS[config], with ModelConfig fields overridden (e.g. spacetime="3d")."""
-    from evdm.config import DataConfig, ModelConfig, RunConfig
+def run_config(config: str, *, precision: str = "fp32", compile: bool = False, batch: int | None = None):
+    """The RunConfig of CONFIGS[config] (context 2 + 2, the default diffusion recipe) for one variant."""
+    from evdm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-    data_kw, model_kw, _ = CONFIGS[config]
-    return RunConfig(data=DataConfig(**data_kw), model=ModelConfig(**model_kw, **model_overrides))
+    data_kw, model_kw, default_batch = CONFIGS[config]
+    train = TrainConfig(precision=precision, compile="on" if compile else "off", batch_size=batch or default_batch)
+    return RunConfig(data=DataConfig(**data_kw), model=ModelConfig(**model_kw), train=train)
 
 
 def sync(device) -> None:
@@ -74,56 +76,28 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def batch_dynamic(fn):
-    """Call `fn` with dim 0 of every tensor argument marked maybe-dynamic, so torch.compile traces one graph
-    for all batch sizes where the model allows it (a size-dependent branch still recompiles, without error)."""
+def prepare(cfg, device):
+    """The trainer evdm.train builds for cfg (fresh weights, EMA, AdamW; compiled when train.compile is
+    "on"), and step_for(batch) -> a function running one real training step on a fixed uint8 batch."""
+    import itertools
+
     import torch
 
-    def call(*args):
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.ndim:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
-        return fn(*args)
+    from evdm.train import make_trainer, train_step
 
-    return call
-
-
-def prepare(cfg, opts: dict, device, *, dynamic_batch: bool = False):
-    """Model, AdamW and (compiled) forward for one variant; returns (model, step_for) where step_for(batch)
-    gives a function running one fwd + bwd + AdamW step on a fixed random clip of that batch size."""
-    import torch
-
-    from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
-    from evdm.models import build_model, to_channels_last
-
-    model = build_model(cfg).to(device)
-    if opts["channels_last"]:
-        model = to_channels_last(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model, fullgraph=True) if opts["compile"] else model
-    if opts["compile"] and dynamic_batch:
-        fwd = batch_dynamic(fwd)
-    sched = make_schedule("linear", 1000).to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    K, T, S, C = cfg.data.endpoint_context, cfg.data.T, cfg.data.size, cfg.channels
+    trainer = make_trainer(cfg, device)
+    if cfg.train.compile == "on":
+        trainer.denoiser.compile()
+    counter = itertools.count()
 
     def step_for(batch: int):
-        clip = torch.rand(batch, C, T, S, S, device=device) * 2 - 1
-        if opts["channels_last"]:
-            clip = clip.contiguous(memory_format=torch.channels_last_3d)
+        gen = torch.Generator().manual_seed(batch)
+        u8 = torch.randint(0, 256, (batch, cfg.channels, cfg.data.T, cfg.data.size, cfg.data.size),
+                           dtype=torch.uint8, generator=gen)
+        batches = itertools.repeat(u8)
+        return lambda: train_step(trainer, batches, next(counter))
 
-        def step() -> None:
-            t, noise, drop = draw_training_noise((batch, C, T - 2 * K, S, S), timesteps=1000, cfg_drop_prob=0.08,
-                                                 noise_offset=0.0, generator=gen, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
-                loss, _ = diffusion_loss(fwd, sched, clip, t, noise, drop, K=K)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    return model, step_for
+    return trainer, step_for
 
 
 def time_steps(step, *, steps: int, warmup: int, device) -> dict:
@@ -147,10 +121,10 @@ def measure(config: str, variant: str, *, batch: int, steps: int, warmup: int, d
     from evdm.models import count_parameters
 
     device = torch.device(device_name)
-    model, step_for = prepare(run_config(config), VARIANTS[variant], device)
+    trainer, step_for = prepare(run_config(config, **VARIANTS[variant], batch=batch), device)
     timing = time_steps(step_for(batch), steps=steps, warmup=warmup, device=device)
     return dict(config=config, variant=variant, device=device_label(device_name), batch=batch,
-                params=count_parameters(model), steps=steps, **timing,
+                params=count_parameters(trainer.denoiser.net), steps=steps, **timing,
                 samples_per_s=round(1000 * batch / timing["step_ms"], 3), status="ok")
 
 
@@ -175,30 +149,33 @@ def make_fed_shards(shard_dir: Path, *, T: int, size: int, val_clips: int, train
 
 
 def trainer_variant(cfg, device_name: str) -> str:
-    """The VARIANTS name of what train() applies for `cfg` on this device, or its parts joined by '+'."""
+    """The VARIANTS name of what train() applies for `cfg` on this device."""
     import torch
 
-    from evdm.pipeline import wants_compile
-    from evdm.train.loop import train_dtype
+    from evdm.denoiser import autocast_dtype, wants_compile
 
     tc, device = cfg.train, torch.device(device_name)
-    opts = dict(channels_last=tc.channels_last, compile=wants_compile(tc.compile, device),
-                bf16=train_dtype(tc, device) == torch.bfloat16)
+    dtype = autocast_dtype(tc.precision, device)
+    opts = dict(precision={torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype],
+                compile=wants_compile(tc.compile, device))
     named = [name for name, v in VARIANTS.items() if v == opts]
-    return named[0] if named else "+".join(k for k, on in opts.items() if on) or "eager"
+    return named[0] if named else f"{opts['precision']}{'+compile' if opts['compile'] else ''}"
 
 
 def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work: Path, allow_compile: bool,
                 config: Path = ROOT / "configs/smoke.toml", val_clips: int | None = None,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, runner=None, out_name: str | None = None) -> dict:
     """train() on `config` (plus `extra` overrides, TOML values) fed by the shard loader from work/shards; one
-    row from its metrics.jsonl, see the module doc. tflops and mfu: wall-time-weighted means of the records'."""
+    row from its metrics.jsonl, see the module doc. tflops and mfu: wall-time-weighted means of the records'.
+
+    runner(config, ["section.key=value", ...]): run the training another way (bench/gpu_check_jobs.py: under
+    torchrun) instead of calling train() here. out_name: the run's folder under `work`."""
     from evdm.config import load_config
     from evdm.train import train
 
     log_every = max(1, steps // 10)
     max_steps = steps + 2 * log_every  # + a warm-up window and the final (validating) window, both left out
-    out_dir = work / f"run-{workers}-workers"
+    out_dir = work / (out_name or f"run-{workers}-workers")
     never = 10**9  # no preview, checkpoint or snapshot inside the loop
     overrides = {
         "data.train_shards": f'"{work}/shards/train-*.tar"', "data.val_shards": f'"{work}/shards/val-*.tar"',
@@ -208,9 +185,13 @@ def measure_fed(workers: int, *, batch: int, steps: int, device_name: str, work:
         "train.ckpt_every": never, "train.snapshot_every": never, "train.compile": '"auto"' if allow_compile else '"off"',
         **(extra or {}),
     }
-    cfg = load_config(config, [f"{k}={v}" for k, v in overrides.items()])
-    with contextlib.redirect_stdout(io.StringIO()):  # the dashboard's per-log lines
-        train(cfg)
+    settings = [f"{k}={v}" for k, v in overrides.items()]
+    cfg = load_config(config, settings)
+    if runner is not None:
+        runner(config, settings)
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):  # the dashboard's per-log lines
+            train(cfg)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     # Each record covers the steps since the one before; weight by its wall time, not equally.
     windows = [(r["step"] - prev["step"], r) for prev, r in zip(records, records[1:-1])]
@@ -347,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(measure(config, variant, batch=batch, steps=args.steps, warmup=args.warmup,
                                          device_name=args.device)))
                 continue
-            if VARIANTS[variant]["bf16"] and args.device == "cpu":
+            if VARIANTS[variant]["precision"] == "bf16" and args.device == "cpu":
                 row = run_isolated(args, config, variant, batch, args.bf16_timeout)
             else:
                 try:

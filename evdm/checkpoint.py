@@ -112,6 +112,6 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None
 
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
     try:
-        return from_dict(ckpt["config"], f"{path} (stored config)", drop_retired=True)
+        return from_dict(ckpt["config"], f"{path} (stored config)", stored=True)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None

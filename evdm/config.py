@@ -1,67 +1,119 @@
 """Typed, frozen run configuration loaded from TOML.
 
 `load_config(path, overrides)` reads a TOML file, applies `--set section.key=value` overrides
-(values parsed as TOML), rejects unknown keys and wrong types naming the key and the file, and
-checks invariants (T > 2K, ...) once, before any work starts.
+(values parsed as TOML), rejects unknown keys, wrong types and out-of-range values naming the key and
+the file, and checks the invariants between keys (T > observed frames, ...) once, when the config is
+built. Each field carries its type (a `Literal` lists the allowed words) and, where a number has a
+valid range, a `Range`. Keys of earlier versions: evdm.legacy. Torch-free.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import tomli
+
+from evdm import legacy
 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key and the file."""
 
 
+class Context(NamedTuple):
+    """Observed frames at each end of a clip: the first `start` and the last `end` frames; the middle
+    between them is generated. TOML: `context = [start, end]` (or `endpoint_context = K` for both)."""
+
+    start: int
+    end: int
+
+    def middle_frames(self, T: int) -> int:
+        return T - self.start - self.end
+
+    def split(self, clip: Any, axis: int = 2) -> tuple[Any, Any, Any]:
+        """(start frames, middle, end frames) of a clip along its time axis (2 for [B, C, T, H, W], 1 for
+        [B, T, H, W, C], 0 for [T, H, W, C]): views of any tensor or array. ValueError when the clip
+        leaves no middle."""
+        T = clip.shape[axis]
+        if T <= self.start + self.end:
+            raise ValueError(f"clip has T={T} frames, need T > {self.start} + {self.end} observed frames")
+        at = lambda a, b: clip[(slice(None),) * axis + (slice(a, b),)]  # noqa: E731
+        return at(0, self.start), at(self.start, T - self.end), at(T - self.end, T)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number: low <= v (low < v if low_open), v <= high (v < high if high_open)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below  # NaN fails both
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+FRACTION, UNIT = Range(0, 1, high_open=True), Range(0, 1)
+
+
+def ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field with a default and a valid range (checked item by item for tuples)."""
+    return field(default=default, metadata={"range": valid})
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train_shards: str | list[str] = "shards/train-*.tar"  # glob, brace pattern, list or pipe: URL
     val_shards: str | list[str] = "shards/val-*.tar"
-    size: int = 64
-    T: int = 8
-    endpoint_context: int = 2  # K: observed frames at each end (shorthand for both counts below)
-    context_start: int = 0  # observed frames before the middle; 0: endpoint_context
-    context_end: int = 0  # observed frames after the middle; 0: endpoint_context
-    frame_stride: int = 1
-    color_mode: str = "rgb"  # rgb | gray
-    loader: str = "webdataset"  # webdataset | dali
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    val_clips: int = 64  # fixed val subset size
+    size: int = ranged(64, AT_LEAST_1)
+    T: int = ranged(8, AT_LEAST_1)
+    context: Context = ranged(Context(2, 2), AT_LEAST_1)  # observed frames (start, end)
+    frame_stride: int = ranged(1, AT_LEAST_1)
+    color_mode: Literal["rgb", "gray"] = "rgb"
+    loader: Literal["webdataset", "dali"] = "webdataset"
+    num_workers: int = ranged(2, NON_NEGATIVE)
+    shuffle_buffer: int = ranged(1000, NON_NEGATIVE)
+    val_clips: int = ranged(64, AT_LEAST_1)  # fixed val subset size
     hflip: bool = False  # random horizontal flip, applied on the training device
     verify_shards: bool = False  # check each shard's sha256 against manifest.json when a reader first opens it
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    base_channels: int = 96
-    channel_mults: tuple[int, ...] = (1, 2, 4)
-    res_blocks: int = 2
+    base_channels: int = ranged(96, AT_LEAST_1)
+    channel_mults: tuple[int, ...] = ranged((1, 2, 4), AT_LEAST_1)
+    res_blocks: int = ranged(2, AT_LEAST_1)
     temporal_attn_levels: tuple[int, ...] = (1, 2)  # indices into channel_mults; bottleneck always
-    attn_head_channels: int = 32
-    dropout: float = 0.0
-    # How the (1,3,3) / (3,1,1) convolutions run: "2d" per-frame Conv2d over channels-last views
-    # (cuDNN's fast bf16 path), or "3d" Conv3d (the original form). Same weights and maths.
-    spacetime: str = "2d"
+    attn_head_channels: int = ranged(32, AT_LEAST_1)
+    dropout: float = ranged(0.0, FRACTION)
 
 
+# The defaults are the recipe docs/RECIPES.md measured best (x0 prediction, blend residual, cosine
+# schedule, guidance 1.0); configs/*.toml spell them out.
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
-    timesteps: int = 1000
-    schedule: str = "linear"  # linear | cosine
-    prediction: str = "eps"  # eps | v | x0
-    residual: str = "none"  # none | blend: diffuse middle - linear blend of the endpoints (diffusion/residual.py)
-    temporal_loss_weight: float = 0.05
-    noise_offset: float = 0.0
-    cfg_drop_prob: float = 0.08
+    timesteps: int = ranged(1000, AT_LEAST_1)
+    schedule: Literal["linear", "cosine"] = "cosine"
+    prediction: Literal["eps", "v", "x0"] = "x0"
+    residual: Literal["none", "blend"] = "blend"  # blend: diffuse middle - linear blend of the endpoints
+    temporal_loss_weight: float = ranged(0.05, NON_NEGATIVE)
+    noise_offset: float = ranged(0.0, NON_NEGATIVE)
+    cfg_drop_prob: float = ranged(0.08, FRACTION)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,42 +121,43 @@ class TrainConfig:
     out_dir: str = "runs/bair"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 8  # per rank, per micro-step
-    grad_accum_steps: int = 1
-    max_steps: int = 100_000
-    lr: float = 1e-4
-    lr_schedule: str = "cosine"  # cosine | constant
-    lr_warmup_steps: int = 1000
-    lr_min_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp16 (with a GradScaler) | fp32
-    compile: str = "auto"  # auto (torch.compile on CUDA) | on | off
-    channels_last: bool = True
+    batch_size: int = ranged(8, AT_LEAST_1)  # per rank, per micro-step
+    grad_accum_steps: int = ranged(1, AT_LEAST_1)
+    max_steps: int = ranged(100_000, AT_LEAST_1)
+    lr: float = ranged(1e-4, POSITIVE)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_warmup_steps: int = ranged(1000, NON_NEGATIVE)
+    lr_min_ratio: float = ranged(0.1, UNIT)
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
+    adam_betas: tuple[float, float] = ranged((0.9, 0.999), FRACTION)
+    grad_clip: float = ranged(1.0, POSITIVE)
+    # auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 adds a GradScaler
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA
     ema: bool = True
-    ema_decay: float = 0.9999
+    ema_decay: float = ranged(0.9999, FRACTION)
     ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + step) / (10 + step))
-    log_every: int = 50
-    val_every: int = 1000
-    preview_every: int = 5000  # previews (PNG strips, MP4 when ffmpeg works) every N steps
-    ckpt_every: int = 1000  # out_dir/last.pt
-    snapshot_every: int = 10_000  # out_dir/step_XXXXXXX.pt
-    preview_clips: int = 4
-    preview_steps: int = 20
-    peak_tflops: float = 0.0  # per-GPU bf16 dense peak for the mfu column; 0: known GPUs by name (train/mfu.py)
+    log_every: int = ranged(50, AT_LEAST_1)
+    val_every: int = ranged(1000, AT_LEAST_1)
+    preview_every: int = ranged(5000, AT_LEAST_1)  # previews (PNG strips, MP4 when ffmpeg works) every N steps
+    ckpt_every: int = ranged(1000, AT_LEAST_1)  # out_dir/last.pt
+    snapshot_every: int = ranged(10_000, AT_LEAST_1)  # out_dir/step_XXXXXXX.pt
+    preview_clips: int = ranged(4, AT_LEAST_1)
+    preview_steps: int = ranged(20, AT_LEAST_1)
+    peak_tflops: float = ranged(0.0, NON_NEGATIVE)  # per-GPU bf16 peak for the mfu column; 0: known GPUs by name
     tensorboard: bool = False  # also log metrics and preview strips to out_dir/tensorboard/ (pip install tensorboard)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-    sampler: str = "ddim"  # ddim | ddpm
-    steps: int = 40
-    eta: float = 0.0
-    guidance_scale: float = 1.8
-    dynamic_threshold: float = 0.0  # Imagen's dynamic thresholding at this percentile (e.g. 0.995); 0: off
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
-    compile: str = "auto"  # auto (torch.compile on CUDA) | on | off
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = ranged(40, AT_LEAST_1)
+    eta: float = ranged(0.0, NON_NEGATIVE)
+    # guidance 0 is the unconditional model, (0, 1) weaker conditioning: w cond + (1 - w) null is defined for w >= 0
+    guidance_scale: float = ranged(1.0, NON_NEGATIVE)
+    dynamic_threshold: float = ranged(0.0, UNIT)  # Imagen's dynamic thresholding at this percentile; 0: off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,140 +168,59 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        for section in SECTIONS:
+            check_ranges(section, getattr(self, section))
+        check_shapes(self)
+
     @property
     def channels(self) -> int:
         return 1 if self.data.color_mode == "gray" else 3
 
     @property
-    def context(self) -> tuple[int, int]:
-        """(K_start, K_end): observed frames before and after the middle."""
-        d = self.data
-        return (d.context_start or d.endpoint_context, d.context_end or d.endpoint_context)
+    def context(self) -> Context:
+        return self.data.context
 
     @property
     def middle_frames(self) -> int:
-        return self.data.T - sum(self.context)
+        return self.data.context.middle_frames(self.data.T)
 
 
-_CHOICES = {
-    ("data", "color_mode"): ("rgb", "gray"),
-    ("data", "loader"): ("webdataset", "dali"),
-    ("model", "spacetime"): ("2d", "3d"),
-    ("diffusion", "schedule"): ("linear", "cosine"),
-    ("diffusion", "prediction"): ("eps", "v", "x0"),
-    ("diffusion", "residual"): ("none", "blend"),
-    ("train", "lr_schedule"): ("cosine", "constant"),
-    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
-    ("train", "compile"): ("auto", "on", "off"),
-    ("sample", "sampler"): ("ddim", "ddpm"),
-    ("sample", "precision"): ("auto", "bf16", "fp32"),
-    ("sample", "compile"): ("auto", "on", "off"),
-}
-
-# Keys of earlier versions: refused in a config file with the replacement named, dropped from the
-# configs stored in old checkpoints (they changed no weights).
-RETIRED_KEYS = {
-    ("train", "vis_every"): "train.preview_every (a step count)",
-    ("train", "amp"): 'train.precision = "auto" | "bf16" | "fp16" | "fp32"',
-    ("train", "amp_dtype"): 'train.precision = "auto" | "bf16" | "fp16" | "fp32"',
-    ("train", "amp_on_cpu"): 'train.precision = "bf16" (auto is fp32 on CPU)',
-    ("train", "compile_on_cpu"): 'train.compile = "on" (auto compiles on CUDA only)',
-    ("sample", "dynamic_threshold_percentile"): "sample.dynamic_threshold (the percentile itself; 0 = off)",
-}
-# Keys that kept their name but changed type: an old value (a checkpoint's stored config) maps to the
-# new one; in a config file it is refused naming the new values. train.compile was a bool meaning
-# "compile on CUDA", which is "auto" now.
-RETYPED_KEYS = {
-    ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),
-    ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),
-}
+SECTIONS = ("data", "model", "diffusion", "train", "sample")
 
 
-# Valid ranges, checked at load time: "> 0", ">= 1", "[0, 1)" (interval notation) ... Tuples are checked
-# item by item. guidance_scale may be 0 (the unconditional model) or between 0 and 1 (weaker
-# conditioning): w * cond + (1 - w) * null is defined for every w >= 0.
-_RANGES = {
-    "data.size": ">= 1", "data.T": ">= 1", "data.frame_stride": ">= 1", "data.num_workers": ">= 0",
-    "data.context_start": ">= 0", "data.context_end": ">= 0",
-    "data.shuffle_buffer": ">= 0", "data.val_clips": ">= 1",
-    "model.base_channels": ">= 1", "model.channel_mults": ">= 1", "model.res_blocks": ">= 1",
-    "model.attn_head_channels": ">= 1", "model.dropout": "[0, 1)",
-    "diffusion.timesteps": ">= 1", "diffusion.temporal_loss_weight": ">= 0", "diffusion.noise_offset": ">= 0",
-    "diffusion.cfg_drop_prob": "[0, 1)",
-    "train.batch_size": ">= 1", "train.grad_accum_steps": ">= 1", "train.max_steps": ">= 1", "train.lr": "> 0",
-    "train.lr_warmup_steps": ">= 0", "train.lr_min_ratio": "[0, 1]", "train.weight_decay": ">= 0",
-    "train.adam_betas": "[0, 1)", "train.grad_clip": "> 0", "train.ema_decay": "[0, 1)", "train.log_every": ">= 1",
-    "train.val_every": ">= 1", "train.preview_every": ">= 1", "train.ckpt_every": ">= 1",
-    "train.snapshot_every": ">= 1", "train.preview_clips": ">= 1", "train.preview_steps": ">= 1", "train.peak_tflops": ">= 0",
-    "sample.steps": ">= 1", "sample.eta": ">= 0", "sample.guidance_scale": ">= 0",
-    "sample.dynamic_threshold": "[0, 1]",
-}
+def check_ranges(section: str, values: Any) -> None:
+    """ConfigError naming `section.key` and its range for the first value outside its field's Range."""
+    for f in dataclasses.fields(values):
+        valid = f.metadata.get("range")
+        value = getattr(values, f.name)
+        for i, v in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            if valid is not None and v not in valid:
+                where = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise ConfigError(f"{where} must be {valid}, got {v!r}")
 
 
-def in_range(value: float, spec: str) -> bool:
-    """`value` against a _RANGES spec: "> a", ">= a", or an interval "[a, b)" with [ ] closed, ( ) open."""
-    if spec.startswith(">="):
-        return value >= float(spec[2:])
-    if spec.startswith(">"):
-        return value > float(spec[1:])
-    low, high = (float(x) for x in spec[1:-1].split(","))
-    above = value >= low if spec[0] == "[" else value > low
-    below = value <= high if spec[-1] == "]" else value < high
-    return above and below  # NaN fails both
-
-
-def check_ranges(cfg: RunConfig, source: str) -> None:
-    """Raise ConfigError naming the key, the allowed range and `source` for the first value outside _RANGES."""
-    for dotted, spec in _RANGES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
-        for i, v in items:
-            if not in_range(v, spec):
-                where = dotted if i is None else f"{dotted}[{i}]"
-                wanted = f"be {spec}" if spec[0] in "<>" else f"be in {spec}"
-                raise ConfigError(f"{source}: {where} must {wanted}, got {v!r}")
-
-
-def as_context(K: int | tuple[int, int]) -> tuple[int, int]:
-    """(K_start, K_end) from one count for both ends or a pair."""
-    return (K, K) if isinstance(K, int) else (int(K[0]), int(K[1]))
-
-
-def check_context(T: int, K: int | tuple[int, int]) -> None:
-    """Raise unless each context count is >= 1 and T > K_start + K_end: the middle holds a frame."""
-    Ks, Ke = as_context(K)
-    if min(Ks, Ke) < 1:
-        raise ValueError(f"context counts must be >= 1, got start {Ks}, end {Ke}")
-    if T <= Ks + Ke:
-        detail = (f"T={T}, endpoint_context={Ks} (2K={2 * Ks})" if Ks == Ke
-                  else f"T={T}, context_start={Ks}, context_end={Ke}")
-        raise ValueError(f"T must be greater than the observed frames at both ends to leave a middle to "
-                         f"generate: {detail}")
-
-
-def check_model_shape(*, T: int, K: int | tuple[int, int], channel_mults: tuple[int, ...],
-                      temporal_attn_levels: tuple[int, ...], size: int | None = None) -> None:
-    """The one check that a U-Net can be built for these shapes (config load, build_model and the
-    model's constructor all call it): a middle frame to generate (`check_context`), at least one
-    level, attention levels that exist, and (when given) a frame size that every level halves evenly.
-    Raises ValueError naming the keys and numbers."""
-    try:
-        check_context(T, K)
-    except ValueError as err:
-        raise ValueError(f"data.T / data.endpoint_context (context_start, context_end): {err}") from None
-    if not channel_mults:
-        raise ValueError("model.channel_mults must not be empty")
-    bad_levels = [lv for lv in temporal_attn_levels if not 0 <= lv < len(channel_mults)]
+def check_shapes(cfg: RunConfig) -> None:
+    """The invariants between keys: a middle frame to generate, attention levels that exist, a frame
+    size that every U-Net level halves evenly, no more sampler steps than timesteps."""
+    d, m = cfg.data, cfg.model
+    if cfg.middle_frames < 1:
+        raise ConfigError(f"data.T must be greater than the observed frames at both ends to leave a middle to "
+                          f"generate: T={d.T}, context={list(d.context)}")
+    if not m.channel_mults:
+        raise ConfigError("model.channel_mults must not be empty")
+    bad_levels = [lv for lv in m.temporal_attn_levels if not 0 <= lv < len(m.channel_mults)]
     if bad_levels:
-        raise ValueError(f"model.temporal_attn_levels {list(bad_levels)} out of range 0..{len(channel_mults) - 1}")
-    factor = 2 ** (len(channel_mults) - 1)
-    if size is not None and size % factor:
-        raise ValueError(f"data.size={size} must be divisible by 2**(len(model.channel_mults)-1)={factor}")
+        raise ConfigError(f"model.temporal_attn_levels {bad_levels} out of range 0..{len(m.channel_mults) - 1}")
+    factor = 2 ** (len(m.channel_mults) - 1)
+    if d.size % factor:
+        raise ConfigError(f"data.size={d.size} must be divisible by 2**(len(model.channel_mults)-1)={factor}")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError("sample.steps must be <= diffusion.timesteps")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; convert lists to tuples where asked."""
+    """Check `value` against the annotation `tp`; lists become tuples (and Contexts) where asked."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -257,14 +229,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {tp}, got {value!r}")
-    if origin is tuple:
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin is tuple or tp is Context:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
+        args = (int, int) if tp is Context else typing.get_args(tp)
         item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
         if len(item_types) != len(value):
             raise ConfigError(f"{where}: expected {len(item_types)} items, got {value!r}")
-        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+        items = tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+        return Context(*items) if tp is Context else items
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -279,58 +256,39 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(raw: dict, source: str = "<dict>", *, drop_retired: bool = False) -> RunConfig:
+def from_dict(raw: dict, source: str = "<dict>", *, stored: bool = False) -> RunConfig:
     """Build a RunConfig from a nested dict; errors name `section.key` and `source`.
 
-    drop_retired: ignore RETIRED_KEYS (a checkpoint's stored config) instead of refusing them.
+    stored: `raw` is a checkpoint's stored config, whose keys of earlier versions are translated
+    (evdm.legacy) instead of refused.
     """
-    sections = {}
     hints = typing.get_type_hints(RunConfig)
+    sections = {}
     for name, value in raw.items():
         if name not in hints:
             raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(hints)})")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        cls = hints[name]
-        field_types = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, v in value.items():
-            if (name, key) in RETIRED_KEYS:
-                if drop_retired:
-                    continue
-                raise ConfigError(f"{source}: {name}.{key} is gone; use {RETIRED_KEYS[name, key]}")
-            if (name, key) in RETYPED_KEYS and isinstance(v, bool):
-                old_to_new, values = RETYPED_KEYS[name, key]
-                if not drop_retired:
-                    raise ConfigError(f"{source}: {name}.{key} is now one of {values}, not a bool; "
-                                      f"{v!r} was {old_to_new[v]!r}")
-                v = old_to_new[v]
-            if key not in field_types:
-                raise ConfigError(
-                    f"{source}: unknown key {name}.{key} (known: {', '.join(field_types)})"
-                )
-            kwargs[key] = _coerce(v, field_types[key], f"{source}: {name}.{key}")
-        sections[name] = cls(**kwargs)
-    cfg = RunConfig(**sections)
-    validate(cfg, source)
-    return cfg
-
-
-def validate(cfg: RunConfig, source: str = "<config>") -> None:
-    """Check value ranges and cross-field invariants once, at load time."""
-    for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{source}: {section}.{key} must be one of {allowed}, got {value!r}")
-    d, m = cfg.data, cfg.model
-    check_ranges(cfg, source)
+        try:
+            value = legacy.translate(name, value, stored=stored)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        field_types = typing.get_type_hints(hints[name], include_extras=False)
+        unknown = [key for key in value if key not in field_types]
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {name}.{unknown[0]} (known: {', '.join(field_types)})")
+        sections[name] = hints[name](**{key: _coerce(v, field_types[key], f"{source}: {name}.{key}")
+                                         for key, v in value.items()})
     try:
-        check_model_shape(T=d.T, K=cfg.context, channel_mults=m.channel_mults,
-                          temporal_attn_levels=m.temporal_attn_levels, size=d.size)
-    except ValueError as err:
+        return RunConfig(**sections)
+    except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-    if cfg.sample.steps > cfg.diffusion.timesteps:
-        raise ConfigError(f"{source}: sample.steps must be <= diffusion.timesteps")
+
+
+def with_sample(cfg: RunConfig, **values: Any) -> RunConfig:
+    """cfg with [sample] values replaced where given (None: keep the config's); checked like a load."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **given)) if given else cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -348,43 +306,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def read_toml(path: str | Path) -> dict:
+    """The TOML file at `path` as a dict; ConfigError naming the file for every way reading it fails."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            return tomli.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a folder, not a TOML config file") from None
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read the config file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a text (TOML) file") from None
+    except tomli.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: invalid TOML: {err}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Load TOML at `path` (None: defaults), apply `section.key=value` overrides, validate."""
-    raw: dict = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as f:
-                raw = tomli.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{source}: is a folder, not a TOML config file") from None
-        except OSError as err:
-            raise ConfigError(f"{source}: cannot read the config file ({err.strerror or err})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: not a text (TOML) file") from None
-        except tomli.TOMLDecodeError as err:
-            raise ConfigError(f"{source}: invalid TOML: {err}") from None
+    raw = read_toml(path) if path is not None else {}
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})[key] = value
-    return from_dict(raw, source)
+    return from_dict(raw, str(path) if path is not None else "<defaults>")
 
 
 def to_dict(cfg: RunConfig) -> dict:
     """Plain nested dict (tuples as lists), suitable for TOML and checkpoints."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        return v
-
-    return {
-        name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
-        for name in ("data", "model", "diffusion", "train", "sample")
-    }
+    plain = lambda v: [plain(x) for x in v] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    return {name: {f.name: plain(getattr(getattr(cfg, name), f.name)) for f in dataclasses.fields(getattr(cfg, name))}
+            for name in SECTIONS}
 
 
 def to_toml(cfg: RunConfig) -> str:
@@ -405,12 +358,3 @@ def to_toml(cfg: RunConfig) -> str:
         lines.extend(f"{k} = {fmt(v)}" for k, v in values.items())
         lines.append("")
     return "\n".join(lines)
-
-
-def add_speed_flags(parser) -> None:
-    """--precision and --compile for sample.py and evdm.evaluate: per-run overrides of the
-    checkpoint's sample.precision and sample.compile (torch-free, so --help stays instant)."""
-    parser.add_argument("--precision", choices=_CHOICES["sample", "precision"],
-                        help="model forward precision (default: the checkpoint's sample.precision; auto = bf16 on CUDA)")
-    parser.add_argument("--compile", choices=_CHOICES["sample", "compile"],
-                        help="torch.compile the model (default: the checkpoint's sample.compile; auto = on CUDA)")

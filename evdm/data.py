@@ -6,7 +6,8 @@ worker indexes a shard's tar headers in one loop (evdm.shards): no tarfile, np.l
 dicts. Clips go through a shuffle buffer and are read, one copy each, straight into shared-memory
 batch slots (`BatchRing`) that the main process copies out. Batches are
 [B, C, T, H, W] views of [B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one
-permutes bytes; float conversion, scaling to [-1, 1] and flips happen on the device (`to_model_input`).
+permutes bytes; float conversion, scaling to [-1, 1] and flips happen on the device
+(evdm.denoiser.Denoiser.to_input).
 The per-reader stream, its exact resume (`start_batch`) and the skipping of damaged shards live in
 evdm.stream; this module builds it for the trainer and checks shards against manifest.json.
 """
@@ -268,21 +269,3 @@ def load_val_clips(cfg: RunConfig) -> torch.Tensor:
     if not clips:
         raise ConfigError(f"data.val_shards {cfg.data.val_shards!r}: the val shards hold no clips")
     return stack_clips(clips)
-
-
-def to_model_input(
-    u8: torch.Tensor, device: torch.device | str, *, channels_last: bool,
-    hflip_generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """uint8 [B, C, T, H, W] -> float [B, C, T, H, W] in [-1, 1] on `device`; flips on the device.
-
-    With `hflip_generator`, each sample is flipped left-right with probability 1/2.
-    """
-    x = u8.to(device, non_blocking=True)
-    if hflip_generator is not None:
-        flip = torch.rand(x.shape[0], generator=hflip_generator, device=hflip_generator.device) < 0.5
-        flip = flip.to(x.device).view(-1, 1, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
-    x = x.float() / 127.5 - 1.0
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=fmt)

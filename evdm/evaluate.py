@@ -25,13 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
-from evdm.config import add_speed_flags
-from evdm.diffusion import split_clip
 from evdm import visualize
-from evdm.data import to_model_input
-from evdm.pipeline import fill_middle, load_model, pad_size, resolve_device, to_uint8
-from evdm.sampling import batched, iter_shard_clips, progress_bar, strip_scale
+from evdm.cli import add_speed_flags
+from evdm.config import Context, with_sample
+from evdm.denoiser import Denoiser, load_denoiser, resolve_device, to_uint8
+from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
+from evdm.sample_io import batched, iter_shard_clips, progress_bar
 from evdm.seeds import mix_seed
 
 LINEAR_BLEND = "linear blend"
@@ -112,10 +111,8 @@ def evaluate(
     result["comparable_row"] is the main row in the shape of a published one.
     """
     dev = resolve_device(device)
-    model, cfg, schedule = load_model(ckpt_path, dev, use_ema=use_ema, compile=compile)
-    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
-        cfg.sample, sampler="ddim", precision=precision or cfg.sample.precision,
-        guidance_scale=cfg.sample.guidance_scale if guidance_scale is None else guidance_scale))
+    denoiser, cfg = load_denoiser(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
+    cfg = with_sample(cfg, sampler="ddim", guidance_scale=guidance_scale)
     main_steps = max(steps_list) if main_steps is None else main_steps
     steps_list = sorted(set(steps_list) - {main_steps}) + [main_steps]  # the main row last
     lpips_fn, lpips_status = load_lpips(dev)
@@ -126,8 +123,8 @@ def evaluate(
         task = bar.add_task("evaluating", total=-(-num // batch_size), clips=0, visible=progress)
         for index, batch in enumerate(batched(iter_shard_clips(shards, cfg, num), batch_size)):
             clips = np.stack([np.asarray(c) for _, c in batch])
-            score_batch(acc, extremes, model, schedule, cfg, clips, steps_list=steps_list, best_of=best_of,
-                        batch_seed=mix_seed(seed, index), pad_to=pad_size(model, batch_size), lpips_fn=lpips_fn)
+            score_batch(acc, extremes, denoiser, cfg, clips, steps_list=steps_list, best_of=best_of,
+                        batch_seed=mix_seed(seed, index), pad_to=denoiser.pad_for(batch_size), lpips_fn=lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
     if examples is not None:
@@ -154,44 +151,43 @@ class Extremes:
                 setattr(self, name, (value, pictures))
 
 
-def score_batch(acc: dict, extremes: Extremes, model, schedule, cfg, clips: np.ndarray, *, steps_list: list[int],
+def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: np.ndarray, *, steps_list: list[int],
                 best_of: int, batch_seed: int, pad_to: int | None, lpips_fn) -> None:
     """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
     its best of N, into `acc`; the main row's clips into `extremes`. steps_list: the main row's count last."""
-    K, dev = cfg.context, schedule.betas.device
+    K, dev = cfg.context, denoiser.device
     u8 = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)
-    x_start, _, x_end = split_clip(to_model_input(u8, dev, channels_last=False), K)
+    x_start, _, x_end = K.split(denoiser.to_input(u8))
 
     def model_clip(steps: int, gen_seed: int) -> torch.Tensor:
-        return to_unit(fill_middle(model, schedule, cfg, x_start, x_end, steps=steps, pad_to=pad_to,
-                                   precision=cfg.sample.precision, channels_last=dev.type == "cuda",
-                                   generator=torch.Generator(device=dev).manual_seed(gen_seed)))
+        return to_unit(denoiser.generate(x_start, x_end, dataclasses.replace(cfg.sample, steps=steps), pad_to=pad_to,
+                                         generator=torch.Generator(device=dev).manual_seed(gen_seed)))
 
     unit = u8_to_unit(u8.to(dev))
-    start, truth, end = split_clip(unit, K)
-    guesses = {name: baseline(unit, K) for name, baseline in BASELINES.items()}
+    start, truth, end = K.split(unit)
+    guesses = {name: baseline(start, end, truth.shape[2]) for name, baseline in BASELINES.items()}
     for name, middle in guesses.items():
         _record(acc, name, _frame_metrics(middle, truth, lpips_fn))
     for steps in steps_list:
         sampled = model_clip(steps, batch_seed)
-        single = _frame_metrics(split_clip(sampled, K)[1], truth, lpips_fn)
+        single = _frame_metrics(K.split(sampled)[1], truth, lpips_fn)
         _record(acc, f"model ddim-{steps}", single)
     blend = torch.cat([start, guesses[LINEAR_BLEND], end], dim=2)
     extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
     if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
-        candidates = [single] + [_frame_metrics(split_clip(model_clip(steps_list[-1], batch_seed * 131 + n), K)[1],
+        candidates = [single] + [_frame_metrics(K.split(model_clip(steps_list[-1], batch_seed * 131 + n))[1],
                                                 truth, lpips_fn) for n in range(1, best_of)]
         _record(acc, f"model ddim-{steps_list[-1]} best-of-{best_of}", _best_of(candidates))
 
 
-def write_examples(extremes: Extremes, K: tuple[int, int], path: str | Path) -> None:
+def write_examples(extremes: Extremes, K: Context, path: str | Path) -> None:
     """PNG of the worst clip (top three rows) and the best (bottom three): truth (middle framed
     green), model (orange), linear blend (grey); context frames framed blue."""
     colors = (visualize.TRUTH_COLOR, visualize.GENERATED_COLOR, BLEND_COLOR)
     rows = [list(zip(clip, visualize.frame_colors(len(clip), K, color)))
             for _, pictures in (extremes.worst, extremes.best) for clip, color in zip(pictures, colors)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    visualize.save_png(visualize.grid(rows, scale=strip_scale(rows[0][0][0].shape[0])), path)
+    visualize.save_png(visualize.grid(rows, scale=visualize.strip_scale(rows[0][0][0].shape[0])), path)
 
 
 def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: list[int], seed: int, best_of: int,
@@ -266,8 +262,9 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from evdm.checkpoint import CheckpointError
+    from evdm.cli import one_line
     from evdm.config import ConfigError
-    from evdm.sampling import SamplingError, one_line
+    from evdm.sample_io import SamplingError
 
     p = argparse.ArgumentParser(prog="python -m evdm.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

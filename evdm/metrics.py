@@ -2,7 +2,7 @@
 
 Range convention: metric inputs are float frames in [0, 1] (`to_unit` maps the model's [-1, 1]).
 PSNR and SSIM then equal the usual definitions with data range 1 (e.g. skimage's data_range=1).
-Baselines take any float clip [B, C, T, H, W] and return its predicted middle [B, C, M, H, W].
+Baselines take a clip's start and end frames and return its predicted middle [B, C, M, H, W].
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from evdm.diffusion import residual
-from evdm.diffusion.loss import split_clip
 
 PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB instead of inf
 SSIM_WINDOW = 11
@@ -80,30 +79,22 @@ def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> tor
     return metric(pred.transpose(1, 2), truth.transpose(1, 2))
 
 
-# ---- baselines: (clip, K) -> middle ---------------------------------------------------------
+# ---- baselines: (start, end, M) -> middle -------------------------------------------------------
 
 
-def copy_nearest(clip: torch.Tensor, K: int | tuple[int, int]) -> torch.Tensor:
+def copy_nearest(start: torch.Tensor, end: torch.Tensor, middle_frames: int) -> torch.Tensor:
     """Each middle frame copies the nearer of the last start / first end frame (ties: the start).
 
-    clip: [B, C, T, H, W] (only its context frames are read); K: one count or (K_start, K_end)
-    -> [B, C, M, H, W].
+    start [B, C, K_start, H, W], end [B, C, K_end, H, W] -> [B, C, M, H, W].
     """
-    Ks, Ke = (K, K) if isinstance(K, int) else K
-    T = clip.shape[2]
-    last_start, first_end = Ks - 1, T - Ke
-    picks = [last_start if j - last_start <= first_end - j else first_end for j in range(Ks, T - Ke)]
-    return clip[:, :, picks]
+    M = middle_frames
+    nearer_start = [m + 1 <= M - m for m in range(M)]  # frame m is m + 1 after the start, M - m before the end
+    return torch.cat([start[:, :, -1:] if s else end[:, :, :1] for s in nearer_start], dim=2)
 
 
-def linear_blend(clip: torch.Tensor, K: int | tuple[int, int]) -> torch.Tensor:
-    """Pixel-wise linear interpolation in time between the last start and the first end frame.
-
-    clip: [B, C, T, H, W] float; K: one count or (K_start, K_end) -> [B, C, M, H, W].
-    """
-    start, middle, end = split_clip(clip, K)
-    return residual.linear_blend(start, end, middle.shape[2])
+def linear_blend(start: torch.Tensor, end: torch.Tensor, middle_frames: int) -> torch.Tensor:
+    """Pixel-wise linear interpolation in time between the last start and the first end frame (float32)."""
+    return residual.linear_blend(start, end, middle_frames)
 
 
 BASELINES = {"copy nearest context": copy_nearest, "linear blend": linear_blend}
-

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from evdm.atomic import atomic_write
+from evdm.config import Context
 from evdm.ffmpeg import FFmpegNotFound, write_mp4
 
 CONTEXT_COLOR = (40, 110, 255)
@@ -23,6 +24,20 @@ TRUTH_COLOR = (60, 180, 75)
 BACKGROUND = (24, 24, 24)
 
 Cell = tuple[np.ndarray, tuple[int, int, int]]  # (frame [H, W, C] uint8, border colour)
+
+FPS = 4.0  # MP4s and GIFs of clips (8 frames: two seconds)
+VIDEO_PX = 256  # MP4s are enlarged (nearest) to about this many pixels across
+STRIP_PX = 128  # and PNG strips / grid GIF frames to about this many
+
+
+def strip_scale(size: int) -> int:
+    """Nearest-neighbour factor for PNG strips and grid GIFs of size-px frames (16 px -> 8, 64 px -> 2)."""
+    return max(1, STRIP_PX // size)
+
+
+def video_scale(size: int) -> int:
+    """Nearest-neighbour factor for MP4s of size-px frames."""
+    return max(1, VIDEO_PX // size)
 
 
 def to_rgb(frames: np.ndarray) -> np.ndarray:
@@ -65,27 +80,26 @@ def frame_at(img: np.ndarray, row: int, col: int, h: int, w: int, *, scale: int 
     return img[y : y + h * scale : scale, x : x + w * scale : scale]
 
 
-def frame_colors(T: int, K: int | tuple[int, int], middle: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Frame border colours: context blue for the first K_start and last K_end frames (K: one count or a pair)."""
-    Ks, Ke = (K, K) if isinstance(K, int) else K
-    return [CONTEXT_COLOR if t < Ks or t >= T - Ke else middle for t in range(T)]
+def frame_colors(T: int, context: Context, middle: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Frame border colours: context blue for the first context.start and last context.end frames."""
+    return [CONTEXT_COLOR if t < context.start or t >= T - context.end else middle for t in range(T)]
 
 
-def frame_strip(clip: np.ndarray, K: int | tuple[int, int], *, scale: int = 4, middle_color=GENERATED_COLOR) -> np.ndarray:
+def frame_strip(clip: np.ndarray, context: Context, *, scale: int = 4, middle_color=GENERATED_COLOR) -> np.ndarray:
     """One row of all T frames of clip [T, H, W, C]; context frames framed blue, the middle orange."""
-    return grid([list(zip(clip, frame_colors(len(clip), K, middle_color)))], scale=scale)
+    return grid([list(zip(clip, frame_colors(len(clip), context, middle_color)))], scale=scale)
 
 
-def comparison_strip(truth: np.ndarray, sample: np.ndarray, K: int | tuple[int, int], *, scale: int = 4) -> np.ndarray:
+def comparison_strip(truth: np.ndarray, sample: np.ndarray, context: Context, *, scale: int = 4) -> np.ndarray:
     """Two rows: the ground-truth clip (middle framed green) above the sample (middle orange)."""
     if truth.shape != sample.shape:
         raise ValueError(f"truth {truth.shape} and sample {sample.shape} differ in shape")
     T = len(truth)
-    return grid([list(zip(truth, frame_colors(T, K, TRUTH_COLOR))), list(zip(sample, frame_colors(T, K, GENERATED_COLOR)))],
+    return grid([list(zip(truth, frame_colors(T, context, TRUTH_COLOR))), list(zip(sample, frame_colors(T, context, GENERATED_COLOR)))],
                 scale=scale)
 
 
-def batch_grid_frames(clips: np.ndarray, K: int | tuple[int, int], *, cols: int | None = None, scale: int = 2) -> np.ndarray:
+def batch_grid_frames(clips: np.ndarray, context: Context, *, cols: int | None = None, scale: int = 2) -> np.ndarray:
     """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3].
 
     At time t every cell shows its clip's frame t, framed blue while t is a context frame.
@@ -93,7 +107,7 @@ def batch_grid_frames(clips: np.ndarray, K: int | tuple[int, int], *, cols: int 
     B, T = clips.shape[:2]
     cols = cols or int(np.ceil(np.sqrt(B)))
     frames = []
-    for t, color in enumerate(frame_colors(T, K, GENERATED_COLOR)):
+    for t, color in enumerate(frame_colors(T, context, GENERATED_COLOR)):
         cells = [(clips[b, t], color) for b in range(B)]
         frames.append(grid([cells[i : i + cols] for i in range(0, B, cols)], scale=scale))
     return np.stack(frames)

@@ -102,43 +102,46 @@ def take(loader, n: int) -> list:
 SIZE, T, K = 16, 6, 2
 
 
-def tiny_config(color_mode: str = "rgb"):
-    from evdm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
+def tiny_config(color_mode: str = "rgb", **diffusion):
+    """The sampling / evaluation tests' model: 16 px, T 6, context (2, 2), 50 timesteps; trains at lr 1e-3
+    with no warm-up and an EMA that follows the weights (decay 0), so a few steps change its output."""
+    from evdm.config import Context, DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 
     return RunConfig(
-        data=DataConfig(size=SIZE, T=T, endpoint_context=K, color_mode=color_mode),
+        data=DataConfig(size=SIZE, T=T, context=Context(K, K), color_mode=color_mode),
         model=ModelConfig(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,),
                           attn_head_channels=8),
-        diffusion=DiffusionConfig(timesteps=50),
+        diffusion=DiffusionConfig(timesteps=50, cfg_drop_prob=0.2, **diffusion),
+        train=TrainConfig(device="cpu", batch_size=4, lr=1e-3, lr_warmup_steps=0, ema_decay=0.0),
         sample=SampleConfig(steps=3, guidance_scale=1.5),
     )
 
 
-def make_checkpoint(path: Path, color_mode: str = "rgb", train_steps: int = 3) -> Path:
-    """A tiny model trained for a few steps on moving squares, saved with evdm.checkpoint (EMA = raw copy)."""
+def square_batches(cfg, seed: int = 0):
+    """An endless iterator of uint8 [B, C, T, H, W] batches of moving squares at cfg's geometry."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    while True:
+        u8 = np.stack([moving_square(rng, cfg.data.T, cfg.data.size, cfg.channels) for _ in range(cfg.train.batch_size)])
+        yield torch.from_numpy(u8).permute(0, 4, 1, 2, 3)
+
+
+def make_checkpoint(path: Path, color_mode: str = "rgb", train_steps: int = 3, **diffusion) -> Path:
+    """A tiny model trained for a few steps of the real training step on moving squares, saved with
+    evdm.checkpoint (its EMA follows the weights: decay 0)."""
     import torch
 
     from evdm.checkpoint import make_payload, save_checkpoint
-    from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule
-    from evdm.models import build_model
+    from evdm.train import make_trainer, train_step
 
-    torch.manual_seed(0)
-    cfg = tiny_config(color_mode)
-    model = build_model(cfg)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(train_steps):
-        u8 = np.stack([moving_square(rng, T, SIZE, cfg.channels) for _ in range(4)])
-        x = torch.from_numpy(u8).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        t, noise, drop = draw_training_noise((4, cfg.channels, T - 2 * K, SIZE, SIZE), timesteps=50,
-                                             cfg_drop_prob=0.2, noise_offset=0.0, generator=gen, device="cpu")
-        loss, _ = diffusion_loss(model, schedule, x, t, noise, drop, K=K)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_checkpoint(path, make_payload(step=train_steps, cfg=cfg, model=model, ema=model))
+    cfg = tiny_config(color_mode, **diffusion)
+    trainer = make_trainer(cfg, torch.device("cpu"))
+    batches = square_batches(cfg)
+    for step in range(train_steps):
+        train_step(trainer, batches, step)
+    save_checkpoint(path, make_payload(step=train_steps, cfg=cfg, model=trainer.denoiser.net, ema=trainer.ema.net,
+                                       optimizer=trainer.optimizer, scaler=trainer.scaler))
     return path
 
 

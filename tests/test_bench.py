@@ -30,8 +30,8 @@ class _Hide:
 sys.meta_path.insert(0, _Hide())
 """
 SMOKE_ROWS = {  # job -> batches, as bench/gpu_check.py --smoke plans them
-    "train 2d cl bf16+compile": [2, 3], "train 2d cl bf16": [2, 3], "sample fp32": [2], "sample bf16": [2],
-    "train.py fed": [2], "sample bf16+compile": [2], "train 2d contig fp32": [2, 3],
+    "train bf16+compile": [2, 3], "profile bf16": [2], "train bf16": [2, 3], "sample fp32": [2],
+    "sample bf16+compile": [2], "train.py fed": [2], "torchrun fed (gloo)": [2], "train fp32": [2, 3], "sample bf16": [2],
 }
 
 
@@ -56,27 +56,32 @@ def test_gpu_check_smoke_runs_every_row_kind(smoke):
     assert len(r["rows"]) == sum(map(len, SMOKE_ROWS.values()))
     rows = {(row["job"], row["batch"]): row for row in r["rows"]}
     for (job, _), row in rows.items():
-        if "compile" in job.split()[-1]:
+        if job.split()[1].endswith("+compile"):
             assert row["status"] == "skipped (--smoke: no compile; --smoke-compile)"
         else:
             assert row["status"] == "ok", (job, row["status"])
-    for job in ("train 2d cl bf16", "train 2d contig fp32"):
+    for job in ("train bf16", "train fp32"):
         for batch in (2, 3):
             row = rows[job, batch]
             assert row["params"] > 0 and row["flops_per_sample"] > 0 and row["tflops"] >= 0
             assert row["step_ms"] > 0 and row["samples_per_s"] > 0 and row["first_step_s"] > 0
             assert row["mfu"] is None and row["peak_mem_gb"] is None  # CPU: no known peak, no GPU memory
-    assert rows["train 2d cl bf16", 2]["flops_per_sample"] == rows["train 2d contig fp32", 2]["flops_per_sample"]
-    for job in ("sample fp32", "sample bf16"):
-        row = rows[job, 2]
-        assert (row["forward_batch"], row["guidance"], row["channels_last"]) == (4, 1.8, False)
+    assert rows["train bf16", 2]["flops_per_sample"] == rows["train fp32", 2]["flops_per_sample"]
+    profile = rows["profile bf16", 2]
+    assert len(profile["top"]) == 15 and all(k["ms_per_step"] > 0 and 0 < k["share"] <= 1 for k in profile["top"])
+    assert 0 <= profile["copy_share"] < 1 and profile["eager_copies"]["params"] > 0  # autocast's weight casts
+    for job, weights in (("sample fp32", "random"), ("sample bf16", "fed row's checkpoint (step 4)")):
+        row = rows[job, 2]  # the fp32 row runs before the fed row has trained its checkpoint
+        assert (row["forward_batch"], row["guidance"], row["weights"]) == (4, 1.8, weights)
         assert row["clips_per_s"] > 0 and row["ms_per_model_call"] > 0
-    diff = rows["sample bf16", 2]["max_abs_diff_vs_fp32"]
-    assert 0 < diff < 2 and math.isfinite(diff)  # bf16 differs, and stays within the clip range [-1, 1]
-    fed = rows["train.py fed", 2]
-    assert fed["config"] == "configs/smoke.toml" and fed["num_workers"] == 1 and fed["steps"] > 0
-    assert fed["samples_per_s"] > 0 and 0 <= fed["data_wait"] <= 1 and fed["tflops"] >= 0 and fed["mfu"] is None
-    assert "evdm GPU check on CPU (--smoke)" in r["stdout"] and "max abs bf16-fp32" in r["stdout"]
+    diff = rows["sample bf16", 2]["diff_vs_fp32"]
+    assert 0 < diff["mean"] <= diff["q99"] <= diff["max"] < 2  # bf16 differs, and stays within the clip range
+    for job in ("train.py fed", "torchrun fed (gloo)"):
+        fed = rows[job, 2]
+        assert fed["config"] == "configs/smoke.toml" and fed["num_workers"] == 1 and fed["steps"] > 0
+        assert fed["samples_per_s"] > 0 and 0 <= fed["data_wait"] <= 1 and fed["tflops"] >= 0 and fed["mfu"] is None
+    assert "evdm GPU check on CPU (--smoke)" in r["stdout"] and "|bf16-fp32|" in r["stdout"]
+    assert "profile: the top kernels" in r["stdout"]
 
 
 def test_report_renders_gpu_check_and_marks_missing_results(smoke, tmp_path):
@@ -95,7 +100,7 @@ def test_report_renders_gpu_check_and_marks_missing_results(smoke, tmp_path):
     assert "python bench/train_step.py --configs smoke --variants eager,channels_last --steps 2 --warmup 1" in text
     assert "predates the loader-fed rows" in text
     assert smoke["command"] in text and "| row | batch | ms | per s | MFU |" in text
-    assert "| train 2d cl bf16 | 2 |" in text and "| train.py fed | 2 |" in text
+    assert "| train bf16 | 2 |" in text and "| train.py fed | 2 |" in text
 
 
 def test_reliability_bench_smoke(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import tomli
 
-from evdm.config import ConfigError, RunConfig, from_dict, load_config, to_dict, to_toml
+from evdm.config import ConfigError, Context, RunConfig, from_dict, load_config, to_dict, to_toml, with_sample
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
@@ -20,13 +20,54 @@ def test_shipped_configs_load_and_round_trip(path):
 
 def test_reference_defaults():
     d = RunConfig()
-    assert (d.data.size, d.data.T, d.data.endpoint_context, d.data.frame_stride, d.data.color_mode) == (64, 8, 2, 1, "rgb")
+    assert (d.data.size, d.data.T, d.data.context, d.data.frame_stride, d.data.color_mode) == (64, 8, (2, 2), 1, "rgb")
     assert (d.model.base_channels, d.model.channel_mults, d.model.res_blocks) == (96, (1, 2, 4), 2)
     assert d.model.temporal_attn_levels == (1, 2)
     assert (d.diffusion.cfg_drop_prob, d.diffusion.temporal_loss_weight, d.diffusion.noise_offset) == (0.08, 0.05, 0.0)
-    assert (d.train.lr, d.sample.steps, d.sample.eta, d.sample.guidance_scale) == (1e-4, 40, 0.0, 1.8)
+    assert (d.train.lr, d.sample.steps, d.sample.eta) == (1e-4, 40, 0.0)
     assert d.sample.dynamic_threshold == 0.0
     assert load_config(Path(__file__).parent.parent / "configs" / "bair.toml").model == d.model
+
+
+def test_defaults_are_the_shipped_recipe():
+    """A minimal config trains the recipe docs/RECIPES.md measured best, as every shipped config does."""
+    d = RunConfig()
+    recipe = (d.diffusion.prediction, d.diffusion.residual, d.diffusion.schedule, d.sample.guidance_scale)
+    assert recipe == ("x0", "blend", "cosine", 1.0)
+    for path in CONFIGS:
+        cfg = load_config(path)
+        shipped = (cfg.diffusion.prediction, cfg.diffusion.residual, cfg.diffusion.schedule)
+        assert shipped == recipe[:3], path.name
+
+
+def test_context_is_one_key_with_one_shorthand(tmp_path):
+    assert from_dict({"data": {"context": [1, 2]}}).data.context == Context(1, 2)
+    assert from_dict({"data": {"endpoint_context": 3, "T": 8}}).data.context == Context(3, 3)
+    assert RunConfig().middle_frames == 4 and from_dict({"data": {"context": [1, 2]}}).middle_frames == 5
+    with pytest.raises(ConfigError, match="data.context and data.endpoint_context"):
+        from_dict({"data": {"context": [1, 2], "endpoint_context": 2}})
+    with pytest.raises(ConfigError, match=re.escape("data.context_start is gone; use data.context = [start, end]")):
+        from_dict({"data": {"context_start": 1, "context_end": 2}})
+    # Stored configs of earlier versions: three keys, 0 meaning "endpoint_context".
+    old = {"data": {"endpoint_context": 2, "context_start": 1, "context_end": 0}}
+    assert from_dict(old, stored=True).data.context == Context(1, 2)
+    assert from_dict({"data": {"endpoint_context": 3}}, stored=True).data.context == Context(3, 3)
+
+
+def test_layout_keys_are_retired(tmp_path):
+    for section, key, value in (("model", "spacetime", '"3d"'), ("train", "channels_last", "true")):
+        path = tmp_path / "old.toml"
+        path.write_text(f"[{section}]\n{key} = {value}\n")
+        with pytest.raises(ConfigError, match=f"{section}.{key} is gone; remove it"):
+            load_config(path)
+        assert from_dict({section: {key: value.strip('"')}}, stored=True) == RunConfig()
+
+
+def test_with_sample_overrides_what_is_given_and_checks_it():
+    cfg = with_sample(RunConfig(), steps=10, eta=None)
+    assert cfg.sample.steps == 10 and cfg.sample.eta == RunConfig().sample.eta
+    with pytest.raises(ConfigError, match="sample.steps must be <= diffusion.timesteps"):
+        with_sample(cfg, steps=2000)
 
 
 def test_overrides_are_parsed_as_toml(tmp_path):
@@ -39,7 +80,9 @@ def test_overrides_are_parsed_as_toml(tmp_path):
 @pytest.mark.parametrize(
     "toml, needle",
     [
-        ("[data]\nT = 4\nendpoint_context = 2\n", "T=4, endpoint_context=2"),
+        ("[data]\nT = 4\nendpoint_context = 2\n", "T=4, context=[2, 2]"),
+        ("[data]\nT = 5\ncontext = [1, 4]\n", "T=5, context=[1, 4]"),
+        ("[data]\ncontext = [0, 2]\n", "data.context[0] must be >= 1"),
         ("[data]\nfoo = 1\n", "unknown key data.foo"),
         ("[nope]\nx = 1\n", "unknown section [nope]"),
         ('[train]\nlr = "fast"\n', "train.lr: expected float"),
@@ -149,9 +192,9 @@ def test_a_bool_compile_is_refused_in_a_file_and_mapped_in_a_stored_config(tmp_p
     stored = to_dict(RunConfig())
     stored["train"].update(amp=True, amp_dtype="fp16", amp_on_cpu=False, compile=True, compile_on_cpu=False)
     del stored["train"]["precision"]
-    assert from_dict(stored, drop_retired=True).train == RunConfig().train  # precision and compile "auto"
+    assert from_dict(stored, stored=True).train == RunConfig().train  # precision and compile "auto"
     stored["train"]["compile"] = False
-    assert from_dict(stored, drop_retired=True).train.compile == "off"
+    assert from_dict(stored, stored=True).train.compile == "off"
     assert load_config(None, ["train.precision=fp16", "train.compile=off"]).train.precision == "fp16"
 
 
@@ -161,8 +204,8 @@ def test_dynamic_threshold_is_one_typed_key():
     assert from_dict({"sample": {"dynamic_threshold": 0.99}}).sample.dynamic_threshold == 0.99
     with pytest.raises(ConfigError, match="sample.dynamic_threshold is now one of a percentile"):
         from_dict({"sample": {"dynamic_threshold": True}})
-    stored = from_dict({"sample": {"dynamic_threshold": True, "dynamic_threshold_percentile": 0.99}}, drop_retired=True)
+    stored = from_dict({"sample": {"dynamic_threshold": True, "dynamic_threshold_percentile": 0.99}}, stored=True)
     assert stored.sample.dynamic_threshold == 0.995
-    assert from_dict({"sample": {"dynamic_threshold": False}}, drop_retired=True).sample.dynamic_threshold == 0.0
+    assert from_dict({"sample": {"dynamic_threshold": False}}, stored=True).sample.dynamic_threshold == 0.0
     with pytest.raises(ConfigError, match="dynamic_threshold_percentile is gone; use sample.dynamic_threshold"):
         from_dict({"sample": {"dynamic_threshold_percentile": 0.99}})

@@ -1,5 +1,5 @@
-"""Asymmetric context (data.context_start / data.context_end): MCVD's BAIR interpolation setup is 1
-observed frame before the middle and 2 after. Config, model, training, sampling and evaluation."""
+"""Asymmetric context (data.context = [1, 2]): MCVD's BAIR interpolation setup is 1 observed frame
+before the middle and 2 after. Config, model, training, sampling and evaluation."""
 
 import sys
 from pathlib import Path
@@ -10,27 +10,26 @@ import torch
 from PIL import Image
 
 from conftest import load_tiny, make_train_shards
-from evdm.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict
+from evdm.config import ConfigError, Context, DataConfig, ModelConfig, RunConfig, from_dict
 from evdm.models import build_model, count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
 
 
-def test_context_counts_resolve_from_the_shorthand():
+def test_context_counts():
     assert RunConfig().context == (2, 2) and RunConfig().middle_frames == 4
-    cfg = from_dict({"data": {"context_start": 1, "context_end": 2}})
-    assert cfg.context == (1, 2) and cfg.middle_frames == 5
-    assert from_dict({"data": {"endpoint_context": 3, "context_end": 1}}).context == (3, 1)
-    with pytest.raises(ConfigError, match=r"data.T.*T=8, context_start=3, context_end=5"):
-        from_dict({"data": {"T": 8, "context_start": 3, "context_end": 5}})
-    with pytest.raises(ConfigError, match="data.context_end"):
-        from_dict({"data": {"context_end": -1}})
+    cfg = from_dict({"data": {"context": [1, 2]}})
+    assert cfg.context == Context(1, 2) and cfg.middle_frames == 5
+    with pytest.raises(ConfigError, match=r"data.T .*T=8, context=\[3, 5\]"):
+        from_dict({"data": {"T": 8, "context": [3, 5]}})
+    with pytest.raises(ConfigError, match=r"data.context\[1\] must be >= 1"):
+        from_dict({"data": {"context": [2, -1]}})
 
 
 def test_asymmetric_model_shapes_and_parameters():
     sym = build_model(RunConfig(data=DataConfig(size=16), model=ModelConfig(**TINY)))
-    cfg = RunConfig(data=DataConfig(size=16, context_start=1, context_end=2), model=ModelConfig(**TINY))
+    cfg = RunConfig(data=DataConfig(size=16, context=Context(1, 2)), model=ModelConfig(**TINY))
     model = build_model(cfg)
     assert model.context == (1, 2) and model.middle_frames == 5
     # one start frame fewer: only the fusion projections' and the start null conditioning's inputs shrink
@@ -45,7 +44,7 @@ def test_asymmetric_model_shapes_and_parameters():
 
 def test_encoder_encodes_each_end_alone_when_counts_differ():
     """Unequal counts take one pass per end; its features equal encoding each end by itself."""
-    cfg = RunConfig(data=DataConfig(size=16, context_start=1, context_end=2), model=ModelConfig(**TINY))
+    cfg = RunConfig(data=DataConfig(size=16, context=Context(1, 2)), model=ModelConfig(**TINY))
     enc = build_model(cfg).encoder.eval()
     start, end = torch.rand(2, 3, 1, 16, 16), torch.rand(2, 3, 2, 16, 16)
     s_feats, e_feats = enc(start, end, torch.zeros(2, dtype=torch.bool))
@@ -66,9 +65,9 @@ def test_one_plus_five_plus_two_trains_samples_and_evaluates_with_exact_context(
     shards = tmp_path / "shards"
     shards.mkdir()
     make_train_shards(shards)
-    out = train(load_tiny(shards, tmp_path / "run", **{"data.context_start": 1, "data.context_end": 2}))
+    out = train(load_tiny(shards, tmp_path / "run", **{"data.context": "[1, 2]"}))
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert (ckpt["config"]["data"]["context_start"], ckpt["config"]["data"]["context_end"]) == (1, 2)
+    assert ckpt["config"]["data"]["context"] == [1, 2]
 
     assert (out / "previews" / "step_0000006.png").is_file()
 
@@ -86,7 +85,7 @@ def test_one_plus_five_plus_two_trains_samples_and_evaluates_with_exact_context(
     assert np.array_equal(sample[:1], truth[:1]) and np.array_equal(sample[6:], truth[6:])
     assert run("--start_images", *images[1:], "--end_images", images[0], "--out_dir", str(tmp_path / "bad")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "context_start" in err[0]
+    assert len(err) == 1 and "observes 1 frame(s) at the start (data.context)" in err[0]
 
     assert run("--shards", str(shards / "val-*.tar"), "--num", "3", "--out_dir", str(tmp_path / "sh"), "--steps", "3") == 0
     for key, truth in list(iter_clips(str(shards / "val-000000.tar")))[:3]:

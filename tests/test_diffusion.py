@@ -1,13 +1,38 @@
-"""Diffusion math: schedule closed forms, the loss, the samplers (stub models, CPU, fast)."""
+"""Diffusion math: schedule closed forms, the loss, the samplers (stub networks in a Denoiser, CPU, fast)."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from evdm.diffusion import diffusion_loss, draw_training_noise, make_schedule, q_sample, sample_clip
+from evdm.config import Context, SampleConfig
+from evdm.denoiser import Denoiser
+from evdm.diffusion import Draws, diffusion_loss, draw_training_noise, make_schedule, q_sample
 from evdm.diffusion.samplers import apply_dynamic_threshold, guided_output, sampling_timesteps
 from evdm.diffusion.schedule import eps_from_x0, output_from, split_output, training_target
 
 B, C, K, M, H, W = 2, 3, 2, 3, 8, 8
+CONTEXT = Context(K, K)
+
+
+def denoiser(net, s, prediction="eps", residual="none") -> Denoiser:
+    """`net` as the network of an fp32 CPU denoiser over schedule s."""
+    return Denoiser(net, s, context=CONTEXT, prediction=prediction, residual=residual, device=torch.device("cpu"),
+                    dtype=None)
+
+
+def generate(net, s, clip, *, prediction="eps", residual="none", seed=0, **sample):
+    """Denoiser.generate between clip's context frames with SampleConfig(**sample)."""
+    settings = SampleConfig(**{"guidance_scale": 1.0, "steps": 10, **sample})
+    return denoiser(net, s, prediction, residual).generate(clip[:, :, :K], clip[:, :, -K:], settings,
+                                                          generator=torch.Generator().manual_seed(seed))
+
+
+def loss_of(net, s, clip, draws, **kwargs):
+    """The loss through the Denoiser, as training computes it."""
+    kwargs = {"temporal_loss_weight": 0.05, **kwargs}
+    weight = kwargs.pop("temporal_loss_weight")
+    return denoiser(net, s, **kwargs).loss(clip, draws, temporal_loss_weight=weight)
 
 
 def make_clip(seed: int = 0) -> torch.Tensor:
@@ -16,7 +41,7 @@ def make_clip(seed: int = 0) -> torch.Tensor:
 
 
 class Oracle(torch.nn.Module):
-    """Predicts exactly the eps / v consistent with a known clean middle `x0`."""
+    """Predicts exactly the eps / v / x0 consistent with a known clean middle `x0`."""
 
     def __init__(self, s, x0, prediction="eps"):
         super().__init__()
@@ -34,7 +59,9 @@ class Oracle(torch.nn.Module):
 class Linear(torch.nn.Module):
     """A small deterministic model whose output depends on every input, including cond_drop."""
 
-    middle_frames = M
+    def __init__(self):
+        super().__init__()
+        self.middle_frames = M
 
     def forward(self, x_t, t, start_context, end_context, cond_drop):
         ctx = (start_context.mean(2, keepdim=True) - end_context.mean(2, keepdim=True))
@@ -94,7 +121,9 @@ def test_converter_round_trips(prediction, kind):
 def test_draw_training_noise_shapes_determinism_and_drop_rate():
     shape = (4000, 2, 1, 2, 2)
     kwargs = dict(timesteps=50, cfg_drop_prob=0.25, noise_offset=0.0, device="cpu")
-    t, noise, drop = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **kwargs)
+    draws = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert isinstance(draws, Draws)
+    t, noise, drop = draws
     t2, noise2, drop2 = draw_training_noise(shape, generator=torch.Generator().manual_seed(0), **kwargs)
     assert t.dtype == torch.int64 and t.shape == (4000,) and 0 <= t.min() and t.max() < 50
     assert noise.shape == shape and drop.dtype == torch.bool
@@ -117,9 +146,10 @@ def test_loss_is_zero_for_a_perfect_model_and_sees_only_the_middle(prediction):
     def spy(x_t, t, start, end, drop):
         seen.update(x_t=x_t, start=start, end=end)
         return model(x_t, t, start, end, drop)
-    t, noise, drop = draw_training_noise((B, C, M, H, W), timesteps=1000, cfg_drop_prob=0.0, noise_offset=0.0,
-                                         generator=torch.Generator().manual_seed(0), device="cpu")
-    loss, stats = diffusion_loss(spy, s, clip, t, noise, drop, K=K, prediction=prediction, temporal_loss_weight=0.05)
+    draws = draw_training_noise((B, C, M, H, W), timesteps=1000, cfg_drop_prob=0.0, noise_offset=0.0,
+                                generator=torch.Generator().manual_seed(0), device="cpu")
+    loss, stats = diffusion_loss(spy, s, clip[:, :, :K], clip[:, :, K:-K], clip[:, :, -K:], draws,
+                                 prediction=prediction, temporal_loss_weight=0.05, residual="none")
     assert loss.item() < 1e-8 and set(stats) == {"mse", "temporal"}
     assert not stats["mse"].requires_grad
     assert seen["x_t"].shape == (B, C, M, H, W)
@@ -138,7 +168,8 @@ def test_temporal_loss_penalises_motion_across_the_boundary():
     x0_shifted = middle + 0.1
     model = lambda x, tt, a, b, d: eps_from_x0(s, x, tt, x0_shifted)  # noqa: E731
     drop = torch.zeros(B, dtype=torch.bool)
-    _, stats = diffusion_loss(model, s, clip, t, noise, drop, K=K, prediction="eps", temporal_loss_weight=1.0)
+    _, stats = diffusion_loss(model, s, clip[:, :, :K], middle, clip[:, :, -K:], Draws(t, noise, drop),
+                              prediction="eps", temporal_loss_weight=1.0, residual="none")
     expected = s.alphas_cumprod[0] * 2 * 0.1**2 / (M + 1)  # 2 of M+1 differences are off by 0.1
     assert stats["temporal"].item() == pytest.approx(expected.item(), rel=1e-2)
     assert torch.allclose(eps_from_x0(s, x_t, t, x0_shifted), model(x_t, t, None, None, None))
@@ -146,9 +177,9 @@ def test_temporal_loss_penalises_motion_across_the_boundary():
 
 def test_loss_rejects_clip_without_middle():
     s = make_schedule("linear", 10)
+    draws = Draws(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 0, 4, 4), torch.zeros(1, dtype=torch.bool))
     with pytest.raises(ValueError, match="T=4"):
-        diffusion_loss(Linear(), s, torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, dtype=torch.long),
-                       torch.zeros(1, 1, 0, 4, 4), torch.zeros(1, dtype=torch.bool), K=2)
+        loss_of(Linear(), s, torch.zeros(1, 1, 4, 4, 4), draws)
 
 
 def test_sampling_timesteps():
@@ -165,8 +196,7 @@ def test_oracle_sampler_recovers_the_middle_and_keeps_context_exact(sampler, eta
     s = make_schedule("cosine", 1000)
     clip = make_clip(5)
     model = Oracle(s, clip[:, :, K:-K], prediction)
-    out = sample_clip(model, s, clip[:, :, :K], clip[:, :, -K:], sampler=sampler, steps=10, eta=eta,
-                      guidance_scale=1.0, prediction=prediction, generator=torch.Generator().manual_seed(0))
+    out = generate(model, s, clip, sampler=sampler, eta=eta, prediction=prediction)
     assert out.shape == clip.shape
     assert torch.equal(out[:, :, :K], clip[:, :, :K]) and torch.equal(out[:, :, -K:], clip[:, :, -K:])
     assert torch.allclose(out[:, :, K:-K], clip[:, :, K:-K], atol=1e-4)
@@ -175,8 +205,7 @@ def test_oracle_sampler_recovers_the_middle_and_keeps_context_exact(sampler, eta
 def test_ddim_eta0_is_deterministic_given_the_seed():
     s = make_schedule("linear", 100)
     clip = make_clip()
-    run = lambda seed: sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:], steps=8,  # noqa: E731
-                                   generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: generate(Linear(), s, clip, steps=8, guidance_scale=1.8, seed=seed)  # noqa: E731
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
 
@@ -204,19 +233,19 @@ def test_dynamic_threshold():
     assert y[0].abs().max() <= 1 + 1e-6 and torch.equal(y[1], x0[1])
     s = make_schedule("linear", 100)
     clip = make_clip()
-    out = sample_clip(Oracle(s, 3 * clip[:, :, K:-K]), s, clip[:, :, :K], clip[:, :, -K:], steps=5,
-                      guidance_scale=2.0, dynamic_threshold=0.995, generator=torch.Generator().manual_seed(0))
+    out = generate(Oracle(s, 3 * clip[:, :, K:-K]), s, clip, steps=5, guidance_scale=2.0, dynamic_threshold=0.995)
     assert torch.equal(out[:, :, :K], clip[:, :, :K]) and torch.equal(out[:, :, -K:], clip[:, :, -K:])
     assert out.abs().max() <= 1
 
 
-def test_sample_clip_rejects_bad_arguments():
+def test_sampler_rejects_bad_arguments():
+    from evdm.diffusion import sample
+
     s = make_schedule("linear", 10)
-    clip = make_clip()
     with pytest.raises(ValueError, match="sampler"):
-        sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:], sampler="euler")
-    with pytest.raises(ValueError, match="every dimension but the frame count"):
-        sample_clip(Linear(), s, clip[:, :, :K], clip[:, :, -K:, :-1], steps=2)
+        sample(lambda x, t: x, s, torch.zeros(1, 1, 1, 2, 2), sampler="euler", steps=2)
+    with pytest.raises(ValueError, match="steps"):
+        sample(lambda x, t: x, s, torch.zeros(1, 1, 1, 2, 2), steps=11)
 
 
 def test_residual_blend_round_trips_through_loss_and_sampler():
@@ -227,17 +256,15 @@ def test_residual_blend_round_trips_through_loss_and_sampler():
     clip = make_clip()
     start, middle, end = clip[:, :, :K], clip[:, :, K:-K], clip[:, :, -K:]
     residual = middle - linear_blend(start, end, M)
-    t, noise, no_drop = torch.tensor([10, 90]), torch.randn(B, C, M, H, W), torch.zeros(B, dtype=torch.bool)
+    draws = Draws(torch.tensor([10, 90]), torch.randn(B, C, M, H, W), torch.zeros(B, dtype=torch.bool))
     for prediction in ("eps", "v", "x0"):
         knows_residual = Oracle(s, residual, prediction)
-        loss, _ = diffusion_loss(knows_residual, s, clip, t, noise, no_drop, K=K, prediction=prediction,
-                                 residual="blend")
+        loss, _ = loss_of(knows_residual, s, clip, draws, prediction=prediction, residual="blend")
         assert loss.item() < 1e-8
-        plain, _ = diffusion_loss(knows_residual, s, clip, t, noise, no_drop, K=K, prediction=prediction)
+        plain, _ = loss_of(knows_residual, s, clip, draws, prediction=prediction)
         assert plain.item() > 1e-3  # the same model is wrong about the plain middle
-        out = sample_clip(knows_residual, s, start, end, steps=10, guidance_scale=1.0, prediction=prediction,
-                          residual="blend", generator=torch.Generator().manual_seed(0))
+        out = generate(knows_residual, s, clip, prediction=prediction, residual="blend")
         assert torch.allclose(out[:, :, K:-K], middle, atol=1e-4)
         assert torch.equal(out[:, :, :K], start) and torch.equal(out[:, :, -K:], end)
     with pytest.raises(ValueError, match="residual"):
-        sample_clip(knows_residual, s, start, end, steps=2, residual="median")
+        generate(knows_residual, s, clip, steps=2, residual="median")

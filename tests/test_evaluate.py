@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import K, SIZE, T, make_checkpoint, write_shards, write_square_shards
 from evdm import evaluate as ev
+from evdm import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
     ev.evaluate(ckpt, shards, num=6, batch_size=3, steps_list=[2], device="cpu", progress=False,
                 examples=tmp_path / "ex.png")
     img = np.asarray(Image.open(tmp_path / "ex.png"))
-    scale = ev.strip_scale(SIZE)
+    scale = visualize.strip_scale(SIZE)
     truths = [np.array(c) for url in sorted(glob.glob(shards)) for _, c in iter_clips(url)]
     shown = [np.stack([visualize.frame_at(img, row, t, SIZE, SIZE, scale=scale) for t in range(T)]) for row in (0, 3)]
     assert all(any(np.array_equal(clip, truth) for truth in truths) for clip in shown)
@@ -117,7 +118,8 @@ def test_linear_middle_makes_the_blend_baseline_win(tmp_path, setup):
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["linear blend"]["psnr"] > 50  # only uint8 rounding separates it from the truth
     assert rows["linear blend"]["ssim"] > 0.999
-    assert rows["copy nearest context"]["psnr"] < 30 and rows["model ddim-2"]["psnr"] < 40
+    assert rows["copy nearest context"]["psnr"] < 30
+    assert rows["model ddim-2"]["psnr"] < rows["linear blend"]["psnr"]  # a barely trained model adds noise to it
 
 
 def test_best_of_picks_the_highest_psnr_per_clip():

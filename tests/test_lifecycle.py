@@ -217,7 +217,7 @@ def test_resume_into_a_different_model_changes_nothing(shard_dir, tmp_path):
     err = one_error_line(run_cli(["train.py", "configs/smoke.toml",
                                   *set_args(tiny_overrides(shard_dir, out, **changed)), "--resume"]))
     assert "model.base_channels (checkpoint 8, config 16)" in err
-    assert "diffusion.prediction (checkpoint 'eps', config 'v')" in err
+    assert "diffusion.prediction (checkpoint 'x0', config 'v')" in err
     assert snapshot(out) == before
 
 

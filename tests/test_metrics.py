@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from evdm.config import Context
+
 from evdm.metrics import (
     PSNR_CAP_DB, copy_nearest, linear_blend, middle_frames_metric, psnr, ssim, to_unit,
     u8_to_unit,
@@ -70,14 +72,20 @@ def linear_clip(T=8, C=3, size=16):
     return a + t / (T - 1) * (b - a)
 
 
+def baseline(fn, clip: torch.Tensor, K: int | tuple[int, int]) -> torch.Tensor:
+    """A baseline's middle for a whole clip with K observed frames at each end (or (start, end))."""
+    start, middle, end = Context(*((K, K) if isinstance(K, int) else K)).split(clip)
+    return fn(start, end, middle.shape[2])
+
+
 @pytest.mark.parametrize("T,K", [(8, 2), (6, 1), (7, 3)])
 def test_linear_blend_is_near_perfect_on_a_linear_clip(T, K):
     clip = linear_clip(T)
     truth = clip[:, :, K : T - K]
-    blend = middle_frames_metric(psnr, linear_blend(clip, K), truth)
+    blend = middle_frames_metric(psnr, baseline(linear_blend, clip, K), truth)
     assert blend.shape == (1, T - 2 * K)
     assert blend.min().item() > 90
-    nearest = middle_frames_metric(psnr, copy_nearest(clip, K), truth)
+    nearest = middle_frames_metric(psnr, baseline(copy_nearest, clip, K), truth)
     assert nearest.max().item() < 40  # copying is visibly worse on motion
 
 
@@ -85,17 +93,18 @@ def test_copy_nearest_picks_the_nearer_context_frame():
     T, K = 8, 2
     clip = torch.arange(T, dtype=torch.float32).view(1, 1, T, 1, 1)
     # middle positions 2..5; last start 1, first end 6; ties (none here) go to the start
-    assert copy_nearest(clip, K).flatten().tolist() == [1, 1, 6, 6]
-    assert copy_nearest(torch.arange(7.0).view(1, 1, 7, 1, 1), 2).flatten().tolist() == [1, 1, 5]
+    assert baseline(copy_nearest, clip, K).flatten().tolist() == [1, 1, 6, 6]
+    assert baseline(copy_nearest, torch.arange(7.0).view(1, 1, 7, 1, 1), 2).flatten().tolist() == [1, 1, 5]
+    assert baseline(copy_nearest, torch.arange(8.0).view(1, 1, 8, 1, 1), (1, 2)).flatten().tolist() == [0, 0, 0, 6, 6]
 
 
 def test_linear_blend_weights_follow_frame_positions():
     # T 8, K 2: frames 1 (last start) and 6 (first end) hold 0 and 1; the middle is 0.2 .. 0.8.
     clip = torch.zeros(1, 1, 8, 1, 1)
     clip[:, :, 6:] = 1.0
-    assert linear_blend(clip, 2).flatten().tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert baseline(linear_blend, clip, 2).flatten().tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8])
     one = torch.tensor([0.0, 0.0, 1.0]).view(1, 1, 3, 1, 1)
-    assert linear_blend(one, 1).flatten().tolist() == [0.5]
+    assert baseline(linear_blend, one, 1).flatten().tolist() == [0.5]
 
 
 def test_ssim_matches_a_brute_force_window_loop():

@@ -7,19 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evdm.config import DataConfig, ModelConfig, RunConfig
-from evdm.models import (
-    ConditioningEncoder, VideoUNet3D, adapt_conv_weights, adapt_optimizer_state, build_model, count_parameters,
-    to_channels_last,
-)
+from evdm.config import ConfigError, Context, DataConfig, ModelConfig, RunConfig
+from evdm.denoiser import to_layout as to_channels_last
+from evdm.models import ConditioningEncoder, adapt_conv_weights, adapt_optimizer_state, build_model, count_parameters
 from evdm.models.attention import short_attention
-from evdm.models.norms import ChannelNorm, GroupNorm
+from evdm.models.norms import ChannelNorm, GroupNorm, channel_norm, group_norm
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
 
 
 def tiny_cfg(size=16, T=8, K=2, color_mode="rgb", **model) -> RunConfig:
-    return RunConfig(data=DataConfig(size=size, T=T, endpoint_context=K, color_mode=color_mode),
+    return RunConfig(data=DataConfig(size=size, T=T, context=Context(K, K), color_mode=color_mode),
                      model=ModelConfig(**{**TINY, **model}))
 
 
@@ -36,7 +34,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def inputs(cfg: RunConfig, B: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    C, T, K, S = cfg.channels, cfg.data.T, cfg.data.endpoint_context, cfg.data.size
+    C, T, K, S = cfg.channels, cfg.data.T, cfg.context.start, cfg.data.size
     clip = torch.rand((B, C, T, S, S), generator=g) * 2 - 1
     x_t = torch.randn((B, C, T - 2 * K, S, S), generator=g)
     t = torch.randint(0, 1000, (B,), generator=g)
@@ -61,14 +59,14 @@ def test_three_levels_with_attention_everywhere():
 
 
 @pytest.mark.parametrize("T,K", [(4, 2), (3, 2), (6, 3)])
-def test_no_middle_is_a_construction_error_naming_both_numbers(T, K):
-    with pytest.raises(ValueError, match=rf"T={T}.*endpoint_context={K}"):
-        VideoUNet3D(channels=3, T=T, K=K, base_channels=8, channel_mults=(1,), temporal_attn_levels=())
+def test_no_middle_is_a_config_error_naming_both_numbers(T, K):
+    with pytest.raises(ConfigError, match=rf"T={T}, context=\[{K}, {K}\]"):
+        tiny_cfg(T=T, K=K)
 
 
 def test_bad_sizes_are_rejected_clearly():
-    with pytest.raises(ValueError, match=r"data.size=18.*4"):
-        build_model(tiny_cfg(size=18, channel_mults=(1, 2, 4)))
+    with pytest.raises(ConfigError, match=r"data.size=18.*4"):
+        tiny_cfg(size=18, channel_mults=(1, 2, 4))
     model = build_model(tiny_cfg(size=16, channel_mults=(1, 2, 4)))
     x_t, t, start, end, drop = inputs(tiny_cfg(size=18))
     with pytest.raises(ValueError, match=r"18x18 must be divisible by 4"):
@@ -78,8 +76,8 @@ def test_bad_sizes_are_rejected_clearly():
         model(x_t[:, :, :3], t, start, end, drop)
     with pytest.raises(ValueError, match=r"end_context.*K=2"):
         model(x_t, t, start, end[:, :, :1], drop)
-    with pytest.raises(ValueError, match="out of range"):
-        VideoUNet3D(channels=3, T=8, K=2, channel_mults=(1, 2), temporal_attn_levels=(2,))
+    with pytest.raises(ConfigError, match="out of range"):
+        tiny_cfg(channel_mults=(1, 2), temporal_attn_levels=(2,))
 
 
 def test_endpoint_encoder_is_shared():
@@ -220,7 +218,7 @@ def test_batch_64_at_64_px_needs_no_chunking():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
-def test_norms_equal_torch_and_keep_dtype_and_layout(layout):
+def test_norms_equal_torch_and_their_compiled_forms_keep_dtype_and_layout(layout):
     x = torch.randn(2, 16, 3, 5, 5).to(memory_format=layout) * 3 + 1
     gn, ln = GroupNorm(4, 16, eps=1e-6), ChannelNorm(16)
     with torch.no_grad():
@@ -228,10 +226,14 @@ def test_norms_equal_torch_and_keep_dtype_and_layout(layout):
             p.normal_()
     ref_gn = F.group_norm(x, 4, gn.weight, gn.bias, 1e-6)
     ref_ln = F.layer_norm(x.movedim(1, -1), (16,), ln.weight, ln.bias, ln.eps).movedim(-1, 1)
+    # The compiled forms (the functions) and the eager ones (the modules) compute the same norms.
     assert torch.allclose(gn(x), ref_gn, atol=1e-5) and torch.allclose(ln(x), ref_ln, atol=1e-5)
-    for norm in (gn, ln):
-        out = norm(x.to(torch.bfloat16))
+    compiled_forms = (lambda v: group_norm(v, 4, gn.weight, gn.bias, 1e-6), lambda v: channel_norm(v, ln.weight, ln.bias, ln.eps))
+    for form, ref in zip(compiled_forms, (ref_gn, ref_ln)):
+        assert torch.allclose(form(x), ref, atol=1e-5)
+        out = form(x.to(torch.bfloat16))
         assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=layout)
+        assert torch.allclose(out.float(), ref, atol=0.05)
 
 
 def test_reference_parameter_count():

@@ -1,4 +1,4 @@
-"""sample.py and evdm.sampling with a tiny checkpoint trained here: exact context frames, clear errors."""
+"""sample.py and evdm.sample_io with a tiny checkpoint trained here: exact context frames, clear errors."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 from conftest import K, SIZE, T, make_checkpoint, tiny_config, write_square_shards
-from evdm import pipeline, sampling, visualize
-from evdm.data import to_model_input
+from evdm import sample_io as sampling
+from evdm import visualize
+from evdm.config import with_sample
+from evdm.denoiser import load_denoiser, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
-SCALE = sampling.strip_scale(SIZE)  # PNG strip enlargement
+SCALE = visualize.strip_scale(SIZE)  # PNG strip enlargement
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +62,10 @@ def test_load_image_center_crops_and_converts(tmp_path):
 
 
 def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_path):
-    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
+    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
     jobs = sampling.image_jobs(start, end, num_samples=3)
-    results = sampling.run(jobs, 3, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=2), tmp_path)
+    results = sampling.sample_to_files(jobs, 3, den, with_sample(cfg, steps=2), tmp_path, batch_size=2)
     assert len(results) == 3 and (tmp_path / "grid_000.gif").is_file() and (tmp_path / "grid_001.gif").is_file()
     for r in results:
         assert r["sample"].shape == (T, SIZE, SIZE, 3)
@@ -77,20 +79,20 @@ def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_p
 
 
 def test_sampler_output_round_trips_the_context_bytes(ckpt, val_shards):
-    """Without sample_batch's final paste, float sampling + rounding already reproduces the input bytes."""
-    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
+    """Without generate_u8's final paste, float sampling + rounding already reproduces the input bytes."""
+    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
     clips = np.stack([c for _, c in sampling.iter_shard_clips(val_shards, cfg, 3)])
-    x = to_model_input(torch.from_numpy(clips).permute(0, 4, 1, 2, 3), "cpu", channels_last=False)
-    u8 = pipeline.to_uint8(pipeline.fill_middle(model, schedule, cfg, x[:, :, :K], x[:, :, T - K :], steps=2,
-                                                eta=0.0, guidance_scale=1.8, generator=torch.Generator().manual_seed(0)))
+    x = den.to_input(torch.from_numpy(clips).permute(0, 4, 1, 2, 3))
+    settings = with_sample(cfg, steps=2, eta=0.0, guidance_scale=1.8).sample
+    u8 = to_uint8(den.generate(x[:, :, :K], x[:, :, T - K :], settings, generator=torch.Generator().manual_seed(0)))
     assert np.array_equal(u8[:, :K], clips[:, :K]) and np.array_equal(u8[:, T - K :], clips[:, T - K :])
 
 
 def test_same_seed_same_samples(ckpt, images, tmp_path):
-    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
+    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
-    runs = [sampling.run(sampling.image_jobs(start, end, 1), 1, model, schedule, cfg,
-                         sampling.SampleSettings(steps=2, eta=1.0, seed=seed), tmp_path / str(i))
+    runs = [sampling.sample_to_files(sampling.image_jobs(start, end, 1), 1, den, with_sample(cfg, steps=2, eta=1.0),
+                                     tmp_path / str(i), seed=seed)
             for i, seed in enumerate((0, 0, 1))]
     a, b, c = (r[0]["sample"] for r in runs)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
@@ -116,9 +118,9 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
 
 
 def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, val_shards, tmp_path):
-    model, cfg, schedule = pipeline.load_model(ckpt, torch.device("cpu"))
+    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
     jobs = sampling.shard_jobs(val_shards, cfg, num=4)
-    results = sampling.run(jobs, 4, model, schedule, cfg, sampling.SampleSettings(steps=2, batch_size=3), tmp_path)
+    results = sampling.sample_to_files(jobs, 4, den, with_sample(cfg, steps=2), tmp_path, batch_size=3)
     truths = [c for _, c in sampling.iter_shard_clips(val_shards, cfg, 4)]
     assert len(results) == 4
     for r, truth in zip(results, truths):
@@ -155,7 +157,7 @@ def test_sample_py_from_shards_in_process(ckpt, val_shards, tmp_path, capsys):
 def test_wrong_number_of_images(ckpt, images, tmp_path, capsys):
     rc, err = run_main(["--ckpt", ckpt, "--start_images", images[0], "--end_images", *images[2:],
                         "--out_dir", tmp_path, "--device", "cpu"], capsys)
-    assert rc == 2 and "--start_images: got 1 image" in err and "observes 2 frame(s) there (data.context_start" in err and err.count("\n") == 1
+    assert rc == 2 and "--start_images: got 1 image" in err and "observes 2 frame(s) at the start (data.context)" in err and err.count("\n") == 1
 
 
 def test_unreadable_and_missing_image(ckpt, images, tmp_path, capsys):
@@ -194,10 +196,10 @@ def test_checkpoint_of_another_color_mode(ckpt, images, tmp_path, capsys):
 
 def test_gray_checkpoint_samples_gray(tmp_path, images):
     gray_ckpt = make_checkpoint(tmp_path / "gray.pt", color_mode="gray", train_steps=1)
-    model, cfg, schedule = pipeline.load_model(gray_ckpt, torch.device("cpu"), color_mode="gray")
+    den, cfg = load_denoiser(gray_ckpt, torch.device("cpu"), color_mode="gray")
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
-    (r,) = sampling.run(sampling.image_jobs(start, end, 1), 1, model, schedule, cfg,
-                        sampling.SampleSettings(steps=2), tmp_path / "out")
+    (r,) = sampling.sample_to_files(sampling.image_jobs(start, end, 1), 1, den, with_sample(cfg, steps=2),
+                                    tmp_path / "out")
     assert r["sample"].shape == (T, SIZE, SIZE, 1) and np.array_equal(r["sample"][:K], start)
 
 

@@ -1,9 +1,9 @@
-"""DDPM ancestral and DDIM samplers with classifier-free guidance; pure step functions.
+"""DDPM ancestral and DDIM samplers with classifier-free guidance: pure functions (k-diffusion style).
 
-`sample_clip` generates the middle of a clip from its endpoints and returns
-[exact start_context, generated middle, exact end_context] along time. The step functions take
-(x_t, x0, eps) already converted by `schedule.split_output` (the one converter), so no sampler
-branches on the prediction type.
+`sample(x0_fn, s, x_T, ...)` runs a chain over any denoiser given as a function x0_fn(x_t, t) -> x0
+estimate; evdm.denoiser.Denoiser.generate builds that function (network, guidance, residual,
+clipping) and puts the context frames back around the result. The step functions take (x_t, x0, eps),
+and eps is re-derived from x0 (`schedule.eps_from_x0`), so no sampler branches on the prediction type.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Callable
 
 import torch
 
-from evdm.diffusion.residual import residual_base
-from evdm.diffusion.schedule import Schedule, alpha_bar_at, eps_from_x0, split_output
+from evdm.diffusion.schedule import Schedule, alpha_bar_at, eps_from_x0
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -68,7 +67,7 @@ def ddpm_step(
 
 
 def guided_output(
-    model: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+    output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
     start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null).
@@ -78,9 +77,9 @@ def guided_output(
     """
     B = x_t.shape[0]
     if guidance_scale == 1.0:
-        return model(x_t, t, start_context, end_context, torch.zeros(B, dtype=torch.bool, device=x_t.device))
+        return output(x_t, t, start_context, end_context, torch.zeros(B, dtype=torch.bool, device=x_t.device))
     cond_drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
-    out = model(
+    out = output(
         torch.cat([x_t, x_t]), torch.cat([t, t]),
         torch.cat([start_context, start_context]), torch.cat([end_context, end_context]), cond_drop,
     ).float()
@@ -88,72 +87,34 @@ def guided_output(
     return null + guidance_scale * (cond - null)
 
 
-def _middle_frames(model: torch.nn.Module) -> int:
-    """The number of middle frames M the model was built for (unwrapping DDP's `.module`)."""
-    inner = getattr(model, "module", model)
-    if not hasattr(inner, "middle_frames"):
-        raise ValueError("pass middle_frames=...: the model has no `middle_frames` attribute")
-    return int(inner.middle_frames)
-
-
-@torch.no_grad()
-def sample_clip(
-    model: Callable[..., torch.Tensor],
+def sample(
+    x0_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     s: Schedule,
-    start_context: torch.Tensor,
-    end_context: torch.Tensor,
+    x_T: torch.Tensor,
     *,
     sampler: str = "ddim",
     steps: int = 40,
     eta: float = 0.0,
-    guidance_scale: float = 1.8,
-    prediction: str = "eps",
-    dynamic_threshold: float = 0.0,
     generator: torch.Generator | None = None,
-    middle_frames: int | None = None,
-    residual: str = "none",
 ) -> torch.Tensor:
-    """Generate the middle between the endpoints; returns [start_context, middle, end_context].
+    """Run the reverse chain from x_T [B, ...] over `steps` respaced timesteps; returns x_0 (not clamped).
 
-    start_context [B, C, K_start, H, W], end_context [B, C, K_end, H, W] in [-1, 1]. sampler: "ddim" (eta = 0 is
-    deterministic given `generator`) or "ddpm" (ancestral, over `steps` respaced timesteps;
-    steps = timesteps is the original chain). dynamic_threshold: 0 (off) or the percentile,
-    e.g. 0.995; when off, the predicted x0 is clipped to [-1, 1] at every step. middle_frames: M, read
-    from `model.middle_frames` when None. residual: as trained ("blend": the chain runs over the
-    middle minus the endpoints' linear blend, which is added back to every x0 estimate).
-    Returns clip: [B, C, K_start + M + K_end, H, W]; its context frames are bit-identical to the inputs,
-    the middle is clamped to [-1, 1]. The model's train/eval mode is left to the caller.
+    x0_fn(x_t, t) -> the x0 estimate at x_t (t: int64 [B]). sampler: "ddim" (eta = 0 is deterministic)
+    or "ddpm" (ancestral; steps = timesteps is the original chain). Fresh noise per step comes from
+    `generator`, after whatever drew x_T.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    s_shape, e_shape = start_context.shape, end_context.shape
-    if s_shape[:2] != e_shape[:2] or s_shape[3:] != e_shape[3:]:
-        raise ValueError(f"start_context {tuple(s_shape)} and end_context {tuple(e_shape)} must agree in every "
-                         f"dimension but the frame count")
-    M = middle_frames if middle_frames is not None else _middle_frames(model)
-    B, C, _, H, W = start_context.shape
-    device = start_context.device
-    base = residual_base(residual, start_context, end_context, M)
-    base = torch.zeros((), device=device) if base is None else base
-    x = torch.randn((B, C, M, H, W), generator=generator, device=device)
+    B, device = x_T.shape[0], x_T.device
     ts = sampling_timesteps(s.timesteps, steps)
+    x = x_T
     for i, t_int in enumerate(ts):
         t = torch.full((B,), t_int, dtype=torch.long, device=device)
         t_prev = torch.full((B,), ts[i + 1] if i + 1 < len(ts) else -1, dtype=torch.long, device=device)
-        out = guided_output(model, x, t, start_context, end_context, guidance_scale)
-        x0, eps = split_output(s, x, t, out, prediction)
-        # Keep x0 in the data range: Imagen's dynamic thresholding when asked, else static
-        # clipping to [-1, 1] (ADM's clip_denoised); eps is re-derived to stay consistent.
-        # Both act on the frames (x0 + base), not on the residual.
-        frames = x0 + base
-        x0 = (apply_dynamic_threshold(frames, dynamic_threshold) if dynamic_threshold else frames.clamp(-1, 1)) - base
+        x0 = x0_fn(x, t)
         eps = eps_from_x0(s, x, t, x0)
         last = i + 1 == len(ts)
         noise = torch.zeros_like(x) if last or (sampler == "ddim" and eta == 0) else torch.randn(
             x.shape, generator=generator, device=device)
-        if sampler == "ddim":
-            x = ddim_step(s, x, t, t_prev, x0, eps, eta, noise)
-        else:
-            x = ddpm_step(s, x, t, t_prev, x0, noise)
-    middle = (x + base).clamp(-1, 1).to(start_context.dtype)
-    return torch.cat([start_context, middle, end_context], dim=2)
+        x = ddim_step(s, x, t, t_prev, x0, eps, eta, noise) if sampler == "ddim" else ddpm_step(s, x, t, t_prev, x0, noise)
+    return x

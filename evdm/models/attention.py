@@ -3,11 +3,12 @@
 The sequences are short (T = 8 frames: 4 middle queries over 8 keys in the reference config) and
 there are very many of them (B x H x W). Fused SDPA kernels are built for long sequences: on an H200
 cuDNN's flash kernel spent 22% of a training step computing 64 x 128 tiles that were mostly padding,
-and CUDA's SDPA fails from 65,536 sequences up. `short_attention` writes the same maths as a
-broadcast multiply-and-sum with an fp32 softmax, which Inductor fuses into a few elementwise and
-reduction kernels (5.6x SDPA's forward + backward at level 2's shape, measured on the H200;
-`q @ k.T` would be pattern-matched back into SDPA), has no sequence-count limit, and runs the same
-code on every device, so the CPU tests exercise what a GPU runs.
+and CUDA's SDPA fails from 65,536 sequences up. `short_attention` writes the same maths with an fp32
+softmax and no SDPA call: compiled, as a broadcast multiply-and-sum, which Inductor fuses into a few
+elementwise and reduction kernels (5.6x SDPA's forward + backward at level 2's shape, measured on the
+H200; `q @ k.T` would be pattern-matched back into SDPA); eagerly, as batched matrix products. Neither
+has a sequence-count limit, and both run on every device: the CPU tests run the eager form in every
+model test and the compiled form in the compile test, and check the two against SDPA.
 
 The module works on the channels-last layout the U-Net keeps ([B, c, T, H, W] stored as
 [B, T, H, W, c]): `x.movedim(1, -1)` is then a free, contiguous view for the linear projections.
@@ -32,12 +33,29 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) along dim 1, per position and head.
 
     q: [B, Lq, *P, heads, d]; k, v: [B, Lk, *P, heads, d] (P: any positions) -> [B, Lq, *P, heads, d].
-    The scores are a broadcast product summed over d, the softmax runs in fp32, the output is in v's dtype.
+    The softmax runs in fp32, the output is in v's dtype. Compiled, the scores are a broadcast product
+    summed over d (`broadcast_attention`), which Inductor fuses; run eagerly, the same maths as batched
+    matrix products (`matmul_attention`): the broadcast form materialises a [.., Lq, Lk, d] product
+    per call, 10% of a CPU demo step.
     """
+    if torch.compiler.is_compiling():
+        return broadcast_attention(q, k, v)
+    return matmul_attention(q, k, v)
+
+
+def broadcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`short_attention` as broadcast multiply-and-sum: no matmul for Inductor to turn back into SDPA."""
     q = q * q.shape[-1] ** -0.5
     scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1)  # [B, Lq, Lk, *P, heads]
     weights = scores.float().softmax(dim=2).to(v.dtype)
     return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`short_attention` as batched matrix products over [B, *P, heads, L, d]."""
+    q, k, v = (x.movedim(1, -2) for x in (q, k, v))
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B, *P, heads, Lq, Lk]
+    return (scores.float().softmax(dim=-1).to(v.dtype) @ v).movedim(-2, 1)
 
 
 class TemporalAttention(nn.Module):

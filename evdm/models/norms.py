@@ -41,18 +41,28 @@ def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias, x.dtype)
 
 
+# Compiled, the functions above become one or two fused kernels. Run eagerly they would be several
+# passes each way (their backward is autograd's, op by op): 3x the CPU time of a demo training step.
+# Eager runs therefore use torch's own norm kernels, the same maths (tests/test_model.py).
+
+
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm's parameters, state-dict keys and maths; `group_norm` computes it."""
+    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` when compiled, torch's kernel eagerly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if torch.compiler.is_compiling():
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 class ChannelNorm(nn.LayerNorm):
-    """nn.LayerNorm(channels) applied along dim 1 of [B, C, ...] (no permute); `channel_norm` computes it."""
+    """nn.LayerNorm(channels) along dim 1 of [B, C, ...]: `channel_norm` when compiled; eagerly torch's
+    kernel on the channels-last view (free for a channels-last x)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_norm(x, self.weight, self.bias, self.eps)
+        if torch.compiler.is_compiling():
+            return channel_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 def make_group_norm(channels: int) -> GroupNorm:

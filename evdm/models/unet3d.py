@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.config import as_context, check_model_shape
+from evdm.config import Context
 from evdm.models.attention import TemporalAttention, zero_init
 from evdm.models.blocks import FiLM, Downsample, ResBlock3D, TimestepEmbedder, Upsample
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
@@ -28,8 +28,9 @@ class VideoUNet3D(nn.Module):
 
     forward(x_t, t, start_context, end_context, cond_drop) -> out
     x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
-    [B, C, K_end, H, W] in [-1, 1] (K: one count for both ends, or (K_start, K_end)); cond_drop: bool [B] (True: learned null conditioning). out: [B, C, M, H, W].
-    H and W must be divisible by 2 ** (len(channel_mults) - 1).
+    [B, C, K_end, H, W] in [-1, 1] (context = (K_start, K_end)); cond_drop: bool [B] (True: learned null
+    conditioning). out: [B, C, M, H, W]. H and W must be divisible by 2 ** (len(channel_mults) - 1); the
+    config checks its shapes when it loads (evdm.config.check_shapes).
     """
 
     def __init__(
@@ -37,7 +38,7 @@ class VideoUNet3D(nn.Module):
         *,
         channels: int,
         T: int,
-        K: int | tuple[int, int],
+        context: Context,
         base_channels: int = 96,
         channel_mults: tuple[int, ...] = (1, 2, 4),
         res_blocks: int = 2,
@@ -46,9 +47,8 @@ class VideoUNet3D(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_model_shape(T=T, K=K, channel_mults=channel_mults, temporal_attn_levels=temporal_attn_levels)
-        Ks, Ke = self.context = as_context(K)
-        self.channels, self.T, self.middle_frames = channels, T, T - Ks - Ke
+        self.context = Context(*context)
+        self.channels, self.T, self.middle_frames = channels, T, self.context.middle_frames(T)
         self.downscale = 2 ** (len(channel_mults) - 1)
         M = self.middle_frames
         level_ch = [base_channels * m for m in channel_mults]
@@ -117,7 +117,7 @@ class VideoUNet3D(nn.Module):
         if (C, M) != (self.channels, self.middle_frames):
             raise ValueError(f"x_t {tuple(x_t.shape)}: expected C={self.channels} channels and "
                              f"M=T-2K={self.middle_frames} middle frames")
-        for name, ctx, K in (("start_context", start, self.context[0]), ("end_context", end, self.context[1])):
+        for name, ctx, K in (("start_context", start, self.context.start), ("end_context", end, self.context.end)):
             if tuple(ctx.shape) != (B, C, K, H, W):
                 raise ValueError(f"{name} {tuple(ctx.shape)}: expected {(B, C, K, H, W)} (K={K})")
         if H % self.downscale or W % self.downscale:

@@ -20,10 +20,8 @@ from evdm.config import ConfigError, RunConfig, to_dict
 
 LOCK_NAME = ".lock"
 # The keys that decide the weights' shapes or what they mean: a resume must not change them.
-# (The context counts are compared as resolved (start, end) pairs: `endpoint_context = 2` and
-# `context_start = context_end = 2` are the same model.)
 MODEL_KEYS = (
-    "data.T", "data.size", "data.color_mode", "model.*",
+    "data.T", "data.size", "data.context", "data.color_mode", "model.*",
     "diffusion.prediction", "diffusion.residual", "diffusion.timesteps", "diffusion.schedule",
 )
 # Written by a run; removed before a fresh run (--overwrite, or an old run that left no checkpoint).
@@ -41,17 +39,15 @@ def checkpoints_in(out_dir: Path) -> list[Path]:
 
 
 def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
-    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry (and the context counts) where the
-    checkpoint's config (defaults filled in for keys newer than it) and `cfg` differ."""
+    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the checkpoint's config
+    (translated by evdm.legacy, defaults filled in for keys newer than it) and `cfg` differ."""
     stored, current = to_dict(stored_cfg), to_dict(cfg)
-    context = [] if stored_cfg.context == cfg.context else [
-        f"data.context_start/context_end (checkpoint {stored_cfg.context}, config {cfg.context})"]
     keys = []
     for spec in MODEL_KEYS:
         section, key = spec.split(".")
         names = sorted(set(current[section]) | set(stored.get(section, {}))) if key == "*" else [key]
         keys += [(section, name) for name in names]
-    return context + [
+    return [
         f"{section}.{name} (checkpoint {stored.get(section, {}).get(name)!r}, config {current[section].get(name)!r})"
         for section, name in keys
         if stored.get(section, {}).get(name) != current[section].get(name)

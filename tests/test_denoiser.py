@@ -1,4 +1,4 @@
-"""evdm.pipeline: the shared inference call, its bf16 path, padding for compiled models, the settings."""
+"""evdm.denoiser: the one sampling call, its bf16 path, padding for compiled models, the settings."""
 
 import json
 import os
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evdm.pipeline import autocast_dtype, pad_size, wants_compile
+from evdm.denoiser import Denoiser, autocast_dtype, wants_compile
+from evdm.diffusion import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,10 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BF16_SCRIPT = r"""
 import dataclasses, json, sys
 import torch
-from evdm.config import DataConfig, ModelConfig, RunConfig, SampleConfig
-from evdm.diffusion import make_schedule
+from evdm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
+from evdm.denoiser import Denoiser
 from evdm.models import build_model
-from evdm.pipeline import fill_middle
 
 base = RunConfig(data=DataConfig(size=16), model=ModelConfig(base_channels=8, channel_mults=(1, 2), res_blocks=1,
                  temporal_attn_levels=(1,), attn_head_channels=4), sample=SampleConfig(steps=5, guidance_scale=1.8))
@@ -31,13 +31,12 @@ g = torch.Generator().manual_seed(0)
 with torch.no_grad():  # random weights everywhere, so every layer shapes the output
     for p in model.parameters():
         p.copy_(torch.randn(p.shape, generator=g) * 0.1 if not p.abs().sum() else p)
-s = make_schedule("linear", 1000)
 clip = torch.rand(3, 3, 8, 16, 16, generator=g) * 2 - 1
 out = {}
 for prediction in ("eps", "x0"):
-    cfg = dataclasses.replace(base, diffusion=dataclasses.replace(base.diffusion, prediction=prediction))
-    run = lambda precision, B=3, pad=None: fill_middle(model, s, cfg, clip[:B, :, :2], clip[:B, :, 6:],
-        generator=torch.Generator().manual_seed(1), precision=precision, pad_to=pad)
+    cfg = dataclasses.replace(base, diffusion=DiffusionConfig(prediction=prediction, residual="none", schedule="linear"))
+    run = lambda precision, B=3, pad=None: Denoiser.from_config(model, cfg, torch.device("cpu"), precision).generate(
+        clip[:B, :, :2], clip[:B, :, 6:], cfg.sample, generator=torch.Generator().manual_seed(1), pad_to=pad)
     fp32, bf16 = run("fp32"), run("bf16")
     diff = (fp32 - bf16).abs().flatten()
     out[prediction] = dict(max=diff.max().item(), mean=diff.mean().item(), q99=diff.quantile(0.99).item(),
@@ -71,15 +70,45 @@ def test_precision_and_compile_settings():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("auto", cuda) is torch.bfloat16
     assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp32", cuda) is None
+    assert autocast_dtype("fp16", cuda) is torch.float16
     assert not wants_compile("auto", cpu) and wants_compile("auto", cuda)
     assert wants_compile("on", cpu) and not wants_compile("off", cuda)
     with pytest.raises(ValueError, match="precision"):
-        autocast_dtype("fp16", cpu)
+        autocast_dtype("fp8", cpu)
     with pytest.raises(ValueError, match="compile"):
         wants_compile("yes", cpu)
 
 
-def test_only_a_compiled_model_pads_its_batches():
-    model = torch.nn.Linear(2, 2)
-    assert pad_size(model, 16) is None
-    assert pad_size(torch.compile(model), 16) == 16  # wrapping only: nothing is compiled until called
+def test_only_a_compiled_denoiser_pads_its_batches():
+    den = cpu_denoiser()
+    assert den.pad_for(16) is None
+    den.compile()  # lazy: marks the blocks for compilation, compiles nothing until called
+    assert den.pad_for(16) == 16
+
+
+def cpu_denoiser() -> Denoiser:
+    from evdm.config import Context
+
+    return Denoiser(torch.nn.Linear(2, 2), make_schedule("linear", 10), context=Context(1, 1), prediction="x0",
+                    residual="none", device=torch.device("cpu"), dtype=None)
+
+
+def test_to_input_scales_and_lays_out():
+    u8 = torch.tensor([0, 255, 127, 128], dtype=torch.uint8).view(1, 1, 1, 2, 2).expand(2, 3, 4, 2, 2).clone()
+    x = cpu_denoiser().to_input(u8)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(x[0, 0, 0].flatten()[:2], torch.tensor([-1.0, 1.0]))
+    assert torch.equal(x, u8.float() / 127.5 - 1)  # the documented formula, bit for bit
+
+
+def test_hflip_is_per_sample_and_seeded():
+    den = cpu_denoiser()
+    u8 = torch.randint(0, 256, (16, 3, 4, 8, 8), dtype=torch.uint8)
+    x = den.to_input(u8)
+    flipped = den.to_input(u8, hflip=torch.Generator().manual_seed(0))
+    again = den.to_input(u8, hflip=torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, again)
+    was_flipped = [not torch.equal(f, o) for f, o in zip(flipped, x)]
+    assert 0 < sum(was_flipped) < 16
+    for f, o, w in zip(flipped, x, was_flipped):
+        assert torch.equal(f, o.flip(-1) if w else o)

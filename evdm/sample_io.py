@@ -1,6 +1,7 @@
 """The files of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
 
-The model itself is evdm.pipeline's (load_model, fill_middle); this module reads and writes files.
+The sampling itself is the Denoiser's (evdm.denoiser: load_denoiser, generate); this module reads and
+writes files.
 
 Everything about the model (size, T, context counts, colour mode, schedule, prediction) comes from the
 checkpoint's stored config. Clips leave this module as uint8 [T, H, W, C] whose first K_start and last K_end
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,43 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evdm import visualize
 from evdm.atomic import folder_problem
-from evdm.config import RunConfig
-from evdm.data import expand_urls, iter_clips, to_model_input
-from evdm.diffusion import Schedule
-from evdm.pipeline import fill_middle, pad_size, to_uint8
+from evdm.config import ConfigError, Context, RunConfig, with_sample
+from evdm.data import expand_urls, iter_clips
+from evdm.denoiser import Denoiser
 from evdm.schema import COLOR_CHANNELS, clip_shape
 from evdm.seeds import mix_seed
-
-FPS = 4.0
-VIDEO_PX = 256  # MP4s are enlarged (nearest) to about this many pixels across
-STRIP_PX = 128  # and PNG strip / grid GIF frames to about this many
-
-
-def strip_scale(size: int) -> int:
-    """Nearest-neighbour factor for PNG strips and grid GIFs of size-px frames (16 px -> 8, 64 px -> 2)."""
-    return max(1, STRIP_PX // size)
 
 
 class SamplingError(RuntimeError):
     """A user-facing problem with the inputs; the message names the file and what is wrong."""
-
-
-def one_line(err: Exception) -> str:
-    """The error as one line; a multi-line message (torch's unpickling essays) keeps its head only."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
-    return lines[0] if len(lines) == 1 else lines[0].split(" (", 1)[0]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SampleSettings:
-    """How to run the sampler; None fields fall back to the checkpoint's [sample] section."""
-
-    steps: int | None = None
-    eta: float | None = None
-    guidance_scale: float | None = None
-    seed: int = 0
-    batch_size: int = 16
-    precision: str | None = None  # auto | bf16 | fp32; None: the checkpoint's sample.precision
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -97,11 +69,11 @@ def load_image(path: str | Path, size: int, color_mode: str) -> np.ndarray:
 def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """The K_start start and K_end end images -> (start, end) uint8 [K_*, H, W, C] at the model's size
     and colour mode."""
-    for flag, paths, K, key in (("--start_images", start_paths, cfg.context[0], "context_start"),
-                                ("--end_images", end_paths, cfg.context[1], "context_end")):
+    for flag, paths, K, end in (("--start_images", start_paths, cfg.context.start, "start"),
+                                ("--end_images", end_paths, cfg.context.end, "end")):
         if len(paths) != K:
             raise SamplingError(f"{flag}: got {len(paths)} image(s) ({' '.join(map(str, paths))}), "
-                                f"but the checkpoint observes {K} frame(s) there (data.{key} / endpoint_context)")
+                                f"but the checkpoint observes {K} frame(s) at the {end} (data.context)")
     images = {p: open_image(p, cfg.data.color_mode) for p in [*start_paths, *end_paths]}
     # Frames of one clip share a camera: images of different sizes are different shots or crops, and
     # resizing them to one size would silently stretch one against the other.
@@ -153,30 +125,6 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-# ---- sampling ---------------------------------------------------------------------------------
-
-
-def sample_batch(model: torch.nn.Module, schedule: Schedule, cfg: RunConfig, starts: np.ndarray, ends: np.ndarray,
-                 *, steps: int, eta: float, guidance_scale: float, generator: torch.Generator,
-                 precision: str | None = None, pad_to: int | None = None) -> np.ndarray:
-    """Fill in the middles between uint8 endpoints starts [B, K_start, H, W, C] and ends [B, K_end, H, W, C]
-    (`pipeline.fill_middle`; precision None: the checkpoint's sample.precision).
-
-    Returns uint8 [B, T, H, W, C] whose context frames are the input bytes exactly.
-    """
-    if not 1 <= steps <= cfg.diffusion.timesteps:
-        raise SamplingError(f"--steps {steps}: must be in 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
-    device = schedule.betas.device
-    start, end = (to_model_input(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 4, 1, 2, 3), device,
-                                 channels_last=False) for u8 in (starts, ends))
-    clip = fill_middle(model, schedule, cfg, start, end, steps=steps, eta=eta, guidance_scale=guidance_scale,
-                       generator=generator, precision=precision or cfg.sample.precision,
-                       channels_last=device.type == "cuda", pad_to=pad_to)
-    out = to_uint8(clip)  # the context frames already round back to the input bytes; pasted to guarantee it
-    out[:, : starts.shape[1]], out[:, out.shape[1] - ends.shape[1] :] = starts, ends
-    return out
-
-
 # ---- outputs ----------------------------------------------------------------------------------
 
 
@@ -184,14 +132,14 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip(".") or "clip"
 
 
-def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: int | tuple[int, int],
+def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
                        truth: np.ndarray | None = None) -> list[Path]:
     """{name}.mp4, {name}.png (strip), {name}.npy; with truth also {name}_truth.mp4/.png and {name}_compare.png.
 
     clip, truth: uint8 [T, H, W, C]. Returns the paths written.
     """
-    scale = max(1, VIDEO_PX // clip.shape[1])
-    s = strip_scale(clip.shape[1])
+    scale = visualize.video_scale(clip.shape[1])
+    s = visualize.strip_scale(clip.shape[1])
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.npy"]
     visualize.save_png(visualize.frame_strip(clip, K, scale=s), paths[0])
     np.save(paths[1], clip)
@@ -202,7 +150,7 @@ def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: int | tupl
         paths += extra
     # MP4s last and optional: without a working ffmpeg they are skipped with one warning.
     for video, frames in ((f"{name}.mp4", clip), (f"{name}_truth.mp4", truth)):
-        if frames is not None and visualize.try_save_video(frames, out_dir / video, fps=FPS, scale=scale):
+        if frames is not None and visualize.try_save_video(frames, out_dir / video, fps=visualize.FPS, scale=scale):
             paths.append(out_dir / video)
     return paths
 
@@ -212,11 +160,11 @@ def progress_bar() -> Progress:
                     TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn())
 
 
-def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int, model: torch.nn.Module,
-        schedule: Schedule, cfg: RunConfig, settings: SampleSettings, out_dir: str | Path, *,
-        keep_arrays: bool = True) -> list[dict]:
+def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int,
+                    denoiser: Denoiser, cfg: RunConfig, out_dir: str | Path, *, seed: int = 0, batch_size: int = 16,
+                    keep_arrays: bool = True) -> list[dict]:
     """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth
-    [T, H, W, C] or None) and write its outputs.
+    [T, H, W, C] or None) with cfg.sample's settings and write its outputs.
 
     Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth.
     Writes grid_{i:03d}.gif per batch. `total` is the number of jobs, for the progress bar.
@@ -225,28 +173,31 @@ def run(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], t
     if problem := folder_problem(out_dir):
         raise SamplingError(f"--out_dir {out_dir} {problem}")
     sc, K = cfg.sample, cfg.context
-    steps = sc.steps if settings.steps is None else settings.steps
-    eta = sc.eta if settings.eta is None else settings.eta
-    guidance = sc.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
-    device = schedule.betas.device
     results = []
     with progress_bar() as progress:
-        task = progress.add_task(f"sampling ddim-{steps}" if sc.sampler == "ddim" else f"{sc.sampler}-{steps}",
-                                 total=-(-total // settings.batch_size), clips=0)
-        for index, batch in enumerate(batched(jobs, settings.batch_size)):
-            generator = torch.Generator(device=device).manual_seed(mix_seed(settings.seed, index))
+        task = progress.add_task(f"{sc.sampler}-{sc.steps}", total=-(-total // batch_size), clips=0)
+        for index, batch in enumerate(batched(jobs, batch_size)):
+            generator = torch.Generator(device=denoiser.device).manual_seed(mix_seed(seed, index))
             starts, ends = (np.stack([job[i] for job in batch]) for i in (1, 2))
-            samples = sample_batch(model, schedule, cfg, starts, ends, steps=steps, eta=eta, guidance_scale=guidance,
-                                   generator=generator, precision=settings.precision,
-                                   pad_to=pad_size(model, settings.batch_size))
+            samples = denoiser.generate_u8(starts, ends, sc, generator=generator, pad_to=denoiser.pad_for(batch_size))
             for (name, _, _, truth), sample in zip(batch, samples):
                 paths = write_clip_outputs(out_dir, name, sample, K, truth)
                 arrays = dict(sample=sample, truth=truth) if keep_arrays else {}
                 results.append(dict(name=name, paths=paths, **arrays))
-            grid = visualize.batch_grid_frames(samples, K, scale=strip_scale(cfg.data.size))
-            visualize.save_gif(grid, out_dir / f"grid_{index:03d}.gif", fps=FPS)
+            grid = visualize.batch_grid_frames(samples, K, scale=visualize.strip_scale(cfg.data.size))
+            visualize.save_gif(grid, out_dir / f"grid_{index:03d}.gif", fps=visualize.FPS)
             progress.update(task, advance=1, clips=len(results))
     return results
+
+
+def with_flags(cfg: RunConfig, *, steps: int | None, eta: float | None, guidance_scale: float | None) -> RunConfig:
+    """cfg with sample.py's --steps / --eta / --guidance_scale where given; SamplingError names the flag."""
+    for flag, value in (("steps", steps), ("eta", eta), ("guidance_scale", guidance_scale)):
+        try:
+            cfg = with_sample(cfg, **{flag: value})
+        except ConfigError as err:
+            raise SamplingError(f"--{flag} {value}: {err}") from None
+    return cfg
 
 
 def image_jobs(start: np.ndarray, end: np.ndarray, num_samples: int) -> list[tuple]:
@@ -256,8 +207,8 @@ def image_jobs(start: np.ndarray, end: np.ndarray, num_samples: int) -> list[tup
 
 def shard_jobs(shards: str | list[str], cfg: RunConfig, num: int, num_samples: int = 1) -> Iterator[tuple]:
     """Streamed jobs from shard clips, each sampled `num_samples` times; the clip is the truth."""
-    (Ks, Ke), T = cfg.context, cfg.data.T
     for key, clip in iter_shard_clips(shards, cfg, num):
         clip = np.array(clip)  # own the bytes: the shard view is read-only
+        start, _, end = cfg.context.split(clip, axis=0)
         for i in range(num_samples):
-            yield (safe_name(key) + (f"_s{i}" if num_samples > 1 else ""), clip[:Ks], clip[T - Ke :], clip)
+            yield (safe_name(key) + (f"_s{i}" if num_samples > 1 else ""), start, end, clip)

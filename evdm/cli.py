@@ -1,0 +1,24 @@
+"""What the command-line entry points share: one-line errors and the speed flags. Torch-free, so
+`--help` and argument errors stay instant."""
+
+from __future__ import annotations
+
+import typing
+
+from evdm.config import SampleConfig
+
+
+def one_line(err: Exception) -> str:
+    """The error as one line; a multi-line message (torch's unpickling essays) keeps its head only."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[0] if len(lines) == 1 else lines[0].split(" (", 1)[0]
+
+
+def add_speed_flags(parser) -> None:
+    """--precision and --compile for sample.py and evdm.evaluate: per-run overrides of the
+    checkpoint's sample.precision and sample.compile."""
+    hints = typing.get_type_hints(SampleConfig)
+    parser.add_argument("--precision", choices=typing.get_args(hints["precision"]),
+                        help="model forward precision (default: the checkpoint's sample.precision; auto = bf16 on CUDA)")
+    parser.add_argument("--compile", choices=typing.get_args(hints["compile"]),
+                        help="torch.compile the model (default: the checkpoint's sample.compile; auto = on CUDA)")

@@ -1,0 +1,127 @@
+"""The training step: what it updates (`Trainer`) and the step itself (`train_step`).
+
+The one step of evdm: the training loop runs it, and so do the benchmarks (bench/train_step.py,
+bench/gpu_check_jobs.py), the tests' checkpoint makers and the overfit test, so what they time or
+train is what users train: the configured loss, prediction and residual, gradient accumulation and
+clipping, the AdamW update under the LR schedule, the EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from evdm.config import RunConfig, TrainConfig
+from evdm.denoiser import Denoiser
+from evdm.diffusion import Draws, draw_training_noise
+from evdm.models import build_model
+from evdm.seeds import mix_seed
+from evdm.train.ema import ema_decay_at, make_ema, update_ema
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then constant or cosine decay to lr * lr_min_ratio at max_steps."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps))
+    floor = cfg.lr * cfg.lr_min_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Per-step seed from (seed, rank, step), so a resumed run draws the same noise as a straight one."""
+    return mix_seed(seed, rank, step) % (2**63)
+
+
+@dataclass
+class Trainer:
+    """What a training step updates. denoiser.net is the module checkpoints save; ema (when
+    train.ema) is an fp32 copy of it in a denoiser of its own, used for validation and samples."""
+
+    cfg: RunConfig
+    denoiser: Denoiser
+    ema: Denoiser | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    @property
+    def eval_denoiser(self) -> Denoiser:
+        return self.ema if self.ema is not None else self.denoiser
+
+
+def make_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
+    """Fresh weights from train.seed, the EMA copy, AdamW and the GradScaler (on for fp16 only: bf16 has
+    fp32's exponent range and needs no loss scaling)."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    denoiser = Denoiser.from_config(build_model(cfg), cfg, device, tc.precision)
+    ema = denoiser.with_net(make_ema(denoiser.net)) if tc.ema else None
+    optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=tc.lr, betas=tc.adam_betas,
+                                  weight_decay=tc.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=denoiser.dtype == torch.float16)
+    return Trainer(cfg=cfg, denoiser=denoiser, ema=ema, optimizer=optimizer, scaler=scaler)
+
+
+def draws_for(cfg: RunConfig, x: torch.Tensor, generator: torch.Generator, *, cfg_drop_prob: float) -> Draws:
+    """Timesteps, noise and condition drops for clips x [B, C, T, H, W] (training: cfg.diffusion's
+    drop probability; validation: none)."""
+    d = cfg.diffusion
+    return draw_training_noise((x.shape[0], x.shape[1], cfg.middle_frames, *x.shape[3:]), timesteps=d.timesteps,
+                               cfg_drop_prob=cfg_drop_prob, noise_offset=d.noise_offset, generator=generator,
+                               device=x.device)
+
+
+@dataclass
+class StepResult:
+    """One step's numbers, kept on the device (read them at log time: `.item()` syncs a GPU)."""
+
+    loss: torch.Tensor  # mean over the micro-batches
+    grad_norm: torch.Tensor  # before clipping
+    lr: float
+    wait_s: float  # time spent waiting for batches
+
+
+def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, rank: int = 0) -> StepResult:
+    """One optimizer step over train.grad_accum_steps uint8 batches [B, C, T, H, W] from `batches`,
+    then the EMA update. Noise, timesteps, cond drops and flips come from a generator seeded by
+    (train.seed, rank, step).
+
+    Each micro-batch's loss is divided by grad_accum_steps, so the summed gradients are those of the
+    mean loss over all micro-batches: accumulating N batches of B is one batch of N*B. Under DDP the
+    gradients are all-reduced on the last micro-batch only.
+    """
+    cfg, tc, den = trainer.cfg, trainer.cfg.train, trainer.denoiser
+    gen = torch.Generator(device=den.device).manual_seed(step_seed(tc.seed, rank, step))
+    lr = lr_at(step, tc)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    den.train()
+    loss_sum, wait_s = torch.zeros((), device=den.device), 0.0
+    for micro in range(tc.grad_accum_steps):
+        wait_start = time.perf_counter()
+        u8 = next(batches)
+        wait_s += time.perf_counter() - wait_start
+        x = den.to_input(u8, hflip=gen if cfg.data.hflip else None)
+        draws = draws_for(cfg, x, gen, cfg_drop_prob=cfg.diffusion.cfg_drop_prob)
+        last = micro == tc.grad_accum_steps - 1
+        ddp = isinstance(den.call, DistributedDataParallel)
+        with den.call.no_sync() if ddp and not last else contextlib.nullcontext():
+            loss, _ = den.loss(x, draws, temporal_loss_weight=cfg.diffusion.temporal_loss_weight)
+            trainer.scaler.scale(loss / tc.grad_accum_steps).backward()
+        loss_sum += loss.detach() / tc.grad_accum_steps
+    trainer.scaler.unscale_(trainer.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(den.net.parameters(), tc.grad_clip)
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.ema is not None:
+        update_ema(trainer.ema.net, den.net, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+    return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr, wait_s=wait_s)
