@@ -32,6 +32,7 @@ from evdm.preemption import default_signals, stop_on_signals, stop_requested
 from evdm.seeds import mix_seed
 from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
 from evdm.train.preview import write_preview
+from evdm.train.resume import Stream, run_stream
 from evdm.train.runlog import Board, append_metrics, check_tensorboard, plot_losses, read_metrics, truncate_metrics
 
 VAL_SEED = 1234  # fixed noise and timesteps for every validation
@@ -93,7 +94,7 @@ class Run:
     stop_group: dist.ProcessGroup | None  # stop requests are OR-ed over ranks on a CPU group (stop_agreed)
     flops: float  # per training sample, fwd + bwd, for the tflops / mfu columns
     peak: float | None  # the device's bf16 dense TFLOP/s; None when unknown (CPU)
-    train_clips: int | None  # for the epoch column; None when the manifest is unknown
+    stream: Stream  # what the loader's stream depends on: its start batch, the epoch column, checkpoints
     model: torch.nn.Module | None = None  # raw_model under DDP and torch.compile: set after resume (wrap_model)
     loader: data.TrainBatches | None = None
     val_u8: torch.Tensor | None = None  # rank 0 only
@@ -140,9 +141,10 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     if run.is_main:
         prepare_out_dir(cfg, step, fresh=ckpt is None)
     run.model = wrap_model(run)
-    # The stream is a function of (seed, rank, worker, batches consumed): resume continues it exactly.
+    # The stream is a function of (seed, rank, worker, batches consumed): resume continues it, exactly when
+    # nothing else it depends on changed (evdm.train.resume).
     run.loader = data.make_train_loader(cfg, rank=run.rank, world_size=run.world_size,
-                                        seed=step_seed(tc.seed, run.rank, 0), start_batch=step * tc.grad_accum_steps)
+                                        seed=step_seed(tc.seed, run.rank, 0), start_batch=run.stream.start_batch(step))
     run.val_u8 = data.load_val_clips(cfg) if run.is_main else None
     window = Window(torch.zeros((), device=run.device), torch.zeros((), device=run.device))
     dashboard = Dashboard(tc.max_steps, step, enabled=run.is_main)
@@ -154,6 +156,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
             while step < tc.max_steps:
                 if stop_agreed(stop_requested(), run.world_size, run.stop_group):  # between steps: nothing half done
                     dashboard.message(f"interrupted at step {step}: saving {ckpt_path}")
+                    if window.steps:  # the stop step was no log step: its record is written all the same
+                        write_record(run, log_record(run, step, lr_at(step - 1, tc), None, window), board)
                     break
                 lr = train_step(run, step, window)
                 step += 1
@@ -197,7 +201,8 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, di
     if tc.tensorboard and rank == 0:
         check_tensorboard()
     data.check_shards(cfg)
-    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite)  # reads only; None for a fresh run
+    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite, loud=rank == 0)  # reads only; None for a fresh run
+    stream = run_stream(ckpt, cfg, world_size, Path(tc.out_dir) / "last.pt", loud=rank == 0)  # refuses inexact ones
     # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them (stop_agreed).
     stop_group = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() == "nccl" else None
     torch.manual_seed(tc.seed)
@@ -212,7 +217,7 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, di
     run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, raw_model=raw_model, ema=ema,
               optimizer=optimizer, scaler=scaler, schedule=schedule, stop_group=stop_group,
               flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops),
-              train_clips=data.train_clip_count(cfg))
+              stream=stream)
     return run, ckpt
 
 
@@ -345,7 +350,7 @@ def log_record(run: Run, step: int, lr: float, val_loss: float | None, window: W
     tflops, mfu = utilisation(samples_per_s / run.world_size, run.flops, run.peak)
     record = {
         "step": step,
-        "epoch": step * samples_per_step / run.train_clips if run.train_clips else None,
+        "epoch": run.stream.epoch_at(step),
         "loss": window.loss_sum.item() / window.steps,  # the one sync per log interval
         "val_loss": val_loss,
         "lr": lr,
@@ -377,7 +382,7 @@ def save(run: Run, step: int, path: Path) -> None:
     """Rank 0 writes the checkpoint of `step` (raw_model: never the DDP or compiled wrapper's keys)."""
     if run.is_main:
         save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=run.raw_model, ema=run.ema,
-                                           optimizer=run.optimizer, scaler=run.scaler))
+                                           optimizer=run.optimizer, scaler=run.scaler, stream=run.stream.as_dict()))
 
 
 def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -> bool:
