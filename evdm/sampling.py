@@ -84,11 +84,12 @@ def open_image(path: str | Path, color_mode: str) -> Image.Image:
 
 
 def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
-    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits,
-    alpha dropped when every pixel is opaque; SamplingError for what has no one right answer.
+    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits;
+    SamplingError for pixels with no known white level.
 
-    PIL's own conversion of 16-bit grey (I;16, or I from a PNG) clips every value above 255 to white;
-    palette, CMYK, YCbCr and 1-bit images convert correctly as they are.
+    PIL's own conversion of 16-bit grey (I;16, or I from a PNG) clips every value above 255 to white.
+    Palette, LA/RGBA (alpha is ignored: the stored colours are used), CMYK, YCbCr and 1-bit images
+    convert correctly as they are.
     """
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
         wide = np.asarray(img).astype(np.uint32)
@@ -98,10 +99,7 @@ def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
         raise SamplingError(f"{path}: {kind} pixels (mode {img.mode}) have no known white level; "
                             f"save the frame as an 8- or 16-bit image")
     if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if "A" in img.getbands() and img.getchannel("A").getextrema()[0] < 255:
-        raise SamplingError(f"{path}: has transparent pixels (mode {img.mode}), which a video frame cannot show; "
-                            f"flatten it onto a background first")
+        return img.convert("RGBA")  # what PIL asks for (with a warning) before dropping a palette's transparency
     return img
 
 
