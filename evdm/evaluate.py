@@ -265,6 +265,12 @@ def print_table(result: dict) -> None:
                   highlight=False, soft_wrap=True)
 
 
+def write_json(result: dict, path: Path) -> None:
+    """The result as indented JSON, atomically (a full disk leaves no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from evdm.checkpoint import CheckpointError
     from evdm.config import ConfigError
@@ -317,11 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
     return 0
 
-
-def write_json(result: dict, path: Path) -> None:
-    """The result as indented JSON, atomically (a full disk leaves no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
 
 
 if __name__ == "__main__":

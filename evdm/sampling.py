@@ -99,7 +99,7 @@ def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
         raise SamplingError(f"{path}: {kind} pixels (mode {img.mode}) have no known white level; "
                             f"save the frame as an 8- or 16-bit image")
     if img.mode == "P" and "transparency" in img.info:
-        return img.convert("RGBA")  # what PIL asks for (with a warning) before dropping a palette's transparency
+        return img.convert("RGBA")  # PIL warns when per-entry palette alpha goes straight to RGB or L
     return img
 
 

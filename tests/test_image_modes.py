@@ -63,10 +63,10 @@ def test_palette_images_with_and_without_transparency(tmp_path):
     colours = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     paletted = Image.fromarray(colours).quantize(16)
     paletted.save(tmp_path / "p.png")
-    paletted.save(tmp_path / "p_transparent.png", transparency=0)
+    paletted.save(tmp_path / "p_transparent.png", transparency=bytes([0, 128, 255]))  # alpha of entries 0-2
     expected = np.asarray(paletted.convert("RGB"))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # PIL warns when a palette's transparency is dropped carelessly
+        warnings.simplefilter("error")  # PIL warns when a palette's per-entry alpha is dropped carelessly
         for name in ("p.png", "p_transparent.png"):
             assert mode_of(tmp_path / name) == "P"
             assert np.array_equal(sampling.load_image(tmp_path / name, SIZE, "rgb"), expected)

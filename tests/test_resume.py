@@ -111,6 +111,21 @@ def test_the_new_stream_starts_at_its_first_batch(shards, tmp_path, monkeypatch)
     assert starts == [0, 2]
 
 
+def test_a_checkpoint_from_before_the_record_is_checked_by_its_config(shards, tmp_path, capfd):
+    out = tmp_path / "run"
+    train_tiny(shards, out, **{"train.max_steps": 2})
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["stream"]
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(CheckpointError, match=r"1 clip\(s\) per step .* the checkpoint on 2 \(2 x 1 x 1\)"):
+        train_tiny(shards, out, resume=True, **{"train.max_steps": 3, "train.batch_size": 1})
+    capfd.readouterr()
+    train_tiny(shards, out, resume=True, **{"train.max_steps": 3})
+    (line,) = warnings_in(capfd.readouterr().err)
+    assert "predates the record of world size and shard list" in line
+    assert epochs(out)[3] == 3 * 2 / 32
+
+
 def test_shard_list_identity_follows_the_manifest_or_the_urls(shards, tmp_path):
     spec = f"{shards}/train-*.tar"
     first = data.shard_list_identity(spec)
