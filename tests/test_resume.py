@@ -9,6 +9,7 @@ the newest intact snapshot.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,12 +152,17 @@ def cut_short(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.fixture
-def snapshots(shard_dir, tmp_path) -> Path:
-    """A run of 6 steps with snapshots at 3 and 6; last.pt at 6."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def pristine_run(shard_dir, tmp_path_factory) -> Path:
+    """A run of 6 steps with snapshots at 3 and 6; last.pt at 6 (trained once, copied for each test)."""
+    out = tmp_path_factory.mktemp("pristine") / "run"
     train_tiny(shard_dir, out, **{"train.max_steps": 6, "train.snapshot_every": 3})
     return out
+
+
+@pytest.fixture
+def snapshots(pristine_run, tmp_path) -> Path:
+    return Path(shutil.copytree(pristine_run, tmp_path / "run"))
 
 
 def test_flipped_bit_in_a_checkpoint_is_refused_on_load(snapshots):
