@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import load_tiny, run_cli, set_args, tiny_overrides
 from evdm import evaluate as ev
