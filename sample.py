@@ -5,12 +5,14 @@
     python sample.py --ckpt out/last.pt --shards 'shards/val-*.tar' --num 64 --batch_size 16 --out_dir out/samples
 
 Per clip: an MP4, a PNG strip (context frames framed blue, generated orange) and the uint8 .npy;
-from shards also the truth and a truth/sample comparison strip; per batch a grid GIF.
+from shards also the truth and a truth/sample comparison strip; per batch a grid GIF. Exit 2 on bad
+input (one line, --out_dir checked first); exit 1, one line, when the disk fills up.
 """
 
 import argparse
 import sys
 
+from evdm.atomic import DiskFullError, output_problem
 from evdm.cli import add_speed_flags, one_line
 
 
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--start_images and --end_images go together")
     if min(args.num, args.num_samples, args.batch_size) < 1:
         p.error("--num, --num_samples and --batch_size must be >= 1")
+    if problem := output_problem(args.out_dir, folder=True):  # before the checkpoint is even read
+        print(f"error: --out_dir {args.out_dir} {problem}", file=sys.stderr)
+        return 2
 
     from evdm import sample_io  # torch loads here, after the arguments are known good
     from evdm.checkpoint import CheckpointError
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except (sample_io.SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except DiskFullError as err:  # the clips written before it are complete; no partial file is left
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {len(results)} clip(s) to {args.out_dir}/")
     return 0
 

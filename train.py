@@ -4,18 +4,28 @@
     torchrun --nproc_per_node N train.py CONFIG      # DistributedDataParallel
 
 SIGINT or SIGTERM (Ctrl-C, Slurm, Kubernetes, docker stop) stops after the current step, saves
-out_dir/last.pt and exits 0; `--resume` continues from it.
+out_dir/last.pt and exits 0; `--resume` continues from it. A disk that fills up stops the run with
+one line and exit 1; the last checkpoint written before stays loadable.
 """
 
 import argparse
 import sys
 
-from evdm.checkpoint import CheckpointError
-from evdm.config import ConfigError, load_config
-from evdm.preemption import install_stop_handlers
+from evdm.preemption import ignore_stop_signals, install_stop_handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports torch (1-2 s): a signal during that import would end the process with 143.
+    install_stop_handlers()
+    try:
+        return _main(argv)
+    finally:
+        # The run is over: saved, refused or failed. Python puts the default handlers back while it shuts
+        # down, so a late Ctrl-C there would turn this exit status into 130; from here on signals are ignored.
+        ignore_stop_signals()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="TOML config, e.g. configs/bair.toml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -25,17 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--overwrite", action="store_true",
                       help="start over in an out_dir that holds a run (its checkpoints and metrics are removed)")
     args = parser.parse_args(argv)
-    install_stop_handlers()  # until the process ends: a signal at any moment is a clean stop, no traceback
+    from evdm.atomic import DiskFullError
+    from evdm.config import ConfigError, load_config
+
     try:
         cfg = load_config(args.config, args.set)
-        from evdm.train import train  # after the config is known good: torch import is slow
+    except ConfigError as err:
+        return _error(err, 2)
+    from evdm.checkpoint import CheckpointError  # torch loads here, after the config is known good
+    from evdm.train import train
 
+    try:
         out_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err, 2)
+    except DiskFullError as err:  # not the input's fault: a requeue after freeing space may succeed
+        return _error(err, 1)
     print(f"outputs in {out_dir}/ (last.pt, metrics.jsonl, loss.png, previews/)")
     return 0
+
+
+def _error(err: Exception, status: int) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

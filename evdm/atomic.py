@@ -1,12 +1,81 @@
-"""Atomic file writes, torch-free: shared by checkpoints, run logs, previews, MP4s and the shard writers."""
+"""Atomic file writes, torch-free: shared by checkpoints, run logs, previews, MP4s and the shard writers.
+
+Also what every writer needs around them: a full disk reported as one line (DiskFullError), and the
+check that an output path can be written at all, made before the work that produces it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 TMP_SUFFIX = ".tmp"
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Some writers report a short write without an errno (np.save: "N requested and M written"); with less
+# than this left on the filesystem, a failed write is taken to be a full disk.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """A write that ran out of space (ENOSPC, or over quota); str() is one line naming the file and the
+    space left. An OSError, so callers that handle write errors in general still catch it."""
+
+    def __init__(self, path: Path, free_bytes: int) -> None:
+        super().__init__(errno.ENOSPC, f"{path}: no space left on the device ({_mib(free_bytes)} free there)")
+        self.path, self.free_bytes = path, free_bytes
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer can still use on the filesystem holding `path` (or its nearest existing parent)."""
+    path = _existing_ancestor(Path(path))
+    return shutil.disk_usage(path).free
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _is_disk_full(err: BaseException, path: Path) -> bool:
+    """Whether `err`, raised while writing `path`, means the disk is full: ENOSPC/EDQUOT anywhere in the
+    exception chain (torch.save turns the OSError into a RuntimeError), or a failed write with next to
+    no space left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(err, (OSError, RuntimeError)) and free_bytes(path.parent) < _NEARLY_FULL_BYTES
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | Path, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Inside, a write that runs out of space raises DiskFullError naming `path`; `cleanup` (removing a
+    partial file, which frees its space) runs first on any error. Other errors pass unchanged."""
+    path = Path(path)
+    try:
+        yield
+    except BaseException as err:
+        full = isinstance(err, Exception) and not isinstance(err, DiskFullError) and _is_disk_full(err, path)
+        if cleanup is not None:
+            cleanup()
+        if full:
+            raise DiskFullError(path, free_bytes(path.parent)) from None
+        raise
 
 
 def tmp_path(path: Path, *, keep_extension: bool = False) -> Path:
@@ -19,21 +88,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
     """Call write(tmp) for a temporary name beside `path`, optionally fsync it, then rename it to `path`.
 
     Readers see the old file or the new one, never a half-written one; when `write` (or anything
-    after it) raises, the temporary file is removed and the old file is left as it was. fsync=True
-    makes the new bytes durable before the rename, for files a crash must not lose (checkpoints,
-    shards). keep_extension=True is for writers that pick the format from the file name (PIL, ffmpeg).
+    after it) raises, the temporary file is removed and the old file is left as it was. A full disk
+    raises DiskFullError (one line: the path and the space left). fsync=True makes the new bytes
+    durable before the rename, for files a crash must not lose (checkpoints, shards).
+    keep_extension=True is for writers that pick the format from the file name (PIL, ffmpeg).
     """
     path = Path(path)
     tmp = tmp_path(path, keep_extension=keep_extension)
-    try:
+    with disk_full_as_error(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
         write(tmp)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def folder_problem(path: Path) -> str | None:
@@ -45,4 +112,26 @@ def folder_problem(path: Path) -> str | None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         return f"cannot be created as a folder ({err.strerror or err})"
+    return None
+
+
+def output_problem(path: str | Path, *, folder: bool = False) -> str | None:
+    """Why `path` cannot be written later as a file (or, folder=True, as a folder to write into), as words
+    that follow the path in a one-line error; None when it can. Creates nothing: for checking an output
+    path before hours of work, not after.
+
+    The nearest existing ancestor must be a folder that takes a new file (a probe, removed at once);
+    the folders below it are created by the writer.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return "exists and is not a folder; choose a folder path" if folder else "is a folder; give a file name"
+    base = _existing_ancestor(path if folder else path.parent)
+    if not base.is_dir():
+        return f"cannot be written: {base} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        return f"cannot be written: {base} ({err.strerror or err})"
     return None

@@ -1,11 +1,13 @@
 """One-file, atomic, weights_only-loadable checkpoints.
 
-Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng"}.
+Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream"}
+("stream": what the data stream depended on, evdm.train.resume; None outside the trainer, absent in older files).
 Only tensors and primitives: `torch.load(path, weights_only=True)` reads it, no pickled modules.
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 def make_payload(
     *, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+    stream: dict | None = None,
 ) -> dict:
     """Everything needed to resume; `model`/`ema` must be the unwrapped (uncompiled, non-DDP) modules."""
     return {
@@ -61,6 +64,7 @@ def make_payload(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
+        "stream": stream,
     }
 
 
@@ -69,6 +73,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if problem := _zip_problem(path):
+        raise CheckpointError(f"{path}: damaged checkpoint ({problem})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated/foreign files
@@ -79,6 +85,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     return ckpt
+
+
+def _zip_problem(path: Path) -> str | None:
+    """What is wrong with the zip archive torch.save wrote, checked by each member's CRC-32; None when
+    intact (or not a zip: torch.load names those). torch.load itself checks no CRC: a flipped bit in a
+    tensor's bytes loads as a silently wrong weight. Reading the file once more cost 0.16 s for 400 MB
+    (0.4x torch.load's time), and leaves it in the page cache for torch.load."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"unreadable zip archive: {err}"
+    return None if bad is None else f"CRC mismatch in {bad}: bit rot or an incomplete copy"
 
 
 def _unreadable(path: Path, err: Exception) -> str:

@@ -15,6 +15,7 @@ evdm.stream; this module builds it for the trainer and checks shards against man
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import itertools
 import json
 import os
@@ -125,6 +126,20 @@ def train_clip_count(cfg: RunConfig) -> int | None:
         return None
     names = {Path(u).name for u in urls}
     return sum(s["clips"] for s in _manifest_entries(manifest) if s["name"] in names) or None
+
+
+def shard_list_identity(spec: str | list[str]) -> str:
+    """A short sha256 naming the train shard list, to tell on --resume whether it is still the one trained on:
+    of each shard's manifest.json entry (name, clips, sha256) in list order, or of the expanded urls when
+    there is no manifest. Re-sharding (other clips, other contents) or another pattern changes it."""
+    urls = expand_urls(spec)
+    manifest = manifest_beside(urls[0])
+    if manifest is None:
+        items: list = urls
+    else:
+        entries = {s["name"]: s for s in _manifest_entries(manifest)}
+        items = [[Path(u).name, *(entries.get(Path(u).name, {}).get(k) for k in ("clips", "sha256"))] for u in urls]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def manifest_problems(spec: str | list[str]) -> list[str]:

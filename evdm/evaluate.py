@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from evdm.atomic import DiskFullError, atomic_write, output_problem
 from evdm import visualize
 from evdm.cli import add_speed_flags
 from evdm.config import Context, with_sample
@@ -260,6 +261,12 @@ def print_table(result: dict) -> None:
                   highlight=False, soft_wrap=True)
 
 
+def write_json(result: dict, path: Path) -> None:
+    """The result as indented JSON, atomically (a full disk leaves no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from evdm.checkpoint import CheckpointError
     from evdm.cli import one_line
@@ -287,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     main_steps = [] if args.main_steps is None else [args.main_steps]
     if min(args.num, args.batch_size, args.best_of, *args.steps, *main_steps) < 1:
         p.error("--num, --batch_size, --best_of, --steps and --main_steps must be >= 1")
+    # Before the evaluation, not after: with --best_of 100 a bad path would cost hours of results.
+    for flag, path in (("--json", args.json), ("--examples", args.examples)):
+        if path is not None and (problem := output_problem(path)):
+            print(f"error: {flag} {path} {problem}", file=sys.stderr)
+            return 2
     try:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
@@ -295,12 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     except (SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print_table(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            write_json(result, Path(args.json))
+        except DiskFullError as err:  # the table above still holds every number
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(f"wrote {args.json}")
     return 0
+
 
 
 if __name__ == "__main__":

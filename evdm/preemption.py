@@ -91,7 +91,12 @@ def default_signals() -> contextlib.AbstractContextManager:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: ignore SIGINT/SIGTERM, then take the signals blocked at fork back."""
+    """Ignore SIGINT/SIGTERM, then take the signals blocked at fork back.
+
+    DataLoader workers' worker_init_fn; and train.py once the run is over, because Python puts the
+    default handlers back while it shuts down, where a late Ctrl-C would turn exit 0 into 130. A
+    Python-level SIG_IGN survives that shutdown; a handler function does not.
+    """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evdm import visualize
-from evdm.atomic import folder_problem
+from evdm.atomic import atomic_write, folder_problem
 from evdm.config import ConfigError, Context, RunConfig, with_sample
 from evdm.data import expand_urls, iter_clips
 from evdm.denoiser import Denoiser
@@ -45,14 +45,34 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def open_image(path: str | Path, color_mode: str) -> Image.Image:
-    """Any image PIL reads, upright (EXIF orientation applied), in RGB or L; SamplingError names the file."""
+    """Any image PIL reads, upright (EXIF orientation applied), in 8-bit RGB or L; SamplingError names the file."""
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB" if color_mode == "rgb" else "L")
+            return eight_bit(ImageOps.exif_transpose(img), path).convert("RGB" if color_mode == "rgb" else "L")
     except FileNotFoundError:
         raise SamplingError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise SamplingError(f"{path}: not a readable image ({err})") from None
+
+
+def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
+    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits;
+    SamplingError for pixels with no known white level.
+
+    PIL's own conversion of 16-bit grey (I;16, or I from a PNG) clips every value above 255 to white.
+    Palette, LA/RGBA (alpha is ignored: the stored colours are used), CMYK, YCbCr and 1-bit images
+    convert correctly as they are.
+    """
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        wide = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")  # round(v * 255 / 65535)
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise SamplingError(f"{path}: {kind} pixels (mode {img.mode}) have no known white level; "
+                            f"save the frame as an 8- or 16-bit image")
+    if img.mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA")  # PIL warns when per-entry palette alpha goes straight to RGB or L
+    return img
 
 
 def to_array(img: Image.Image, size: int) -> np.ndarray:
@@ -142,7 +162,7 @@ def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
     s = visualize.strip_scale(clip.shape[1])
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.npy"]
     visualize.save_png(visualize.frame_strip(clip, K, scale=s), paths[0])
-    np.save(paths[1], clip)
+    atomic_write(paths[1], lambda tmp: np.save(tmp, clip), keep_extension=True)  # np.save wants a .npy name
     if truth is not None:
         extra = [out_dir / f"{name}_truth.png", out_dir / f"{name}_compare.png"]
         visualize.save_png(visualize.frame_strip(truth, K, scale=s, middle_color=visualize.TRUTH_COLOR), extra[0])

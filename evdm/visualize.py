@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evdm.atomic import atomic_write
+from evdm.atomic import DiskFullError, atomic_write
 from evdm.config import Context
 from evdm.ffmpeg import FFmpegNotFound, write_mp4
 
@@ -141,6 +141,8 @@ def try_save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, sc
     try:
         save_video(frames, path, fps=fps, scale=scale)
         return True
+    except DiskFullError:
+        raise  # not ffmpeg's problem: every later write would fail too
     except (FFmpegNotFound, RuntimeError, OSError) as err:
         kind = type(err).__name__
         if kind not in _video_failures:

@@ -150,3 +150,20 @@ def test_step_counts_below_one_are_refused(setup, capsys):
         with pytest.raises(SystemExit) as exc:
             ev.main(["--ckpt", str(ckpt), "--shards", shards, "--device", "cpu", *flags])
         assert exc.value.code == 2 and "--main_steps must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--examples"])
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_output_paths_are_checked_before_the_evaluation(setup, tmp_path, capsys, flag, where):
+    """A path that cannot be written is one line and exit 2 before any clip is scored (no table, no
+    progress): not a traceback after hours of --best_of 100."""
+    ckpt, shards = setup
+    (tmp_path / "a_file").write_text("taken")
+    path = tmp_path if where == "a folder" else tmp_path / "a_file" / "out.x"
+    rc = ev.main(["--ckpt", str(ckpt), "--shards", shards, "--num", "2", "--steps", "1", "--device", "cpu",
+                  flag, str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1, (out, err)
+    assert err.startswith(f"error: {flag} {path} ")
+    assert ("is a folder" if where == "a folder" else f"{tmp_path / 'a_file'} is not a folder") in err
+    assert (tmp_path / "a_file").read_text() == "taken"

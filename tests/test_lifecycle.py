@@ -7,6 +7,7 @@ files (metrics.jsonl records, config.toml) rather than for fixed times.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -67,10 +68,12 @@ def group_gone(pgid: int) -> bool:
     return False
 
 
-def assert_saved_at_last_record(out: Path) -> int:
-    """last.pt holds the last completed step, and metrics.jsonl has every step's record up to it."""
+def assert_saved_at_last_record(out: Path, log_every: int = 1) -> int:
+    """last.pt holds the last completed step, and metrics.jsonl has every log step's record up to it and
+    the record of that step itself."""
     step = torch.load(out / "last.pt", weights_only=True)["step"]
-    assert [r["step"] for r in records(out)] == list(range(1, step + 1))
+    log_steps = list(range(log_every, step + 1, log_every))
+    assert [r["step"] for r in records(out)] == log_steps + ([step] if step % log_every else [])
     assert not list(out.glob("*.tmp"))
     return step
 
@@ -116,6 +119,72 @@ def test_second_ctrl_c_prints_no_traceback(shard_dir, tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert "SIGINT again: already stopping" in stderr
     assert_saved_at_last_record(out)
+
+
+def test_a_stop_between_log_steps_still_writes_the_stop_steps_record(shard_dir, tmp_path, monkeypatch):
+    """log_every 5: a real SIGINT, sent by the run to itself during step 7, stops it at step 7, no log step."""
+    from evdm.train import loop, train
+
+    train_step = loop.train_step
+
+    def signalling_step(run, step, window):
+        if step == 6:  # the step that ends at step 7
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(run, step, window)
+
+    monkeypatch.setattr(loop, "train_step", signalling_step)
+    out = train(load_tiny(shard_dir, tmp_path / "run", **{**LONG, "train.log_every": 5}))
+    assert assert_saved_at_last_record(out, log_every=5) == 7
+    assert records(out)[-1]["val_loss"] is None and records(out)[-1]["loss"] > 0
+
+
+def test_sigterm_to_the_group_between_log_steps(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = start(shard_dir, out, **{"train.log_every": 5})
+    wait_for(lambda: len(records(out)) >= 1, "the record of step 5")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = finish(proc, out)
+    assert proc.returncode == 0, stderr
+    assert assert_saved_at_last_record(out, log_every=5) >= 5
+
+
+def start_unbuffered(shard_dir: Path, out: Path, **sets) -> tuple[subprocess.Popen, Path]:
+    """train.py in its own session with unbuffered output to a file (lines appear as they are printed)."""
+    log = out.parent / f"{out.name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, out, **QUICK, **sets))],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_signals_during_interpreter_shutdown_keep_exit_0(shard_dir, tmp_path, sig):
+    """A run that has saved and printed "outputs in" is over: Ctrl-C pressed again and again while Python
+    shuts down (it puts the default handlers back there) must not turn its exit 0 into 130 (143)."""
+    out = tmp_path / "run"
+    proc, log = start_unbuffered(shard_dir, out, **{"train.max_steps": 1})
+    wait_for(lambda: "outputs in" in log.read_text() or proc.poll() is not None, '"outputs in"')
+    while proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        time.sleep(0.02)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to see torch being loaded")
+def test_a_signal_while_torch_loads_is_a_clean_stop(shard_dir, tmp_path):
+    """The stop handlers are installed before anything imports torch (1-2 s): a SIGTERM sent while torch's
+    library is being loaded stops the run cleanly (exit 0) instead of killing it (143)."""
+    out = tmp_path / "run"
+    proc, log = start_unbuffered(shard_dir, out)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    wait_for(lambda: proc.poll() is not None or "libtorch" in maps.read_text(), "torch to start loading")
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
 
 
 def test_sigint_during_validation_keeps_that_steps_record(shard_dir, tmp_path):

@@ -229,3 +229,11 @@ def test_out_dir_that_is_a_file_is_one_line(ckpt, images, tmp_path, capsys):
                         "--out_dir", taken, "--steps", 2, "--device", "cpu"], capsys)
     assert rc == 2 and err.count("\n") == 1 and f"--out_dir {taken} exists and is not a folder" in err
     assert taken.read_text() == "not a folder"
+
+
+def test_out_dir_is_checked_before_the_checkpoint_is_read(images, tmp_path, capsys):
+    taken = tmp_path / "samples"
+    taken.write_text("not a folder")
+    rc, err = run_main(["--ckpt", tmp_path / "missing.pt", "--start_images", *images[:2], "--end_images", *images[2:],
+                        "--out_dir", taken, "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"--out_dir {taken} exists and is not a folder" in err

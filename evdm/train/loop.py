@@ -29,8 +29,9 @@ from evdm.train.dashboard import Dashboard
 from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
 from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
 from evdm.train.preview import write_preview
+from evdm.train.resume import Stream, run_stream
 from evdm.train.runlog import Board, append_metrics, check_tensorboard, plot_losses, read_metrics, truncate_metrics
-from evdm.train.step import StepResult, Trainer, draws_for, make_trainer, step_seed, train_step
+from evdm.train.step import StepResult, Trainer, draws_for, lr_at, make_trainer, step_seed, train_step
 
 VAL_SEED = 1234  # fixed noise and timesteps for every validation
 COMPILE_CACHE = "compile_cache"  # under out_dir: Inductor's caches, found again by --resume
@@ -65,7 +66,7 @@ class Run:
     stop_group: dist.ProcessGroup | None  # stop requests are OR-ed over ranks on a CPU group (stop_agreed)
     flops: float  # per training sample, fwd + bwd, for the tflops / mfu columns
     peak: float | None  # the device's bf16 dense TFLOP/s; None when unknown (CPU)
-    train_clips: int | None  # for the epoch column; None when the manifest is unknown
+    stream: Stream  # what the loader's stream depends on: its start batch, the epoch column, checkpoints
 
     @property
     def is_main(self) -> bool:
@@ -115,6 +116,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
             while step < tc.max_steps:
                 if stop_agreed(stop_requested(), run.world_size, run.stop_group):  # between steps: nothing half done
                     dashboard.message(f"interrupted at step {step}: saving {ckpt_path}")
+                    if window.steps:  # the stop step was no log step: its record is written all the same
+                        write_record(run, log_record(run, step, lr_at(step - 1, tc), None, window), board)
                     break
                 result = train_step(run.trainer, run.loader, step, rank=run.rank)
                 window.add(result)
@@ -156,7 +159,8 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     if tc.tensorboard and rank == 0:
         check_tensorboard()
     data.check_shards(cfg)
-    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite)  # reads only; None for a fresh run
+    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite, loud=rank == 0)  # reads only; None for a fresh run
+    stream = run_stream(ckpt, cfg, world_size, Path(tc.out_dir) / "last.pt", loud=rank == 0)  # refuses inexact ones
     trainer = make_trainer(cfg, device)
     step = resume_from(trainer, ckpt, Path(tc.out_dir) / "last.pt") if ckpt is not None else 0
     if rank == 0:
@@ -164,13 +168,14 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     prepare_denoiser(trainer.denoiser, cfg, local_rank)
     # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them (stop_agreed).
     stop_group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() == "nccl" else None
-    # The stream is a function of (seed, rank, worker, batches consumed): resume continues it exactly.
+    # The stream is a function of (seed, rank, worker, batches consumed): resume continues it, exactly when
+    # nothing else it depends on changed (evdm.train.resume).
     loader = data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
-                                    start_batch=step * tc.grad_accum_steps)
+                                    start_batch=stream.start_batch(step))
     run = Run(cfg=cfg, rank=rank, world_size=world_size, trainer=trainer, loader=loader,
               val_u8=data.load_val_clips(cfg) if rank == 0 else None, stop_group=stop_group,
               flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops),
-              train_clips=data.train_clip_count(cfg))
+              stream=stream)
     return run, step
 
 
@@ -250,7 +255,7 @@ def log_record(run: Run, step: int, lr: float, val_loss: float | None, window: W
     tflops, mfu = utilisation(samples_per_s / run.world_size, run.flops, run.peak)
     record = {
         "step": step,
-        "epoch": step * samples_per_step / run.train_clips if run.train_clips else None,
+        "epoch": run.stream.epoch_at(step),
         "loss": window.loss_sum.item() / window.steps,  # the one sync per log interval
         "val_loss": val_loss,
         "lr": lr,
@@ -284,7 +289,7 @@ def save(run: Run, step: int, path: Path) -> None:
     if run.is_main:
         save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net,
                                            ema=t.ema.net if t.ema is not None else None,
-                                           optimizer=t.optimizer, scaler=t.scaler))
+                                           optimizer=t.optimizer, scaler=t.scaler, stream=run.stream.as_dict()))
 
 
 def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -> bool:

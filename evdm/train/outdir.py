@@ -17,6 +17,7 @@ from pathlib import Path
 from evdm.atomic import folder_problem
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint
 from evdm.config import ConfigError, RunConfig, to_dict
+from evdm.stream import warn
 
 LOCK_NAME = ".lock"
 # The keys that decide the weights' shapes or what they mean: a resume must not change them.
@@ -54,11 +55,12 @@ def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
     ]
 
 
-def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | None:
+def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, loud: bool = True) -> dict | None:
     """Refuse what would lose or mix up a run; returns the checkpoint to resume from (on the CPU) or None.
 
     Reads only. Raises ConfigError (fresh run over a checkpoint, out_dir not a folder, --resume without
-    a checkpoint) or CheckpointError (unreadable checkpoint, model keys that differ from the config).
+    a checkpoint) or CheckpointError (no intact checkpoint, model keys that differ from the config).
+    loud: print the warning line of a fallback from a damaged last.pt (rank 0).
     """
     out_dir = Path(cfg.train.out_dir)
     check_folder(out_dir)
@@ -73,7 +75,7 @@ def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | No
     ckpt_path = out_dir / "last.pt"
     if not ckpt_path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    ckpt = intact_checkpoint(ckpt_path, loud=loud)
     differences = model_key_differences(config_of(ckpt, ckpt_path), cfg)
     if differences:
         raise CheckpointError(
@@ -81,6 +83,21 @@ def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | No
             f"use the checkpoint's values or another out_dir"
         )
     return ckpt
+
+
+def intact_checkpoint(last: Path, *, loud: bool = True) -> dict:
+    """`last` (out_dir/last.pt) loaded on the CPU; when it is damaged (bit rot, a copy cut short), the newest
+    intact step_*.pt beside it, with one warning line naming both. CheckpointError when none is intact."""
+    try:
+        return load_checkpoint(last, map_location="cpu")
+    except CheckpointError as damage:
+        for snapshot in sorted(last.parent.glob("step_*.pt"), reverse=True):  # zero-padded: newest first
+            with contextlib.suppress(CheckpointError):
+                ckpt = load_checkpoint(snapshot, map_location="cpu")
+                if loud:
+                    warn(f"{damage}; resuming from {snapshot} (step {ckpt['step']}) instead")
+                return ckpt
+        raise CheckpointError(f"{damage}; no intact step_*.pt beside it to resume from either") from None
 
 
 def clear_run(out_dir: Path) -> None:

@@ -4,6 +4,7 @@ train.tensorboard is on, the same numbers and the preview strips as TensorBoard 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from evdm.atomic import atomic_write
+from evdm.atomic import atomic_write, disk_full_as_error
 from evdm.config import ConfigError
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
-    """Append one JSON line; flushed so a crash loses at most the line being written."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
+    """Append one JSON line; flushed so a crash loses at most the line being written. On a full disk,
+    DiskFullError, and the file is cut back to its whole lines."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    with disk_full_as_error(path, cleanup=lambda: os.truncate(path, size) if path.exists() else None):
+        with open(path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
