@@ -52,9 +52,10 @@ def shard_bytes(d):
 
 
 def test_scan_finds_mp4_in_any_case_recursively(data):
-    found = scan(data)
+    found, others = scan(data)
     assert found == sorted(found) and len(found) == 8
     assert "videos_train/c.MP4" in found and "videos_train/deep/d.mp4" in found
+    assert others == {".txt": 1}  # notes.txt: counted, not decoded
 
 
 def test_split_rule():
@@ -232,7 +233,7 @@ def test_nothing_usable_exits_nonzero(messy, tmp_path, capsys):
 
 @pytest.mark.parametrize("setup, message", [
     ("missing", "does not exist"),
-    ("no_mp4", "no .mp4 files"),
+    ("no_mp4", "no video files (.mp4 .m4v .mov .avi .mkv .webm, any case)"),
     ("no_ffmpeg", "pip install imageio-ffmpeg"),
     ("out_is_a_file", "exists and is not a folder"),
 ])
