@@ -82,31 +82,42 @@ def loader_body(r: dict) -> list[str]:
 
 
 def preprocess_intro(r: dict) -> str:
-    return (f"`preprocess.shard` on {r['videos']} synthetic videos ({r['frames']} frames, {r['size']}x{r['size']}): "
+    fps = (f" at {r['source_fps']:g} fps" if "source_fps" in r else "")
+    resampled = (f" \"fps\" is the rows' --fps (\"native\": none); \"x native\" compares with the native row of the "
+                 "same decoder and worker count, run just before it." if "resampled_fps" in r else "")
+    return (f"`preprocess.shard` on {r['videos']} synthetic videos ({r['frames']} frames{fps}, {r['size']}x{r['size']}): "
             "throughput per decoder and worker count. \"decode share\" is the decoder's wall time over all "
-            "processing time; \"x ffmpeg\" compares with the ffmpeg row of the same worker count.")
+            "processing time; \"x ffmpeg\" compares with the ffmpeg row of the same worker count (and rate)."
+            + resampled)
 
 
 def preprocess_command(r: dict) -> str:
     rows = r["rows"]
+    fps = f" --fps {r['resampled_fps']:g}" if "resampled_fps" in r else ""
     return (f"python bench/preprocess.py --videos {r['videos']} "
             f"--workers {' '.join(unique(x['workers'] for x in rows))} "
-            f"--decoders {' '.join(unique(x['decoder'] for x in rows))}")
+            f"--decoders {' '.join(unique(x['decoder'] for x in rows))}{fps}")
 
 
 def preprocess_body(r: dict) -> list[str]:
-    ffmpeg = {x["workers"]: x["videos_per_s"] for x in r["rows"] if x["decoder"] == "ffmpeg"}
-    rows = [[x["decoder"], str(x["workers"]), fmt(x["videos_per_s"], ".1f"), fmt(x["clips_per_s"], ".1f"),
-             fmt(x["wall_s"], ".2f"), fmt(x["decode_s"], ".2f"), fmt(x["python_s"], ".2f"),
-             fmt(100 * x["decode_share"], ".0f", "%"), ratio(x["videos_per_s"], ffmpeg.get(x["workers"]))]
+    def speed(decoder: str, workers: int, fps) -> float | None:
+        return next((x["videos_per_s"] for x in r["rows"]
+                     if (x["decoder"], x["workers"], x.get("fps")) == (decoder, workers, fps)), None)
+
+    rows = [[x["decoder"], str(x["workers"]), fmt(x.get("fps"), "g") or "native", fmt(x["videos_per_s"], ".1f"),
+             fmt(x["clips_per_s"], ".1f"), fmt(x["wall_s"], ".2f"), fmt(x["decode_s"], ".2f"),
+             fmt(x["python_s"], ".2f"), fmt(100 * x["decode_share"], ".0f", "%"),
+             ratio(x["videos_per_s"], speed("ffmpeg", x["workers"], x.get("fps"))),
+             ratio(x["videos_per_s"], speed(x["decoder"], x["workers"], None))]
             for x in r["rows"]]
-    lines = md_table(["decoder<", "workers", "videos/s", "clips/s", "wall s", "decode s", "python s", "decode share",
-                      "x ffmpeg"], rows)
+    lines = md_table(["decoder<", "workers", "fps", "videos/s", "clips/s", "wall s", "decode s", "python s",
+                      "decode share", "x ffmpeg", "x native"], rows)
     notes = []
     if "synth_s" in r:
         notes.append(f"dataset generation {r['synth_s']} s")
     if "identical_shards_across_rows" in r:
-        notes.append(f"identical shards across all rows: {'yes' if r['identical_shards_across_rows'] else 'NO'}")
+        across = "decoders and worker counts (at each rate)" if "resampled_fps" in r else "all rows"
+        notes.append(f"identical shards across {across}: {'yes' if r['identical_shards_across_rows'] else 'NO'}")
     return lines + (["", "; ".join(notes).capitalize() + "."] if notes else [])
 
 
@@ -235,7 +246,7 @@ def load_bench(name: str):
 SECTIONS = {
     "gpu_check": ("GPU check", gpu_check_intro, gpu_check_command, gpu_check_body, "bash bench/gpu_check.sh"),
     "loader": ("Training loaders", loader_intro, loader_command, loader_body, "python bench/loader.py"),
-    "preprocess": ("Preprocessing (MP4 -> shards)", preprocess_intro, preprocess_command, preprocess_body,
+    "preprocess": ("Preprocessing (videos -> shards)", preprocess_intro, preprocess_command, preprocess_body,
                    "python bench/preprocess.py"),
     "train_step": ("Training step", train_step_intro, train_step_command, train_step_body, "python bench/train_step.py"),
     "sample": ("Sampling", sample_intro, sample_command, sample_body, "python bench/sample.py"),

@@ -102,10 +102,11 @@ def read_split_list(path: Path, column: str) -> list[str]:
 
 
 def _aliases(relpath: str) -> set[str]:
-    """The names a list may use for a video: its path, with or without extension, its file name, its
-    stem, and a Kinetics download's YouTube id."""
+    """The names a list may use for a video: its path or any tail of it (lists made relative to a
+    sub-folder of DATA_DIR), the path without extension, its stem, and a Kinetics download's YouTube id."""
     path = PurePosixPath(relpath)
-    return {relpath, str(path.with_suffix("")), path.name, path.stem, _KINETICS_RE.sub("", path.stem)}
+    tails = {"/".join(path.parts[i:]) for i in range(len(path.parts))}
+    return tails | {str(path.with_suffix("")), path.stem, _KINETICS_RE.sub("", path.stem)}
 
 
 def _clean(name: str) -> str:

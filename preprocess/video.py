@@ -111,6 +111,9 @@ def explain_failure(log: str) -> str:
         return "no video stream (zero frames, or audio only)"
     if "partial file" in text:
         return "truncated video (" + next(e for e in errors if "partial file" in e) + ")"
+    if "Error submitting packet to decoder" in text or "Decoding error" in text:
+        # The container opened but its frames do not decode: a damaged stream, not a non-video.
+        return "damaged video stream (ffmpeg: " + next(e for e in errors if "decod" in e.lower()) + ")"
     if "Invalid data found" in text:
         return "not a video (ffmpeg: Invalid data found when processing input)"
     return "ffmpeg: " + (errors[0] if errors else "failed without a message")
