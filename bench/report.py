@@ -83,9 +83,11 @@ def loader_body(r: dict) -> list[str]:
 
 def preprocess_intro(r: dict) -> str:
     fps = (f" at {r['source_fps']:g} fps" if "source_fps" in r else "")
-    resampled = (f" \"fps\" is the rows' --fps (\"native\": none); \"x native\" compares with the native row of the "
-                 "same decoder and worker count, run just before it." if "resampled_fps" in r else "")
-    return (f"`preprocess.shard` on {r['videos']} synthetic videos ({r['frames']} frames{fps}, {r['size']}x{r['size']}): "
+    resampled = (" \"fps\" is the row's --fps (\"native\": none); \"x native\" compares with the native row of the "
+                 f"same decoder and worker count. Each row is the fastest of {r.get('repeats', 1)} runs, native and "
+                 "--fps runs alternating, so both saw the same load." if "resampled_fps" in r else "")
+    size = f"{r['size']}x{r['size']}"
+    return (f"`preprocess.shard` on {r['videos']} synthetic videos ({r['frames']} frames{fps}, {size}): "
             "throughput per decoder and worker count. \"decode share\" is the decoder's wall time over all "
             "processing time; \"x ffmpeg\" compares with the ffmpeg row of the same worker count (and rate)."
             + resampled)
@@ -93,7 +95,7 @@ def preprocess_intro(r: dict) -> str:
 
 def preprocess_command(r: dict) -> str:
     rows = r["rows"]
-    fps = f" --fps {r['resampled_fps']:g}" if "resampled_fps" in r else ""
+    fps = f" --fps {r['resampled_fps']:g} --repeats {r.get('repeats', 1)}" if "resampled_fps" in r else ""
     return (f"python bench/preprocess.py --videos {r['videos']} "
             f"--workers {' '.join(unique(x['workers'] for x in rows))} "
             f"--decoders {' '.join(unique(x['decoder'] for x in rows))}{fps}")
@@ -116,7 +118,7 @@ def preprocess_body(r: dict) -> list[str]:
     if "synth_s" in r:
         notes.append(f"dataset generation {r['synth_s']} s")
     if "identical_shards_across_rows" in r:
-        across = "decoders and worker counts (at each rate)" if "resampled_fps" in r else "all rows"
+        across = "runs, decoders and worker counts (at each rate)" if "resampled_fps" in r else "all rows"
         notes.append(f"identical shards across {across}: {'yes' if r['identical_shards_across_rows'] else 'NO'}")
     return lines + (["", "; ".join(notes).capitalize() + "."] if notes else [])
 

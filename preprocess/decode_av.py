@@ -78,8 +78,8 @@ def decode_pyav(path: str | Path, size: int, color_mode: str = "rgb",
                     raise VideoError("frames without timestamps: cannot resample with --fps (try --decoder ffmpeg)")
                 graph.push(frame)
                 frames += _drain(graph)
-            info = VideoInfo(stream.codec_context.width, stream.codec_context.height, logged_rate(float(rate)) if rate else None,
-                             sar=stream_sar(stream), rotation=rotation)
+            info = VideoInfo(stream.codec_context.width, stream.codec_context.height,
+                             logged_rate(float(rate)) if rate else None, sar=stream_sar(stream), rotation=rotation)
             if graph is not None:
                 graph.push(None)  # flush: the fps filter may hold frames until the end
                 frames += _drain(graph)

@@ -57,6 +57,14 @@ def rate_line(histogram: dict[str, int], fps: float | None) -> str:
     return f"source fps (videos per rate): {rates}; {kept}"
 
 
+def geometry_lines(sources: list[dict]) -> list[str]:
+    """How many videos were turned upright or had non-square pixels corrected (none: no line)."""
+    turned = sum(s["rotation"] != 0 for s in sources)
+    stretched = sum(s["sar"] != "1:1" for s in sources)
+    return [f"upright and unstretched: {turned} videos turned by their rotation metadata, "
+            f"{stretched} with non-square pixels corrected"] if turned or stretched else []
+
+
 def summary_lines(manifest: dict) -> list[str]:
     """The manifest as a few human-readable lines (what older manifests lack is left out)."""
     opts = ", ".join(f"{k}={v}" for k, v in sorted(manifest["options"].items()))
@@ -67,6 +75,7 @@ def summary_lines(manifest: dict) -> list[str]:
         lines += scan_lines(manifest["scan"])
     if "source_fps" in manifest:
         lines.append(rate_line(manifest["source_fps"], manifest["options"].get("fps")))
+        lines += geometry_lines(manifest["sources"])
     skipped = manifest.get("skipped", [])
     lines.append(f"skipped: {len(skipped)} videos")
     lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]

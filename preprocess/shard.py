@@ -1,10 +1,10 @@
 """`python -m preprocess.shard DATA_DIR SHARD_DIR [options]`: folders of videos -> WebDataset tar shards.
 
-The scan (preprocess.select) fixes the videos and each one's split; preprocess.plan deals the videos of a split into fixed groups,
-one group per shard, and makes the run resumable (a rerun with the same options and inputs keeps
-every finished shard). A shard's videos are decoded in parallel (a process pool, one task per
-video: decoded upright, resampled to --fps when asked, cut into clips), and its clips shuffled with
-a seed of their own and written atomically.
+The scan (preprocess.select) fixes the videos and each one's split; preprocess.plan deals the
+videos of a split into fixed groups, one group per shard, and makes the run resumable (a rerun with
+the same options and inputs keeps every finished shard). A shard's videos are decoded in parallel
+(a process pool, one task per video: decoded upright, resampled to --fps when asked, cut into
+clips), and its clips shuffled with a seed of their own and written atomically.
 """
 
 from __future__ import annotations
@@ -24,18 +24,16 @@ import numpy as np
 from evdm.atomic import folder_problem
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
 from evdm.schema import clip_shape, encode_sample, make_key
-from preprocess.inspect import rate_line, scan_lines
+from preprocess.inspect import geometry_lines, rate_line, scan_lines
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
                              worker_map, write_planned_shard)
 from preprocess.progress import Progress
 from preprocess.select import (SPLIT_NAMES, VIDEO_EXTENSIONS, Selection, lists_digest, normalize_extensions,
-                               read_split_list, scan, select_videos, split_of)
+                               read_split_list, select_videos)
 from preprocess.state import open_state
 from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg
 from preprocess.writer import SPLITS
-
-__all__ = ["Options", "UserError", "main", "run", "scan", "split_of"]  # scan and split_of: preprocess.select's
 
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
 
@@ -252,7 +250,7 @@ def print_summary(console, summary: Summary, shard_dir: Path, opts: Options) -> 
                       f"{len(entry['shards'])} shards", highlight=False)
     lines = scan_lines(summary.selection.report()) if summary.selection else []
     if "source_fps" in manifest:
-        lines.append(rate_line(manifest["source_fps"], opts.fps))
+        lines += [rate_line(manifest["source_fps"], opts.fps), *geometry_lines(manifest["sources"])]
     for line in lines:
         console.print(line, highlight=False, markup=False)
     if summary.skipped:

@@ -106,7 +106,7 @@ def explain_failure(log: str) -> str:
     errors = error_lines(log)
     text = "\n".join(errors)
     if "moov atom not found" in text:
-        return "not a readable MP4 (moov atom not found: truncated, or not a video)"
+        return "not a readable MP4/MOV (moov atom not found: truncated, or not a video)"
     if "matches no streams" in text or "does not contain any stream" in text:
         return "no video stream (zero frames, or audio only)"
     if "partial file" in text:
@@ -268,7 +268,7 @@ def cut_clips(frames: np.ndarray, starts: list[int], T: int, frame_stride: int =
 
 
 def spread(n: int, k: int | None) -> list[int]:
-    """k of the indices 0..n-1 spread evenly (the middle of each of k equal parts); all of them when k is None or >= n."""
+    """k of the indices 0..n-1 spread evenly (the middle of each of k equal parts); all when k is None or >= n."""
     if k is None or k >= n:
         return list(range(n))
     return [(2 * i + 1) * n // (2 * k) for i in range(k)]

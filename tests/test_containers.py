@@ -38,7 +38,8 @@ def webm_codec() -> tuple[str, list[str]]:
     names = {line.split()[1] for line in encoders.splitlines()[1:] if len(line.split()) > 1}
     # SVT-AV1's fastest preset (12) wrote undecodable streams here for some sizes and rates: 8 is as fast at 32 px.
     for name, args in [("libsvtav1", ["-preset", "8", "-crf", "20"]), ("libaom-av1", ["-cpu-used", "8", "-crf", "20"]),
-                       ("librav1e", ["-speed", "10"]), ("libvpx-vp9", ["-deadline", "realtime", "-crf", "20", "-b:v", "0"]),
+                       ("librav1e", ["-speed", "10"]),
+                       ("libvpx-vp9", ["-deadline", "realtime", "-crf", "20", "-b:v", "0"]),
                        ("libvpx", ["-deadline", "realtime", "-crf", "10", "-b:v", "1M"])]:
         if name in names:
             return name, ["-c:v", name, "-pix_fmt", "yuv420p", *args]
@@ -99,8 +100,8 @@ def mixed(tmp_path_factory) -> Path:
     stored = np.ascontiguousarray(np.rot90(upright_marker(), k=-1, axes=(1, 2)))  # turned clockwise as stored
     encode(stored, d / "stored_sideways.mp4.part", 25, [*H264, "-f", "mp4"])
     # The display matrix says "turn 90 degrees counter-clockwise to show": the upright picture again.
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", "90", "-i", str(d / "stored_sideways.mp4.part"),
-                    "-c", "copy", str(d / "rotated.mp4")], check=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", "90",
+                    "-i", str(d / "stored_sideways.mp4.part"), "-c", "copy", str(d / "rotated.mp4")], check=True)
     encode(stretched_circle(), d / "sar.mp4", 25, H264, vf="setsar=2")
     (d / "notes.txt").write_text("not a video")
     (d / "labels.csv").write_text("path,label\n")
@@ -231,6 +232,7 @@ def test_inspect_shows_the_fps_histogram(sharded, capsys):
     printed = capsys.readouterr().out
     assert "source fps (videos per rate): 24 x1, 25 x4, 30 x1, 50 x1; resampled to 25 fps" in printed
     assert "3 files that are not videos skipped (.csv 1, .part 1, .txt 1)" in printed
+    assert "1 videos turned by their rotation metadata, 1 with non-square pixels corrected" in printed
 
 
 # ---- split lists and --max-videos, through the command line
@@ -264,7 +266,8 @@ def test_split_lists_decide_the_split_and_report_missing_names(classes, tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     splits = {s["path"]: s["split"] for s in manifest["sources"]}
     assert splits == {"ClassA/v_a1.avi": "train", "ClassA/v_a2.avi": "train", "ClassB/v_b1.avi": "val",
-                      "train_here/v_b2.avi": "val", "ClassB/abcdEFG_000010_000020.avi": "val"}  # the list beats "train_here"
+                      "train_here/v_b2.avi": "val",  # the list beats the folder name
+                      "ClassB/abcdEFG_000010_000020.avi": "val"}
     assert manifest["scan"]["listed_missing"] == ["ClassA/v_gone.avi"] and manifest["scan"]["unlisted"] == 1
     printed = capsys.readouterr().out
     assert "1 names in the split lists match no video: ClassA/v_gone.avi" in printed
@@ -272,6 +275,26 @@ def test_split_lists_decide_the_split_and_report_missing_names(classes, tmp_path
     # A CSV without the column is one clear line, exit 2.
     assert main(args[:-1] + ["label_id"]) == 2
     assert "no column 'label_id' (columns: label, youtube_id)" in capsys.readouterr().err
+    # The trainer reads the new manifest as it reads the old ones (its new fields are additive).
+    from evdm.config import load_config
+    from evdm.data import check_shards, manifest_problems, train_clip_count
+
+    cfg = load_config(ROOT / "configs" / "smoke.toml", [f'data.train_shards="{out}/train-*.tar"',
+                                                        f'data.val_shards="{out}/val-*.tar"', "data.T=4",
+                                                        "data.size=16", "data.endpoint_context=1"])
+    check_shards(cfg)
+    assert manifest_problems(cfg.data.train_shards) == []
+    assert train_clip_count(cfg) == manifest["splits"]["train"]["clips"] > 0
+
+
+def test_inspect_reads_a_manifest_without_the_new_fields(tmp_path, capsys):
+    from conftest import write_square_shards  # shards with a manifest as older versions wrote it
+
+    write_square_shards(tmp_path, T=4, size=8, train_shards=1, per_shard=2)
+    assert "sources" not in json.loads((tmp_path / "manifest.json").read_text())
+    assert inspect_main([str(tmp_path), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 1 videos, 2 clips, 1 shards" in printed and "source fps" not in printed
 
 
 def test_max_videos_is_a_reproducible_choice(classes, tmp_path):

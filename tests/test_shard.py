@@ -13,7 +13,8 @@ from PIL import Image
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from preprocess.inspect import main as inspect_main
 from preprocess.inspect import read_samples
-from preprocess.shard import Options, UserError, main, run, scan, split_of
+from preprocess.select import scan, split_of
+from preprocess.shard import Options, UserError, main, run
 from preprocess.state import PROGRESS_NAME
 from preprocess.synth import render_video
 from preprocess.writer import sha256_file
