@@ -100,8 +100,9 @@ def mixed(tmp_path_factory) -> Path:
     stored = np.ascontiguousarray(np.rot90(upright_marker(), k=-1, axes=(1, 2)))  # turned clockwise as stored
     encode(stored, d / "stored_sideways.mp4.part", 25, [*H264, "-f", "mp4"])
     # The display matrix says "turn 90 degrees counter-clockwise to show": the upright picture again.
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", "90",
-                    "-i", str(d / "stored_sideways.mp4.part"), "-c", "copy", str(d / "rotated.mp4")], check=True)
+    for name, flip in (("rotated.mp4", []), ("mirrored.mp4", ["-display_hflip"])):  # a selfie: turned and mirrored
+        subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", "90", *flip,
+                        "-i", str(d / "stored_sideways.mp4.part"), "-c", "copy", str(d / name)], check=True)
     encode(stretched_circle(), d / "sar.mp4", 25, H264, vf="setsar=2")
     (d / "notes.txt").write_text("not a video")
     (d / "labels.csv").write_text("path,label\n")
@@ -135,7 +136,7 @@ def sharded(mixed, tmp_path_factory) -> dict[str, tuple[Path, object]]:
 
 
 VIDEOS = {"motion25.mp4": 25, "motion50.MKV": 50, "avi/motion30.avi": 30, "motion24.mov": 24, "motion25.webm": 25,
-          "rotated.mp4": 25, "sar.mp4": 25}
+          "rotated.mp4": 25, "mirrored.mp4": 25, "sar.mp4": 25}
 
 
 def test_every_container_is_found_decoded_and_reported(sharded):
@@ -143,9 +144,9 @@ def test_every_container_is_found_decoded_and_reported(sharded):
     manifest = summary.manifest
     sources = {s["path"]: s for s in manifest["sources"]}
     assert {p: s["fps"] for p, s in sources.items()} == VIDEOS
-    assert manifest["source_fps"] == {"24": 1, "25": 4, "30": 1, "50": 1}
+    assert manifest["source_fps"] == {"24": 1, "25": 5, "30": 1, "50": 1}
     assert manifest["scan"]["not_videos"] == {".csv": 1, ".part": 1, ".txt": 1}
-    assert manifest["scan"]["videos_found"] == 9 and manifest["scan"]["videos_used"] == 9
+    assert manifest["scan"]["videos_found"] == 10 and manifest["scan"]["videos_used"] == 10
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert reasons == {"broken.webm": "not a video (ffmpeg: Invalid data found when processing input)",
                        "damaged.webm": reasons["damaged.webm"]}
@@ -154,7 +155,8 @@ def test_every_container_is_found_decoded_and_reported(sharded):
     # --fps 25: two seconds are 50 frames whatever the source rate; 3 clips spread over the 12 that fit.
     for path in ("motion25.mp4", "motion50.MKV", "avi/motion30.avi", "motion24.mov", "motion25.webm"):
         assert sources[path]["frames"] == 50 and sources[path]["clips"] == 3, path
-    assert (sources["rotated.mp4"]["rotation"], sources["sar.mp4"]["sar"]) == (90, "2:1")
+    assert (sources["rotated.mp4"]["rotation"], sources["mirrored.mp4"]["rotation"], sources["sar.mp4"]["sar"]) == (
+        90, 90, "2:1")
     clips = clips_by_source(sharded["ffmpeg"][0])
     assert sorted(clips["motion50.MKV"]) == [8, 24, 40]  # clips 2, 6, 10 of 0..11: the middle of each third
 
@@ -204,9 +206,11 @@ def bright_box(frame: np.ndarray) -> tuple[slice, slice]:
 
 def test_rotation_metadata_turns_frames_upright(mixed, sharded):
     for decoder in ("ffmpeg", "pyav"):
-        clip = next(iter(clips_by_source(sharded[decoder][0])["rotated.mp4"].values()))
-        rows, cols = bright_box(clip[0])
+        clips = clips_by_source(sharded[decoder][0])
+        rows, cols = bright_box(next(iter(clips["rotated.mp4"].values()))[0])
         assert rows.stop <= 8 and cols.stop <= 8, (decoder, rows, cols)  # top-left, as drawn upright
+        rows, cols = bright_box(next(iter(clips["mirrored.mp4"].values()))[0])
+        assert rows.stop <= 8 and cols.start >= 8, (decoder, rows, cols)  # the mirror image: top-right
     # The stored frames alone (no display matrix) have the block elsewhere: the metadata did the turning.
     stored, _, _ = decode_ffmpeg(mixed / "stored_sideways.mp4.part", 16)
     rows, cols = bright_box(stored[0])
@@ -230,9 +234,9 @@ def test_non_square_pixels_keep_a_circle_round(mixed, sharded):
 def test_inspect_shows_the_fps_histogram(sharded, capsys):
     assert inspect_main([str(sharded["ffmpeg"][0]), "--clips", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "source fps (videos per rate): 24 x1, 25 x4, 30 x1, 50 x1; resampled to 25 fps" in printed
+    assert "source fps (videos per rate): 24 x1, 25 x5, 30 x1, 50 x1; resampled to 25 fps" in printed
     assert "3 files that are not videos skipped (.csv 1, .part 1, .txt 1)" in printed
-    assert "1 videos turned by their rotation metadata, 1 with non-square pixels corrected" in printed
+    assert "2 videos turned by their rotation metadata, 1 with non-square pixels corrected" in printed
 
 
 # ---- split lists and --max-videos, through the command line
