@@ -355,3 +355,24 @@ def test_kill_9_and_rerun_is_byte_identical(mixed, tmp_path):
     assert "shards reused" in rerun.stdout
     assert shard_bytes(killed) == shard_bytes(straight)
     assert (killed / "manifest.json").read_bytes() == (straight / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fps", "0"], "the frame rate must be > 0"),
+    (["--fps", "fast"], "not a frame rate: 'fast'"),
+    (["--split-list", "dev=list.txt"], "--split-list wants SPLIT=FILE"),
+    (["--max-videos", "0"], "--max-videos must be >= 1"),
+    (["--max-clips-per-video", "-1"], "--max-clips-per-video must be >= 1"),
+    (["--ext", ",."], "--ext names no extension"),
+])
+def test_bad_flags_are_one_usage_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["data", "shards", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flags_become_options():
+    _, opts = parse_args(["data", "shards", "--fps", "30000/1001", "--ext", "AVI", "--ext", ".mkv,webm",
+                          "--split-list", "test=t.txt", "--max-clips-per-video", "4"])
+    assert opts.fps == 30000 / 1001 and opts.extensions == (".avi", ".mkv", ".webm")
+    assert opts.split_lists == (("test", "t.txt"),) and opts.max_clips_per_video == 4 and opts.max_videos is None
