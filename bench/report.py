@@ -85,7 +85,10 @@ def preprocess_intro(r: dict) -> str:
     fps = (f" at {r['source_fps']:g} fps" if "source_fps" in r else "")
     resampled = (" \"fps\" is the row's --fps (\"native\": none); \"x native\" compares with the native row of the "
                  f"same decoder and worker count. Each row is the fastest of {r.get('repeats', 1)} runs, native and "
-                 "--fps runs alternating, so both saw the same load." if "resampled_fps" in r else "")
+                 "--fps runs alternating, so both saw the same load; \"CPU ms/video\" is the least CPU time (this process, "
+                 "its pool workers and ffmpeg) per video of those runs, which other work on the machine disturbs far "
+                 "less than the wall clock, and \"CPU x native\" its ratio to the native row's (below 1: cheaper)."
+                 if "resampled_fps" in r else "")
     size = f"{r['size']}x{r['size']}"
     return (f"`preprocess.shard` on {r['videos']} synthetic videos ({r['frames']} frames{fps}, {size}): "
             "throughput per decoder and worker count. \"decode share\" is the decoder's wall time over all "
@@ -102,18 +105,24 @@ def preprocess_command(r: dict) -> str:
 
 
 def preprocess_body(r: dict) -> list[str]:
+    def row(decoder: str, workers: int, fps) -> dict:
+        return next((x for x in r["rows"] if (x["decoder"], x["workers"], x.get("fps")) == (decoder, workers, fps)), {})
+
     def speed(decoder: str, workers: int, fps) -> float | None:
-        return next((x["videos_per_s"] for x in r["rows"]
-                     if (x["decoder"], x["workers"], x.get("fps")) == (decoder, workers, fps)), None)
+        return row(decoder, workers, fps).get("videos_per_s")
+
+    def cpu(decoder: str, workers: int) -> float | None:
+        return row(decoder, workers, None).get("cpu_ms_per_video")
 
     rows = [[x["decoder"], str(x["workers"]), fmt(x.get("fps"), "g") or "native", fmt(x["videos_per_s"], ".1f"),
              fmt(x["clips_per_s"], ".1f"), fmt(x["wall_s"], ".2f"), fmt(x["decode_s"], ".2f"),
              fmt(x["python_s"], ".2f"), fmt(100 * x["decode_share"], ".0f", "%"),
              ratio(x["videos_per_s"], speed("ffmpeg", x["workers"], x.get("fps"))),
-             ratio(x["videos_per_s"], speed(x["decoder"], x["workers"], None))]
+             ratio(x["videos_per_s"], speed(x["decoder"], x["workers"], None)),
+             fmt(x.get("cpu_ms_per_video"), ".1f"), ratio(x.get("cpu_ms_per_video"), cpu(x["decoder"], x["workers"]))]
             for x in r["rows"]]
     lines = md_table(["decoder<", "workers", "fps", "videos/s", "clips/s", "wall s", "decode s", "python s",
-                      "decode share", "x ffmpeg", "x native"], rows)
+                      "decode share", "x ffmpeg", "x native", "CPU ms/video", "CPU x native"], rows)
     notes = []
     if "synth_s" in r:
         notes.append(f"dataset generation {r['synth_s']} s")
