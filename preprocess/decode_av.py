@@ -1,8 +1,11 @@
 """Optional in-process decoder (PyAV): same frames as preprocess.video.decode_ffmpeg, no subprocess.
 
-It runs the very filter chain the ffmpeg path passes to -vf (crop, area scale, format) through
-libavfilter, so the pixels match (tests/test_video.py checks this). PyAV bundles its own FFmpeg
-libraries, so a future version mismatch could change rounding; the test would then fail.
+It runs the very filter chain the ffmpeg path passes to -vf (fps, crop, area scale, format) through
+libavfilter, so the pixels match (tests/test_video.py and tests/test_containers.py check this). What
+the ffmpeg command line adds on its own is added here by hand: the autorotate filters for the
+frame's display matrix (preprocess.video.orient_filters) and the stream's sample aspect ratio on the
+graph's input (PyAV's Graph.add_buffer would state square pixels). PyAV bundles its own FFmpeg
+libraries, so a future version mismatch could change rounding; the tests would then fail.
 Import this module only when `--decoder pyav` is asked for: `av` is an optional dependency.
 """
 
@@ -14,8 +17,10 @@ from pathlib import Path
 import av
 import numpy as np
 from av.filter import Graph
+from av.sidedata.sidedata import Type as SideDataType
 
-from preprocess.video import VideoError, VideoInfo, check_readable, filter_specs
+from preprocess.video import (VideoError, VideoInfo, check_readable, filter_specs, logged_rate, orient_filters,
+                              rotation_degrees, sar_text)
 
 
 def _open_error(err: Exception) -> VideoError:
@@ -24,11 +29,39 @@ def _open_error(err: Exception) -> VideoError:
     return VideoError(f"PyAV: {err}")
 
 
-def decode_pyav(path: str | Path, size: int, color_mode: str = "rgb") -> tuple[np.ndarray, VideoInfo, float]:
+def display_matrix(frame: av.VideoFrame) -> list[int] | None:
+    """The frame's 3x3 display matrix (16.16 fixed point, row-major), or None when it has none."""
+    data = frame.side_data.get(SideDataType.DISPLAYMATRIX)
+    return None if data is None else np.frombuffer(bytes(data), np.int32).tolist()
+
+
+def stream_sar(stream: av.video.stream.VideoStream) -> str:
+    """The sample aspect ratio the ffmpeg command line uses: the container's, else the codec's."""
+    sar = stream.sample_aspect_ratio
+    return sar_text(sar.numerator, sar.denominator) if sar else "1:1"
+
+
+def build_graph(stream, first: av.VideoFrame, specs: list[tuple[str, str | None]]) -> Graph:
+    """A filter graph from the stream's geometry, SAR and time base through `specs` to a sink."""
+    graph = Graph()
+    node = graph.add("buffer", video_size=f"{first.width}x{first.height}", pix_fmt=str(first.format.name),
+                     time_base=str(stream.time_base), pixel_aspect=stream_sar(stream).replace(":", "/"))
+    for name, args in specs:
+        nxt = graph.add(name, args)
+        node.link_to(nxt)
+        node = nxt
+    sink = graph.add("buffersink")
+    node.link_to(sink)
+    graph.configure()
+    return graph
+
+
+def decode_pyav(path: str | Path, size: int, color_mode: str = "rgb",
+                fps: float | None = None) -> tuple[np.ndarray, VideoInfo, float]:
     """Decode a whole video: (frames uint8 [N, size, size, C], source info, decode wall seconds)."""
     check_readable(path)
     started = time.perf_counter()
-    frames = []
+    frames, graph, rotation = [], None, 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -36,22 +69,20 @@ def decode_pyav(path: str | Path, size: int, color_mode: str = "rgb") -> tuple[n
             stream = container.streams.video[0]
             stream.thread_count = 1  # the pool already uses every core; threads only add overhead
             rate = stream.average_rate or stream.guessed_rate
-            info = VideoInfo(stream.codec_context.width, stream.codec_context.height,
-                             float(rate) if rate else None)
-            graph = Graph()
-            node = graph.add_buffer(template=stream)
-            for name, args in filter_specs(size, color_mode):
-                nxt = graph.add(name, args)
-                node.link_to(nxt)
-                node = nxt
-            sink = graph.add("buffersink")
-            node.link_to(sink)
-            graph.configure()
             for frame in container.decode(stream):
+                if graph is None:  # the display matrix travels with the frames
+                    matrix = display_matrix(frame)
+                    rotation = rotation_degrees(matrix)
+                    graph = build_graph(stream, frame, orient_filters(matrix) + filter_specs(size, color_mode, fps))
+                if fps and frame.pts is None:
+                    raise VideoError("frames without timestamps: cannot resample with --fps (try --decoder ffmpeg)")
                 graph.push(frame)
                 frames += _drain(graph)
-            graph.push(None)  # flush: scale/format hold no frames, but be exact
-            frames += _drain(graph)
+            info = VideoInfo(stream.codec_context.width, stream.codec_context.height,
+                             logged_rate(float(rate)) if rate else None, sar=stream_sar(stream), rotation=rotation)
+            if graph is not None:
+                graph.push(None)  # flush: the fps filter may hold frames until the end
+                frames += _drain(graph)
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as err:

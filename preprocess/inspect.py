@@ -28,12 +28,54 @@ def load_manifest(shard_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k or '(no extension)'} {n}" for k, n in counts.items())
+
+
+def scan_lines(scan: dict) -> list[str]:
+    """What the scan found and left out (the manifest's "scan"), as lines; nothing left out gives one line."""
+    lines = [f"scan: {scan['videos_used']} of {scan['videos_found']} video files used"]
+    if scan.get("not_videos"):
+        lines.append(f"  {sum(scan['not_videos'].values())} files that are not videos skipped "
+                     f"({_counts(scan['not_videos'])})")
+    missing = scan.get("listed_missing", [])
+    if missing:
+        more = f" ... and {len(missing) - 5} more (see {MANIFEST_NAME})" if len(missing) > 5 else ""
+        lines.append(f"  {len(missing)} names in the split lists match no video: {', '.join(missing[:5])}{more}")
+    if scan.get("unlisted"):
+        lines.append(f"  {scan['unlisted']} videos named by no split list left out")
+    if scan.get("over_max_videos"):
+        lines.append(f"  {scan['over_max_videos']} videos left out by --max-videos")
+    return lines
+
+
+def rate_line(histogram: dict[str, int], fps: float | None) -> str:
+    """The source frame rates as "source fps: 25 x3, 50 x1", and what they were resampled to."""
+    order = sorted(histogram, key=lambda k: (k == "unknown", float(k) if k != "unknown" else 0.0))
+    rates = ", ".join(f"{k} x{histogram[k]}" for k in order)
+    kept = f"resampled to {fps:g} fps" if fps else "kept (no --fps)"
+    return f"source fps (videos per rate): {rates}; {kept}"
+
+
+def geometry_lines(sources: list[dict]) -> list[str]:
+    """How many videos were turned upright or had non-square pixels corrected (none: no line)."""
+    turned = sum(s["rotation"] != 0 for s in sources)
+    stretched = sum(s["sar"] != "1:1" for s in sources)
+    return [f"upright and unstretched: {turned} videos turned by their rotation metadata, "
+            f"{stretched} with non-square pixels corrected"] if turned or stretched else []
+
+
 def summary_lines(manifest: dict) -> list[str]:
-    """The manifest as a few human-readable lines."""
+    """The manifest as a few human-readable lines (what older manifests lack is left out)."""
     opts = ", ".join(f"{k}={v}" for k, v in sorted(manifest["options"].items()))
     lines = [f"clip shape {manifest['clip_shape']} {manifest['dtype']}; options: {opts}"]
     for split, entry in manifest["splits"].items():
         lines.append(f"{split}: {entry['videos']} videos, {entry['clips']} clips, {len(entry['shards'])} shards")
+    if "scan" in manifest:
+        lines += scan_lines(manifest["scan"])
+    if "source_fps" in manifest:
+        lines.append(rate_line(manifest["source_fps"], manifest["options"].get("fps")))
+        lines += geometry_lines(manifest["sources"])
     skipped = manifest.get("skipped", [])
     lines.append(f"skipped: {len(skipped)} videos")
     lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]

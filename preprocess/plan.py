@@ -71,15 +71,17 @@ def worker_map(fn: Callable, tasks: list, workers: int) -> Iterator[Iterator]:
 
 
 def write_planned_shard(shard_dir: Path, plan: ShardPlan, seed: int, items: list, encode: Callable[[Any], dict],
-                        *, videos: int, skipped: list[dict]) -> dict:
+                        *, videos: int, skipped: list[dict], sources: list[dict] | None = None) -> dict:
     """Write the plan's clips (items, each encoded by `encode`) shuffled; return its progress record.
 
     No file is written when there are no clips. The shuffle has a seed of the shard's own, so one
-    video's clips are not adjacent.
+    video's clips are not adjacent. `sources`: what the manifest records per usable video, if anything.
     """
     order = np.random.default_rng([seed, SPLITS.index(plan.split), plan.index, 1]).permutation(len(items))
     record = {"split": plan.split, "clips": len(items), "sha256": None, "bytes": 0, "videos": videos,
               "skipped": skipped}
+    if sources is not None:
+        record["sources"] = sources
     if items:
         _, record["sha256"] = write_shard(shard_dir / plan.name, (encode(items[k]) for k in order))
         record["bytes"] = (shard_dir / plan.name).stat().st_size
@@ -106,9 +108,12 @@ def record_shard(shard_dir: Path, state: dict, records: dict[str, dict], plan: S
 
 
 def finish(shard_dir: Path, plans: list[ShardPlan], records: dict[str, dict], *, options: dict,
-           clip_shape: tuple[int, ...], skipped: list[dict]) -> dict | None:
+           clip_shape: tuple[int, ...], skipped: list[dict], scan: dict | None = None) -> dict | None:
     """Write the manifest (last) and return it; None, and no manifest, when no shard has a clip."""
     if not any(r["clips"] for r in records.values()):
         return None
+    with_sources = [r for r in records.values() if "sources" in r]
+    sources = sorted((s for r in with_sources for s in r["sources"]), key=lambda s: s["path"]) if with_sources else None
     return write_manifest(shard_dir, options=options, clip_shape=clip_shape, skipped=skipped,
-                          splits=split_entries({"name": p.name, **records[p.name]} for p in plans))
+                          splits=split_entries({"name": p.name, **records[p.name]} for p in plans),
+                          sources=sources, scan=scan)

@@ -1,32 +1,38 @@
-"""`python -m preprocess.shard DATA_DIR SHARD_DIR [options]`: MP4 folders -> WebDataset tar shards.
+"""`python -m preprocess.shard DATA_DIR SHARD_DIR [options]`: folders of videos -> WebDataset tar shards.
 
-The scan fixes each video's split; preprocess.plan deals the videos of a split into fixed groups,
-one group per shard, and makes the run resumable (a rerun with the same options and inputs keeps
-every finished shard). A shard's videos are decoded in parallel (a process pool, one task per
-video), and its clips shuffled with a seed of their own and written atomically.
+The scan (preprocess.select) fixes the videos and each one's split; preprocess.plan deals the
+videos of a split into fixed groups, one group per shard, and makes the run resumable (a rerun with
+the same options and inputs keeps every finished shard). A shard's videos are decoded in parallel
+(a process pool, one task per video: decoded upright, resampled to --fps when asked, cut into
+clips), and its clips shuffled with a seed of their own and written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
+from evdm.atomic import folder_problem
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
 from evdm.schema import clip_shape, encode_sample, make_key
+from preprocess.inspect import geometry_lines, rate_line, scan_lines
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
                              worker_map, write_planned_shard)
 from preprocess.progress import Progress
+from preprocess.select import (SPLIT_NAMES, VIDEO_EXTENSIONS, Selection, lists_digest, normalize_extensions,
+                               read_split_list, select_videos)
 from preprocess.state import open_state
-from preprocess.video import VideoError, cut_all_clips, decode_ffmpeg
+from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg
 from preprocess.writer import SPLITS
 
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
@@ -38,6 +44,12 @@ class Options(ShardOptions):
 
     val_fraction: float = 0.05
     decoder: str = "ffmpeg"
+    fps: float | None = None  # resample every video to this rate before cutting clips; None keeps each one's own
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    split_lists: tuple[tuple[str, str], ...] = ()  # (split, list file) pairs; the lists then decide the splits
+    split_column: str = "path"  # the column of a CSV split list that names the videos
+    max_clips_per_video: int | None = None  # spread evenly over the video
+    max_videos: int | None = None
 
 
 @dataclass
@@ -45,7 +57,8 @@ class VideoResult:
     path: str
     clips: np.ndarray | None  # uint8 [n, T, H, W, C]
     starts: list[int] = field(default_factory=list)
-    fps: float | None = None
+    info: VideoInfo | None = None  # the source's size, rate, SAR, rotation
+    frames: int = 0  # decoded frames (after resampling)
     reason: str | None = None  # why the video was skipped
     decode_s: float = 0.0  # decoder wall time (the ffmpeg subprocess, or PyAV)
     task_s: float = 0.0  # whole task in the worker
@@ -64,36 +77,12 @@ class Summary:
     task_s: float = 0.0
     write_s: float = 0.0
     skipped: list[dict] = field(default_factory=list)
+    selection: Selection | None = None
 
 
-# ---- scan and split: pure functions of the file list and the options
-
-def scan(data_dir: Path) -> list[str]:
-    """Relative posix paths of every *.mp4 (any case) under data_dir, sorted."""
-    found = []
-    for root, _dirs, files in os.walk(data_dir):
-        for name in files:  # os.walk lists dangling links here too: they become "unreadable"
-            if name.lower().endswith(".mp4"):
-                found.append(Path(root, name).relative_to(data_dir).as_posix())
-    return sorted(found)
-
-
-def split_of(relpath: str, val_fraction: float) -> str:
-    """A folder named like *train* / *val* / *test* decides (deepest wins; test is val), else a hash."""
-    for part in reversed(PurePosixPath(relpath).parts[:-1]):
-        low = part.lower()
-        if "train" in low:
-            return "train"
-        if "val" in low or "test" in low:
-            return "val"
-    # A stable hash, not Python's salted hash(): the split must not change between runs.
-    u = int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "big") / 2**64
-    return "val" if u < val_fraction else "train"
-
-
-def plan_videos(videos: list[str], opts: Options, videos_per_shard: int) -> list[ShardPlan]:
+def plan_videos(selection: Selection, opts: Options, videos_per_shard: int) -> list[ShardPlan]:
     """Each split's videos dealt, in a seeded random order, into shards of videos_per_shard."""
-    by_split = {split: [v for v in videos if split_of(v, opts.val_fraction) == split] for split in SPLITS}
+    by_split = {split: [v for v, s in selection.splits.items() if s == split] for split in SPLITS}
     return plan_shards(by_split, opts.seed, videos_per_shard)
 
 
@@ -112,9 +101,11 @@ def process_video(data_dir: Path, relpath: str, opts: Options) -> VideoResult:
     started = time.perf_counter()
     result = VideoResult(relpath, None)
     try:
-        frames, info, result.decode_s = _decoder(opts.decoder)(data_dir / relpath, opts.size, opts.color_mode)
-        result.fps = info.fps
-        result.starts, result.clips = cut_all_clips(frames, opts.T, opts.frame_stride, opts.clip_stride)
+        frames, result.info, result.decode_s = _decoder(opts.decoder)(data_dir / relpath, opts.size, opts.color_mode,
+                                                                     opts.fps)
+        result.frames = len(frames)
+        result.starts, result.clips = cut_all_clips(frames, opts.T, opts.frame_stride, opts.clip_stride,
+                                                    opts.max_clips_per_video)
     except VideoError as err:
         result.reason = str(err)
     result.task_s = time.perf_counter() - started
@@ -141,10 +132,18 @@ def calibrate(data_dir: Path, videos: list[str], opts: Options) -> int:
 # ---- writing one shard
 
 def encode_clip(r: VideoResult, i: int, split: str, opts: Options) -> dict:
-    """Clip i of a decoded video as one shard sample."""
-    meta = {"source": r.path, "start_frame": r.starts[i], "frame_stride": opts.frame_stride, "fps": r.fps,
-            "split": split}
+    """Clip i of a decoded video as one shard sample; start_frame and fps are those of the (resampled) frames."""
+    meta = {"source": r.path, "start_frame": r.starts[i], "frame_stride": opts.frame_stride,
+            "fps": opts.fps or r.info.fps, "split": split}
+    if opts.fps:
+        meta["source_fps"] = r.info.fps
     return encode_sample(make_key(r.path, r.starts[i]), r.clips[i], meta)
+
+
+def source_entry(r: VideoResult, split: str) -> dict:
+    """What the manifest records of one usable video: where it went and what the source was."""
+    return {"path": r.path, "split": split, "fps": r.info.fps, "width": r.info.width, "height": r.info.height,
+            "sar": r.info.sar, "rotation": r.info.rotation, "frames": r.frames, "clips": len(r.clips)}
 
 
 def write_video_shard(shard_dir: Path, plan: ShardPlan, results: list[VideoResult], opts: Options) -> dict:
@@ -152,7 +151,8 @@ def write_video_shard(shard_dir: Path, plan: ShardPlan, results: list[VideoResul
     items = [(r, i) for r in results if r.clips is not None for i in range(len(r.clips))]
     return write_planned_shard(shard_dir, plan, opts.seed, items, lambda item: encode_clip(*item, plan.split, opts),
                                videos=sum(r.clips is not None for r in results),
-                               skipped=[{"path": r.path, "reason": r.reason} for r in results if r.clips is None])
+                               skipped=[{"path": r.path, "reason": r.reason} for r in results if r.clips is None],
+                               sources=[source_entry(r, plan.split) for r in results if r.clips is not None])
 
 
 # ---- the run
@@ -168,30 +168,39 @@ def check_ffmpeg() -> None:
                              "or point EVDM_FFMPEG at a binary") from None
 
 
-def find_videos(data_dir: Path, opts: Options) -> list[str]:
-    """The videos to shard; UserError when there are none, FFmpegNotFound when the decoder cannot run."""
+def find_videos(data_dir: Path, shard_dir: Path, opts: Options) -> tuple[Selection, dict]:
+    """The videos to shard and the run's identity (options, inputs, lists), after checking both folders, the
+    split lists and the decoder: UserError or FFmpegNotFound before any video is decoded."""
     if not data_dir.is_dir():
         raise UserError(f"DATA_DIR {data_dir} does not exist or is not a folder")
-    videos = scan(data_dir)
-    if not videos:
-        raise UserError(f"no .mp4 files found under {data_dir}")
+    if problem := folder_problem(shard_dir):
+        raise UserError(f"SHARD_DIR {shard_dir} {problem}")
+    lists: dict[str, list[str]] = {}
+    for split, path in opts.split_lists:
+        lists.setdefault(SPLIT_NAMES[split], []).extend(read_split_list(Path(path), opts.split_column))
+    selection = select_videos(data_dir, extensions=opts.extensions, lists=lists or None,
+                              val_fraction=opts.val_fraction, max_videos=opts.max_videos, seed=opts.seed)
     if opts.decoder == "ffmpeg":
         check_ffmpeg()
-    return videos
+    identity = {"options": asdict(opts), "inputs": inputs_digest(data_dir, selection.videos)}
+    if lists:
+        identity["split_lists"] = lists_digest(lists)
+    # Through JSON, as progress.json stores it: tuples become lists, so a rerun compares equal.
+    return selection, json.loads(json.dumps(identity))
 
 
 def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, overwrite: bool = False,
         show_progress: bool = False) -> Summary:
     """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input."""
     started = time.perf_counter()
-    videos = find_videos(data_dir, opts)
-    identity = {"options": asdict(opts), "inputs": inputs_digest(data_dir, videos)}
+    selection, identity = find_videos(data_dir, shard_dir, opts)
+    videos = selection.videos
     state = open_state(shard_dir, identity, overwrite=overwrite)
     if not state["videos_per_shard"]:
         state["videos_per_shard"] = calibrate(data_dir, videos, opts)
-    plans = plan_videos(videos, opts, state["videos_per_shard"])
+    plans = plan_videos(selection, opts, state["videos_per_shard"])
     records, todo = resume_plans(shard_dir, plans, state)
-    summary = Summary(manifest=None, reused_shards=len(records))
+    summary = Summary(manifest=None, reused_shards=len(records), selection=selection)
     progress = Progress("videos", len(videos), done=sum(len(p.items) for p in plans if p.name in records),
                         counts={"clips": sum(r["clips"] for r in records.values()),
                                 "MB": sum(r["bytes"] for r in records.values()) / 1e6},
@@ -200,7 +209,7 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
         write_shards(data_dir, shard_dir, todo, opts, workers, state, records, summary, progress)
     skipped = sorted((s for r in records.values() for s in r["skipped"]), key=lambda s: s["path"])
     summary.manifest = finish(shard_dir, plans, records, options=asdict(opts), skipped=skipped,
-                              clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
+                              clip_shape=clip_shape(opts.T, opts.size, opts.color_mode), scan=selection.report())
     for r in records.values():
         summary.videos += r["videos"]
         summary.clips += r["clips"]
@@ -234,10 +243,16 @@ def write_shards(data_dir: Path, shard_dir: Path, todo: list[ShardPlan], opts: O
 
 # ---- command line
 
-def print_summary(console, summary: Summary, shard_dir: Path) -> None:
-    for split, entry in (summary.manifest or {}).get("splits", {}).items():
+def print_summary(console, summary: Summary, shard_dir: Path, opts: Options) -> None:
+    manifest = summary.manifest or {}
+    for split, entry in manifest.get("splits", {}).items():
         console.print(f"{split}: {entry['videos']} videos, {entry['clips']} clips, "
                       f"{len(entry['shards'])} shards", highlight=False)
+    lines = scan_lines(summary.selection.report()) if summary.selection else []
+    if "source_fps" in manifest:
+        lines += [rate_line(manifest["source_fps"], opts.fps), *geometry_lines(manifest["sources"])]
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
     if summary.skipped:
         console.print(f"skipped {len(summary.skipped)} videos:", highlight=False)
         for s in summary.skipped:
@@ -256,6 +271,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="share of videos hashed to val when no train/val/test folder decides")
     p.add_argument("--decoder", choices=["ffmpeg", "pyav"], default="ffmpeg")
+    p.add_argument("--fps", type=parse_rate, default=None, metavar="N",
+                   help="resample every video to N frames/s (25, 29.97, 30000/1001) before cutting clips "
+                        "(default: each video's own rate)")
+    p.add_argument("--ext", action="append", default=None, metavar="EXT",
+                   help="file extensions that are videos, any case; repeat or comma-separate "
+                        f"(default: {','.join(e.lstrip('.') for e in VIDEO_EXTENSIONS)})")
+    p.add_argument("--split-list", action="append", default=[], metavar="SPLIT=FILE",
+                   help="the videos of a split (train, val or test, which is val), one relative path per line "
+                        "or a CSV column (--split-column); with lists, only the videos they name are used")
+    p.add_argument("--split-column", default="path", help="the column of CSV split lists (default path)")
+    p.add_argument("--max-clips-per-video", type=int, default=None, metavar="N",
+                   help="at most N clips per video, spread evenly over it")
+    p.add_argument("--max-videos", type=int, default=None, metavar="N",
+                   help="use only N videos (a seeded, reproducible choice), for quick runs")
     args = p.parse_args(argv)
     for name in ("size", "T", "frame_stride", "shard_size", "workers"):
         if getattr(args, name) < 1:
@@ -264,8 +293,36 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
         p.error("--clip-stride must be >= 1")
     if not 0.0 <= args.val_fraction <= 1.0:
         p.error("--val-fraction must be in [0, 1]")
-    opts = Options(**shard_options(args), val_fraction=args.val_fraction, decoder=args.decoder)
+    for name in ("max_clips_per_video", "max_videos"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    extensions = normalize_extensions(args.ext) if args.ext else VIDEO_EXTENSIONS
+    if not extensions:
+        p.error("--ext names no extension")
+    opts = Options(**shard_options(args), val_fraction=args.val_fraction, decoder=args.decoder, fps=args.fps,
+                   extensions=extensions, split_lists=tuple(parse_split_list(p, v) for v in args.split_list),
+                   split_column=args.split_column, max_clips_per_video=args.max_clips_per_video,
+                   max_videos=args.max_videos)
     return args, opts
+
+
+def parse_rate(text: str) -> float:
+    """--fps: a positive number or fraction."""
+    try:
+        rate = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a frame rate: {text!r} (e.g. 25, 29.97, 30000/1001)") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"the frame rate must be > 0, got {text!r}")
+    return rate
+
+
+def parse_split_list(p: argparse.ArgumentParser, value: str) -> tuple[str, str]:
+    """--split-list SPLIT=FILE -> (split, file)."""
+    split, sep, path = value.partition("=")
+    if not sep or split not in SPLIT_NAMES or not path:
+        p.error(f"--split-list wants SPLIT=FILE with SPLIT one of {', '.join(SPLIT_NAMES)}, got {value!r}")
+    return split, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +340,7 @@ def _main(args: argparse.Namespace, opts: Options) -> int:
             raise UserError("--decoder pyav needs PyAV: `pip install av` (or use --decoder ffmpeg)") from None
     summary = run(args.data_dir, args.shard_dir, opts, workers=args.workers, overwrite=args.overwrite,
                   show_progress=True)
-    print_summary(Console(), summary, args.shard_dir)
+    print_summary(Console(), summary, args.shard_dir, opts)
     if summary.manifest is None:
         print(f"error: no usable clips: all {len(summary.skipped)} videos were skipped (reasons above)",
               file=sys.stderr)

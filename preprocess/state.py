@@ -70,9 +70,16 @@ def _describe_change(old: dict, new: dict) -> str:
     if old.get("inputs") != new.get("inputs"):
         return "inputs (files added, removed or resized in the input folder)"
     before, after = old.get("options", {}), new.get("options", {})
-    diffs = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-             if before.get(k) != after.get(k)]
+    diffs = [f"{k} {_shown(before, k)} -> {_shown(after, k)}" for k in sorted(set(before) | set(after))
+             if k not in before or k not in after or before[k] != after[k]]
+    if not diffs and old.get("split_lists") != new.get("split_lists"):
+        return "split lists (their contents changed)"
     return "options (" + ", ".join(diffs) + ")"
+
+
+def _shown(options: dict, key: str) -> str:
+    # An option a run of an older version did not have is not the same as its default now.
+    return repr(options[key]) if key in options else "(not recorded)"
 
 
 def still_valid(shard_dir: Path, name: str, record: dict) -> bool:

@@ -71,6 +71,19 @@ def split_entries(records: Iterable[dict]) -> dict[str, dict]:
     return splits
 
 
+def rate_label(fps: float | None) -> str:
+    """A frame rate as a histogram key: "25", "29.97", or "unknown"."""
+    return "unknown" if fps is None else f"{fps:.2f}".rstrip("0").rstrip(".")
+
+
+def rate_histogram(rates: Iterable[float | None]) -> dict[str, int]:
+    """{rate label: videos}, slowest first (unknown last)."""
+    counts: dict[str, int] = {}
+    for fps in sorted(rates, key=lambda r: (r is None, r or 0.0)):
+        counts[rate_label(fps)] = counts.get(rate_label(fps), 0) + 1
+    return counts
+
+
 def write_manifest(
     shard_dir: str | Path,
     *,
@@ -78,12 +91,17 @@ def write_manifest(
     clip_shape: tuple[int, ...],
     splits: dict[str, dict],
     skipped: list[dict],
+    sources: list[dict] | None = None,
+    scan: dict | None = None,
 ) -> dict:
     """Write SHARD_DIR/manifest.json atomically (last, after every shard) and return it.
 
     splits: {"train": {"videos": n, "clips": n, "shards": [{"name", "clips", "sha256"}]}, ...}; each shard
     entry gains "bytes", the file's size, here.
     skipped: [{"path": rel path, "reason": str}, ...]
+    sources: [{"path", "split", "fps", ...}, ...] per usable video; the manifest gains "sources" and
+    "source_fps" (the histogram of their rates). scan: what the scan found and left out ("scan").
+    Both are optional, and readers must treat them so: older manifests have neither.
     """
     import json
 
@@ -102,5 +120,10 @@ def write_manifest(
         "splits": splits,
         "skipped": skipped,
     }
+    if sources is not None:
+        manifest["sources"] = sources
+        manifest["source_fps"] = rate_histogram([s["fps"] for s in sources])
+    if scan is not None:
+        manifest["scan"] = scan
     write_json_atomic(Path(shard_dir) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest

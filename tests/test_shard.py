@@ -13,7 +13,8 @@ from PIL import Image
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from preprocess.inspect import main as inspect_main
 from preprocess.inspect import read_samples
-from preprocess.shard import Options, UserError, main, run, scan, split_of
+from preprocess.select import scan, split_of
+from preprocess.shard import Options, UserError, main, run
 from preprocess.state import PROGRESS_NAME
 from preprocess.synth import render_video
 from preprocess.writer import sha256_file
@@ -52,9 +53,10 @@ def shard_bytes(d):
 
 
 def test_scan_finds_mp4_in_any_case_recursively(data):
-    found = scan(data)
+    found, others = scan(data)
     assert found == sorted(found) and len(found) == 8
     assert "videos_train/c.MP4" in found and "videos_train/deep/d.mp4" in found
+    assert others == {".txt": 1}  # notes.txt: counted, not decoded
 
 
 def test_split_rule():
@@ -232,20 +234,37 @@ def test_nothing_usable_exits_nonzero(messy, tmp_path, capsys):
 
 @pytest.mark.parametrize("setup, message", [
     ("missing", "does not exist"),
-    ("no_mp4", "no .mp4 files"),
+    ("no_mp4", "no video files (.mp4 .m4v .mov .avi .mkv .webm, any case)"),
     ("no_ffmpeg", "pip install imageio-ffmpeg"),
     ("out_is_a_file", "exists and is not a folder"),
+    ("out_cannot_be_created", "cannot be created as a folder (Not a directory)"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, data, setup, message):
-    src = {"missing": tmp_path / "nope", "no_mp4": tmp_path, "no_ffmpeg": data, "out_is_a_file": data}[setup]
+    src = {"missing": tmp_path / "nope", "no_mp4": tmp_path, "no_ffmpeg": data}.get(setup, data)
     env = dict(os.environ, EVDM_FFMPEG=str(tmp_path / "no-ffmpeg")) if setup == "no_ffmpeg" else None
-    if setup == "out_is_a_file":
-        (tmp_path / "out").write_text("a file where SHARD_DIR should go")
-    proc = subprocess.run([sys.executable, "-m", "preprocess.shard", str(src), str(tmp_path / "out")],
+    out = tmp_path / "out"
+    if setup in ("out_is_a_file", "out_cannot_be_created"):
+        out.write_text("a file where SHARD_DIR should go")
+        out = out / "shards" if setup == "out_cannot_be_created" else out
+    proc = subprocess.run([sys.executable, "-m", "preprocess.shard", str(src), str(out)],
                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/shards"])
+def test_a_bad_shard_dir_is_refused_before_any_video_is_decoded(data, tmp_path, capsys, monkeypatch, where):
+    import preprocess.shard
+
+    decoded = []
+    monkeypatch.setattr(preprocess.shard, "process_video", lambda *a: decoded.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(preprocess.shard, "select_videos", lambda *a, **k: pytest.fail("scanned DATA_DIR first"))
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main([str(data), str(tmp_path / where), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: SHARD_DIR {tmp_path / where} ") and len(err.strip().splitlines()) == 1
+    assert not decoded
 
 
 def test_inspect_prints_summary_and_writes_a_contact_sheet(sharded, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from preprocess.synth import render_video
 from preprocess.video import (
-    VideoError, clip_starts, cut_clips, decode_ffmpeg, parse_stream_info, probe,
+    VideoError, clip_starts, cut_all_clips, cut_clips, decode_ffmpeg, filter_chain, logged_rate, orient_filters,
+    parse_stream_info, probe, rate_arg, rotation_degrees, spread,
 )
 
 LOG = """\
@@ -76,6 +77,74 @@ def test_parse_stream_info_reads_the_input_stream_only():
     assert (info.width, info.height) == (80, 48)
     assert info.fps == pytest.approx(29.97)
     assert parse_stream_info("[info] Input #0, wav\n[info]   Stream #0:0: Audio: pcm_s16le, 44100 Hz") is None
+
+
+ROTATED_LOG = """\
+[info] Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'phone.mov':
+[info]   Stream #0:0[0x1](und): Video: hevc (Main), yuv420p(tv, bt709), 1920x1080 [SAR 4:3 DAR 64:27], 29.98 fps, 30 tbr, 600 tbn (default)
+[info]       Side data:
+[info]         Display Matrix: rotation of -90.00 degrees
+[info]   Stream #0:1[0x2](und): Audio: aac (LC), 44100 Hz, stereo
+[info]       Side data:
+[info]         Display Matrix: rotation of 180.00 degrees
+"""
+
+
+def test_parse_stream_info_reads_sar_and_rotation():
+    info = parse_stream_info(ROTATED_LOG)
+    assert (info.width, info.height, info.fps, info.sar, info.rotation) == (1920, 1080, 29.98, "4:3", 270)
+    plain = parse_stream_info(LOG)
+    assert (plain.sar, plain.rotation) == ("1:1", 0)
+
+
+def matrix(degrees: int, hflip: bool = False) -> list[int]:
+    """av_display_rotation_set (counter-clockwise degrees), then av_display_matrix_flip, in 16.16 fixed point."""
+    import math
+
+    c, s = round(math.cos(math.radians(degrees)) * 65536), round(math.sin(math.radians(degrees)) * 65536)
+    m = [c, -s, 0, s, c, 0, 0, 0, 1 << 30]
+    if hflip:
+        m[0], m[3] = -m[0], -m[3]
+    return m
+
+
+@pytest.mark.parametrize("degrees, hflip, filters", [
+    (0, False, []),
+    (90, False, [("transpose", "cclock")]),  # shown turned 90 degrees counter-clockwise
+    (-90, False, [("transpose", "clock")]),
+    (180, False, [("hflip", None), ("vflip", None)]),
+    (90, True, [("transpose", "clock_flip")]),
+    (0, True, [("hflip", None)]),  # a mirror reads as 180 degrees with one flip: hflip alone
+    (45, False, [("rotate", "315.000000*PI/180")]),  # odd angles: the rotate filter, angle in [0, 360)
+])
+def test_orient_filters_mirror_ffmpeg_autorotate(degrees, hflip, filters):
+    assert orient_filters(matrix(degrees, hflip)) == filters
+    assert orient_filters(None) == []
+
+
+def test_rotation_degrees_as_ffmpeg_logs_it():
+    assert [rotation_degrees(matrix(d)) for d in (0, 90, -90, 180)] == [0, 90, 270, 180]
+    assert rotation_degrees(None) == 0 and rotation_degrees([0] * 9) == 0
+
+
+def test_rates_as_ffmpeg_prints_and_reads_them():
+    assert [logged_rate(r) for r in (30000 / 1001, 25.0, 24000 / 1001, 0.001, 90000.0)] == [29.97, 25.0, 23.98, 0.001,
+                                                                                             90000.0]
+    assert [rate_arg(r) for r in (25.0, 30000 / 1001, 12.5)] == ["25/1", "30000/1001", "25/2"]
+    assert filter_chain(16, "rgb", 25.0).startswith("setpts=PTS-STARTPTS,fps=25/1,crop=")
+    assert "fps" not in filter_chain(16, "rgb")
+
+
+@pytest.mark.parametrize("n, k, expected", [(12, 3, [2, 6, 10]), (12, 1, [6]), (5, 5, [0, 1, 2, 3, 4]),
+                                            (5, 9, [0, 1, 2, 3, 4]), (4, None, [0, 1, 2, 3]), (10, 4, [1, 3, 6, 8])])
+def test_spread_picks_evenly(n, k, expected):
+    assert spread(n, k) == expected
+
+
+def test_max_clips_keeps_evenly_spread_clips():
+    frames = np.arange(50, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+    starts, clips = cut_all_clips(frames, T=4, frame_stride=1, clip_stride=4, max_clips=3)
+    assert starts == [8, 24, 40] and clips[:, 0, 0, 0, 0].tolist() == [8, 24, 40]
 
 
 def test_probe(videos):
