@@ -187,6 +187,7 @@ class RunConfig:
 
 
 SECTIONS = ("data", "model", "diffusion", "train", "sample")
+CONTEXT_SPELLINGS = (("data", "context"), ("data", "endpoint_context"))
 
 
 def check_ranges(section: str, values: Any) -> None:
@@ -329,7 +330,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     raw = read_toml(path) if path is not None else {}
     for text in overrides:
         (section, key), value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
+        values = raw.setdefault(section, {})
+        if (section, key) in CONTEXT_SPELLINGS:  # an override of either spelling replaces the file's
+            for spelling in CONTEXT_SPELLINGS:
+                values.pop(spelling[1], None)
+        values[key] = value
     return from_dict(raw, str(path) if path is not None else "<defaults>")
 
 

@@ -48,6 +48,9 @@ def test_context_is_one_key_with_one_shorthand(tmp_path):
         from_dict({"data": {"context": [1, 2], "endpoint_context": 2}})
     with pytest.raises(ConfigError, match=re.escape("data.context_start is gone; use data.context = [start, end]")):
         from_dict({"data": {"context_start": 1, "context_end": 2}})
+    smoke = Path(__file__).parent.parent / "configs" / "smoke.toml"  # it says context = [2, 2]
+    assert load_config(smoke, ["data.endpoint_context=1"]).data.context == Context(1, 1)  # the override wins
+    assert load_config(smoke, ["data.context=[1, 3]"]).data.context == Context(1, 3)
     # Stored configs of earlier versions: three keys, 0 meaning "endpoint_context".
     old = {"data": {"endpoint_context": 2, "context_start": 1, "context_end": 0}}
     assert from_dict(old, stored=True).data.context == Context(1, 2)
