@@ -135,6 +135,21 @@ def test_two_process_ddp_with_gloo(shard_dir, tmp_path):
     assert all(r["samples_per_s"] > 0 for r in records)
 
 
+def test_torchrun_with_one_process_runs_the_ddp_path(shard_dir, tmp_path):
+    """`torchrun --nproc_per_node 1`: the process group (gloo on a CPU; NCCL on a GPU) and DDP, as any
+    larger run, so a one-GPU machine exercises the distributed path."""
+    out = tmp_path / "one"
+    proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
+                    "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, out, **{"train.max_steps": 2}))],
+                   timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DistributedDataParallel: 1 process(es), gloo" in proc.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    plain = run_cli(["train.py", "configs/smoke.toml", *set_args(tiny_overrides(shard_dir, tmp_path / "plain",
+                                                                                **{"train.max_steps": 1}))], timeout=240)
+    assert plain.returncode == 0 and "DistributedDataParallel" not in plain.stdout
+
+
 def test_previews_follow_preview_every_and_survive_a_missing_ffmpeg(shard_dir, tmp_path, monkeypatch):
     """A broken ffmpeg costs the MP4s only (one warning); PNG strips land every preview_every steps,
     and mfu follows train.peak_tflops."""

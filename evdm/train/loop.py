@@ -110,6 +110,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     dashboard = Dashboard(tc.max_steps, step, enabled=run.is_main)
     # A resumed run's first new step is step + 1: the record of `step` itself was logged before the save.
     board = Board(out_dir / "tensorboard", enabled=tc.tensorboard and run.is_main, purge_step=step + 1 if step else None)
+    if dist.is_initialized():
+        dashboard.message(f"DistributedDataParallel: {run.world_size} process(es), {dist.get_backend()}")
     # --- loop ----------------------------------------------------------------------------------
     try:
         with dashboard, board:
