@@ -8,8 +8,8 @@ Rows, over one synthetic dataset (preprocess.synth MP4s, sharded by preprocess.s
   wds stock  the stock webdataset pipeline over the same shards:
              `wds.WebDataset(shards).shuffle(1000).decode().to_tuple("clip.npy").batched(8)`, through
              `wds.WebLoader` with 0 and 2 workers (what evdm's own reader is measured against);
-  webdataset evdm.data.make_train_loader, 0 and 2 workers;
-  dali       evdm.dali_loader in DALI's CPU-only mode (2 threads), where nvidia.dali is installed;
+  webdataset evdm.data.loader.make_train_loader, 0 and 2 workers;
+  dali       evdm.data.dali in DALI's CPU-only mode (2 threads), where nvidia.dali is installed;
   ceiling    reading the same shard bytes from page cache into one reused 1 MiB buffer, one
              process, no parsing or decoding at all.
 "x baseline" compares with the baseline row of the same parallelism (processes or threads). "CPU µs/clip"
@@ -39,9 +39,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from evdm import data  # noqa: E402
+from evdm.data.loader import make_train_loader  # noqa: E402
+from evdm.data.shardlist import expand_urls  # noqa: E402
+from evdm.data.shardset import ShardSet, open_checked  # noqa: E402
 from evdm.config import from_dict  # noqa: E402
-from evdm.dali_loader import dali_available, dali_batches  # noqa: E402
+from evdm.data.dali import dali_available, dali_batches  # noqa: E402
 from evdm.ffmpeg import ffmpeg_exe  # noqa: E402
 from results_io import machine, write_result  # noqa: E402
 from preprocess.shard import Options, run  # noqa: E402
@@ -156,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         mp4s, shard_dir, clips_total = make_dataset(work, args.videos, args.shard_size)
         dataset_s = time.perf_counter() - t0
-        shards = data.expand_urls(str(shard_dir / "train-*.tar"))
+        shards = expand_urls(str(shard_dir / "train-*.tar"))
         cfg = from_dict({"data": {"train_shards": shards, "val_shards": shards, "size": SIZE, "T": T},
                          "train": {"batch_size": B}})
-        data.check_shards(cfg)
+        open_checked(cfg)
         rows = []
 
         def row(name: str, workers: str, parallel: int, result: dict) -> None:
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in (0, 2):
             wcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=w))
             warmup = (cfg.data.shuffle_buffer // B + 2) * max(w, 1)  # past the shuffle buffer's fill
-            row("evdm webdataset shards", str(w), max(w, 1), measure(data.make_train_loader(wcfg), args.seconds, warmup))
+            row("evdm webdataset shards", str(w), max(w, 1), measure(make_train_loader(wcfg, ShardSet.open(wcfg.data.train_shards, 'data.train_shards')), args.seconds, warmup))
         dali_note = "nvidia.dali not installed"
         if dali_available():
             dali_note = "DALI CPU-only mode (device_id=None), 2 threads"

@@ -62,7 +62,7 @@ def bench_row(data: Path, out: Path, decoder: str, workers: int, fps: float | No
         "decode_s": round(summary.decode_s, 3),
         "python_s": round(processing - summary.decode_s, 3),
         "decode_share": round(summary.decode_s / processing, 3),
-        "shard_sha256": [s["sha256"] for e in summary.manifest["splits"].values() for s in e["shards"]],
+        "shard_sha256": [s.sha256 for s in summary.manifest.shards()],
     }
 
 

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evdm import data  # noqa: E402
+from evdm.data.loader import make_train_loader  # noqa: E402
+from evdm.data.shardset import ShardSet  # noqa: E402
 from evdm.config import from_dict  # noqa: E402
-from evdm.schema import encode_clip  # noqa: E402
+from evdm.data.schema import encode_clip  # noqa: E402
 from results_io import machine, write_result  # noqa: E402
 from preprocess.writer import split_entries, write_manifest, write_shard  # noqa: E402
 
@@ -63,7 +64,7 @@ def config(shard_dir: Path, shape: tuple[int, ...], **data_overrides):
 def seconds_for(cfg, batches: int, start_batch: int = 0) -> float:
     """Seconds from building the loader to its `batches`-th batch (start-up and any fast-forward included)."""
     t0 = time.perf_counter()
-    loader = data.make_train_loader(cfg, start_batch=start_batch)
+    loader = make_train_loader(cfg, ShardSet.open(cfg.data.train_shards, 'data.train_shards'), start_batch=start_batch)
     for _ in range(batches):
         next(loader)
     elapsed = time.perf_counter() - t0

@@ -131,21 +131,19 @@ def measure(config: str, variant: str, *, batch: int, steps: int, warmup: int, d
 def make_fed_shards(shard_dir: Path, *, T: int, size: int, val_clips: int, train_shards: int = 8,
                     clips_per_shard: int = 16) -> None:
     """Synthetic clips (preprocess.synth.render_video) straight into shards + manifest.json: no MP4 round trip."""
-    from evdm.schema import encode_sample, make_key
+    from evdm.data.schema import encode_sample, make_key
     from preprocess.synth import render_video, video_seed
-    from preprocess.writer import write_manifest, write_shard
+    from preprocess.writer import split_entries, write_manifest, write_shard
 
-    splits = {}
+    records = []
     for split, n_shards, per_shard in (("train", train_shards, clips_per_shard), ("val", 1, val_clips)):
-        shards = []
         for i in range(n_shards):
             samples = [encode_sample(make_key(f"{split}/v{i * per_shard + j}", 0),
                                      render_video(video_seed(0, split, i * per_shard + j), T, size), {"split": split})
                        for j in range(per_shard)]
             count, sha = write_shard(shard_dir / f"{split}-{i:06d}.tar", samples)
-            shards.append({"name": f"{split}-{i:06d}.tar", "clips": count, "sha256": sha})
-        splits[split] = {"videos": n_shards * per_shard, "clips": n_shards * per_shard, "shards": shards}
-    write_manifest(shard_dir, options={}, clip_shape=(T, size, size, 3), splits=splits, skipped=[])
+            records.append({"name": f"{split}-{i:06d}.tar", "split": split, "videos": count, "clips": count, "sha256": sha})
+    write_manifest(shard_dir, options={}, clip_shape=(T, size, size, 3), splits=split_entries(records), skipped=[])
 
 
 def trainer_variant(cfg, device_name: str) -> str:

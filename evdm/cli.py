@@ -1,8 +1,9 @@
-"""What the command-line entry points share: one-line errors and the speed flags. Torch-free, so
-`--help` and argument errors stay instant."""
+"""One-line messages (errors, warnings) and the flags the command-line entry points share. Torch-free,
+so `--help` and argument errors stay instant."""
 
 from __future__ import annotations
 
+import sys
 import typing
 
 from evdm.config import SampleConfig
@@ -12,6 +13,12 @@ def one_line(err: Exception) -> str:
     """The error as one line; a multi-line message (torch's unpickling essays) keeps its head only."""
     lines = str(err).strip().splitlines() or [type(err).__name__]
     return lines[0] if len(lines) == 1 else lines[0].split(" (", 1)[0]
+
+
+def warn(line: str) -> None:
+    """One warning line on stderr (DataLoader workers share it): no traceback, no source line."""
+    sys.stderr.write(f"warning: {line}\n")
+    sys.stderr.flush()
 
 
 def add_speed_flags(parser) -> None:

@@ -22,9 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evdm import visualize
 from evdm.atomic import atomic_write, folder_problem
 from evdm.config import ConfigError, Context, RunConfig, with_sample
-from evdm.data import expand_urls, iter_clips
+from evdm.data.clips import read_clips
+from evdm.data.shardset import ShardSet, expected_clip_shape
 from evdm.denoiser import Denoiser
-from evdm.schema import COLOR_CHANNELS, clip_shape
 from evdm.seeds import mix_seed
 
 
@@ -106,31 +106,19 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
 
 
 def iter_shard_clips(shards: str | list[str], cfg: RunConfig, num: int) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream the first `num` (key, uint8 [T, H, W, C]) clips of the shards in sorted order, one at a time."""
-    expected = clip_shape(cfg.data.T, cfg.data.size, cfg.data.color_mode)
+    """Stream the first `num` (key, uint8 [T, H, W, C]) clips of the shards in sorted order, one at a time
+    (evdm.data.clips: a damaged shard is skipped with one warning line, as the trainer does).
+
+    ConfigError when the clips are not what the checkpoint was trained on (naming the colour mode when
+    that is the difference); SamplingError when the shards hold no clip."""
+    shard_set = ShardSet.open(shards, "--shards")
+    shard_set.check(cfg, needed_by="the checkpoint", frame_stride=False)  # sampling other strides is the user's call
     count = 0
-    for url in expand_urls(shards):
-        try:
-            for key, clip in iter_clips(url):
-                if clip.shape != expected:
-                    raise SamplingError(_shape_mismatch(url, key, clip.shape, expected, cfg))
-                count += 1
-                yield key, clip
-                if count >= num:  # stop before opening anything more
-                    return
-        except (OSError, ValueError) as err:
-            raise SamplingError(f"{url}: unreadable shard ({err})") from None
+    for key, clip in read_clips(shard_set, expected_clip_shape(cfg), num):
+        count += 1
+        yield key, clip
     if count == 0:
         raise SamplingError(f"{shards}: the shards hold no clips")
-
-
-def _shape_mismatch(url: str, key: str, found: tuple, expected: tuple, cfg: RunConfig) -> str:
-    modes = {c: m for m, c in COLOR_CHANNELS.items()}
-    if found[-1] != expected[-1]:
-        return (f"{url}: clips are {modes.get(found[-1], found[-1])!r} (C={found[-1]}), but the checkpoint "
-                f"was trained on {cfg.data.color_mode!r} clips")
-    return (f"{url}: sample {key} has clip shape [T, H, W, C] = {list(found)}, the checkpoint expects "
-            f"{list(expected)} (data.T, data.size, data.color_mode)")
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
-from evdm.schema import COLOR_CHANNELS, MANIFEST_NAME, clip_shape, encode_sample, make_key
+from evdm.data.schema import COLOR_CHANNELS, MANIFEST_NAME, clip_shape, encode_sample, make_key
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
                              worker_map, write_planned_shard)
@@ -327,8 +327,8 @@ def _shards_main(args: argparse.Namespace, opts: Options) -> int:
     if manifest is None:
         print(f"error: no usable record in {args.source_dir}; no shards written", file=sys.stderr)
         return 2
-    parts = [f"{s['clips']} {name} clips from {s['videos']} trajectories in {len(s['shards'])} shards"
-             for name, s in manifest["splits"].items()]
+    parts = [f"{s.clips} {name} clips from {s.videos} trajectories in {len(s.shards)} shards"
+             for name, s in manifest.splits.items()]
     print(f"wrote {' and '.join(parts)} to {args.shard_dir}")
     return 0
 

@@ -16,16 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evdm.schema import CLIP_EXT, MANIFEST_NAME, META_EXT, decode_clip, decode_meta
+from evdm.data.manifest import Manifest
+from evdm.data.schema import CLIP_EXT, MANIFEST_NAME, META_EXT, decode_clip, decode_meta
 from preprocess.progress import Progress
 from preprocess.writer import sha256_file
-
-
-def load_manifest(shard_dir: Path) -> dict:
-    path = shard_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {shard_dir}: not a finished shard folder")
-    return json.loads(path.read_text())
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -65,18 +59,18 @@ def geometry_lines(sources: list[dict]) -> list[str]:
             f"{stretched} with non-square pixels corrected"] if turned or stretched else []
 
 
-def summary_lines(manifest: dict) -> list[str]:
+def summary_lines(manifest: Manifest) -> list[str]:
     """The manifest as a few human-readable lines (what older manifests lack is left out)."""
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(manifest["options"].items()))
-    lines = [f"clip shape {manifest['clip_shape']} {manifest['dtype']}; options: {opts}"]
-    for split, entry in manifest["splits"].items():
-        lines.append(f"{split}: {entry['videos']} videos, {entry['clips']} clips, {len(entry['shards'])} shards")
-    if "scan" in manifest:
-        lines += scan_lines(manifest["scan"])
-    if "source_fps" in manifest:
-        lines.append(rate_line(manifest["source_fps"], manifest["options"].get("fps")))
-        lines += geometry_lines(manifest["sources"])
-    skipped = manifest.get("skipped", [])
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(manifest.options.items()))
+    lines = [f"clip shape {list(manifest.clip_shape)} {manifest.dtype}; options: {opts}"]
+    for split, entry in manifest.splits.items():
+        lines.append(f"{split}: {entry.videos} videos, {entry.clips} clips, {len(entry.shards)} shards")
+    if manifest.scan is not None:
+        lines += scan_lines(manifest.scan)
+    if manifest.source_fps is not None:
+        lines.append(rate_line(manifest.source_fps, manifest.options.get("fps")))
+        lines += geometry_lines(manifest.sources)
+    skipped = manifest.skipped
     lines.append(f"skipped: {len(skipped)} videos")
     lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]
     if len(skipped) > 20:
@@ -84,18 +78,18 @@ def summary_lines(manifest: dict) -> list[str]:
     return lines
 
 
-def verify(shard_dir: Path, manifest: dict, *, quiet: bool = False) -> list[str]:
+def verify(shard_dir: Path, manifest: Manifest, *, quiet: bool = False) -> list[str]:
     """"name: what is wrong" for each shard the manifest lists that is missing or whose sha256 differs."""
-    shards = [s for entry in manifest["splits"].values() for s in entry["shards"]]
+    shards = manifest.shards()
     problems = []
     with Progress("shards", len(shards), counts={"MB": 0.0}, quiet=quiet) as progress:
         for shard in shards:
-            path = shard_dir / shard["name"]
+            path = shard_dir / shard.name
             if not path.is_file():
-                problems.append(f"{shard['name']}: missing")
-            elif (digest := sha256_file(path)) != shard["sha256"]:
-                problems.append(f"{shard['name']}: sha256 {digest[:16]}... differs from the manifest's "
-                                f"{shard['sha256'][:16]}... (damaged or replaced since it was written)")
+                problems.append(f"{shard.name}: missing")
+            elif (digest := sha256_file(path)) != shard.sha256:
+                problems.append(f"{shard.name}: sha256 {digest[:16]}... differs from the manifest's "
+                                f"{shard.sha256[:16]}... (damaged or replaced since it was written)")
             progress.advance(MB=path.stat().st_size / 1e6 if path.is_file() else 0.0)
     return problems
 
@@ -139,21 +133,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every shard's sha256 against manifest.json (exit 1 if any is missing or changed)")
     args = p.parse_args(argv)
     try:
-        manifest = load_manifest(args.shard_dir)
+        manifest = Manifest.read(args.shard_dir)
         print("\n".join(summary_lines(manifest)))
         if args.verify:
             problems = verify(args.shard_dir, manifest)
-            print("\n".join(problems + [f"verified {sum(len(e['shards']) for e in manifest['splits'].values())} "
-                                        f"shards: {len(problems)} missing or changed"]))
+            print("\n".join(problems + [f"verified {len(manifest.shards())} shards: {len(problems)} missing or changed"]))
             return 1 if problems else 0
-        shards = manifest["splits"].get(args.split, {}).get("shards", [])
+        split = manifest.splits.get(args.split)
+        shards = [s.name for s in split.shards] if split else []
         if not shards:
             print(f"no {args.split} shards to show")
             return 0
         rng = np.random.default_rng(args.seed)
         # A few random clips from one random shard: reading one tar keeps this fast on big datasets.
         shard = shards[rng.integers(len(shards))]
-        samples = read_samples(args.shard_dir / shard["name"])
+        samples = read_samples(args.shard_dir / shard)
         keys = sorted(samples)
         chosen = [keys[i] for i in sorted(rng.choice(len(keys), min(args.clips, len(keys)), replace=False))]
         out = args.out or args.shard_dir / "contact_sheet.png"
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, KeyError, ValueError, tarfile.TarError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"contact sheet of {len(chosen)} clips from {shard['name']} -> {out}")
+    print(f"contact sheet of {len(chosen)} clips from {shard} -> {out}")
     for k in chosen:
         m = samples[k]["meta"]
         print(f"  {m['source']} @ frame {m['start_frame']}")

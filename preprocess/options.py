@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from evdm.ffmpeg import FFmpegNotFound
-from evdm.schema import COLOR_CHANNELS
+from evdm.data.schema import COLOR_CHANNELS
 
 
 class UserError(Exception):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from evdm.schema import MANIFEST_NAME, SHARD_PATTERN
+from evdm.data.schema import MANIFEST_NAME, SHARD_PATTERN
 from preprocess.state import save_state, still_valid
 from preprocess.writer import SPLITS, split_entries, write_manifest, write_shard
 
@@ -108,7 +108,7 @@ def record_shard(shard_dir: Path, state: dict, records: dict[str, dict], plan: S
 
 
 def finish(shard_dir: Path, plans: list[ShardPlan], records: dict[str, dict], *, options: dict,
-           clip_shape: tuple[int, ...], skipped: list[dict], scan: dict | None = None) -> dict | None:
+           clip_shape: tuple[int, ...], skipped: list[dict], scan: dict | None = None) -> Manifest | None:
     """Write the manifest (last) and return it; None, and no manifest, when no shard has a clip."""
     if not any(r["clips"] for r in records.values()):
         return None

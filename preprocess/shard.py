@@ -23,7 +23,7 @@ import numpy as np
 
 from evdm.atomic import folder_problem
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
-from evdm.schema import clip_shape, encode_sample, make_key
+from evdm.data.schema import clip_shape, encode_sample, make_key
 from preprocess.inspect import geometry_lines, rate_line, scan_lines
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
@@ -66,7 +66,7 @@ class VideoResult:
 
 @dataclass
 class Summary:
-    manifest: dict | None
+    manifest: Manifest | None
     videos: int = 0
     clips: int = 0
     bytes_written: int = 0
@@ -244,13 +244,12 @@ def write_shards(data_dir: Path, shard_dir: Path, todo: list[ShardPlan], opts: O
 # ---- command line
 
 def print_summary(console, summary: Summary, shard_dir: Path, opts: Options) -> None:
-    manifest = summary.manifest or {}
-    for split, entry in manifest.get("splits", {}).items():
-        console.print(f"{split}: {entry['videos']} videos, {entry['clips']} clips, "
-                      f"{len(entry['shards'])} shards", highlight=False)
+    manifest = summary.manifest
+    for split, entry in (manifest.splits if manifest else {}).items():
+        console.print(f"{split}: {entry.videos} videos, {entry.clips} clips, {len(entry.shards)} shards", highlight=False)
     lines = scan_lines(summary.selection.report()) if summary.selection else []
-    if "source_fps" in manifest:
-        lines += [rate_line(manifest["source_fps"], opts.fps), *geometry_lines(manifest["sources"])]
+    if manifest and manifest.source_fps is not None:
+        lines += [rate_line(manifest.source_fps, opts.fps), *geometry_lines(manifest.sources)]
     for line in lines:
         console.print(line, highlight=False, markup=False)
     if summary.skipped:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from evdm.atomic import TMP_SUFFIX, folder_problem
-from evdm.schema import MANIFEST_NAME
+from evdm.data.schema import MANIFEST_NAME
 from preprocess.options import UserError
 from preprocess.writer import SPLITS, sha256_file, write_json_atomic
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from evdm.ffmpeg import ffmpeg_exe
-from evdm.schema import COLOR_CHANNELS
+from evdm.data.schema import COLOR_CHANNELS
 
 PIX_FMTS = {"rgb": "rgb24", "gray": "gray"}
 # level+info: every log line carries "[info]", "[error]", ... so errors are found by tag, not wording.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import tarfile
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from evdm.atomic import atomic_write
+from evdm.data.manifest import Manifest, ShardEntry, Split
 
 SPLITS = ("train", "val")  # the manifest's splits, in its order
 
@@ -59,16 +61,16 @@ def write_json_atomic(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text), fsync=True)
 
 
-def split_entries(records: Iterable[dict]) -> dict[str, dict]:
+def split_entries(records: Iterable[dict]) -> dict[str, Split]:
     """The manifest's splits from per-shard records ({"name", "split", "videos", "clips", "sha256"}) in shard order."""
-    splits = {split: {"videos": 0, "clips": 0, "shards": []} for split in SPLITS}
+    totals = {split: [0, 0, []] for split in SPLITS}
     for r in records:
-        entry = splits[r["split"]]
-        entry["videos"] += r["videos"]
-        entry["clips"] += r["clips"]
+        entry = totals[r["split"]]
+        entry[0] += r["videos"]
+        entry[1] += r["clips"]
         if r["clips"]:  # a shard whose every video was skipped is never written
-            entry["shards"].append({"name": r["name"], "clips": r["clips"], "sha256": r["sha256"]})
-    return splits
+            entry[2].append(ShardEntry(name=r["name"], clips=r["clips"], sha256=r["sha256"]))
+    return {split: Split(videos, clips, tuple(shards)) for split, (videos, clips, shards) in totals.items()}
 
 
 def rate_label(fps: float | None) -> str:
@@ -89,41 +91,21 @@ def write_manifest(
     *,
     options: dict,
     clip_shape: tuple[int, ...],
-    splits: dict[str, dict],
+    splits: dict[str, Split],
     skipped: list[dict],
     sources: list[dict] | None = None,
     scan: dict | None = None,
-) -> dict:
+) -> Manifest:
     """Write SHARD_DIR/manifest.json atomically (last, after every shard) and return it.
 
-    splits: {"train": {"videos": n, "clips": n, "shards": [{"name", "clips", "sha256"}]}, ...}; each shard
-    entry gains "bytes", the file's size, here.
-    skipped: [{"path": rel path, "reason": str}, ...]
-    sources: [{"path", "split", "fps", ...}, ...] per usable video; the manifest gains "sources" and
-    "source_fps" (the histogram of their rates). scan: what the scan found and left out ("scan").
-    Both are optional, and readers must treat them so: older manifests have neither.
+    Each shard entry gains "bytes", the file's size, here. skipped: [{"path": rel path, "reason": str}];
+    sources: [{"path", "split", "fps", ...}] per usable video, with "source_fps" (their rates'
+    histogram); scan: what the scan found and left out. The last two are optional (evdm.data.manifest).
     """
-    import json
-
-    from evdm.schema import MANIFEST_NAME
-
-    for entry in splits.values():  # each shard's size, so a trainer can name a truncated or swapped file
-        for shard in entry.get("shards", []):
-            path = Path(shard_dir) / shard["name"]
-            if path.is_file():
-                shard["bytes"] = path.stat().st_size
-    manifest = {
-        "format": 1,
-        "options": options,
-        "clip_shape": list(clip_shape),
-        "dtype": "uint8",
-        "splits": splits,
-        "skipped": skipped,
-    }
-    if sources is not None:
-        manifest["sources"] = sources
-        manifest["source_fps"] = rate_histogram([s["fps"] for s in sources])
-    if scan is not None:
-        manifest["scan"] = scan
-    write_json_atomic(Path(shard_dir) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
+    sized = {name: dataclasses.replace(split, shards=tuple(
+        dataclasses.replace(s, bytes=(Path(shard_dir) / s.name).stat().st_size) if (Path(shard_dir) / s.name).is_file()
+        else s for s in split.shards)) for name, split in splits.items()}
+    manifest = Manifest(options=options, clip_shape=tuple(clip_shape), splits=sized, skipped=skipped, sources=sources,
+                        source_fps=None if sources is None else rate_histogram([s["fps"] for s in sources]), scan=scan)
+    manifest.write(shard_dir)
     return manifest

@@ -57,7 +57,7 @@ def moving_square(rng: np.random.Generator, T: int, size: int, channels: int = 3
 def write_shards(shard_dir: Path, clips: dict[str, list[list[np.ndarray]]], *, manifest: bool = True) -> dict[bytes, str]:
     """One {split}-NNNNNN.tar per list of clips (uint8 [T, H, W, C]; keys {split}{shard}_{i}, meta {"i": i}),
     and manifest.json (counts, sha256s, clip shape) unless `manifest=False`. Returns {clip bytes: shard name}."""
-    from evdm.schema import encode_sample
+    from evdm.data.schema import encode_sample
     from preprocess.writer import split_entries, write_manifest, write_shard
 
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,22 @@ def write_square_shards(shard_dir: Path, *, T: int, size: int, train_shards: int
 def clip_bytes(batch) -> list[bytes]:
     """[B, C, T, H, W] -> per-sample bytes in the shards' [T, H, W, C] layout (to match write_shards' owners)."""
     return [b.permute(1, 2, 3, 0).contiguous().numpy().tobytes() for b in batch]
+
+
+def train_loader(cfg, **kwargs):
+    """evdm.data.loader.make_train_loader over cfg's data.train_shards (opened as the trainer opens them)."""
+    from evdm.data.loader import make_train_loader
+    from evdm.data.shardset import ShardSet
+
+    return make_train_loader(cfg, ShardSet.open(cfg.data.train_shards, "data.train_shards"), **kwargs)
+
+
+def val_clips(cfg):
+    """evdm.data.clips.load_val_clips over cfg's data.val_shards."""
+    from evdm.data.clips import load_val_clips
+    from evdm.data.shardset import ShardSet
+
+    return load_val_clips(ShardSet.open(cfg.data.val_shards, "data.val_shards"), cfg)
 
 
 def take(loader, n: int) -> list:

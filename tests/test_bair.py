@@ -81,10 +81,12 @@ def read_shards(shard_dir: Path, split: str) -> list[tuple[str, np.ndarray, dict
 
 
 def convert(root: Path, out: Path, **kw) -> tuple[dict | None, list[dict]]:
+    """preprocess.bair.convert; the manifest as manifest.json holds it (a dict), or None."""
     workers = kw.pop("workers", 1)
     overwrite = kw.pop("overwrite", False)
     opts = bair.Options(**{"clip_stride": kw.get("T", 8) * kw.get("frame_stride", 1), **kw})
-    return bair.convert(root, out, opts, workers=workers, overwrite=overwrite)
+    manifest, skipped = bair.convert(root, out, opts, workers=workers, overwrite=overwrite)
+    return (manifest.as_dict() if manifest is not None else None), skipped
 
 
 def corrupt_record(path: Path, index: int) -> None:

@@ -141,7 +141,7 @@ VIDEOS = {"motion25.mp4": 25, "motion50.MKV": 50, "avi/motion30.avi": 30, "motio
 
 def test_every_container_is_found_decoded_and_reported(sharded):
     _, summary = sharded["ffmpeg"]
-    manifest = summary.manifest
+    manifest = summary.manifest.as_dict()  # as written to manifest.json
     sources = {s["path"]: s for s in manifest["sources"]}
     assert {p: s["fps"] for p, s in sources.items()} == VIDEOS
     assert manifest["source_fps"] == {"24": 1, "25": 5, "30": 1, "50": 1}
@@ -151,7 +151,7 @@ def test_every_container_is_found_decoded_and_reported(sharded):
     assert reasons == {"broken.webm": "not a video (ffmpeg: Invalid data found when processing input)",
                        "damaged.webm": reasons["damaged.webm"]}
     assert reasons["damaged.webm"].startswith("damaged video stream (ffmpeg: ")
-    assert {s["path"] for s in sharded["pyav"][1].manifest["skipped"]} == {"broken.webm", "damaged.webm"}
+    assert {s["path"] for s in sharded["pyav"][1].manifest.skipped} == {"broken.webm", "damaged.webm"}
     # --fps 25: two seconds are 50 frames whatever the source rate; 3 clips spread over the 12 that fit.
     for path in ("motion25.mp4", "motion50.MKV", "avi/motion30.avi", "motion24.mov", "motion25.webm"):
         assert sources[path]["frames"] == 50 and sources[path]["clips"] == 3, path
@@ -164,7 +164,7 @@ def test_every_container_is_found_decoded_and_reported(sharded):
 def test_both_decoders_write_the_same_shards(sharded):
     (ff, ff_summary), (av, av_summary) = sharded["ffmpeg"], sharded["pyav"]
     assert shard_bytes(ff) == shard_bytes(av) and shard_bytes(ff)
-    assert ff_summary.manifest["sources"] == av_summary.manifest["sources"]
+    assert ff_summary.manifest.sources == av_summary.manifest.sources
 
 
 def square_x(frame: np.ndarray) -> float:
@@ -281,14 +281,14 @@ def test_split_lists_decide_the_split_and_report_missing_names(classes, tmp_path
     assert "no column 'label_id' (columns: label, youtube_id)" in capsys.readouterr().err
     # The trainer reads the new manifest as it reads the old ones (its new fields are additive).
     from evdm.config import load_config
-    from evdm.data import check_shards, manifest_problems, train_clip_count
+    from evdm.data.shardset import open_checked
 
     cfg = load_config(ROOT / "configs" / "smoke.toml", [f'data.train_shards="{out}/train-*.tar"',
                                                         f'data.val_shards="{out}/val-*.tar"', "data.T=4",
                                                         "data.size=16", "data.endpoint_context=1"])
-    check_shards(cfg)
-    assert manifest_problems(cfg.data.train_shards) == []
-    assert train_clip_count(cfg) == manifest["splits"]["train"]["clips"] > 0
+    train, _ = open_checked(cfg)
+    assert train.problems() == []
+    assert train.clip_count() == manifest["splits"]["train"]["clips"] > 0
 
 
 def test_inspect_reads_a_manifest_without_the_new_fields(tmp_path, capsys):
@@ -305,9 +305,9 @@ def test_max_videos_is_a_reproducible_choice(classes, tmp_path):
     opts = Options(T=4, size=16, clip_stride=4, decoder="pyav", max_videos=3, val_fraction=0.0)
     first = run(classes, tmp_path / "a", opts)
     again = run(classes, tmp_path / "b", opts)
-    used = sorted(s["path"] for s in first.manifest["sources"])
-    assert len(used) == 3 and used == sorted(s["path"] for s in again.manifest["sources"])
-    assert first.manifest["scan"]["over_max_videos"] == 3
+    used = sorted(s["path"] for s in first.manifest.sources)
+    assert len(used) == 3 and used == sorted(s["path"] for s in again.manifest.sources)
+    assert first.manifest.scan["over_max_videos"] == 3
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
 
 

@@ -71,7 +71,7 @@ def test_one_plus_five_plus_two_trains_samples_and_evaluates_with_exact_context(
 
     assert (out / "previews" / "step_0000006.png").is_file()
 
-    from evdm.shards import iter_clips
+    from evdm.data.tar import iter_clips
     key, truth = next(iter_clips(str(shards / "val-000000.tar")))
     images = [_png(tmp_path / f"f{i}.png", truth[i]) for i in (0, 6, 7)]
     sys.path.insert(0, str(ROOT))

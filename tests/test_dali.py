@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import random_clips, write_shards
-from evdm import data
+from conftest import train_loader
+from evdm.data.shardlist import expand_urls
 from evdm.config import ConfigError, from_dict
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -52,12 +53,12 @@ def take(it, n):
 @needs_dali
 def test_dali_cpu_yields_the_same_clips_as_webdataset(shard_dir):
     """Shuffling off: the same bytes in the same order, across shard and epoch boundaries."""
-    from evdm.dali_loader import dali_batches
+    from evdm.data.dali import dali_batches
 
     cfg = cfg_for(shard_dir)
-    urls = data.expand_urls(cfg.data.train_shards)
+    urls = expand_urls(cfg.data.train_shards)
     dali = take(dali_batches(urls, batch_size=4, device_id=None), 8)  # 32 clips > 2 passes over 15
-    wds = take(data.make_train_loader(cfg), 8)
+    wds = take(train_loader(cfg), 8)
     assert dali[0].shape == (4, 3, T, SIZE, SIZE) and dali[0].dtype == torch.uint8
     assert dali[0].is_contiguous(memory_format=torch.channels_last_3d)
     assert clip_bytes(dali) == clip_bytes(wds)
@@ -65,10 +66,10 @@ def test_dali_cpu_yields_the_same_clips_as_webdataset(shard_dir):
 
 @needs_dali
 def test_dali_ranks_read_disjoint_parts(shard_dir):
-    from evdm.dali_loader import dali_batches
+    from evdm.data.dali import dali_batches
 
-    urls = data.expand_urls(str(shard_dir / "train-*.tar"))
-    everything = Counter(clip_bytes(take(data.make_train_loader(cfg_for(shard_dir)), 1 + SHARDS * PER_SHARD // 4)))
+    urls = expand_urls(str(shard_dir / "train-*.tar"))
+    everything = Counter(clip_bytes(take(train_loader(cfg_for(shard_dir)), 1 + SHARDS * PER_SHARD // 4)))
     per_rank = [clip_bytes(take(dali_batches(urls, batch_size=1, device_id=None, shard_id=r, num_shards=3), PER_SHARD))
                 for r in range(3)]
     assert Counter(b for part in per_rank for b in part) == Counter({b: 1 for b in everything})
@@ -76,17 +77,17 @@ def test_dali_ranks_read_disjoint_parts(shard_dir):
 
 @needs_dali
 def test_dali_shuffle_draws_from_the_dataset(shard_dir):
-    from evdm.dali_loader import dali_batches
+    from evdm.data.dali import dali_batches
 
-    urls = data.expand_urls(str(shard_dir / "train-*.tar"))
-    known = set(clip_bytes(take(data.make_train_loader(cfg_for(shard_dir)), 4)))
+    urls = expand_urls(str(shard_dir / "train-*.tar"))
+    known = set(clip_bytes(take(train_loader(cfg_for(shard_dir)), 4)))
     shuffled = clip_bytes(take(dali_batches(urls, batch_size=4, device_id=None, shuffle_buffer=8, seed=3), 3))
     assert set(shuffled) <= known
 
 
 @needs_dali
 def test_dali_rejects_pipe_urls(shard_dir):
-    from evdm.dali_loader import dali_batches
+    from evdm.data.dali import dali_batches
 
     with pytest.raises(ConfigError, match="local shard files only"):
         next(dali_batches(["pipe:cat x.tar"], batch_size=4, device_id=None))
@@ -96,12 +97,12 @@ def test_dali_rejects_pipe_urls(shard_dir):
 def test_dali_without_gpu_is_a_clear_config_error(shard_dir):
     expected = "needs a CUDA GPU" if HAVE_DALI else "needs NVIDIA DALI"
     with pytest.raises(ConfigError, match=expected):
-        data.make_train_loader(cfg_for(shard_dir, loader="dali"))
+        train_loader(cfg_for(shard_dir, loader="dali"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_DALI and torch.cuda.is_available()), reason="needs CUDA and nvidia.dali")
 def test_dali_gpu_batches_match_webdataset(shard_dir):
     cfg = cfg_for(shard_dir, loader="dali")
-    dali = [b.cpu() for b in take(data.make_train_loader(cfg), 4)]
-    assert clip_bytes(dali) == clip_bytes(take(data.make_train_loader(cfg_for(shard_dir)), 4))
+    dali = [b.cpu() for b in take(train_loader(cfg), 4)]
+    assert clip_bytes(dali) == clip_bytes(take(train_loader(cfg_for(shard_dir)), 4))

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import clip_bytes, random_clips, take, write_shards
-from evdm import data
+from conftest import train_loader, val_clips
+from evdm.data.shardset import ShardSet, open_checked
+from evdm.data.tar import iter_clips
 from evdm.config import ConfigError, from_dict
-from evdm.schema import encode_sample
+from evdm.data.schema import encode_sample
 from preprocess.writer import write_shard
 
 T, SIZE, C = 6, 16, 3
@@ -102,7 +104,7 @@ def test_damaged_shard_is_skipped_named_and_counted(shard_dir, pristine, capfd, 
     damage, reason = DAMAGE[kind]
     damage(shard_dir / BAD)
     good = {b for b, name in pristine[1].items() if name != BAD}
-    loader = data.make_train_loader(cfg_for(shard_dir))
+    loader = train_loader(cfg_for(shard_dir))
     batches = take(loader, 2 * len(good) // 4)  # two passes
     assert [b for batch in batches for b in clip_bytes(batch)].count(next(iter(good))) == 2
     assert {b for batch in batches for b in clip_bytes(batch)} == good
@@ -113,7 +115,7 @@ def test_damaged_shard_is_skipped_named_and_counted(shard_dir, pristine, capfd, 
 
 
 def test_shard_that_vanishes_after_start_up_is_skipped(shard_dir, capfd):
-    loader = data.make_train_loader(cfg_for(shard_dir))
+    loader = train_loader(cfg_for(shard_dir))
     (shard_dir / BAD).unlink()
     take(loader, 3)
     (line,) = warning_lines(capfd.readouterr().err)
@@ -121,10 +123,10 @@ def test_shard_that_vanishes_after_start_up_is_skipped(shard_dir, capfd):
 
 
 def test_workers_skip_and_count_through_their_tickets(shard_dir, pristine, capfd, monkeypatch):
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 1)  # one batch per ticket: the two workers alternate
+    monkeypatch.setattr("evdm.data.loader._CHUNK_BYTES", 1)  # one batch per ticket: the two workers alternate
     cut(shard_dir / BAD)
     good = {b for b, name in pristine[1].items() if name != BAD}
-    loader = data.make_train_loader(cfg_for(shard_dir, num_workers=2))
+    loader = train_loader(cfg_for(shard_dir, num_workers=2))
     seen = {b for batch in take(loader, 12) for b in clip_bytes(batch)}
     assert seen == good
     (line,) = warning_lines(capfd.readouterr().err)
@@ -135,11 +137,11 @@ def test_workers_skip_and_count_through_their_tickets(shard_dir, pristine, capfd
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact_with_a_damaged_shard(shard_dir, monkeypatch, workers):
     overwrite(shard_dir / BAD, b"{'descr'", b"{'dXscr'")
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 2 * 4 * T * SIZE * SIZE * C)
+    monkeypatch.setattr("evdm.data.loader._CHUNK_BYTES", 2 * 4 * T * SIZE * SIZE * C)
     cfg = cfg_for(shard_dir, num_workers=workers, shuffle_buffer=6)
-    fresh = [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=3), 12)]
+    fresh = [clip_bytes(b) for b in take(train_loader(cfg, seed=3), 12)]
     for start in (3, 7):
-        assert [clip_bytes(b) for b in take(data.make_train_loader(cfg, seed=3, start_batch=start), 12 - start)] \
+        assert [clip_bytes(b) for b in take(train_loader(cfg, seed=3, start_batch=start), 12 - start)] \
             == fresh[start:]
 
 
@@ -149,7 +151,7 @@ def test_all_shards_unreadable_is_one_config_error(shard_dir, workers):
         cut(p)
     with pytest.raises(ConfigError, match=r"^data.train_shards: all 4 shards are unreadable \(e.g. .*train-0000\d\d"
                                           r"\.tar: truncated tar[^\n]*$"):
-        take(data.make_train_loader(cfg_for(shard_dir, num_workers=workers)), 1)
+        take(train_loader(cfg_for(shard_dir, num_workers=workers)), 1)
 
 
 def test_manifest_check_names_missing_empty_and_resized_shards(shard_dir, capfd):
@@ -159,7 +161,7 @@ def test_manifest_check_names_missing_empty_and_resized_shards(shard_dir, capfd)
     size = (shard_dir / "train-000003.tar").stat().st_size
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     want = manifest["splits"]["train"]["shards"][3]["bytes"]
-    take(data.make_train_loader(cfg_for(shard_dir)), 1)
+    take(train_loader(cfg_for(shard_dir)), 1)
     lines = [x for x in capfd.readouterr().err.splitlines() if "manifest.json lists" in x]
     assert lines == [f"warning: manifest.json lists 3 train shard(s) that are missing or of the wrong size: "
                      f"train-000000.tar (missing), train-000002.tar (0 bytes, manifest says {want}), "
@@ -173,8 +175,8 @@ def test_manifest_without_sizes_checks_existence_only(shard_dir, capfd):
     (shard_dir / "manifest.json").write_text(json.dumps(manifest))
     cut(shard_dir / "train-000003.tar")
     (shard_dir / "train-000000.tar").unlink()
-    assert data.manifest_problems(str(shard_dir / "train-*.tar")) == ["train-000000.tar (missing)"]
-    assert data.manifest_problems(str(shard_dir / "train-00000[1-3].tar")) == []
+    assert ShardSet.open(str(shard_dir / "train-*.tar"), 'data.train_shards').problems() == ["train-000000.tar (missing)"]
+    assert ShardSet.open(str(shard_dir / "train-00000[1-3].tar"), 'data.train_shards').problems() == []
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -245,12 +247,12 @@ def test_verify_shards_skips_a_shard_whose_pixels_changed(shard_dir, pristine, c
     flip_pixels(shard_dir / BAD)
     good = {b for b, name in pristine[1].items() if name != BAD}
     # Without verification the changed clip is trained on, silently.
-    plain = {b for batch in take(data.make_train_loader(cfg_for(shard_dir)), 4) for b in clip_bytes(batch)}
+    plain = {b for batch in take(train_loader(cfg_for(shard_dir)), 4) for b in clip_bytes(batch)}
     assert len(plain - set(pristine[1])) == 1 and not warning_lines(capfd.readouterr().err)
     hashed = []
     real_digest = stream.hashlib.file_digest
     monkeypatch.setattr(stream.hashlib, "file_digest", lambda f, name: hashed.append(f.name) or real_digest(f, name))
-    loader = data.make_train_loader(cfg_for(shard_dir, verify_shards=True))
+    loader = train_loader(cfg_for(shard_dir, verify_shards=True))
     seen = {b for batch in take(loader, 2 * len(good) // 4) for b in clip_bytes(batch)}  # two passes
     assert seen == good and loader.skipped_shards == 2
     (line,) = warning_lines(capfd.readouterr().err)
@@ -261,24 +263,25 @@ def test_verify_shards_skips_a_shard_whose_pixels_changed(shard_dir, pristine, c
 def test_verify_shards_needs_a_manifest(shard_dir):
     (shard_dir / "manifest.json").unlink()
     with pytest.raises(ConfigError, match=r"data.verify_shards = true needs manifest.json beside .*train-000000"):
-        data.make_train_loader(cfg_for(shard_dir, verify_shards=True))
+        train_loader(cfg_for(shard_dir, verify_shards=True))
 
 
 def test_damaged_val_shard_is_left_out_with_one_line(shard_dir, capfd):
-    originals = [c for _, c in data.iter_clips(str(shard_dir / "val-000000.tar"))]
+    originals = [c for _, c in iter_clips(str(shard_dir / "val-000000.tar"))]
     shutil.copy(shard_dir / "val-000000.tar", shard_dir / "val-000001.tar")
     cut(shard_dir / "val-000000.tar")
-    val = data.load_val_clips(cfg_for(shard_dir, val_clips=3))
+    val = val_clips(cfg_for(shard_dir, val_clips=3))
     assert clip_bytes(val) == [c.tobytes() for c in originals[:3]]  # from the intact copy
     (line,) = [x for x in capfd.readouterr().err.splitlines() if x.startswith("warning:")]
-    assert line.startswith(f"warning: skipping val shard {shard_dir / 'val-000000.tar'}: truncated tar")
+    assert line.startswith(f"warning: skipping shard {shard_dir / 'val-000000.tar'}: truncated tar")
+    assert line.endswith("(data.val_shards)")  # the same line as a train shard's, naming the set
 
 
 def test_start_up_check_without_a_manifest_peeks_past_a_damaged_first_shard(shard_dir):
     (shard_dir / "manifest.json").unlink()
     (shard_dir / "train-000000.tar").write_text("not a tar\n" * 100)
-    data.check_shards(cfg_for(shard_dir))
+    open_checked(cfg_for(shard_dir))
     for p in shard_dir.glob("train-*.tar"):
         p.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"^data.train_shards: no shard can be read \(e.g. .*train-000000.tar: empty"):
-        data.check_shards(cfg_for(shard_dir))
+        open_checked(cfg_for(shard_dir))

@@ -66,7 +66,7 @@ def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
     """The examples PNG holds six rows, worst (truth, model, blend) then best, and its truth rows are
     real shard clips; the tracker keeps the lowest and highest PSNR over batches."""
     from evdm import visualize
-    from evdm.shards import iter_clips
+    from evdm.data.tar import iter_clips
 
     ckpt, shards = setup
     ev.evaluate(ckpt, shards, num=6, batch_size=3, steps_list=[2], device="cpu", progress=False,

@@ -127,10 +127,10 @@ def test_a_stop_between_log_steps_still_writes_the_stop_steps_record(shard_dir, 
 
     train_step = loop.train_step
 
-    def signalling_step(run, step, window):
+    def signalling_step(trainer, batches, step, **kwargs):
         if step == 6:  # the step that ends at step 7
             os.kill(os.getpid(), signal.SIGINT)
-        return train_step(run, step, window)
+        return train_step(trainer, batches, step, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", signalling_step)
     out = train(load_tiny(shard_dir, tmp_path / "run", **{**LONG, "train.log_every": 5}))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import load_tiny, make_train_shards, run_cli, set_args, tiny_overrides
-from evdm import data
+from evdm.data.shardset import ShardSet
 from evdm.checkpoint import CheckpointError, load_checkpoint
 
 QUICK = {"train.preview_every": 1000}  # no previews: sampling costs more than these tests' steps
@@ -48,7 +48,7 @@ def test_checkpoint_records_what_the_stream_depends_on(shards, tmp_path):
     out = train_tiny(shards, tmp_path / "run", **{"train.max_steps": 2, "data.shuffle_buffer": 9})
     assert torch.load(out / "last.pt", weights_only=True)["stream"] == {
         "batch_size": 2, "grad_accum_steps": 1, "num_workers": 0, "shuffle_buffer": 9, "world_size": 1,
-        "shard_list": data.shard_list_identity(f"{shards}/train-*.tar"), "train_clips": 32,
+        "shard_list": ShardSet.open(f"{shards}/train-*.tar", 'data.train_shards').identity(), "train_clips": 32,
         "start_step": 0, "start_epoch": 0.0,
     }
 
@@ -105,8 +105,10 @@ def test_the_new_stream_starts_at_its_first_batch(shards, tmp_path, monkeypatch)
     train_tiny(shards, out, **{"train.max_steps": 3})
     make_train_shards(shards, per_shard=16)
     starts = []
-    make = data.make_train_loader
-    monkeypatch.setattr(data, "make_train_loader", lambda cfg, **kw: starts.append(kw["start_batch"]) or make(cfg, **kw))
+    import evdm.train.loop as loop
+
+    make = loop.make_train_loader
+    monkeypatch.setattr(loop, "make_train_loader", lambda cfg, train, **kw: starts.append(kw["start_batch"]) or make(cfg, train, **kw))
     train_tiny(shards, out, resume=True, **{"train.max_steps": 5})
     train_tiny(shards, out, resume=True, **{"train.max_steps": 6})
     assert starts == [0, 2]
@@ -129,13 +131,13 @@ def test_a_checkpoint_from_before_the_record_is_checked_by_its_config(shards, tm
 
 def test_shard_list_identity_follows_the_manifest_or_the_urls(shards, tmp_path):
     spec = f"{shards}/train-*.tar"
-    first = data.shard_list_identity(spec)
-    assert data.shard_list_identity(f"{shards}/train-00000[0-3].tar") == first
-    assert data.shard_list_identity(f"{shards}/train-00000[0-2].tar") != first
+    first = ShardSet.open(spec, 'data.train_shards').identity()
+    assert ShardSet.open(f"{shards}/train-00000[0-3].tar", 'data.train_shards').identity() == first
+    assert ShardSet.open(f"{shards}/train-00000[0-2].tar", 'data.train_shards').identity() != first
     make_train_shards(shards, per_shard=8, train_shards=4)  # the same clips again: the same sha256s
-    assert data.shard_list_identity(spec) == first
+    assert ShardSet.open(spec, 'data.train_shards').identity() == first
     (shards / "manifest.json").unlink()
-    assert data.shard_list_identity(spec) != first  # now the urls alone
+    assert ShardSet.open(spec, 'data.train_shards').identity() != first  # now the urls alone
 
 
 # ---- a damaged last.pt --------------------------------------------------------------------------

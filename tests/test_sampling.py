@@ -132,16 +132,19 @@ def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, val_shards, t
         assert (tmp_path / f"{r['name']}_truth.mp4").is_file() and (tmp_path / f"{r['name']}_truth.png").is_file()
 
 
-def test_shard_clips_stream_lazily(ckpt, val_shards, tmp_path):
-    """Reading stops after `num` clips: a broken later shard is never opened."""
+def test_shard_clips_stream_lazily_and_skip_a_damaged_shard(ckpt, val_shards, tmp_path, capfd):
+    """Reading stops after `num` clips: a broken later shard is never opened. Asked for more, the broken
+    shard is skipped with one warning line, as the trainer skips one (evdm.data.clips)."""
     cfg = tiny_config()
     d = Path(val_shards).parent
     (tmp_path / "val-000000.tar").write_bytes((d / "val-000000.tar").read_bytes())
     (tmp_path / "val-000001.tar").write_bytes(b"garbage" * 100)
     pattern = str(tmp_path / "val-*.tar")
     assert len(list(sampling.iter_shard_clips(pattern, cfg, 3))) == 3
-    with pytest.raises(sampling.SamplingError, match="val-000001.tar"):
-        list(sampling.iter_shard_clips(pattern, cfg, 5))
+    assert "warning" not in capfd.readouterr().err
+    assert len(list(sampling.iter_shard_clips(pattern, cfg, 5))) == 3
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: skipping shard {tmp_path / 'val-000001.tar'}: ") and line.endswith("(--shards)")
 
 
 def test_sample_py_from_shards_in_process(ckpt, val_shards, tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_clip_options(data, tmp_path, T, frame_stride, clip_stride, color_mode):
     opts = Options(T=T, frame_stride=frame_stride, clip_stride=clip_stride, size=12, color_mode=color_mode)
     summary = run(data, tmp_path, opts)
     channels = 1 if color_mode == "gray" else 3
-    assert summary.manifest["clip_shape"] == [T, 12, 12, channels]
+    assert summary.manifest.clip_shape == (T, 12, 12, channels)
     for tar in tmp_path.glob("*.tar"):
         for s in read_samples(tar).values():
             assert s["clip"].shape == (T, 12, 12, channels)
@@ -172,7 +172,7 @@ def test_different_options_need_overwrite(data, sharded, tmp_path):
     with pytest.raises(UserError, match=r"T 4 -> 5"):
         run(data, d, Options(T=5, clip_stride=5, size=16), workers=1)
     summary = run(data, d, Options(T=5, clip_stride=5, size=16), workers=1, overwrite=True)
-    assert summary.manifest["clip_shape"] == [5, 16, 16, 3]
+    assert summary.manifest.clip_shape == (5, 16, 16, 3)
     assert json.loads((d / PROGRESS_NAME).read_text())["identity"]["options"]["T"] == 5
 
 

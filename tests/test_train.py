@@ -42,10 +42,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch, 
     """Varied clips, shuffled and flipped: 12 clips in 2 shards are 6 steps a pass, so a resume at step
     5 lands mid-pass; with workers, 3 batches per ticket, so it also lands mid-ticket (batch 5 is ticket
     1's third). Straight 10 steps and 5 + resume to 10 must agree bit for bit: model, EMA and data."""
-    from evdm import data
     from evdm.train import train
 
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 3 * 2 * T * SIZE * SIZE * 3)
+    monkeypatch.setattr("evdm.data.loader._CHUNK_BYTES", 3 * 2 * T * SIZE * SIZE * 3)
     shards = tmp_path / "shards"
     shards.mkdir()
     make_train_shards(shards, train_shards=2, per_shard=6)
@@ -70,7 +69,6 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch, 
 
 def test_resume_that_restarts_the_stream_would_differ(tmp_path):
     """The fixture above is sensitive: a resume that starts the stream over (as before issue 12) changes the weights."""
-    from evdm import data
     from evdm.train import train
 
     shards = tmp_path / "shards"

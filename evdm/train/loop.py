@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from evdm import data
+from evdm.data.clips import load_val_clips
+from evdm.data.loader import TrainBatches, make_train_loader
+from evdm.data.shardset import open_checked
 from evdm.atomic import atomic_write
 from evdm.checkpoint import load_weights, make_payload, save_checkpoint, set_rng_state
 from evdm.compile import cache_in
@@ -61,7 +63,7 @@ class Run:
     rank: int
     world_size: int
     trainer: Trainer
-    loader: data.TrainBatches
+    loader: TrainBatches
     val_u8: torch.Tensor | None  # rank 0 only
     stop_group: dist.ProcessGroup | None  # stop requests are OR-ed over ranks on a CPU group (stop_agreed)
     flops: float  # per training sample, fwd + bwd, for the tflops / mfu columns
@@ -160,9 +162,9 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
         raise ConfigError("data.loader = 'dali' needs a CUDA device; use data.loader = 'webdataset' on CPU")
     if tc.tensorboard and rank == 0:
         check_tensorboard()
-    data.check_shards(cfg)
+    train_set, val_set = open_checked(cfg)
     ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite, loud=rank == 0)  # reads only; None for a fresh run
-    stream = run_stream(ckpt, cfg, world_size, Path(tc.out_dir) / "last.pt", loud=rank == 0)  # refuses inexact ones
+    stream = run_stream(ckpt, cfg, train_set, world_size, Path(tc.out_dir) / "last.pt", loud=rank == 0)  # refuses inexact ones
     trainer = make_trainer(cfg, device)
     step = resume_from(trainer, ckpt, Path(tc.out_dir) / "last.pt") if ckpt is not None else 0
     if rank == 0:
@@ -172,10 +174,10 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     stop_group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() == "nccl" else None
     # The stream is a function of (seed, rank, worker, batches consumed): resume continues it, exactly when
     # nothing else it depends on changed (evdm.train.resume).
-    loader = data.make_train_loader(cfg, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
+    loader = make_train_loader(cfg, train_set, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
                                     start_batch=stream.start_batch(step))
     run = Run(cfg=cfg, rank=rank, world_size=world_size, trainer=trainer, loader=loader,
-              val_u8=data.load_val_clips(cfg) if rank == 0 else None, stop_group=stop_group,
+              val_u8=load_val_clips(val_set, cfg) if rank == 0 else None, stop_group=stop_group,
               flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops),
               stream=stream)
     return run, step

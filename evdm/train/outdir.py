@@ -17,7 +17,7 @@ from pathlib import Path
 from evdm.atomic import folder_problem
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint
 from evdm.config import ConfigError, RunConfig, to_dict
-from evdm.stream import warn
+from evdm.cli import warn
 
 LOCK_NAME = ".lock"
 # The keys that decide the weights' shapes or what they mean: a resume must not change them.

@@ -2,7 +2,7 @@
 compared on --resume.
 
 The loader's stream is a pure function of the train shard list, data.num_workers, data.shuffle_buffer,
-train.batch_size, grad_accum_steps and the world size (evdm.stream); a resume at step s fast-forwards
+train.batch_size, grad_accum_steps and the world size (evdm.data.stream); a resume at step s fast-forwards
 it by s x grad_accum_steps batches. What a difference costs decides what happens:
 - clips per step (batch_size x grad_accum_steps x world size) differ: refused. The fast-forward would
   count batches of the new size, silently skipping or repeating clips, and max_steps would mean
@@ -20,10 +20,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from evdm import data
 from evdm.checkpoint import CheckpointError, config_of
 from evdm.config import RunConfig
-from evdm.stream import warn
+from evdm.cli import warn
+from evdm.data.shardset import ShardSet
 
 CKPT_KEY = "stream"  # the checkpoint entry holding Stream.as_dict()
 
@@ -37,7 +37,7 @@ class Stream:
     num_workers: int
     shuffle_buffer: int
     world_size: int
-    shard_list: str  # data.shard_list_identity of data.train_shards
+    shard_list: str  # ShardSet.identity() of data.train_shards
     train_clips: int | None  # per manifest.json; None when unknown
     start_step: int = 0  # the step at which this stream was at its batch 0
     start_epoch: float | None = 0.0  # the epoch column at start_step; None when unknown
@@ -63,18 +63,19 @@ class Stream:
         return f"{self.batch_size} x {self.grad_accum_steps} x {self.world_size}"
 
 
-def current_stream(cfg: RunConfig, world_size: int) -> Stream:
-    """The stream a fresh run of `cfg` on `world_size` ranks reads."""
+def current_stream(cfg: RunConfig, train: ShardSet, world_size: int) -> Stream:
+    """The stream a fresh run of `cfg` on the `train` shards and `world_size` ranks reads."""
     return Stream(batch_size=cfg.train.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
                   num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, world_size=world_size,
-                  shard_list=data.shard_list_identity(cfg.data.train_shards), train_clips=data.train_clip_count(cfg))
+                  shard_list=train.identity(), train_clips=train.clip_count())
 
 
-def run_stream(ckpt: dict | None, cfg: RunConfig, world_size: int, path: Path, *, loud: bool = True) -> Stream:
+def run_stream(ckpt: dict | None, cfg: RunConfig, train: ShardSet, world_size: int, path: Path, *,
+               loud: bool = True) -> Stream:
     """The stream this run reads: a fresh run's, or the one a resume from `ckpt` (read from `path`) continues,
     with one warning line (when `loud`) per difference that costs exactness; CheckpointError where the run
     would skip or repeat clips unseen (module docstring)."""
-    now = current_stream(cfg, world_size)
+    now = current_stream(cfg, train, world_size)
     if ckpt is None:
         return now
     step = ckpt["step"]

@@ -1,6 +1,6 @@
 """Reading WebDataset shards: URL lists, the (rank, worker) shard partition, tar and .npy parsing.
 
-A shard is a plain tar of `{key}.clip.npy` + `{key}.meta.json` members (evdm.schema). Local shards
+A shard is a plain tar of `{key}.clip.npy` + `{key}.meta.json` members (evdm.data.schema). Local shards
 are read with positioned reads (the tar headers walked in one loop, each .npy header parsed once);
 pipe: and remote URLs are read whole through webdataset's gopen.
 """
@@ -9,71 +9,23 @@ from __future__ import annotations
 
 import ast
 import functools
-import glob
 import os
 import struct
-from pathlib import Path
 from typing import Iterator
 
-import braceexpand
 import numpy as np
 import webdataset as wds
 
 from evdm.config import ConfigError
-from evdm.schema import CLIP_EXT, MANIFEST_NAME
+from evdm.data.schema import CLIP_EXT
+from evdm.data.shardlist import REMOTE_PREFIXES
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+# What damage in a shard surfaces as, from open() to the tar walk and the .npy header parse.
+DAMAGE = (OSError, ValueError, struct.error)
 _READ_BUFFER_BYTES = 1 << 20
 _NPY_MAGIC = b"\x93NUMPY"
 # name, size, typeflag, magic ("ustar" + NUL or space), prefix: the ustar header fields used here
 _TAR_HEADER = struct.Struct("100s24x12s20xc100x5s3x80x155s12x")
-
-
-# ---- shard lists ------------------------------------------------------------------------------
-
-
-def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Shard URLs from a glob, a brace pattern ("train-{000000..000009}.tar"), a list, or pipe: URLs.
-
-    Local globs are sorted; a local pattern that matches nothing raises ConfigError naming it.
-    Remote URLs (pipe:, http(s)://, s3://, gs://) are brace-expanded only.
-    """
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for item in specs:
-        for url in braceexpand.braceexpand(item):
-            if url.startswith(REMOTE_PREFIXES):
-                urls.append(url)
-                continue
-            if glob.has_magic(url):
-                matched = sorted(glob.glob(url))
-                if not matched:
-                    raise ConfigError(f"shard pattern {url!r} matches no file")
-                urls.extend(matched)
-            elif os.path.isfile(url):
-                urls.append(url)
-            else:
-                raise ConfigError(f"shard file {url!r} not found")
-    if not urls:
-        raise ConfigError(f"shard spec {spec!r} names no shard")
-    return urls
-
-
-def shard_slice(
-    urls: list[str], rank: int, world_size: int, worker: int, num_workers: int,
-    epoch: int, seed: int, *, shuffle: bool = True,
-) -> list[str]:
-    """The shards that (rank, worker) reads in pass `epoch`: disjoint across all ranks and workers.
-
-    The list is permuted with (seed, epoch) -- the same on every rank -- when `shuffle`, then dealt
-    round-robin over the world_size * num_workers readers, so one pass reads every shard exactly once.
-    """
-    order = list(urls)
-    if shuffle:
-        perm = np.random.default_rng([seed, epoch]).permutation(len(order))
-        order = [order[i] for i in perm]
-    slot = rank * num_workers + worker
-    return order[slot :: world_size * num_workers]
 
 
 # ---- tar and .npy parsing ---------------------------------------------------------------------
@@ -189,9 +141,18 @@ def peek_clip_shape(url: str) -> tuple[int, ...]:
     raise ConfigError(f"shard {url} holds no {CLIP_EXT} sample")
 
 
-def clip_refs(url: str, expected_shape: tuple[int, ...]) -> list:
+def damage_reason(url: str, err: Exception) -> str:
+    """What is wrong with shard `url`, without repeating its name."""
+    if isinstance(err, OSError) and err.strerror:  # FileNotFoundError and friends
+        return err.strerror
+    text = str(err)
+    return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
+
+
+def clip_refs(url: str, expected_shape: tuple[int, ...], keys: list | None = None) -> list:
     """Every clip of a shard as a reference for `fill_batch`: (file, offset, npy header) for local
-    shards, which are then read straight into the batch; the array itself for remote ones.
+    shards, which are then read straight into the batch; the array itself for remote ones. With
+    `keys`, the clips' sample keys are appended to it, in the same order.
 
     Raises ConfigError naming the shard when its clips are not `expected_shape`.
     """
@@ -215,9 +176,18 @@ def clip_refs(url: str, expected_shape: tuple[int, ...]) -> list:
            if n != want or (head[:len(prefix)] if len(prefix) <= len(head) else read_at(o, len(prefix))) != prefix]
     if bad:
         raise ConfigError(f"{url}: sample {bad[0]} is not a {shape} uint8 clip like the shard's first one")
+    if keys is not None:
+        keys.extend(name[: -len(suffix)] for name, _, _, _ in clips)
     if f is None:
         return [np.frombuffer(read_at(o, n), np.uint8, offset=len(prefix)).reshape(shape) for _, o, n, _ in clips]
     return [(f, offset, prefix) for _, offset, _, _ in clips]
+
+
+def read_clip(ref, shape: tuple[int, ...]) -> np.ndarray:
+    """One clip from its `clip_refs` reference: uint8 `shape`."""
+    out = np.empty((1, *shape), np.uint8)
+    fill_batch(out, [ref])
+    return out[0]
 
 
 def fill_batch(out: np.ndarray, refs: list) -> None:
@@ -231,10 +201,3 @@ def fill_batch(out: np.ndarray, refs: list) -> None:
         got = os.preadv(f.fileno(), [head, out[i]], offset)
         if got != len(head) + out[i].nbytes or head != prefix:
             raise OSError(f"{f.name}: clip at byte {offset} is truncated or changed since indexing")
-
-
-def manifest_beside(url: str) -> Path | None:
-    if url.startswith(REMOTE_PREFIXES):
-        return None
-    path = Path(url).parent / MANIFEST_NAME
-    return path if path.is_file() else None

@@ -15,7 +15,6 @@ depend on where a run started and resume stays exact with damaged shards present
 from __future__ import annotations
 
 import hashlib
-import struct
 import sys
 import time
 from typing import Iterator
@@ -24,26 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from evdm.cli import warn
 from evdm.config import ConfigError
-from evdm.shards import clip_refs, fill_batch, shard_slice
-
-# What damage in a shard surfaces as, from open() to the tar walk and the .npy header parse.
-DAMAGE = (OSError, ValueError, struct.error)
-
-
-def warn(line: str) -> None:
-    """One warning line on stderr (worker processes share it): no traceback, no source line."""
-    sys.stderr.write(f"warning: {line}\n")
-    sys.stderr.flush()
-
-
-def damage_reason(url: str, err: Exception) -> str:
-    """What is wrong with shard `url`, without repeating its name."""
-    if isinstance(err, OSError) and err.strerror:  # FileNotFoundError and friends
-        return err.strerror
-    text = str(err)
-    return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
-
+from evdm.data.shardlist import shard_slice
+from evdm.data.tar import DAMAGE, clip_refs, damage_reason, fill_batch
 
 class ShardReader:
     """Indexes shards into clip refs for one reader process, skipping and counting damaged ones.
@@ -54,21 +37,22 @@ class ShardReader:
 
     def __init__(self, expected_shape: tuple[int, ...], *, who: str, digests: dict[str, str] | None = None) -> None:
         self.expected_shape = expected_shape
-        self.who = who  # "rank 0 worker 1", for the warning line
+        self.who = who  # "rank 0 worker 1; counted in skipped_shards", for the warning line
         self.digests = digests  # url -> manifest sha256 when data.verify_shards
         self.damaged: dict[str, str] = {}  # url -> reason
         self.verified: set[str] = set()
         self.skipped = 0  # skip events: a damaged shard counts once per pass that deals it here
 
-    def refs(self, url: str, *, count: bool = True) -> list | None:
-        """The shard's clip refs, or None (counted, warned about once) when it cannot be read."""
+    def refs(self, url: str, *, count: bool = True, keys: list | None = None) -> list | None:
+        """The shard's clip refs, or None (counted, warned about once) when it cannot be read; with `keys`,
+        the clips' sample keys are appended to it."""
         if url not in self.damaged:
             try:
                 self._verify(url)
-                return clip_refs(url, self.expected_shape)
+                return clip_refs(url, self.expected_shape, keys)
             except DAMAGE as err:
                 self.damaged[url] = damage_reason(url, err)
-                warn(f"skipping shard {url}: {self.damaged[url]} ({self.who}; counted in skipped_shards)")
+                warn(f"skipping shard {url}: {self.damaged[url]} ({self.who})")
         self.skipped += count
         return None
 
@@ -82,7 +66,7 @@ class ShardReader:
         self.verified.add(url)
 
 
-class _BatchPool:
+class BatchPool:
     """Recycles batch buffers the consumer has let go of: fresh 1 MB allocations cost an mmap and a
     page fault per 4 KiB on every batch. Each tensor handed out holds a reference to its numpy
     buffer until the last view of it dies, so a buffer whose refcount is back to the pool's own is free.
@@ -148,7 +132,7 @@ class BatchRing:
         busy[worker, slot] = 1
         return slot
 
-    def take(self, worker: int, slot: int, pool: _BatchPool) -> torch.Tensor:
+    def take(self, worker: int, slot: int, pool: BatchPool) -> torch.Tensor:
         """Copy a slot out as uint8 [B, C, T, H, W] (channels_last_3d view) and free it."""
         out, out_np = pool.get()
         np.copyto(out_np, self.data[worker, slot].numpy())
@@ -258,7 +242,8 @@ class ShardClipStream(IterableDataset):
         else:
             num_workers = info.num_workers
             worker, skip = worker_start(self.start_batch, info.id, num_workers, self.ring.chunk)
-        reader = ShardReader(self.expected_shape, who=f"rank {self.rank} worker {worker}", digests=self.digests)
+        reader = ShardReader(self.expected_shape, who=f"rank {self.rank} worker {worker}; counted in skipped_shards",
+                             digests=self.digests)
         batches = self._batches(reader, worker, num_workers, skip, in_worker=info is not None)
         if info is None:
             yield from batches
@@ -273,7 +258,7 @@ class ShardClipStream(IterableDataset):
         if self.shuffle_buffer > 1:
             clips = self._shuffled(clips, np.random.default_rng([self.sample_seed, self.rank, worker]))
         ring = self.ring if in_worker else None
-        pool = _BatchPool((self.batch_size, *self.expected_shape), pin=self.pin) if ring is None else None
+        pool = BatchPool((self.batch_size, *self.expected_shape), pin=self.pin) if ring is None else None
         batch: list = []
         first, count = 0, 0
         for clip in clips:

@@ -21,8 +21,7 @@ from typing import Iterator
 import torch
 
 from evdm.config import ConfigError, RunConfig
-from evdm.schema import CLIP_EXT
-from evdm.shards import expand_urls
+from evdm.data.schema import CLIP_EXT
 
 INSTALL_HINT = "pip install 'evdm[dali]' (the nvidia-dali-cuda120 package)"
 READER_NAME = "shards"
@@ -84,7 +83,7 @@ def dali_batches(
 
 
 def make_dali_train_loader(
-    cfg: RunConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0
+    cfg: RunConfig, urls: list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0
 ) -> Iterator[torch.Tensor]:
     """The trainer's DALI loader: infinite uint8 [B, C, T, H, W] batches on this rank's GPU (LOCAL_RANK)."""
     _require_dali()
@@ -92,7 +91,7 @@ def make_dali_train_loader(
         raise ConfigError("data.loader = 'dali' needs a CUDA GPU, and none is available here; "
                           "set data.loader = 'webdataset'")
     return dali_batches(
-        expand_urls(cfg.data.train_shards), batch_size=cfg.train.batch_size,
+        urls, batch_size=cfg.train.batch_size,
         device_id=int(os.environ.get("LOCAL_RANK", "0")), shard_id=rank, num_shards=world_size,
         shuffle_buffer=cfg.data.shuffle_buffer, seed=seed % 2**31, num_threads=max(cfg.data.num_workers, 1),
     )

@@ -1,0 +1,127 @@
+"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches.
+
+Each (DDP rank, DataLoader worker) reads a disjoint slice of the shard list (evdm.data.shardlist),
+reshuffled each epoch-equivalent pass with a seed shared by all ranks, and cycles it forever. A
+worker indexes a shard's tar headers in one loop (evdm.data.tar): no tarfile, np.load or per-sample
+dicts. Clips go through a shuffle buffer and are read, one copy each, straight into shared-memory
+batch slots (`BatchRing`) that the main process copies out. Batches are [B, C, T, H, W] views of
+[B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one permutes bytes; float
+conversion, scaling to [-1, 1] and flips happen on the device (evdm.denoiser.Denoiser.to_input).
+The per-reader stream, its exact resume (`start_batch`) and the skipping of damaged shards live in
+evdm.data.stream; this module builds it for the trainer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from evdm.cli import warn
+from evdm.config import ConfigError, RunConfig
+from evdm.data.shardset import ShardSet, expected_clip_shape
+from evdm.data.stream import BatchPool, BatchRing, ShardClipStream
+from evdm.preemption import ignore_stop_signals, stop_signals_blocked
+
+_PREFETCH_TICKETS = 2  # per DataLoader worker
+_CHUNK_BYTES = 8 << 20  # batches per worker ticket: up to this many bytes, at most 16
+
+
+class TrainBatches:
+    """The trainer's infinite iterator of uint8 [B, C, T, H, W] batches, and `skipped_shards`: the skip
+    events of damaged shards in this rank's readers so far (a damaged shard counts once per pass that deals it)."""
+
+    def __init__(self, dataset: ShardClipStream | None, batches: Iterator[torch.Tensor],
+                 worker_skipped: dict[int, int] | None = None) -> None:
+        self._dataset, self._batches = dataset, batches
+        # Filled from the workers' tickets as they arrive (the same dict object the ticket reader fills).
+        self.worker_skipped = worker_skipped if worker_skipped is not None else {}
+
+    @property
+    def skipped_shards(self) -> int:
+        if self.worker_skipped:
+            return sum(self.worker_skipped.values())
+        return self._dataset.skipped_shards if self._dataset is not None else 0
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._batches)
+
+
+def make_train_loader(
+    cfg: RunConfig, train: ShardSet, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
+) -> TrainBatches:
+    """Infinite iterator of uint8 [B, C, T, H, W] batches (B = train.batch_size) of the `train` shards for this
+    rank, from batch `start_batch`.
+
+    Batches are channels_last_3d views of [B, T, H, W, C] buffers, in pinned memory when CUDA is present.
+
+    `seed` drives the sample shuffle; the shard partition uses train.seed, equal on every rank, so
+    ranks stay disjoint even when `seed` differs per rank. The stream is a function of (train.seed,
+    seed, rank, worker, batches consumed): with `start_batch = s` it yields exactly batches s, s+1, ...
+    of a fresh stream with the same data.num_workers and world_size (evdm.data.stream). data.loader =
+    "dali" dispatches to DALI, whose resume restarts its reader instead.
+    """
+    d = cfg.data
+    if d.loader == "dali":
+        from evdm.data.dali import make_dali_train_loader
+
+        if start_batch and rank == 0:
+            warn("data.loader = 'dali' cannot fast-forward: the resumed run restarts DALI's shard order "
+                 "and sees other clips than a straight run would")
+        return TrainBatches(None, make_dali_train_loader(cfg, train.urls, rank=rank, world_size=world_size, seed=seed))
+    urls = train.urls
+    problems = train.problems()
+    if problems and rank == 0:
+        warn(f"manifest.json lists {len(problems)} train shard(s) that are missing or of the wrong size: "
+             + ", ".join(problems))
+    readers = world_size * max(d.num_workers, 1)
+    if len(urls) < readers:
+        warnings.warn(
+            f"data.train_shards: {len(urls)} shard(s) for {world_size} rank(s) x {max(d.num_workers, 1)} "
+            f"worker(s); every reader will read every shard and keep 1 clip in {readers}. "
+            f"Write at least {readers} shards (preprocess.shard --shard-size) to read each shard once.",
+            stacklevel=2,
+        )
+    pin = torch.cuda.is_available()
+    batch_shape = (cfg.train.batch_size, *expected_clip_shape(cfg))
+    ring = None
+    if d.num_workers > 0:
+        ring = BatchRing(d.num_workers, batch_shape, prefetch=_PREFETCH_TICKETS, chunk_bytes=_CHUNK_BYTES)
+    dataset = ShardClipStream(
+        urls, batch_size=cfg.train.batch_size, expected_shape=expected_clip_shape(cfg), rank=rank,
+        world_size=world_size, partition_seed=cfg.train.seed, sample_seed=seed, shuffle_buffer=d.shuffle_buffer,
+        ring=ring, pin=pin, start_batch=start_batch, digests=train.digests() if d.verify_shards else None,
+    )
+    if ring is None:
+        return TrainBatches(dataset, iter(dataset))
+    loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS,
+                        worker_init_fn=ignore_stop_signals)  # preemption signals are the main process's
+    skipped: dict[int, int] = {}
+    batches = _batches_from_ring(loader, ring, BatchPool(batch_shape, pin=pin), skipped, drop=start_batch % ring.chunk)
+    return TrainBatches(dataset, batches, skipped)
+
+
+def _batches_from_ring(
+    loader: DataLoader, ring: BatchRing, pool: BatchPool, skipped: dict[int, int], *, drop: int
+) -> Iterator[torch.Tensor]:
+    """Batches out of the workers' tickets; `drop`: leading batches a resume has already trained on."""
+    with stop_signals_blocked():  # the workers fork here (see evdm.preemption)
+        tickets = iter(loader)
+    try:
+        for ticket in tickets:
+            if isinstance(ticket, str):
+                raise ConfigError(ticket)
+            worker, first, count, skipped[worker] = ticket
+            for i in range(count):
+                if drop:
+                    ring.drop(worker, (first + i) % ring.slots)
+                    drop -= 1
+                else:
+                    yield ring.take(worker, (first + i) % ring.slots, pool)
+    finally:  # closed or dropped: free the workers waiting on a full ring, so the loader can shut down
+        ring.close()

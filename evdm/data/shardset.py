@@ -1,0 +1,150 @@
+"""A shard list and the manifest beside it, each read once: what the trainer, sample.py and evaluate know
+of the shards before reading a clip.
+
+`ShardSet.open(spec, key)` expands the pattern (a glob, a brace pattern, a list or pipe: / remote URLs)
+and reads manifest.json beside the first local shard. Everything else is answered from those two:
+does the set hold clips of the configured shape, which listed shards are missing or resized, how many
+clips it holds (the epoch column), their sha256s (data.verify_shards), the list's identity (resume).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+from evdm.config import ConfigError, RunConfig
+from evdm.data.manifest import Manifest, ShardEntry
+from evdm.data.schema import COLOR_CHANNELS, MANIFEST_NAME, clip_shape
+from evdm.data.shardlist import REMOTE_PREFIXES, expand_urls
+from evdm.data.tar import DAMAGE, damage_reason, peek_clip_shape
+
+
+def expected_clip_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
+    """The [T, H, W, C] shape of cfg's clips."""
+    d = cfg.data
+    return clip_shape(d.T, d.size, d.color_mode)
+
+
+def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> str:
+    """One line on clips of shape `found` at `where` that `needed_by` (a config key, "the checkpoint")
+    cannot use: the colour mode when the channels differ, else the shape with the keys that decide it."""
+    expected = expected_clip_shape(cfg)
+    modes = {c: m for m, c in COLOR_CHANNELS.items()}
+    if len(found) == 4 and found[-1] != expected[-1]:
+        return (f"{where}: clips are {modes.get(found[-1], found[-1])!r} (C={found[-1]}), but {needed_by} "
+                f"needs {cfg.data.color_mode!r} clips")
+    return (f"{where}: shard clips have shape [T, H, W, C] = {list(found)}, but data.T={cfg.data.T}, "
+            f"data.size={cfg.data.size}, data.color_mode={cfg.data.color_mode!r} ({needed_by}) expect {list(expected)}")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards `key` (e.g. "data.train_shards") names: urls in order, and the manifest beside them (None
+    for remote shards or a folder without one)."""
+
+    key: str
+    spec: str | list[str]
+    urls: list[str]
+    manifest: Manifest | None
+    folder: Path | None  # where manifest.json is
+
+    @classmethod
+    def open(cls, spec: str | list[str], key: str) -> ShardSet:
+        """Expand `spec` and read its manifest; ConfigError naming `key` when the pattern names no shard."""
+        try:
+            urls = expand_urls(spec)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        first = urls[0]
+        folder = None if first.startswith(REMOTE_PREFIXES) else Path(first).parent
+        has_manifest = folder is not None and (folder / MANIFEST_NAME).is_file()
+        return cls(key=key, spec=spec, urls=urls, manifest=Manifest.read(folder) if has_manifest else None,
+                   folder=folder if has_manifest else None)
+
+    def check(self, cfg: RunConfig, needed_by: str | None = None, *, frame_stride: bool = True) -> None:
+        """ConfigError unless the clips have cfg's shape (from the manifest, else the first readable shard)
+        and (frame_stride) the manifest's frame stride is data.frame_stride. needed_by: who needs that
+        shape, for the message (default: this set's key)."""
+        if self.manifest is not None:
+            where, found = str(self.folder / MANIFEST_NAME), tuple(self.manifest.clip_shape)
+            stride = self.manifest.options.get("frame_stride")
+            if frame_stride and stride is not None and stride != cfg.data.frame_stride:
+                raise ConfigError(f"{where}: shards made with frame_stride={stride}, "
+                                  f"data.frame_stride={cfg.data.frame_stride}")
+        else:
+            where, found = self._peek_first_readable()
+        if found != expected_clip_shape(cfg):
+            raise ConfigError(shape_problem(where, found, cfg, needed_by or self.key))
+
+    def _peek_first_readable(self) -> tuple[str, tuple[int, ...]]:
+        """(url, clip shape) of the first shard that can be read; damaged ones are the readers' to skip and name."""
+        reasons = []
+        for url in self.urls:
+            try:
+                return url, tuple(peek_clip_shape(url))
+            except DAMAGE as err:
+                reasons.append(f"{url}: {damage_reason(url, err)}")
+        raise ConfigError(f"{self.key}: no shard can be read (e.g. {reasons[0]})")
+
+    def _entry(self, url: str) -> ShardEntry | None:
+        return self.manifest.entry(Path(url).name) if self.manifest is not None else None
+
+    def listed(self) -> list[ShardEntry]:
+        """The manifest's shards that the local patterns of the spec name, whether or not the files exist."""
+        if self.manifest is None:
+            return []
+        items = [self.spec] if isinstance(self.spec, str) else list(self.spec)
+        patterns = [os.path.normpath(u) for item in items for u in braceexpand.braceexpand(item)
+                    if not u.startswith(REMOTE_PREFIXES)]
+        return [s for s in self.manifest.shards()
+                if any(fnmatch.fnmatchcase(os.path.normpath(self.folder / s.name), p) for p in patterns)]
+
+    def problems(self) -> list[str]:
+        """"name (what is wrong)" for each listed shard that is missing, empty or of another size than the
+        manifest records (older manifests record no size: existence only)."""
+        problems = []
+        for entry in self.listed():
+            path = self.folder / entry.name
+            size = path.stat().st_size if path.is_file() else None
+            if size is None:
+                problems.append(f"{entry.name} (missing)")
+            elif size == 0 or (entry.bytes is not None and entry.bytes != size):
+                want = f", manifest says {entry.bytes}" if entry.bytes is not None else ""
+                problems.append(f"{entry.name} ({size} bytes{want})")
+        return problems
+
+    def clip_count(self) -> int | None:
+        """Clips in the set per the manifest (None when unknown: remote shards, no manifest)."""
+        entries = [self._entry(u) for u in self.urls]
+        return sum(e.clips for e in entries if e is not None) or None
+
+    def digests(self) -> dict[str, str]:
+        """url -> the manifest's sha256, for data.verify_shards; ConfigError when there is no manifest."""
+        if self.manifest is None:
+            raise ConfigError(f"data.verify_shards = true needs manifest.json beside {self.urls[0]} (local shards only)")
+        return {u: e.sha256 for u in self.urls if (e := self._entry(u)) is not None and e.sha256}
+
+    def identity(self) -> str:
+        """A short sha256 naming the list, to tell on --resume whether it is still the one trained on: of each
+        shard's manifest entry (name, clips, sha256) in order, or of the urls when there is no manifest.
+        Re-sharding (other clips, other contents) or another pattern changes it."""
+        if self.manifest is None:
+            items: list = self.urls
+        else:
+            items = [[Path(u).name, *((e.clips, e.sha256) if (e := self._entry(u)) else (None, None))] for u in self.urls]
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def open_checked(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
+    """(data.train_shards, data.val_shards), each opened and checked against cfg: the trainer's start."""
+    train = ShardSet.open(cfg.data.train_shards, "data.train_shards")
+    val = ShardSet.open(cfg.data.val_shards, "data.val_shards")
+    for shards in (train, val):
+        shards.check(cfg)
+    return train, val
