@@ -76,9 +76,10 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare(cfg, device):
+def prepare(cfg, device, **compile_options):
     """The trainer evdm.train builds for cfg (fresh weights, EMA, AdamW; compiled when train.compile is
-    "on"), and step_for(batch) -> a function running one real training step on a fixed uint8 batch."""
+    "on", with evdm.compile's options), and step_for(batch) -> a function running one real training
+    step on a fixed uint8 batch."""
     import itertools
 
     import torch
@@ -87,7 +88,7 @@ def prepare(cfg, device):
 
     trainer = make_trainer(cfg, device)
     if cfg.train.compile == "on":
-        trainer.denoiser.compile()
+        trainer.denoiser.compile(**compile_options)
     counter = itertools.count()
 
     def step_for(batch: int):

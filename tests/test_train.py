@@ -78,10 +78,12 @@ def test_resume_that_restarts_the_stream_would_differ(tmp_path):
               "train.lr_schedule": '"constant"', "data.shuffle_buffer": 5}
     straight = train(load_tiny(shards, tmp_path / "a", **common))
     train(load_tiny(shards, tmp_path / "b", **{**common, "train.max_steps": 3}))
-    make = data.make_train_loader
-    restarted = lambda cfg, **kw: make(cfg, **{**kw, "start_batch": 0})  # noqa: E731
+    import evdm.train.loop as loop
+
+    make = loop.make_train_loader
+    restarted = lambda cfg, train_set, **kw: make(cfg, train_set, **{**kw, "start_batch": 0})  # noqa: E731
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(data, "make_train_loader", restarted)
+        m.setattr(loop, "make_train_loader", restarted)
         resumed = train(load_tiny(shards, tmp_path / "b", **common), resume=True)
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(resumed / "last.pt", weights_only=True)["model"]
