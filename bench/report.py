@@ -190,6 +190,27 @@ def sample_body(r: dict) -> list[str]:
     return md_table(["steps", "guidance", "batch", "forward batch", "s / call", "ms / model call", "clips/s"], rows)
 
 
+def compile_intro(r: dict) -> str:
+    return ("What torch.compile costs before the first training step on this CPU (Inductor's C++ backend): evdm's "
+            "own step compiled as a whole model (fullgraph, as before issue 18) and regionally (evdm.compile), with "
+            "an empty Inductor cache and again in a new process on the filled one (what a resumed run pays), and the "
+            "first step after a batch change. Each row is a fresh process; CPU seconds say nothing of a GPU's "
+            "compile (bench/gpu_check.py measures that), but the ratios show what regional compilation and the "
+            "cache change.")
+
+
+def compile_command(r: dict) -> str:
+    return f"python bench/compile_time.py --config {r['config']} --batch {r['batch']} --batch2 {r['batch2']}"
+
+
+def compile_body(r: dict) -> list[str]:
+    rows = [[x["row"], fmt(x.get("first_step_s"), ".1f"), fmt(x.get("step_ms"), ".0f"), fmt(x.get("batch_change_s"), ".1f"),
+             x["status"]] for x in r["rows"]]
+    ratios = "; ".join(f"{k}: {v:.2f}x" for k, v in r["ratios"].items() if v is not None)
+    return md_table(["row<", "first step s", "step ms", f"first step at batch {r['batch2']} s", "status<"], rows) + [
+        "", f"Ratios of the first steps: {ratios}."]
+
+
 def reliability_intro(r: dict) -> str:
     return ("What exact resume and shard verification cost. **Fast-forward**: a resumed run's loader replays "
             "the shard order, shuffle buffer and batching over clip references (tar headers, no pixel reads) up "
@@ -269,6 +290,7 @@ SECTIONS = {
                    "python bench/preprocess.py"),
     "train_step": ("Training step", train_step_intro, train_step_command, train_step_body, "python bench/train_step.py"),
     "sample": ("Sampling", sample_intro, sample_command, sample_body, "python bench/sample.py"),
+    "compile_time": ("Compile time (CPU)", compile_intro, compile_command, compile_body, "python bench/compile_time.py"),
     "reliability": ("Resume and shard verification", reliability_intro, reliability_command, reliability_body,
                     "python bench/reliability.py"),
 }
