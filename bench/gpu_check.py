@@ -26,10 +26,8 @@ attention at levels 1 2; the default recipe: x0 prediction, blend residual, cosi
    it), fed by the shard loader from synthetic shards: samples/s, data wait, MFU from metrics.jsonl.
 8. torchrun fed (NCCL): the same under `torchrun --standalone --nproc_per_node 1`: the process group
    and DistributedDataParallel over NCCL, as any larger run.
-9.-13. train fp32 (eager), sample bf16 (eager), sample bf16+cudagraphs (the whole network compiled
-   with mode="reduce-overhead": does a CUDA graph pay?), train bf16+compile at batch 32, and with
-   dynamic widths (evdm.compile: one graph per kind of block; is the cold compile shorter, the step
-   slower?).
+9.-12. train fp32 (eager), sample bf16 (eager), sample bf16+cudagraphs (the whole network compiled
+   with mode="reduce-overhead": does a CUDA graph pay?), train bf16+compile at batch 32.
 
 How it fits: each job runs in its own subprocess (bench/gpu_check_jobs.py) and process group, with its
 own timeout: an OOM, hang or crash costs that job's rows, not the run. Rows stream back per batch; the
@@ -96,7 +94,6 @@ def plan(smoke: bool) -> list[dict]:
         job("sample", "bf16", False, (64,)),
         job("sample", "bf16", True, (64,), name="sample bf16+cudagraphs", cudagraphs=True),
         job("train", "bf16", True, (32,), name="train bf16+compile (batch 32)"),
-        job("train", "bf16", True, (64,), name="train bf16+compile (dynamic widths)", dynamic_widths=True),
     ]
 
 

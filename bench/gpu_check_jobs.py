@@ -75,7 +75,7 @@ def run_train(job: dict, device, scale: str, deadline: float) -> None:
 
     cfg = model_config(job, scale)
     flops, peak = flops_per_sample(cfg), peak_tflops(device)
-    trainer, step_for = bench.prepare(cfg, device, **({"dynamic_widths": True} if job.get("dynamic_widths") else {}))
+    trainer, step_for = bench.prepare(cfg, device)
     base = dict(params=count_parameters(trainer.denoiser.net), flops_per_sample=flops)
     for batch in job["batches"]:
         if time.time() > deadline:

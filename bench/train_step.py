@@ -76,10 +76,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare(cfg, device, **compile_options):
+def prepare(cfg, device):
     """The trainer evdm.train builds for cfg (fresh weights, EMA, AdamW; compiled when train.compile is
-    "on", with evdm.compile's options), and step_for(batch) -> a function running one real training
-    step on a fixed uint8 batch."""
+    "on"), and step_for(batch) -> a function running one real training step on a fixed uint8 batch."""
     import itertools
 
     import torch
@@ -88,7 +87,7 @@ def prepare(cfg, device, **compile_options):
 
     trainer = make_trainer(cfg, device)
     if cfg.train.compile == "on":
-        trainer.denoiser.compile(**compile_options)
+        trainer.denoiser.compile()
     counter = itertools.count()
 
     def step_for(batch: int):

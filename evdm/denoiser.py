@@ -175,11 +175,11 @@ class Denoiser:
         out[:, : starts.shape[1]], out[:, out.shape[1] - ends.shape[1]:] = starts, ends  # exact by construction too
         return out
 
-    def compile(self, **options) -> None:
-        """Compile the network's repeated blocks in place (evdm.compile.compile_regions(net, **options))."""
+    def compile(self) -> None:
+        """Compile the network's repeated blocks in place (evdm.compile.compile_regions)."""
         from evdm.compile import compile_regions
 
-        compile_regions(self.net, **options)
+        compile_regions(self.net)
         self.compiled = True
 
     def train(self, mode: bool = True) -> Denoiser:
