@@ -94,7 +94,7 @@ def test_report_renders_gpu_check_and_marks_missing_results(smoke, tmp_path):
                  for v, ms in (("eager", 400.0), ("channels_last", 200.0))],
     }))
     text = report.render(tmp_path)
-    assert text.count("Not run yet") == 4  # loader, preprocess, sample, reliability
+    assert text.count("Not run yet") == 5  # loader, preprocess, sample, reliability, compile time
     assert "| config | variant | batch | params | step ms | samples/s | x eager |" in text
     assert "| smoke | channels_last | 8 | 0.00M | 200.0 | 40 | 2.00x |" in text
     assert "python bench/train_step.py --configs smoke --variants eager,channels_last --steps 2 --warmup 1" in text

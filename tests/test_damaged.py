@@ -242,7 +242,7 @@ def test_inspect_verify_names_each_changed_or_missing_shard(shard_dir, capsys):
 
 
 def test_verify_shards_skips_a_shard_whose_pixels_changed(shard_dir, pristine, capfd, monkeypatch):
-    from evdm import stream
+    from evdm.data import stream
 
     flip_pixels(shard_dir / BAD)
     good = {b for b, name in pristine[1].items() if name != BAD}
