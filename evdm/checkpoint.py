@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from evdm.atomic import atomic_write
-from evdm.config import ConfigError, RunConfig, from_dict, to_dict
+from evdm.config import ConfigError, RunConfig, from_dict, to_dict, with_stored_defaults
 
 FORMAT = 1
 
@@ -112,6 +112,6 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None
 
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
     try:
-        return from_dict(ckpt["config"], f"{path} (stored config)", drop_retired=True)
+        return from_dict(with_stored_defaults(ckpt["config"]), f"{path} (stored config)", drop_retired=True)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None

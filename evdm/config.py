@@ -51,6 +51,9 @@ class ModelConfig:
     # How the (1,3,3) / (3,1,1) convolutions run: "2d" per-frame Conv2d over channels-last views
     # (cuDNN's fast bf16 path), or "3d" Conv3d (the original form). Same weights and maths.
     spacetime: str = "2d"
+    # The endpoints fed to the stem as extra channels beside the noisy middle (models/unet3d.py):
+    # none | blend | context | both. A checkpoint stored without the key gets STORED_DEFAULTS' "none".
+    direct_input: str = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +137,7 @@ _CHOICES = {
     ("data", "color_mode"): ("rgb", "gray"),
     ("data", "loader"): ("webdataset", "dali"),
     ("model", "spacetime"): ("2d", "3d"),
+    ("model", "direct_input"): ("none", "blend", "context", "both"),
     ("diffusion", "schedule"): ("linear", "cosine"),
     ("diffusion", "prediction"): ("eps", "v", "x0"),
     ("diffusion", "residual"): ("none", "blend"),
@@ -162,6 +166,20 @@ RETYPED_KEYS = {
     ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),
     ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),
 }
+
+# Keys added after checkpoints were written, with the value that rebuilds those checkpoints' models.
+# A stored config (a checkpoint's) without the key gets this value, not the dataclass default: the
+# default is what new runs should use, this is what old runs did.
+STORED_DEFAULTS = {("model", "direct_input"): "none"}
+
+
+def with_stored_defaults(raw: dict) -> dict:
+    """A checkpoint's stored config dict with every missing STORED_DEFAULTS key filled in (a copy)."""
+    out = {name: dict(section) if isinstance(section, dict) else section for name, section in raw.items()}
+    for (section, key), value in STORED_DEFAULTS.items():
+        if isinstance(out.setdefault(section, {}), dict):
+            out[section].setdefault(key, value)
+    return out
 
 
 # Valid ranges, checked at load time: "> 0", ">= 1", "[0, 1)" (interval notation) ... Tuples are checked

@@ -26,7 +26,7 @@ def build_model(cfg: RunConfig) -> VideoUNet3D:
         channels=cfg.channels, T=d.T, K=cfg.context, base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,
         temporal_attn_levels=tuple(m.temporal_attn_levels), attn_head_channels=m.attn_head_channels,
-        dropout=m.dropout, spacetime=m.spacetime,
+        dropout=m.dropout, spacetime=m.spacetime, direct_input=m.direct_input,
     )
 
 
