@@ -66,6 +66,14 @@ def parse_changes(texts: list[str]) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+def split_axes(changes: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """--set changes -> (those of an AXES key, as recipe values; the others): a change of the schedule
+    is a recipe of the grid, named and tabulated as one."""
+    axes = {key.removeprefix("diffusion."): value.strip('"') for key, value in changes.items()
+            if key.removeprefix("diffusion.") in AXES and key.startswith("diffusion.")}
+    return axes, {key: value for key, value in changes.items() if key.removeprefix("diffusion.") not in axes}
+
+
 def run_recipe(out: Path, shards: Path, recipe: dict[str, str], eval_clips: int, max_steps: int,
                changes: dict[str, str] | None = None, guidance: tuple[float, ...] = GUIDANCE) -> dict:
     """Train one recipe (with the --set `changes`) unless trained, and evaluate it at each guidance not
@@ -144,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a change outside the axes, on every recipe (value as TOML)")
     args = parser.parse_args(argv)
-    changes = parse_changes(args.changes)
+    axis_changes, changes = split_axes(parse_changes(args.changes))
     if args.guidance[0] != 1.0:
         parser.error("--guidance: the first scale must be 1.0 (the table's margins are at guidance 1.0)")
     load_before = os.getloadavg()[0]
     cfg = load_config(demo.CONFIG)
     d, max_steps = cfg.diffusion, args.max_steps or cfg.train.max_steps
-    todo = recipes(args.grid, {"prediction": d.prediction, "residual": d.residual, "schedule": d.schedule})
+    todo = recipes(args.grid, {"prediction": d.prediction, "residual": d.residual, "schedule": d.schedule} | axis_changes)
     results = {}
     for motion in args.motions:
         shards = demo.make_shards(args.out / motion, motion, args.seed)

@@ -138,6 +138,7 @@ def test_recipe_grids():
     changes = recipes.parse_changes(['model.direct_input="blend"', "sample.eta=0.5"])
     assert changes == {"model.direct_input": '"blend"', "sample.eta": "0.5"}
     assert recipes.name_of(base, changes) == "x0-blend-cosine-direct_input=blend-eta=0.5"
+    assert recipes.split_axes({"diffusion.schedule": '"linear"', **changes}) == ({"schedule": "linear"}, changes)
     with pytest.raises(SystemExit, match="section.key=value"):
         recipes.parse_changes(["eta"])
 
