@@ -132,9 +132,10 @@ def table(records: list[dict]) -> str:
 
 
 def finished_runs(folder: Path) -> list[dict]:
-    """The record of every finished run under `folder`, oldest first: this invocation's and earlier
+    """The record of every finished run under `folder`, in the order they finished training (their
+    checkpoints' times; a record is rewritten by each later evaluation): this invocation's and earlier
     ones' (other --set changes), so the table holds the whole one-at-a-time study."""
-    paths = sorted(folder.glob("*/record.json"), key=lambda p: p.stat().st_mtime)
+    paths = sorted(folder.glob("*/record.json"), key=lambda p: (p.parent / "run" / "last.pt").stat().st_mtime)
     return [json.loads(p.read_text()) for p in paths]
 
 

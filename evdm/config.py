@@ -52,8 +52,9 @@ class ModelConfig:
     # (cuDNN's fast bf16 path), or "3d" Conv3d (the original form). Same weights and maths.
     spacetime: str = "2d"
     # The endpoints fed to the stem as extra channels beside the noisy middle (models/unet3d.py):
-    # none | blend | context | both. A checkpoint stored without the key gets STORED_DEFAULTS' "none".
-    direct_input: str = "none"
+    # none | blend | context | both ("both" won docs/RECIPES.md's issue-20 study). A checkpoint stored
+    # without the key was a "none" model and is rebuilt as one (STORED_DEFAULTS).
+    direct_input: str = "both"
 
 
 @dataclass(frozen=True, kw_only=True)

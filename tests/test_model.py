@@ -220,7 +220,10 @@ def test_no_sdpa_call_exceeds_the_cuda_batch_limit(monkeypatch):
 
 def test_reference_parameter_count():
     model = build_model(RunConfig())  # 64 px, T 8, K 2, base 96, mults 1 2 4, res 2, attention at 1 2
-    assert count_parameters(model) == 50_950_371
+    assert count_parameters(model) == 50_963_331
+    # direct_input "both": 15 more stem input channels (the blend and 4 context frames, RGB) x 96 x 3 x 3
+    old = build_model(RunConfig(model=ModelConfig(direct_input="none")))
+    assert count_parameters(old) == 50_950_371 == 50_963_331 - 15 * 96 * 9
 
 
 def test_dropout_config_is_used():
