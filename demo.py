@@ -31,12 +31,14 @@ CONFIG = "configs/demo.toml"
 
 
 def stage(title: str, run, args: list[str]) -> None:
+    """Run one stage's entry point; prints its wall time and this process's CPU time (all its threads:
+    on a shared machine the CPU seconds say what the stage costs, the wall seconds what the load made of it)."""
     print(f"\n=== {title}: {' '.join(args)}", flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rc = run(args)
     if rc:
         sys.exit(f"demo: stage '{title}' failed (exit {rc})")
-    print(f"=== {title}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"=== {title}: done in {time.perf_counter() - start:.0f} s (CPU {time.process_time() - cpu:.0f} s)", flush=True)
 
 
 def make_shards(out: Path, motion: str = "glide", seed: int = 0) -> Path:
@@ -98,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     stage("sample", sample.main, ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num",
                                   str(SAMPLE_CLIPS), "--out_dir", str(samples)])
 
-    psnr_base, ssim_base = s["best_baseline_psnr"], s["best_baseline_ssim"]
+    psnr_base, ssim_base, d = s["best_baseline_psnr"], s["best_baseline_ssim"], s["sampled"]
     print(f"\nevdm demo ({args.motion}) finished in {time.perf_counter() - begin:.0f} s. On {result['clips']} val clips, "
-          f"{s['model']}: {s['model_psnr']:.2f} dB PSNR, SSIM {s['model_ssim']:.4f}; the best baselines: "
-          f"{psnr_base['psnr']:.2f} dB ({psnr_base['method']}), SSIM {ssim_base['ssim']:.4f} ({ssim_base['method']}); "
-          f"margin {s['model_minus_best_baseline_db']:+.2f} dB, {s['model_minus_best_baseline_ssim']:+.4f} SSIM.")
+          f"the best baselines: {psnr_base['psnr']:.2f} dB ({psnr_base['method']}), SSIM {ssim_base['ssim']:.4f} "
+          f"({ssim_base['method']}). The samples ({d['model']}): {d['psnr']:.2f} dB, SSIM {d['ssim']:.4f}, margin "
+          f"{d['model_minus_best_baseline_db']:+.2f} dB, {d['model_minus_best_baseline_ssim']:+.4f} SSIM, "
+          f"{d['hf_ratio']:.2f} of the truth's high-frequency energy; the posterior mean ({s['model']}): "
+          f"{s['model_psnr']:.2f} dB, SSIM {s['model_ssim']:.4f}, margin {s['model_minus_best_baseline_db']:+.2f} dB, "
+          f"{s['model_minus_best_baseline_ssim']:+.4f} SSIM, {s['model_hf_ratio']:.2f} of the high-frequency energy.")
     print(f"  checkpoint      {ckpt}\n  training logs   {out / 'run'}/metrics.jsonl, {out / 'run'}/loss.png\n"
           f"  previews        {out / 'run'}/previews/\n  evaluation      {eval_json}\n"
           f"  samples         {samples}/ (*.mp4, *.png strips, *_compare.png, grid_*.gif)")

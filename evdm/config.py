@@ -101,14 +101,18 @@ class ModelConfig:
     temporal_attn_levels: tuple[int, ...] = (1, 2)  # indices into channel_mults; bottleneck always
     attn_head_channels: int = ranged(32, AT_LEAST_1)
     dropout: float = ranged(0.0, FRACTION)
+    # The endpoints fed to the stem as extra channels beside the noisy middle (models/unet3d.py):
+    # "both" won docs/RECIPES.md's issue-20 study. A checkpoint stored without the key was a "none"
+    # model and is rebuilt as one (evdm.legacy.ADDED).
+    direct_input: Literal["none", "blend", "context", "both"] = "both"
 
 
-# The defaults are the recipe docs/RECIPES.md measured best (x0 prediction, blend residual, cosine
-# schedule, guidance 1.0); configs/*.toml spell them out.
+# The defaults are the recipe docs/RECIPES.md measured best (x0 prediction, blend residual, linear
+# schedule with model.direct_input "both", guidance 1.0); configs/*.toml spell them out.
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
     timesteps: int = ranged(1000, AT_LEAST_1)
-    schedule: Literal["linear", "cosine"] = "cosine"
+    schedule: Literal["linear", "cosine"] = "linear"
     prediction: Literal["eps", "v", "x0"] = "x0"
     residual: Literal["none", "blend"] = "blend"  # blend: diffuse middle - linear blend of the endpoints
     temporal_loss_weight: float = ranged(0.05, NON_NEGATIVE)
@@ -188,7 +192,6 @@ class RunConfig:
 
 SECTIONS = ("data", "model", "diffusion", "train", "sample")
 CONTEXT_SPELLINGS = (("data", "context"), ("data", "endpoint_context"))
-
 
 def check_ranges(section: str, values: Any) -> None:
     """ConfigError naming `section.key` and its range for the first value outside its field's Range."""

@@ -4,12 +4,17 @@
         [--steps 10 40] [--best_of 4] [--json eval.json]
 
 Rows, all on the same clips: copy the nearest context frame; linear blend of the last start and
-first end frame; the model with DDIM at each --steps; optionally the best of N model samples per
+first end frame; the model with DDIM at each --steps and at the checkpoint's sample.steps (what
+sample.py draws); optionally the best of N model samples per
 clip (chosen by mean PSNR over the middle; its SSIM/LPIPS are those of that sample: MCVD's protocol,
 Voleti et al. 2022). Metrics are computed on the generated middle frames only, in [0, 1] (float,
 before rounding to uint8), per middle position and averaged over clips and positions (the mean of
-per-frame PSNRs). The JSON states this protocol and carries a `comparable_row` to set beside a
-published one; --examples draws the worst and the best clip by PSNR.
+per-frame PSNRs). Every row also gets `hf_ratio`, its high-frequency (Laplacian) energy over the
+truth's, per frame (evdm.metrics.hf_ratio): 1 is as sharp as the truth, below 1 blurred. PSNR and
+SSIM reward the blurred posterior mean that one DDIM step draws; this one does not. The summary gives
+the margins of the main row and of the sampled (sample.steps) row. The JSON states this protocol and
+carries a `comparable_row` to set beside a published one; --examples draws the worst and the best
+clip by PSNR.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from evdm import visualize
 from evdm.cli import add_speed_flags
 from evdm.config import Context, with_sample
 from evdm.denoiser import Denoiser, load_denoiser, resolve_device, to_uint8
-from evdm.metrics import BASELINES, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
+from evdm.metrics import BASELINES, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.sample_io import batched, iter_shard_clips, progress_bar
 from evdm.seeds import mix_seed
 
@@ -67,7 +72,8 @@ def _record(acc: dict, name: str, per_frame: dict[str, torch.Tensor]) -> None:
 
 def _frame_metrics(pred: torch.Tensor, truth: torch.Tensor, lpips_fn) -> dict[str, torch.Tensor]:
     """pred, truth: [B, C, M, H, W] in [0, 1] -> {metric: [B, M]}."""
-    out = {"psnr": middle_frames_metric(psnr, pred, truth), "ssim": middle_frames_metric(ssim, pred, truth)}
+    out = {"psnr": middle_frames_metric(psnr, pred, truth), "ssim": middle_frames_metric(ssim, pred, truth),
+           "hf_ratio": middle_frames_metric(hf_ratio, pred, truth)}
     if lpips_fn is not None:
         out["lpips"] = middle_frames_metric(lpips_fn, pred, truth)
     return out
@@ -100,22 +106,25 @@ def evaluate(
     precision: str | None = None, compile: str | None = None, examples: str | Path | None = None,
     main_steps: int | None = None,
 ) -> dict:
-    """Metrics of the baselines and the model (DDIM at each of steps_list) on the first `num` shard clips.
+    """Metrics of the baselines and the model (DDIM at each of steps_list and at the checkpoint's
+    sample.steps) on the first `num` shard clips.
 
     guidance_scale None: the checkpoint's sample.guidance_scale. main_steps (default max(steps_list);
     added to it if missing) is the step count of the main row: the summary, the best-of-N row (best_of
     > 1), the examples and the comparable row; it is scored last, so it is the table's last model row.
     precision / compile: None for the checkpoint's sample.precision / sample.compile.
     examples: write a PNG of the worst and the best clip by the main row's PSNR (see `write_examples`).
-    Returns a JSON-ready dict; result["summary"] compares the model's main row with the linear blend
-    and with the best baseline on each metric, result["protocol"] says how the numbers were made and
+    Returns a JSON-ready dict; result["summary"] compares the model's main row (and, under "sampled",
+    its sample.steps row) with the linear blend and with the best baseline on each metric,
+    result["protocol"] says how the numbers were made and
     result["comparable_row"] is the main row in the shape of a published one.
     """
     dev = resolve_device(device)
     denoiser, cfg = load_denoiser(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
     cfg = with_sample(cfg, sampler="ddim", guidance_scale=guidance_scale)
     main_steps = max(steps_list) if main_steps is None else main_steps
-    steps_list = sorted(set(steps_list) - {main_steps}) + [main_steps]  # the main row last
+    # The sampled row (what sample.py draws) is always scored; the main row last.
+    steps_list = sorted((set(steps_list) | {cfg.sample.steps}) - {main_steps}) + [main_steps]
     lpips_fn, lpips_status = load_lpips(dev)
     acc: dict = {}
     extremes = Extremes()
@@ -220,24 +229,44 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": cfg.data.size,
                            "samples_per_clip": best_of, "clips": clips,
                            **{m: headline[m] for m in ("psnr", "ssim", "lpips") if m in headline}},
-        "summary": summary(by_name, main_row),
+        "summary": summary(by_name, main_row, f"model ddim-{sc.steps}"),
     }
 
 
-def summary(by_name: dict[str, dict], main_row: str) -> dict:
+def summary(by_name: dict[str, dict], main_row: str, sampled_row: str) -> dict:
     """The model's main row against the linear blend and against the best baseline on each metric
-    (PSNR and SSIM may be won by different baselines; the margin is over the stronger one each time)."""
+    (PSNR and SSIM may be won by different baselines; the margin is over the stronger one each time);
+    under "sampled" the same margins of `sampled_row` (sample.steps: what users look at), which may be
+    the main row itself. hf_ratio: each row's high-frequency energy over the truth's (1 = as sharp)."""
     model, blend = by_name[main_row], by_name[LINEAR_BLEND]
     best = {m: max((by_name[name] for name in BASELINES), key=lambda r: r[m]) for m in ("psnr", "ssim")}
+
+    def margins(row: dict) -> dict:
+        return {"model_minus_best_baseline_db": round(row["psnr"] - best["psnr"]["psnr"], 4),
+                "model_minus_best_baseline_ssim": round(row["ssim"] - best["ssim"]["ssim"], 4)}
+
+    sampled = by_name[sampled_row]
     return {
         "model": main_row, "model_psnr": model["psnr"], "model_ssim": model["ssim"],
-        "linear_blend_psnr": blend["psnr"],
+        "model_hf_ratio": model["hf_ratio"], "linear_blend_psnr": blend["psnr"],
         "model_minus_linear_blend_db": round(model["psnr"] - blend["psnr"], 4),
         "best_baseline_psnr": {"method": best["psnr"]["method"], "psnr": best["psnr"]["psnr"]},
         "best_baseline_ssim": {"method": best["ssim"]["method"], "ssim": best["ssim"]["ssim"]},
-        "model_minus_best_baseline_db": round(model["psnr"] - best["psnr"]["psnr"], 4),
-        "model_minus_best_baseline_ssim": round(model["ssim"] - best["ssim"]["ssim"], 4),
+        **margins(model),
+        "sampled": {"model": sampled_row, "psnr": sampled["psnr"], "ssim": sampled["ssim"],
+                    "hf_ratio": sampled["hf_ratio"], **margins(sampled)},
     }
+
+
+def margins_line(s: dict) -> str:
+    """One line: the main and the sampled row's margins over the best baselines, and their HF ratios."""
+    rows = [(s["model"], s["model_minus_best_baseline_db"], s["model_minus_best_baseline_ssim"], s["model_hf_ratio"])]
+    if s["sampled"]["model"] != s["model"]:
+        d = s["sampled"]
+        rows.append((d["model"], d["model_minus_best_baseline_db"], d["model_minus_best_baseline_ssim"], d["hf_ratio"]))
+    return (f"margin over the best baselines ({s['best_baseline_psnr']['method']} on PSNR, "
+            f"{s['best_baseline_ssim']['method']} on SSIM): "
+            + "; ".join(f"{name} {db:+.2f} dB, {dssim:+.4f} SSIM (HF ratio {hf:.2f})" for name, db, dssim, hf in rows))
 
 
 def print_table(result: dict) -> None:
@@ -246,17 +275,20 @@ def print_table(result: dict) -> None:
 
     table = Table(title=f"{result['checkpoint']}: {result['clips']} clips, middle frames {result['M']}, "
                         f"guidance {result['guidance_scale']}; LPIPS {result['lpips']}")
-    for col in ("method", "PSNR dB", "SSIM", "LPIPS", "PSNR per position", "SSIM per position"):
+    for col in ("method", "PSNR dB", "SSIM", "HF ratio", "LPIPS", "PSNR per position", "SSIM per position",
+                "HF ratio per position"):
         table.add_column(col, justify="left" if col == "method" or "position" in col else "right")
     best_psnr = max(r["psnr"] for r in result["rows"])
     for r in result["rows"]:
         mark = "bold green" if r["psnr"] == best_psnr else ""
         table.add_row(r["method"], f"[{mark}]{r['psnr']:.2f}[/]" if mark else f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
-                      f"{r['lpips']:.4f}" if "lpips" in r else "-",
+                      f"{r['hf_ratio']:.2f}", f"{r['lpips']:.4f}" if "lpips" in r else "-",
                       " ".join(f"{v:.2f}" for v in r["psnr_per_position"]),
-                      " ".join(f"{v:.3f}" for v in r["ssim_per_position"]))
-    console = Console(width=200)
+                      " ".join(f"{v:.3f}" for v in r["ssim_per_position"]),
+                      " ".join(f"{v:.2f}" for v in r["hf_ratio_per_position"]))
+    console = Console(width=220)
     console.print(table)
+    console.print(margins_line(result["summary"]), highlight=False, soft_wrap=True)
     console.print("protocol: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in result["protocol"].items()),
                   highlight=False, soft_wrap=True)
 

@@ -23,6 +23,9 @@ RETYPED = {
     ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),
     ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),
 }
+# Keys added after checkpoints were written, with the value that rebuilds those checkpoints' models: a
+# stored config without the key gets this, not the dataclass default (what new runs should use).
+ADDED = {("model", "direct_input"): "none"}
 # The context counts were three keys: endpoint_context (both ends) and context_start / context_end
 # (0 meaning "endpoint_context"). Now one key, data.context = [start, end]; endpoint_context = K stays
 # as the shorthand for [K, K].
@@ -45,6 +48,8 @@ def translate(section: str, values: dict, *, stored: bool) -> dict:
                 raise ValueError(f"{section}.{key} is now one of {spelled}, not a bool; {value!r} was {old_to_new[value]!r}")
             value = old_to_new[value]
         out[key] = value
+    if stored:
+        out.update({key: value for (sec, key), value in ADDED.items() if sec == section and key not in out})
     return _context(out, stored) if section == "data" else out
 
 

@@ -2,6 +2,8 @@
 
 Range convention: metric inputs are float frames in [0, 1] (`to_unit` maps the model's [-1, 1]).
 PSNR and SSIM then equal the usual definitions with data range 1 (e.g. skimage's data_range=1).
+`hf_ratio` is the blur-blind one: PSNR and SSIM reward a blurred average of the plausible middles
+(the posterior mean), while a blurred frame holds less high-frequency energy than the truth.
 Baselines take a clip's start and end frames and return its predicted middle [B, C, M, H, W].
 """
 
@@ -72,6 +74,33 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     per_channel = ssim_map.mean(dim=(-3, -2, -1)).view(*lead, C)
     return per_channel.mean(dim=-1).float()
+
+
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # the 5-point discrete Laplacian
+HF_FLOOR = 1e-6  # a frame with (almost) no edges: its energy floored so the ratio stays finite
+
+
+def hf_energy(x: torch.Tensor) -> torch.Tensor:
+    """High-frequency energy per frame: the mean squared 5-point Laplacian over the interior pixels
+    and the channels. x [..., C, H, W] in [0, 1] -> [...]. Blurring lowers it; shifting a frame by
+    whole pixels keeps it (up to what crosses the border)."""
+    *lead, C, H, W = x.shape
+    kernel = torch.tensor(LAPLACIAN, dtype=torch.float64, device=x.device).view(1, 1, 3, 3)
+    lap = F.conv2d(x.reshape(-1, 1, H, W).double(), kernel)
+    return lap.pow(2).mean(dim=(-3, -2, -1)).view(*lead, C).mean(dim=-1).float()
+
+
+def hf_ratio(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x's high-frequency energy over y's (the truth's), per frame: x, y [..., C, H, W] in [0, 1] -> [...].
+
+    1 when x is as sharp as the truth, below 1 when blurred (an average of plausible frames, a
+    cross-fade's edges at partial contrast), above 1 when noisier. It does not reward blur as PSNR
+    does: a sharp frame shifted by a pixel scores about 1 here and poorly on PSNR. It says nothing
+    about where things are (a copied context frame scores about 1), so it is read beside PSNR.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"hf_ratio: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    return hf_energy(x) / hf_energy(y).clamp(min=HF_FLOOR)
 
 
 def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,8 @@ def _load_recipes():
 
 
 def test_recipe_grids():
-    """One-at-a-time: the base, then every single change from it; full: every combination, once."""
+    """One-at-a-time: the base, then every single change from it; full: every combination, once; base:
+    the base alone. --set changes name the run folder too."""
     recipes = _load_recipes()
     base = {"prediction": "x0", "residual": "blend", "schedule": "cosine"}
     oat = recipes.recipes("one-at-a-time", base)
@@ -138,30 +139,46 @@ def test_recipe_grids():
     assert len({recipes.name_of(r) for r in oat}) == len(oat)
     full = recipes.recipes("full", base)
     assert len(full) == 12 and len({recipes.name_of(r) for r in full}) == 12 and base in full
+    assert recipes.recipes("base", base) == [base]
+    changes = recipes.parse_changes(['model.direct_input="blend"', "sample.eta=0.5"])
+    assert changes == {"model.direct_input": '"blend"', "sample.eta": "0.5"}
+    assert recipes.name_of(base, changes) == "x0-blend-cosine-direct_input=blend-eta=0.5"
+    assert recipes.split_axes({"diffusion.schedule": '"linear"', **changes}) == ({"schedule": "linear"}, changes)
+    with pytest.raises(SystemExit, match="section.key=value"):
+        recipes.parse_changes(["eta"])
 
 
 def test_recipe_table_reads_each_recipe_row_and_guidance():
     """The markdown table of one motion: the best baselines, a header, then one row per recipe whose
-    cells are that recipe's numbers for each model row and guidance, and its margin."""
+    cells are that recipe's numbers (PSNR / SSIM / HF ratio) for each row and guidance, and the margins
+    of the summary row and of the sampled row."""
     recipes = _load_recipes()
 
-    def record(recipe, psnr):
+    def record(recipe, psnr, changes):
         def at(g):
-            return {"summary": {"model": "model ddim-1", "best_baseline_psnr": {"method": "linear blend", "psnr": 30.0},
-                                "best_baseline_ssim": {"method": "copy nearest context", "ssim": 0.85},
-                                "model_minus_best_baseline_db": psnr + g - 30.0, "model_minus_best_baseline_ssim": 0.05},
-                    "rows": {"linear blend": [30.0, 0.8], "model ddim-10": [psnr - 1 + g, 0.89], "model ddim-1": [psnr + g, 0.9]}}
-        return {"recipe": recipe, "guidance": {"1.0": at(0.0), "1.8": at(0.5)}}
+            best = {"best_baseline_psnr": {"method": "linear blend", "psnr": 30.0},
+                    "best_baseline_ssim": {"method": "copy nearest context", "ssim": 0.85}}
+            return {"summary": {"model": "model ddim-1", **best, "model_minus_best_baseline_db": psnr + g - 30.0,
+                                "model_minus_best_baseline_ssim": 0.05,
+                                "sampled": {"model": "model ddim-10", "model_minus_best_baseline_db": psnr + g - 31.0,
+                                            "model_minus_best_baseline_ssim": 0.04}},
+                    "rows": {"linear blend": [30.0, 0.8, 0.6], "model ddim-10": [psnr - 1 + g, 0.89, 0.95],
+                             "model ddim-1": [psnr + g, 0.9, 0.7]}}
+        return {"recipe": recipe, "changes": changes, "guidance": {"1.0": at(0.0), "1.8": at(0.5)}}
 
     grid = recipes.recipes("one-at-a-time", {"prediction": "x0", "residual": "blend", "schedule": "cosine"})
-    text = recipes.table([record(r, 31.0 + i) for i, r in enumerate(grid)])
+    records = [record(r, 31.0 + i, {}) for i, r in enumerate(grid)]
+    records.append(record(grid[0], 40.0, {"model.direct_input": '"blend"'}))
+    text = recipes.table(records)
     best, _, *lines = text.splitlines()
     assert best == "best baseline: 30.00 dB (linear blend), SSIM 0.8500 (copy nearest context)"
-    assert len(lines) == 2 + len(grid)
-    assert lines[0] == ("| prediction | residual | schedule | ddim-10 g1.0 | ddim-1 g1.0 | ddim-10 g1.8 | ddim-1 g1.8 "
-                        "| margin (model ddim-1 g1.0) |")
+    assert len(lines) == 2 + len(records)
+    assert lines[0] == ("| prediction | residual | schedule | changes | linear blend | ddim-10 g1.0 | ddim-1 g1.0 "
+                        "| ddim-10 g1.8 | ddim-1 g1.8 | margin (model ddim-1 g1.0) | margin (model ddim-10 g1.0) |")
     i = grid.index({"prediction": "eps", "residual": "blend", "schedule": "cosine"})
     eps_row = next(line for line in lines if line.startswith("| eps | blend | cosine |"))
     cells = [c.strip() for c in eps_row.strip("|").split("|")]
-    assert cells[3:] == [f"{30.0 + i:.2f} / 0.8900", f"{31.0 + i:.2f} / 0.9000", f"{30.5 + i:.2f} / 0.8900",
-                         f"{31.5 + i:.2f} / 0.9000", f"{1.0 + i:+.2f} dB / +0.0500"]
+    assert cells[3:] == ["-", "30.00 / 0.8000 / 0.60", f"{30.0 + i:.2f} / 0.8900 / 0.95", f"{31.0 + i:.2f} / 0.9000 / 0.70",
+                         f"{30.5 + i:.2f} / 0.8900 / 0.95", f"{31.5 + i:.2f} / 0.9000 / 0.70",
+                         f"{1.0 + i:+.2f} dB / +0.0500", f"{i:+.2f} dB / +0.0400"]
+    assert lines[-1].startswith('| x0 | blend | cosine | model.direct_input="blend" | 30.00 / 0.8000 / 0.60 | 39.00')

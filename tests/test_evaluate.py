@@ -41,11 +41,13 @@ def test_evaluate_end_to_end_writes_every_row(setup, tmp_path):
         assert len(r["psnr_per_position"]) == T - 2 * K and len(r["ssim_per_position"]) == T - 2 * K
         assert 0 < r["psnr"] <= 100 and -1 <= r["ssim"] <= 1
         assert r["psnr"] == pytest.approx(np.mean(r["psnr_per_position"]), abs=1e-3)
+        assert len(r["hf_ratio_per_position"]) == T - 2 * K and r["hf_ratio"] > 0
     rows = {r["method"]: r for r in result["rows"]}
     # candidate 0 of best-of-N is the single-sample row's own draw, so it can only be better
     assert rows["model ddim-3 best-of-2"]["psnr"] >= rows["model ddim-3"]["psnr"]
     s = result["summary"]
     assert s["model"] == "model ddim-3" and s["linear_blend_psnr"] == rows["linear blend"]["psnr"]
+    assert s["sampled"]["model"] == "model ddim-3" and s["sampled"]["psnr"] == s["model_psnr"]
     assert s["model_minus_linear_blend_db"] == pytest.approx(s["model_psnr"] - s["linear_blend_psnr"], abs=1e-3)
     # The margin that counts is over the stronger baseline on each metric, whichever that is.
     for metric, key in (("psnr", "model_minus_best_baseline_db"), ("ssim", "model_minus_best_baseline_ssim")):
@@ -99,6 +101,17 @@ def test_main_steps_picks_the_summary_row(setup):
     assert main1["main_steps"] == 1 and main1["comparable_row"]["method"] == "evdm model ddim-1 best-of-2"
     row = {r["method"]: r for r in plain["rows"]}["model ddim-1"]
     assert main1["summary"]["model_psnr"] == row["psnr"] and main1["summary"]["model_ssim"] == row["ssim"]
+    # Beside it, the summary gives the row users see: sample.steps (3 in the tiny config), scored even
+    # when not asked for, with its own margins over the same best baselines.
+    rows = {r["method"]: r for r in main1["rows"]}
+    sampled, s = main1["summary"]["sampled"], main1["summary"]
+    assert sampled["model"] == "model ddim-3" and sampled["psnr"] == rows["model ddim-3"]["psnr"]
+    assert sampled["hf_ratio"] == rows["model ddim-3"]["hf_ratio"] and s["model_hf_ratio"] == rows["model ddim-1"]["hf_ratio"]
+    assert sampled["model_minus_best_baseline_db"] == pytest.approx(
+        sampled["psnr"] - s["best_baseline_psnr"]["psnr"], abs=1e-3)
+    only1 = ev.evaluate(ckpt, shards, steps_list=[1], **kw)
+    assert [r["method"] for r in only1["rows"]][2:] == ["model ddim-3", "model ddim-1"]
+    assert "model ddim-1" in ev.margins_line(s) and "model ddim-3" in ev.margins_line(s)
     assert "DDIM 1 steps" in main1["protocol"]["sampler"]
 
 

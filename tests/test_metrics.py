@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
+from conftest import moving_square
 from evdm.config import Context
 
 from evdm.metrics import (
-    PSNR_CAP_DB, copy_nearest, linear_blend, middle_frames_metric, psnr, ssim, to_unit,
+    PSNR_CAP_DB, copy_nearest, hf_energy, hf_ratio, linear_blend, middle_frames_metric, psnr, ssim, to_unit,
     u8_to_unit,
 )
 
@@ -127,3 +128,35 @@ def test_ssim_matches_a_brute_force_window_loop():
             values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
     got = ssim(torch.tensor(x)[None, None], torch.tensor(y)[None, None]).item()
     assert got == pytest.approx(float(np.mean(values)), abs=1e-6)
+
+
+def square_middles(n=6, T=8, K=2, size=32):
+    """The middles of n moving-square clips (conftest.moving_square): [n, 3, T - 2K, size, size] in [0, 1]."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    clips = torch.from_numpy(np.stack([moving_square(rng, T, size) for _ in range(n)])).permute(0, 4, 1, 2, 3)
+    return u8_to_unit(clips)[:, :, K : T - K]
+
+
+def test_hf_ratio_marks_the_blurred_posterior_mean_that_psnr_rewards():
+    """Where the square is unsure by a pixel, the posterior mean averages its possible places (a blur) and
+    a good sample draws one of them (sharp, one pixel off). PSNR prefers the mean; hf_ratio does not."""
+    truth = square_middles()
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    posterior_mean = torch.stack([truth.roll(s, dims=(-2, -1)) for s in shifts]).mean(dim=0)
+    sample = truth.roll((0, 1), dims=(-2, -1))
+    assert middle_frames_metric(psnr, posterior_mean, truth).mean() > middle_frames_metric(psnr, sample, truth).mean() + 1
+    blurred, sharp = (middle_frames_metric(hf_ratio, x, truth) for x in (posterior_mean, sample))
+    assert blurred.shape == (6, 4) and blurred.max() < 0.5
+    assert sharp.sub(1).abs().max() < 0.05 and middle_frames_metric(hf_ratio, truth, truth).eq(1).all()
+
+
+def test_hf_energy_is_the_mean_squared_laplacian():
+    x = torch.zeros(1, 5, 5)
+    x[0, 2, 2] = 1.0  # interior Laplacians: -4 at the centre, 1 at its 4 neighbours, 0 at the other 4
+    assert hf_energy(x).item() == pytest.approx((16 + 4) / 9)
+    flat = torch.full((2, 3, 8, 8), 0.5)
+    assert hf_energy(flat).tolist() == [0.0, 0.0] and hf_ratio(flat, flat).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="shapes differ"):
+        hf_ratio(flat, flat[..., :4])

@@ -95,8 +95,9 @@ def test_endpoint_encoder_is_shared():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_both_endpoints_and_cond_drop_reach_the_output_per_sample():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("direct_input", ["none", "both"])
+def test_both_endpoints_and_cond_drop_reach_the_output_per_sample(direct_input):
+    cfg = tiny_cfg(direct_input=direct_input)
     model = randomize(build_model(cfg)).eval()
     x_t, t, start, end, _ = inputs(cfg)
     keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
@@ -238,7 +239,10 @@ def test_norms_equal_torch_and_their_compiled_forms_keep_dtype_and_layout(layout
 
 def test_reference_parameter_count():
     model = build_model(RunConfig())  # 64 px, T 8, K 2, base 96, mults 1 2 4, res 2, attention at 1 2
-    assert count_parameters(model) == 50_950_371
+    assert count_parameters(model) == 50_963_331
+    # direct_input "both": 15 more stem input channels (the blend and 4 context frames, RGB) x 96 x 3 x 3
+    old = build_model(RunConfig(model=ModelConfig(direct_input="none")))
+    assert count_parameters(old) == 50_950_371 == 50_963_331 - 15 * 96 * 9
 
 
 def test_dropout_config_is_used():
@@ -272,3 +276,52 @@ def test_tiny_model_compiles_regionally_with_inductor(tmp_path, monkeypatch):
             graphs.append(counters["stats"]["unique_graphs"])
     assert counters["inductor"]["fuse_attention"] == 0
     assert 0 < graphs[0] == graphs[1]  # batch 3 reused batch 2's graphs (dynamic shapes)
+
+
+
+@pytest.mark.parametrize("direct_input,extra", [("none", 0), ("blend", 3), ("context", 12), ("both", 15)])
+def test_direct_input_hands_the_endpoints_to_the_stem(direct_input, extra):
+    """The stem sees x_t plus `extra` channels: the blend the residual uses, and/or every context frame
+    beside every middle frame; none of them in guidance's null branch. Only the stem grows."""
+    from evdm.diffusion.residual import linear_blend
+
+    cfg = tiny_cfg(direct_input=direct_input)
+    model = build_model(cfg)
+    grown = count_parameters(model) - count_parameters(build_model(tiny_cfg(direct_input="none")))
+    assert grown == extra * TINY["base_channels"] * 3 * 3
+    x_t, t, start, end, keep = inputs(cfg)
+    stem_in = model._stem_input(x_t, start, end, keep)
+    assert stem_in.shape == (2, 3 + extra, 4, 16, 16) and torch.equal(stem_in[:, :3], x_t)
+    if direct_input in ("blend", "both"):
+        assert torch.allclose(stem_in[:, 3:6], linear_blend(start, end, 4), atol=1e-6)
+    if direct_input in ("context", "both"):
+        frames = torch.cat([start, end], dim=2)  # [B, 3, 4, H, W] -> channels c * 4 + k
+        for m in range(4):
+            assert torch.equal(stem_in[:, -12:, m].reshape(2, 3, 4, 16, 16), frames)
+    assert not model._stem_input(x_t, start, end, ~keep)[:, 3:].any()
+    assert model(x_t, t, start, end, keep).shape == x_t.shape
+
+
+def test_a_checkpoint_stored_without_direct_input_loads_the_model_it_was(tmp_path):
+    """Checkpoints written before model.direct_input existed hold no such key: they must rebuild the
+    model they were (a 3-channel stem, evdm.legacy.ADDED), whatever the dataclass default for new
+    configs is, and give the same outputs."""
+    from evdm.checkpoint import make_payload, save_checkpoint
+    from evdm.config import from_dict
+    from evdm.denoiser import load_denoiser
+    from evdm.legacy import ADDED
+
+    cfg = tiny_cfg(direct_input="none")
+    old = randomize(build_model(cfg)).eval()
+    payload = make_payload(step=1, cfg=cfg, model=old, ema=old)
+    del payload["config"]["model"]["direct_input"]  # as written before the key existed
+    save_checkpoint(tmp_path / "old.pt", payload)
+    denoiser, stored = load_denoiser(tmp_path / "old.pt", torch.device("cpu"), precision="fp32", compile="off")
+    model = denoiser.net
+    assert stored.model.direct_input == ADDED["model", "direct_input"] == "none"
+    assert model.stem.weight.shape[1] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), old.state_dict().values()))
+    args = inputs(cfg)
+    assert torch.allclose(model(*args), old(*args), atol=1e-5)  # channels-last there: other conv rounding
+    # A config file without the key gets the dataclass default instead: what new runs should use.
+    assert from_dict({"model": {}}).model.direct_input == ModelConfig().direct_input

@@ -21,7 +21,7 @@ def build_model(cfg: RunConfig) -> VideoUNet3D:
         channels=cfg.channels, T=cfg.data.T, context=cfg.context, base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,
         temporal_attn_levels=tuple(m.temporal_attn_levels), attn_head_channels=m.attn_head_channels,
-        dropout=m.dropout,
+        dropout=m.dropout, direct_input=m.direct_input,
     )
 
 

@@ -7,6 +7,10 @@
 The endpoints go through one shared `ConditioningEncoder`; per level, `EndpointFusion` makes the
 position-aware map that feeds every FiLM of that level (with the timestep embedding), and the
 encoder features of the 2K context frames join the middle in every temporal attention.
+`direct_input` also hands the endpoints to the stem, pixel-aligned, as extra input channels of every
+middle frame (as MCVD and frame-interpolation networks feed theirs): "blend" the linear blend of the
+last start and first end frame at that frame's position, "context" all 2K context frames, "both"
+the two; "none" is the model before this path existed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from evdm.models.blocks import FiLM, Downsample, ResBlock3D, TimestepEmbedder, U
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
 from evdm.models.convs import FrameConv
 from evdm.models.norms import make_group_norm
+
+# model.direct_input -> (the blend, the context frames) fed to the stem beside x_t
+DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (False, True), "both": (True, True)}
 
 
 class VideoUNet3D(nn.Module):
@@ -45,6 +52,7 @@ class VideoUNet3D(nn.Module):
         temporal_attn_levels: tuple[int, ...] = (1, 2),
         attn_head_channels: int = 32,
         dropout: float = 0.0,
+        direct_input: str = "none",
     ) -> None:
         super().__init__()
         self.context = Context(*context)
@@ -61,7 +69,14 @@ class VideoUNet3D(nn.Module):
         self.encoder = ConditioningEncoder(channels, level_ch, self.context)
         self.fusion = nn.ModuleList([EndpointFusion(c, self.context, M, emb_dim) for c in level_ch])
 
-        self.stem = FrameConv(channels, level_ch[0])
+        if direct_input not in DIRECT_INPUTS:
+            raise ValueError(f"unknown direct_input {direct_input!r}; expected one of {tuple(DIRECT_INPUTS)}")
+        self.direct_input = direct_input
+        # Where middle frame m sits between the endpoints: the blend's weight on the end frame.
+        self.register_buffer("blend_w", ((torch.arange(M) + 1.0) / (M + 1)).reshape(1, 1, M, 1, 1), persistent=False)
+        blend, frames = DIRECT_INPUTS[direct_input]
+        direct_ch = channels * (int(blend) + int(frames) * sum(self.context))
+        self.stem = FrameConv(channels + direct_ch, level_ch[0])
         self.stem_film = FiLM(level_ch[0], level_ch[0])
         skip_ch = self._build_down(level_ch, res_blocks, block, attn)
         c_mid = level_ch[-1]
@@ -124,6 +139,22 @@ class VideoUNet3D(nn.Module):
             raise ValueError(f"frame size {H}x{W} must be divisible by {self.downscale} "
                              f"(2 ** (len(channel_mults) - 1))")
 
+    def _stem_input(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                    cond_drop: torch.Tensor) -> torch.Tensor:
+        """x_t [B, C, M, H, W] with the `direct_input` channels appended: [B, C + extra, M, H, W]. Where
+        cond_drop is True they are zero, so guidance's null branch sees no endpoint here either."""
+        blend, context = DIRECT_INPUTS[self.direct_input]
+        if not (blend or context):
+            return x_t
+        B, C, M, H, W = x_t.shape
+        start, end = start.to(x_t.dtype), end.to(x_t.dtype)
+        extra = [torch.lerp(start[:, :, -1:], end[:, :, :1], self.blend_w.to(x_t.dtype))] if blend else []
+        if context:  # every context frame, stacked along channels, beside every middle frame
+            frames = torch.cat([start, end], dim=2)
+            extra.append(frames.reshape(B, -1, 1, H, W).expand(-1, -1, M, -1, -1))
+        extra = torch.where(cond_drop.reshape(B, 1, 1, 1, 1), 0.0, torch.cat(extra, dim=1))
+        return torch.cat([x_t, extra], dim=1)
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -137,7 +168,7 @@ class VideoUNet3D(nn.Module):
         start_feats, end_feats = self.encoder(start_context.to(x_t.dtype), end_context.to(x_t.dtype), cond_drop)
         conds = [f(s, e, emb) for f, s, e in zip(self.fusion, start_feats, end_feats)]
 
-        h = self.stem_film(self.stem(x_t), conds[0])
+        h = self.stem_film(self.stem(self._stem_input(x_t, start_context, end_context, cond_drop)), conds[0])
         skips = [h]
         for lv, (blocks, attns) in enumerate(zip(self.down_blocks, self.down_attn)):
             for i, block in enumerate(blocks):
