@@ -8,7 +8,8 @@
 4. evaluate against the baselines (evdm.evaluate) -> OUT_DIR/eval.json
 5. fill in val clips (sample.py)                  -> OUT_DIR/samples/
 
-Each stage is the same command a user would run by hand; rerunning resumes the sharding and
+Each stage calls the library function behind the command a user would run by hand (preprocess.synth,
+preprocess.shard, train, evdm.evaluate, sample.py's writer); rerunning resumes the sharding and
 retrains from scratch. --motion picks the synthetic motion (preprocess.synth): eased straight moves
 (glide) or accelerating turns with objects passing behind one another (orbit).
 bench/recipes.py runs the same stages for its recipe study.
@@ -17,10 +18,13 @@ bench/recipes.py runs the same stages for its recipe study.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 SIZE = 32
 VIDEOS = 300
@@ -30,56 +34,71 @@ SAMPLE_CLIPS = 8
 CONFIG = "configs/demo.toml"
 
 
-def stage(title: str, run, args: list[str]) -> None:
-    """Run one stage's entry point; prints its wall time and this process's CPU time (all its threads:
-    on a shared machine the CPU seconds say what the stage costs, the wall seconds what the load made of it)."""
-    print(f"\n=== {title}: {' '.join(args)}", flush=True)
+def stage(title: str, fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run one stage (a library call) and return its result; prints its wall time and this process's CPU
+    time (all its threads: on a shared machine the CPU seconds say what the stage costs, the wall
+    seconds what the load made of it)."""
+    print(f"\n=== {title}", flush=True)
     start, cpu = time.perf_counter(), time.process_time()
-    rc = run(args)
-    if rc:
-        sys.exit(f"demo: stage '{title}' failed (exit {rc})")
+    result = fn(*args, **kwargs)
     print(f"=== {title}: done in {time.perf_counter() - start:.0f} s (CPU {time.process_time() - cpu:.0f} s)", flush=True)
+    return result
 
 
 def make_shards(out: Path, motion: str = "glide", seed: int = 0) -> Path:
-    """Stages 1-2: render the synthetic videos of `motion` (seed `seed`) and shard them; returns the shard folder."""
+    """Stages 1-2: render the synthetic videos of `motion` (seed `seed`) and shard them (resumable);
+    returns the shard folder."""
+    from rich.console import Console
+
     from preprocess import shard, synth
 
     data, shards = out / "data", out / "shards"
-    stage("synthetic videos", synth.main, [str(data), "--videos", str(VIDEOS), "--size", str(SIZE),
-                                           "--motion", motion, "--seed", str(seed)])
+    stage("synthetic videos", synth.generate, data, videos=VIDEOS, size=SIZE, motion=motion, seed=seed)
     # Clip windows every 2 frames: more (overlapping) training clips from the same 300 videos.
-    stage("shards", shard.main, [str(data), str(shards), "--size", str(SIZE), "--clip-stride", "2",
-                                 "--shard-size", "200"])
+    opts = shard.Options(size=SIZE, clip_stride=2, shard_size=200)
+    summary = stage("shards", shard.run, data, shards, opts, workers=os.cpu_count() or 1, show_progress=True)
+    shard.print_summary(Console(), summary, shards, opts)
     return shards
 
 
 def train_model(run: Path, shards: Path, overrides: dict[str, str] | None = None) -> Path:
-    """Stage 3: train configs/demo.toml on `shards` into `run` (from scratch), with extra `--set`
-    overrides {key: TOML value}; returns the checkpoint."""
-    import train
+    """Stage 3: train configs/demo.toml on `shards` into `run` (from scratch), with extra overrides
+    {section.key: TOML value}; returns the checkpoint."""
+    from evdm.config import load_config
+    from evdm.train import train
 
     settings = {"train.out_dir": f'"{run}"', "data.train_shards": f'"{shards / "train-*.tar"}"',
                 "data.val_shards": f'"{shards / "val-*.tar"}"', **(overrides or {})}
-    stage("train", train.main, [CONFIG, "--overwrite"] + [a for k, v in settings.items() for a in ("--set", f"{k}={v}")])
-    return run / "last.pt"
-
-
-def val_clips(shards: Path) -> int:
-    """How many val clips the shard folder's manifest lists."""
-    return json.loads((shards / "manifest.json").read_text())["splits"]["val"]["clips"]
+    cfg = load_config(CONFIG, [f"{key}={value}" for key, value in settings.items()])
+    return stage("train", train, cfg, overwrite=True) / "last.pt"
 
 
 def evaluate_model(ckpt: Path, shards: Path, eval_json: Path, guidance: float | None = None,
                    clips: int | None = None) -> dict:
     """Stage 4: the model against the baselines on the first `clips` val clips (default: all of them);
-    returns evaluate's result (as written to `eval_json`)."""
+    prints evaluate's table, writes its result to `eval_json` and returns it."""
     from evdm import evaluate
+    from evdm.data.manifest import Manifest
 
-    args = ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num", str(clips or val_clips(shards)),
-            "--steps", *map(str, EVAL_STEPS), "--main_steps", str(MAIN_STEPS), "--json", str(eval_json)]
-    stage("evaluate", evaluate.main, args + ([] if guidance is None else ["--guidance_scale", str(guidance)]))
-    return json.loads(eval_json.read_text())
+    num = clips or Manifest.read(shards).splits["val"].clips
+    result = stage("evaluate", evaluate.evaluate, ckpt, str(shards / "val-*.tar"), num=num, steps_list=EVAL_STEPS,
+                   main_steps=MAIN_STEPS, guidance_scale=guidance)
+    evaluate.print_table(result)
+    evaluate.write_json(result, eval_json)
+    print(f"wrote {eval_json}")
+    return result
+
+
+def sample_clips(ckpt: Path, shards: Path, out_dir: Path) -> None:
+    """Stage 5: fill in the first SAMPLE_CLIPS val clips' middles and write them as sample.py does."""
+    from evdm import sample_io
+    from evdm.denoiser import load_denoiser, resolve_device
+
+    denoiser, cfg = load_denoiser(ckpt, resolve_device(None))
+    jobs = sample_io.shard_jobs(str(shards / "val-*.tar"), cfg, SAMPLE_CLIPS)
+    written = stage("sample", sample_io.sample_to_files, jobs, SAMPLE_CLIPS, denoiser, cfg, out_dir, seed=0,
+                    keep_arrays=False)
+    print(f"wrote {len(written)} clip(s) to {out_dir}/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,15 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", default="runs/demo", type=Path)
     parser.add_argument("--motion", choices=MOTIONS, default="glide")
     args = parser.parse_args(argv)
-    import sample
+    from evdm.atomic import DiskFullError
+    from evdm.checkpoint import CheckpointError
+    from evdm.config import ConfigError
+    from evdm.ffmpeg import FFmpegNotFound
+    from evdm.sample_io import SamplingError
+    from preprocess.options import UserError
 
     out, begin = args.out_dir, time.perf_counter()
-    shards = make_shards(out, args.motion)
-    ckpt, eval_json, samples = train_model(out / "run", shards), out / "eval.json", out / "samples"
-    result = evaluate_model(ckpt, shards, eval_json)
+    ckpt, eval_json, samples = out / "run" / "last.pt", out / "eval.json", out / "samples"
+    try:
+        shards = make_shards(out, args.motion)
+        train_model(out / "run", shards)
+        result = evaluate_model(ckpt, shards, eval_json)
+        sample_clips(ckpt, shards, samples)
+    except (UserError, FFmpegNotFound, ConfigError, CheckpointError, SamplingError, DiskFullError, OSError) as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
     s = result["summary"]
-    stage("sample", sample.main, ["--ckpt", str(ckpt), "--shards", str(shards / "val-*.tar"), "--num",
-                                  str(SAMPLE_CLIPS), "--out_dir", str(samples)])
 
     psnr_base, ssim_base, d = s["best_baseline_psnr"], s["best_baseline_ssim"], s["sampled"]
     print(f"\nevdm demo ({args.motion}) finished in {time.perf_counter() - begin:.0f} s. On {result['clips']} val clips, "
