@@ -35,6 +35,10 @@ from preprocess.state import open_state
 from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg
 from preprocess.writer import SPLITS
 
+# Options added after shard folders were written, at the values that do what the versions before them
+# did: such a folder still resumes (the inputs fingerprint covers which videos the extensions pick).
+ADDED_OPTIONS = {"fps": None, "extensions": VIDEO_EXTENSIONS, "split_lists": (), "split_column": "path",
+                 "max_clips_per_video": None, "max_videos": None}
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
 
 
@@ -195,7 +199,7 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
     started = time.perf_counter()
     selection, identity = find_videos(data_dir, shard_dir, opts)
     videos = selection.videos
-    state = open_state(shard_dir, identity, overwrite=overwrite)
+    state = open_state(shard_dir, identity, overwrite=overwrite, added=ADDED_OPTIONS)
     if not state["videos_per_shard"]:
         state["videos_per_shard"] = calibrate(data_dir, videos, opts)
     plans = plan_videos(selection, opts, state["videos_per_shard"])

@@ -29,8 +29,12 @@ def is_ours(path: Path) -> bool:
     return split in SPLITS and rest.endswith(".tar") and rest[:-4].isdigit()
 
 
-def open_state(shard_dir: Path, identity: dict, *, overwrite: bool) -> dict:
-    """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh)."""
+def open_state(shard_dir: Path, identity: dict, *, overwrite: bool, added: dict | None = None) -> dict:
+    """Prepare SHARD_DIR; return the progress record to resume from ({"shards": {}} when fresh).
+
+    added: options that later versions introduced, with the value that does what runs before them did;
+    a recorded identity without such a key resumes when the option has that value now (the inputs
+    fingerprint still decides whether the same videos were chosen)."""
     if problem := folder_problem(shard_dir):
         raise UserError(f"SHARD_DIR {shard_dir} {problem}")
     for tmp in shard_dir.glob("*" + TMP_SUFFIX):  # left by a crash: never complete
@@ -41,7 +45,7 @@ def open_state(shard_dir: Path, identity: dict, *, overwrite: bool) -> dict:
     ours = [p for p in entries if p.is_file() and is_ours(p)]
     if entries:
         old = _read_progress(shard_dir, overwrite)
-        if old is not None and old.get("identity") == identity:
+        if old is not None and _completed(old.get("identity", {}), added or {}) == identity:
             return old
         if not overwrite:
             if old is None:
@@ -66,6 +70,15 @@ def _read_progress(shard_dir: Path, overwrite: bool) -> dict | None:
         return {}
 
 
+def _completed(identity: dict, added: dict) -> dict:
+    """`identity` with the `added` options it lacks filled in (JSON-shaped, as progress.json holds it)."""
+    options = identity.get("options")
+    if not isinstance(options, dict):
+        return identity
+    missing = {k: json.loads(json.dumps(v)) for k, v in added.items() if k not in options}
+    return {**identity, "options": {**options, **missing}}
+
+
 def _describe_change(old: dict, new: dict) -> str:
     if old.get("inputs") != new.get("inputs"):
         return "inputs (files added, removed or resized in the input folder)"
@@ -78,7 +91,7 @@ def _describe_change(old: dict, new: dict) -> str:
 
 
 def _shown(options: dict, key: str) -> str:
-    # An option a run of an older version did not have is not the same as its default now.
+    # An option that a run of an older version did not have, and that is not at the value reproducing it.
     return repr(options[key]) if key in options else "(not recorded)"
 
 

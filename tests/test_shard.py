@@ -14,7 +14,7 @@ from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from preprocess.inspect import main as inspect_main
 from preprocess.inspect import read_samples
 from preprocess.select import scan, split_of
-from preprocess.shard import Options, UserError, main, run
+from preprocess.shard import ADDED_OPTIONS, Options, UserError, main, run
 from preprocess.state import PROGRESS_NAME
 from preprocess.synth import render_video
 from preprocess.writer import sha256_file
@@ -163,6 +163,24 @@ def test_resume_redoes_a_corrupted_shard(data, sharded, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-1024])
     run(data, resumed, OPTS, workers=1)
     assert shard_bytes(resumed) == shard_bytes(out)
+
+
+def test_a_folder_of_an_older_version_resumes(data, sharded, tmp_path):
+    """progress.json written before options were added (fps, extensions, split lists, limits) lacks them;
+    at the values that reproduce those runs the folder resumes, at another value it is refused."""
+    out, _ = sharded
+    d = tmp_path / "s"
+    shutil.copytree(out, d)
+    state = json.loads((d / PROGRESS_NAME).read_text())
+    for key in ADDED_OPTIONS:
+        del state["identity"]["options"][key]
+    (d / PROGRESS_NAME).write_text(json.dumps(state))
+    mtimes = {p: p.stat().st_mtime_ns for p in d.glob("*.tar")}
+    assert run(data, d, OPTS, workers=1).reused_shards == len(mtimes)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    (d / PROGRESS_NAME).write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"max_clips_per_video \(not recorded\) -> 1"):
+        run(data, d, Options(**{**OPTS.__dict__, "max_clips_per_video": 1}), workers=1)
 
 
 def test_different_options_need_overwrite(data, sharded, tmp_path):
