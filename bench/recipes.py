@@ -10,8 +10,8 @@ videos of each motion and evaluated on their first --eval-clips val clips (defau
 each --guidance (default 1.0 and 1.8), with the demo's sampler rows (DDIM at demo.MAIN_STEPS, the
 summary, at demo.EVAL_STEPS and at the config's sample.steps).
 --grid full trains every prediction x residual x schedule (12 runs a motion); one-at-a-time trains
-demo.toml's recipe and each single change from it (5 runs a motion, about 7 min each at 960 steps on
-2 cores); base trains demo.toml's recipe alone. --set adds a change outside those axes (any config
+demo.toml's recipe and each single change from it (5 runs a motion, about 6 min each at 2,000 steps
+on an idle 2-core CPU); base trains demo.toml's recipe alone. --set adds a change outside those axes (any config
 key, e.g. model.direct_input="blend") to every recipe: measure one change at a time as
 `--grid base --set ...`. Every cell is PSNR / SSIM / HF ratio (the middle's high-frequency energy
 over the truth's, 1 = as sharp: evdm.metrics.hf_ratio); the margins are those of the summary row and

@@ -5,8 +5,8 @@
     python bench/train_step.py --no-compile                     # skip torch.compile (30-100 s per config on CPU)
     python bench/train_step.py --configs smoke --variants eager --loader-steps 60   # the loader-fed rows
 
-What is timed is the step the trainer runs: the configured loss (x0 prediction, blend residual, cosine
-schedule, temporal term), gradient clipping, AdamW under the LR schedule and the EMA update, on a
+What is timed is the step the trainer runs: the configured loss (the config's prediction, residual,
+schedule and temporal term), gradient clipping, AdamW under the LR schedule and the EMA update, on a
 fixed uint8 batch (compute only; the loader-fed rows below add the data). Variants: eager (fp32),
 bf16 (autocast), compile (evdm.compile: the blocks compiled regionally), all (bf16 + compile). The
 layout is always channels_last_3d (evdm.models.convs). On CPU every bf16 row runs in a subprocess with
