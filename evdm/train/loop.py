@@ -32,7 +32,8 @@ from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
 from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
 from evdm.train.preview import write_preview
 from evdm.train.resume import Stream, run_stream
-from evdm.train.runlog import Board, append_metrics, check_tensorboard, plot_losses, read_metrics, truncate_metrics
+from evdm.train.runlog import (TensorBoardLog, append_metrics, check_tensorboard, plot_losses, read_metrics,
+                               truncate_metrics)
 from evdm.train.step import StepResult, Trainer, draws_for, lr_at, make_trainer, step_seed, train_step
 
 VAL_SEED = 1234  # fixed noise and timesteps for every validation
@@ -111,17 +112,18 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     window = Window(torch.zeros((), device=run.trainer.denoiser.device), torch.zeros((), device=run.trainer.denoiser.device))
     dashboard = Dashboard(tc.max_steps, step, enabled=run.is_main)
     # A resumed run's first new step is step + 1: the record of `step` itself was logged before the save.
-    board = Board(out_dir / "tensorboard", enabled=tc.tensorboard and run.is_main, purge_step=step + 1 if step else None)
+    tensorboard = TensorBoardLog(out_dir / "tensorboard", enabled=tc.tensorboard and run.is_main,
+                                 purge_step=step + 1 if step else None)
     if dist.is_initialized():
         dashboard.message(f"DistributedDataParallel: {run.world_size} process(es), {dist.get_backend()}")
     # --- loop ----------------------------------------------------------------------------------
     try:
-        with dashboard, board:
+        with dashboard, tensorboard:
             while step < tc.max_steps:
                 if stop_agreed(stop_requested(), run.world_size, run.stop_group):  # between steps: nothing half done
                     dashboard.message(f"interrupted at step {step}: saving {ckpt_path}")
                     if window.steps:  # the stop step was no log step: its record is written all the same
-                        write_record(run, log_record(run, step, lr_at(step - 1, tc), None, window), board)
+                        write_record(run, log_record(run, step, lr_at(step - 1, tc), None, window), tensorboard)
                     break
                 result = train_step(run.trainer, run.loader, step, rank=run.rank)
                 window.add(result)
@@ -132,10 +134,10 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                     val_loss = validation_loss(run.trainer.eval_denoiser, run.val_u8, cfg)
                 if run.is_main and (step % tc.preview_every == 0 or step == tc.max_steps) and not stop_requested():
                     png = write_preview(run.trainer.eval_denoiser, run.val_u8, cfg, out_dir / "previews", step)[0]
-                    board.image("preview", png, step)
+                    tensorboard.image("preview", png, step)
                 if step % tc.log_every == 0 or is_val_step(step, tc):
                     record = log_record(run, step, result.lr, val_loss, window)
-                    write_record(run, record, board)
+                    write_record(run, record, tensorboard)
                     dashboard.update(step, record)
                 if step % tc.ckpt_every == 0:
                     save(run, step, ckpt_path)
@@ -276,7 +278,7 @@ def log_record(run: Run, step: int, lr: float, val_loss: float | None, window: W
     return record
 
 
-def write_record(run: Run, record: dict, board: Board) -> None:
+def write_record(run: Run, record: dict, tensorboard: TensorBoardLog) -> None:
     """Rank 0: metrics.jsonl, loss.png (at validations), TensorBoard scalars (when train.tensorboard)."""
     if not run.is_main:
         return
@@ -284,7 +286,7 @@ def write_record(run: Run, record: dict, board: Board) -> None:
     append_metrics(out_dir / "metrics.jsonl", record)
     if record["val_loss"] is not None:
         plot_losses(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss.png")
-    board.scalars(record)
+    tensorboard.scalars(record)
 
 
 def save(run: Run, step: int, path: Path) -> None:

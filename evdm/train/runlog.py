@@ -74,7 +74,7 @@ def check_tensorboard() -> None:
                           "(or pip install -e '.[tensorboard]')") from None
 
 
-class Board:
+class TensorBoardLog:
     """TensorBoard logs under `log_dir` (train.tensorboard): every number of a metrics.jsonl record as a
     scalar of the same name, preview strips as images.
 
@@ -89,7 +89,7 @@ class Board:
 
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
-    def __enter__(self) -> "Board":
+    def __enter__(self) -> "TensorBoardLog":
         return self
 
     def __exit__(self, *exc) -> None:
