@@ -159,6 +159,9 @@ class SampleConfig:
     eta: float = ranged(0.0, NON_NEGATIVE)
     # guidance 0 is the unconditional model, (0, 1) weaker conditioning: w cond + (1 - w) null is defined for w >= 0
     guidance_scale: float = ranged(1.0, NON_NEGATIVE)
+    # Guide only at the noise levels t <= guidance_max_t * (timesteps - 1), the conditional branch alone
+    # above (guidance in a limited interval, Kynkaenniemi et al. 2024); 1.0: every step.
+    guidance_max_t: float = ranged(1.0, UNIT)
     dynamic_threshold: float = ranged(0.0, UNIT)  # Imagen's dynamic thresholding at this percentile; 0: off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA

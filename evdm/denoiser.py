@@ -151,9 +151,10 @@ class Denoiser:
         base = residual_base(self.residual, start, end, M)
         base = torch.zeros((), device=start.device) if base is None else base
         sc = sample_cfg
+        max_t = None if sc.guidance_max_t >= 1.0 else int(sc.guidance_max_t * (self.schedule.timesteps - 1))
 
         def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = guided_output(self.output, x, t, start, end, sc.guidance_scale)
+            out = guided_output(self.output, x, t, start, end, sc.guidance_scale, max_t)
             # Keep x0 in the data range (Imagen's dynamic thresholding when asked, else ADM's static
             # clipping to [-1, 1]), on the frames (x0 + base), not on the residual.
             frames = split_output(self.schedule, x, t, out, self.prediction)[0] + base

@@ -217,12 +217,14 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         "scored_frames": f"the {M} generated frames only, float in [0, 1] before rounding; context frames are exact",
         "aggregation": f"per-frame PSNR and SSIM, averaged over the {M} generated frames and over {clips} clips "
                        f"(the first {clips} in sorted shard order)",
-        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}, EMA {use_ema}",
+        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}"
+                   + (f" at t <= {sc.guidance_max_t:g} x the timesteps" if sc.guidance_max_t < 1 else "") + f", EMA {use_ema}",
     }
     return {
         "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": cfg.data.T, "context_start": Ks,
         "context_end": Ke, "M": M, "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
         "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale,
+        "guidance_max_t": sc.guidance_max_t,
         "seed": seed, "best_of": best_of,
         "ema": use_ema, "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
         "lpips": lpips_status, "rows": rows, "protocol": protocol,

@@ -213,3 +213,10 @@ def test_dynamic_threshold_is_one_typed_key():
     assert from_dict({"sample": {"dynamic_threshold": False}}, stored=True).sample.dynamic_threshold == 0.0
     with pytest.raises(ConfigError, match="dynamic_threshold_percentile is gone; use sample.dynamic_threshold"):
         from_dict({"sample": {"dynamic_threshold_percentile": 0.99}})
+
+
+def test_guidance_max_t_is_a_fraction_of_the_timesteps():
+    assert from_dict({"sample": {"guidance_max_t": 0.7}}).sample.guidance_max_t == 0.7
+    assert RunConfig().sample.guidance_max_t == 1.0  # every step, as guidance always was
+    with pytest.raises(ConfigError, match=r"sample.guidance_max_t must be in \[0, 1\], got 1.5"):
+        from_dict({"sample": {"guidance_max_t": 1.5}})

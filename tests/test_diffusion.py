@@ -226,6 +226,23 @@ def test_guidance_scale_one_is_the_conditional_branch_alone():
     assert torch.allclose(guided, null + 1.8 * (cond - null), atol=1e-5)
 
 
+def test_guidance_in_a_limited_interval_leaves_the_noisier_steps_unguided():
+    s = make_schedule("linear", 100)
+    clip = make_clip()
+    model = Oracle(s, clip[:, :, K:-K])
+    start, end = clip[:, :, :K], clip[:, :, -K:]
+    x_t, t = torch.randn(B, C, M, H, W), torch.tensor([30, 80])  # one sample below max_t, one above
+    cond = model(x_t, t, start, end, torch.zeros(B, dtype=torch.bool))
+    null = model(x_t, t, start, end, torch.ones(B, dtype=torch.bool))
+    out = guided_output(model, x_t, t, start, end, 1.8, max_t=50)
+    assert torch.allclose(out[0], (null + 1.8 * (cond - null))[0], atol=1e-5)
+    assert torch.allclose(out[1], cond[1], atol=1e-5) and not torch.allclose(out[0], cond[0], atol=1e-3)
+    # Through the sampler: guidance_max_t 1.0 is plain guidance; 0.5 changes only the noisier steps.
+    every = generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0)
+    assert torch.equal(every, generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0, guidance_max_t=1.0))
+    assert not torch.equal(every, generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0, guidance_max_t=0.5))
+
+
 def test_dynamic_threshold():
     x0 = torch.linspace(-3, 3, 2 * 100).reshape(2, 100)
     x0[1] = x0[1] / 10  # within [-1, 1]: left as is

@@ -68,12 +68,14 @@ def ddpm_step(
 
 def guided_output(
     output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
-    start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float,
+    start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float, max_t: int | None = None,
 ) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null).
 
     Both branches run in one batched forward of 2B; guidance_scale == 1 runs the conditional
     branch alone. The combination is linear, so it is the same in eps, v or x0 space.
+    max_t: guide only where t <= max_t, the conditional branch alone above it (guidance in a limited
+    interval, Kynkaanniemi et al. 2024); chosen per sample on the device, so no host sync.
     """
     B = x_t.shape[0]
     if guidance_scale == 1.0:
@@ -84,7 +86,10 @@ def guided_output(
         torch.cat([start_context, start_context]), torch.cat([end_context, end_context]), cond_drop,
     ).float()
     cond, null = out[:B], out[B:]
-    return null + guidance_scale * (cond - null)
+    if max_t is None:
+        return null + guidance_scale * (cond - null)
+    w = torch.where(t <= max_t, guidance_scale, 1.0).reshape(B, *([1] * (cond.ndim - 1)))
+    return null + w * (cond - null)
 
 
 def sample(
