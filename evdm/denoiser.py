@@ -93,9 +93,8 @@ class Denoiser:
 
     def with_net(self, net: torch.nn.Module) -> Denoiser:
         """The same denoiser around another network of the same shape (the EMA weights)."""
-        twin = Denoiser(net, self.schedule, context=self.context, prediction=self.prediction,
+        return Denoiser(net, self.schedule, context=self.context, prediction=self.prediction,
                         residual=self.residual, device=self.device, dtype=self.dtype)
-        return twin
 
     # ---- inputs and the network call -------------------------------------------------------------
 
@@ -151,10 +150,12 @@ class Denoiser:
         base = residual_base(self.residual, start, end, M)
         base = torch.zeros((), device=start.device) if base is None else base
         sc = sample_cfg
-        max_t = None if sc.guidance_max_t >= 1.0 else int(sc.guidance_max_t * (self.schedule.timesteps - 1))
+        # Guidance in a limited interval: the noisier steps run the conditional branch alone (no null
+        # branch computed to be discarded).
+        max_t = sc.guidance_max_t * (self.schedule.timesteps - 1)
 
-        def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = guided_output(self.output, x, t, start, end, sc.guidance_scale, max_t)
+        def x0_fn(x: torch.Tensor, t: torch.Tensor, t_int: int) -> torch.Tensor:
+            out = guided_output(self.output, x, t, start, end, sc.guidance_scale if t_int <= max_t else 1.0)
             # Keep x0 in the data range (Imagen's dynamic thresholding when asked, else ADM's static
             # clipping to [-1, 1]), on the frames (x0 + base), not on the residual.
             frames = split_output(self.schedule, x, t, out, self.prediction)[0] + base

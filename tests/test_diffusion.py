@@ -230,17 +230,16 @@ def test_guidance_in_a_limited_interval_leaves_the_noisier_steps_unguided():
     s = make_schedule("linear", 100)
     clip = make_clip()
     model = Oracle(s, clip[:, :, K:-K])
-    start, end = clip[:, :, :K], clip[:, :, -K:]
-    x_t, t = torch.randn(B, C, M, H, W), torch.tensor([30, 80])  # one sample below max_t, one above
-    cond = model(x_t, t, start, end, torch.zeros(B, dtype=torch.bool))
-    null = model(x_t, t, start, end, torch.ones(B, dtype=torch.bool))
-    out = guided_output(model, x_t, t, start, end, 1.8, max_t=50)
-    assert torch.allclose(out[0], (null + 1.8 * (cond - null))[0], atol=1e-5)
-    assert torch.allclose(out[1], cond[1], atol=1e-5) and not torch.allclose(out[0], cond[0], atol=1e-3)
-    # Through the sampler: guidance_max_t 1.0 is plain guidance; 0.5 changes only the noisier steps.
+    # 4 steps: t = 99, 66, 33, 0. guidance_max_t 0.5 guides t <= 49.5: the two noisier steps run the
+    # conditional branch alone (batch B), the two others both branches (2B), nothing computed to be discarded.
     every = generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0)
+    assert model.batch_sizes == [2 * B] * 4
+    model.batch_sizes.clear()
     assert torch.equal(every, generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0, guidance_max_t=1.0))
-    assert not torch.equal(every, generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0, guidance_max_t=0.5))
+    model.batch_sizes.clear()
+    half = generate(model, s, clip, steps=4, guidance_scale=1.8, seed=0, guidance_max_t=0.5)
+    assert model.batch_sizes == [B, B, 2 * B, 2 * B]
+    assert not torch.equal(every, half)
 
 
 def test_dynamic_threshold():

@@ -1,7 +1,7 @@
 """DDPM ancestral and DDIM samplers with classifier-free guidance: pure functions (k-diffusion style).
 
-`sample(x0_fn, s, x_T, ...)` runs a chain over any denoiser given as a function x0_fn(x_t, t) -> x0
-estimate; evdm.denoiser.Denoiser.generate builds that function (network, guidance, residual,
+`sample(x0_fn, s, x_T, ...)` runs a chain over any denoiser given as a function x0_fn(x_t, t, t_int) -> x0
+estimate (t_int: the step's timestep as a Python int, for choices made on the host without a sync); evdm.denoiser.Denoiser.generate builds that function (network, guidance, residual,
 clipping) and puts the context frames back around the result. The step functions take (x_t, x0, eps),
 and eps is re-derived from x0 (`schedule.eps_from_x0`), so no sampler branches on the prediction type.
 """
@@ -68,14 +68,12 @@ def ddpm_step(
 
 def guided_output(
     output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
-    start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float, max_t: int | None = None,
+    start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null).
 
     Both branches run in one batched forward of 2B; guidance_scale == 1 runs the conditional
     branch alone. The combination is linear, so it is the same in eps, v or x0 space.
-    max_t: guide only where t <= max_t, the conditional branch alone above it (guidance in a limited
-    interval, Kynkaanniemi et al. 2024); chosen per sample on the device, so no host sync.
     """
     B = x_t.shape[0]
     if guidance_scale == 1.0:
@@ -86,14 +84,11 @@ def guided_output(
         torch.cat([start_context, start_context]), torch.cat([end_context, end_context]), cond_drop,
     ).float()
     cond, null = out[:B], out[B:]
-    if max_t is None:
-        return null + guidance_scale * (cond - null)
-    w = torch.where(t <= max_t, guidance_scale, 1.0).reshape(B, *([1] * (cond.ndim - 1)))
-    return null + w * (cond - null)
+    return null + guidance_scale * (cond - null)
 
 
 def sample(
-    x0_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     s: Schedule,
     x_T: torch.Tensor,
     *,
@@ -104,7 +99,7 @@ def sample(
 ) -> torch.Tensor:
     """Run the reverse chain from x_T [B, ...] over `steps` respaced timesteps; returns x_0 (not clamped).
 
-    x0_fn(x_t, t) -> the x0 estimate at x_t (t: int64 [B]). sampler: "ddim" (eta = 0 is deterministic)
+    x0_fn(x_t, t, t_int) -> the x0 estimate at x_t (t: int64 [B], all equal to t_int). sampler: "ddim" (eta = 0 is deterministic)
     or "ddpm" (ancestral; steps = timesteps is the original chain). Fresh noise per step comes from
     `generator`, after whatever drew x_T.
     """
@@ -116,7 +111,7 @@ def sample(
     for i, t_int in enumerate(ts):
         t = torch.full((B,), t_int, dtype=torch.long, device=device)
         t_prev = torch.full((B,), ts[i + 1] if i + 1 < len(ts) else -1, dtype=torch.long, device=device)
-        x0 = x0_fn(x, t)
+        x0 = x0_fn(x, t, t_int)
         eps = eps_from_x0(s, x, t, x0)
         last = i + 1 == len(ts)
         noise = torch.zeros_like(x) if last or (sampler == "ddim" and eta == 0) else torch.randn(
