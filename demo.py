@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     from preprocess.options import UserError
 
     out, begin = args.out_dir, time.perf_counter()
-    ckpt, eval_json, samples = out / "run" / "last.pt", out / "eval.json", out / "samples"
+    eval_json, samples = out / "eval.json", out / "samples"
     try:
         shards = make_shards(out, args.motion)
-        train_model(out / "run", shards)
+        ckpt = train_model(out / "run", shards)
         result = evaluate_model(ckpt, shards, eval_json)
         sample_clips(ckpt, shards, samples)
     except (UserError, FFmpegNotFound, ConfigError, CheckpointError, SamplingError, DiskFullError, OSError) as err:
