@@ -11,7 +11,7 @@ weight casts and their gradients, scale with the parameter count and are counted
   under bf16 autocast at most one per norm call (autocast runs torch's eager norms in fp32), two per
   attention call (the fp32 softmax) and 16 at the edges (inputs, timestep embedding, fusion, loss).
 Measured when written: fp32 95 layout (77 of them attention's) and 2 dtype; bf16 95 and 97, for 74
-norm and 11 attention calls. For comparison, the model of commit fb4df0c (SDPA attention, autocast norms),
+norm and 11 attention calls; with model.direct_input "both" (the default since), 98 layout in both. For comparison, the model of commit fb4df0c (SDPA attention, autocast norms),
 forward and backward only, of a 3-level model of the same size (mults 1 2 4): 73 activation layout
 copies in fp32, and 410 activation copies in bf16.
 """
