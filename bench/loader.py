@@ -40,7 +40,7 @@ from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from evdm.data.loader import make_train_loader  # noqa: E402
-from evdm.data.shardlist import expand_urls  # noqa: E402
+from evdm.data.schema import expand_urls  # noqa: E402
 from evdm.data.shardset import ShardSet, open_checked  # noqa: E402
 from evdm.config import from_dict  # noqa: E402
 from evdm.data.dali import dali_available, dali_batches  # noqa: E402

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.fx.experimental._config
 
-from evdm.models.attention import TemporalAttention
-from evdm.models.blocks import ResBlock3D
+from evdm.models.blocks import ResBlock3D, TemporalAttention
 from evdm.models.conditioning import EncoderBlock, EndpointFusion
 
 # The blocks compiled, one graph per kind, width and resolution (and training or not).

@@ -6,7 +6,7 @@ wrapper and diffusers' pipelines). Training calls `loss(clip, draws)`; every sam
 sample.py, evaluate, the benchmarks) goes through `generate(start, end, sample)`; both run the
 network through `output`, the one place where precision and layout are applied:
 
-- layout: channels_last_3d for weights and activations, always (evdm.models.convs says why);
+- layout: channels_last_3d for weights and activations, always (evdm.models.blocks says why);
 - precision: autocast to `dtype` (bf16 or fp16) around the network only, or none (fp32); the
   diffusion arithmetic around it (schedule, loss, guidance, sampler updates) stays fp32.
 

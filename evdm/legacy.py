@@ -13,7 +13,7 @@ RETIRED = {
     ("train", "amp_dtype"): 'use train.precision = "auto" | "bf16" | "fp16" | "fp32"',
     ("train", "amp_on_cpu"): 'use train.precision = "bf16" (auto is fp32 on CPU)',
     ("train", "compile_on_cpu"): 'use train.compile = "on" (auto compiles on CUDA only)',
-    ("train", "channels_last"): "remove it: the model always runs channels-last (evdm.models.convs says why)",
+    ("train", "channels_last"): "remove it: the model always runs channels-last (evdm.models.blocks says why)",
     ("sample", "dynamic_threshold_percentile"): "use sample.dynamic_threshold (the percentile itself; 0 = off)",
     ("model", "spacetime"): "remove it: the per-frame Conv2d form is the only one (checkpoints of either form load)",
 }

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evdm import visualize
 from evdm.atomic import atomic_write, folder_problem
 from evdm.config import ConfigError, Context, RunConfig, with_sample
-from evdm.data.clips import read_clips
+from evdm.data.loader import read_clips
 from evdm.data.shardset import ShardSet, expected_clip_shape
 from evdm.denoiser import Denoiser
 from evdm.seeds import mix_seed
@@ -107,7 +107,7 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
 
 def iter_shard_clips(shards: str | list[str], cfg: RunConfig, num: int) -> Iterator[tuple[str, np.ndarray]]:
     """Stream the first `num` (key, uint8 [T, H, W, C]) clips of the shards in sorted order, one at a time
-    (evdm.data.clips: a damaged shard is skipped with one warning line, as the trainer does).
+    (evdm.data.loader: a damaged shard is skipped with one warning line, as the trainer does).
 
     ConfigError when the clips are not what the checkpoint was trained on (naming the colour mode when
     that is the difference); SamplingError when the shards hold no clip."""

@@ -100,8 +100,8 @@ def train_loader(cfg, **kwargs):
 
 
 def val_clips(cfg):
-    """evdm.data.clips.load_val_clips over cfg's data.val_shards."""
-    from evdm.data.clips import load_val_clips
+    """evdm.data.loader.load_val_clips over cfg's data.val_shards."""
+    from evdm.data.loader import load_val_clips
     from evdm.data.shardset import ShardSet
 
     return load_val_clips(ShardSet.open(cfg.data.val_shards, "data.val_shards"), cfg)

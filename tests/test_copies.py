@@ -32,8 +32,7 @@ import torch
 sys.path.insert(0, "tests")
 from conftest import square_batches, tiny_config
 from evdm.config import ModelConfig
-from evdm.models.attention import TemporalAttention
-from evdm.models.norms import ChannelNorm, GroupNorm
+from evdm.models.blocks import TemporalAttention, ChannelNorm, GroupNorm
 from evdm.train import make_trainer, train_step
 from evdm.train.copies import count_copies
 

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_clips, write_shards
-from conftest import train_loader
-from evdm.data.shardlist import expand_urls
+from conftest import random_clips, train_loader, write_shards
 from evdm.config import ConfigError, from_dict
+from evdm.data.schema import expand_urls
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali is not importable (pip install 'evdm[dali]')")

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import clip_bytes, random_clips, take, write_shards
-from conftest import train_loader, val_clips
-from evdm.data.shardset import ShardSet, open_checked
-from evdm.data.shardlist import expand_urls, shard_slice
-from evdm.data.tar import iter_clips
+from conftest import clip_bytes, random_clips, take, train_loader, val_clips, write_shards
 from evdm.config import ConfigError, from_dict
-from evdm.data.schema import encode_clip, encode_sample
+from evdm.data.schema import encode_clip, encode_sample, expand_urls, shard_slice
+from evdm.data.shardset import ShardSet, open_checked
+from evdm.data.tar import iter_clips
 from preprocess.writer import write_manifest, write_shard
 
 T, SIZE, C = 6, 16, 3

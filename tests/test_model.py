@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from evdm.config import ConfigError, Context, DataConfig, ModelConfig, RunConfig
 from evdm.denoiser import to_layout as to_channels_last
 from evdm.models import ConditioningEncoder, adapt_conv_weights, adapt_optimizer_state, build_model, count_parameters
-from evdm.models.attention import short_attention
-from evdm.models.norms import ChannelNorm, GroupNorm, channel_norm, group_norm
+from evdm.models.blocks import short_attention, ChannelNorm, GroupNorm, channel_norm, group_norm
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
 

@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import K, SIZE, T, make_checkpoint, tiny_config, write_square_shards
-from evdm import sample_io as sampling
-from evdm import visualize
+from evdm import sample_io as sampling, visualize
 from evdm.config import with_sample
 from evdm.denoiser import load_denoiser, to_uint8
 
@@ -134,7 +133,7 @@ def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, val_shards, t
 
 def test_shard_clips_stream_lazily_and_skip_a_damaged_shard(ckpt, val_shards, tmp_path, capfd):
     """Reading stops after `num` clips: a broken later shard is never opened. Asked for more, the broken
-    shard is skipped with one warning line, as the trainer skips one (evdm.data.clips)."""
+    shard is skipped with one warning line, as the trainer skips one (evdm.data.loader)."""
     cfg = tiny_config()
     d = Path(val_shards).parent
     (tmp_path / "val-000000.tar").write_bytes((d / "val-000000.tar").read_bytes())

@@ -1,6 +1,7 @@
-"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches.
+"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches, and clips read in order (the
+trainer's fixed val subset, sample.py's and evaluate's inputs).
 
-Each (DDP rank, DataLoader worker) reads a disjoint slice of the shard list (evdm.data.shardlist),
+Each (DDP rank, DataLoader worker) reads a disjoint slice of the shard list (evdm.data.schema),
 reshuffled each epoch-equivalent pass with a seed shared by all ranks, and cycles it forever. A
 worker indexes a shard's tar headers in one loop (evdm.data.tar): no tarfile, np.load or per-sample
 dicts. Clips go through a shuffle buffer and are read, one copy each, straight into shared-memory
@@ -8,7 +9,8 @@ batch slots (`BatchRing`) that the main process copies out. Batches are [B, C, T
 [B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one permutes bytes; float
 conversion, scaling to [-1, 1] and flips happen on the device (evdm.denoiser.Denoiser.to_input).
 The per-reader stream, its exact resume (`start_batch`) and the skipping of damaged shards live in
-evdm.data.stream; this module builds it for the trainer.
+evdm.data.stream; this module builds it for the trainer. Clips in order use the stream's policy for
+damaged shards: a shard that cannot be read whole is skipped with one warning line, never half used.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import warnings
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from evdm.cli import warn
 from evdm.config import ConfigError, RunConfig
 from evdm.data.shardset import ShardSet, expected_clip_shape
-from evdm.data.stream import BatchPool, BatchRing, ShardClipStream
+from evdm.data.stream import BatchPool, BatchRing, ShardClipStream, ShardReader
+from evdm.data.tar import read_clip
 from evdm.preemption import ignore_stop_signals, stop_signals_blocked
 
 _PREFETCH_TICKETS = 2  # per DataLoader worker
@@ -125,3 +129,37 @@ def _batches_from_ring(
                     yield ring.take(worker, (first + i) % ring.slots, pool)
     finally:  # closed or dropped: free the workers waiting on a full ring, so the loader can shut down
         ring.close()
+
+
+def read_clips(shards: ShardSet, shape: tuple[int, ...], limit: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(sample key, uint8 [T, H, W, C]) for the first `limit` clips (None: all) in sorted shard order.
+
+    Lazy: a shard is opened only when the clips before it did not reach `limit`.
+    """
+    reader = ShardReader(shape, who=shards.key)
+    count = 0
+    for url in sorted(shards.urls):
+        if limit is not None and count >= limit:
+            return
+        keys: list[str] = []
+        refs = reader.refs(url, keys=keys)
+        for key, ref in zip(keys, refs or []):
+            if limit is not None and count >= limit:
+                return
+            yield key, read_clip(ref, shape)
+            count += 1
+
+
+def stack_clips(clips: list[np.ndarray]) -> torch.Tensor:
+    """[T, H, W, C] uint8 arrays -> uint8 [B, C, T, H, W], a channels_last_3d view (one copy per clip)."""
+    out = torch.empty((len(clips), *clips[0].shape), dtype=torch.uint8)
+    np.stack(clips, out=out.numpy())
+    return out.permute(0, 4, 1, 2, 3)
+
+
+def load_val_clips(val: ShardSet, cfg: RunConfig) -> torch.Tensor:
+    """The fixed val subset: uint8 [N, C, T, H, W], the first N = min(data.val_clips, available) clips."""
+    clips = [clip for _, clip in read_clips(val, expected_clip_shape(cfg), cfg.data.val_clips)]
+    if not clips:
+        raise ConfigError(f"data.val_shards {val.spec!r}: the val shards hold no clips")
+    return stack_clips(clips)

@@ -1,17 +1,25 @@
-"""The shard sample format, shared by the preprocessors and the loaders. Torch-free.
+"""The shard format, shared by the preprocessors and the loaders: samples, shard names and shard lists.
+Torch-free.
 
 A shard is a tar file; each sample is two members sharing one key:
   {key}.clip.npy   uint8 numpy array [T, H, W, C], C = 3 (rgb) or 1 (gray)
   {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)
+A shard list is a URL pattern expanded to shard files; a pass over it is split into disjoint
+(rank, worker) parts.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
+import os
 import re
 
+import braceexpand
 import numpy as np
+
+from evdm.config import ConfigError
 
 CLIP_EXT = "clip.npy"
 META_EXT = "meta.json"
@@ -58,3 +66,50 @@ def clip_shape(T: int, size: int, color_mode: str) -> tuple[int, int, int, int]:
     if color_mode not in COLOR_CHANNELS:
         raise ValueError(f"color_mode must be one of {sorted(COLOR_CHANNELS)}, got {color_mode!r}")
     return (T, size, size, COLOR_CHANNELS[color_mode])
+
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Shard URLs from a glob, a brace pattern ("train-{000000..000009}.tar"), a list, or pipe: URLs.
+
+    Local globs are sorted; a local pattern that matches nothing raises ConfigError naming it.
+    Remote URLs (pipe:, http(s)://, s3://, gs://) are brace-expanded only.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        for url in braceexpand.braceexpand(item):
+            if url.startswith(REMOTE_PREFIXES):
+                urls.append(url)
+                continue
+            if glob.has_magic(url):
+                matched = sorted(glob.glob(url))
+                if not matched:
+                    raise ConfigError(f"shard pattern {url!r} matches no file")
+                urls.extend(matched)
+            elif os.path.isfile(url):
+                urls.append(url)
+            else:
+                raise ConfigError(f"shard file {url!r} not found")
+    if not urls:
+        raise ConfigError(f"shard spec {spec!r} names no shard")
+    return urls
+
+
+def shard_slice(
+    urls: list[str], rank: int, world_size: int, worker: int, num_workers: int,
+    epoch: int, seed: int, *, shuffle: bool = True,
+) -> list[str]:
+    """The shards that (rank, worker) reads in pass `epoch`: disjoint across all ranks and workers.
+
+    The list is permuted with (seed, epoch) -- the same on every rank -- when `shuffle`, then dealt
+    round-robin over the world_size * num_workers readers, so one pass reads every shard exactly once.
+    """
+    order = list(urls)
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch]).permutation(len(order))
+        order = [order[i] for i in perm]
+    slot = rank * num_workers + worker
+    return order[slot :: world_size * num_workers]

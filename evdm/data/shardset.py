@@ -20,8 +20,7 @@ import braceexpand
 
 from evdm.config import ConfigError, RunConfig
 from evdm.data.manifest import Manifest, ShardEntry
-from evdm.data.schema import COLOR_CHANNELS, MANIFEST_NAME, clip_shape
-from evdm.data.shardlist import REMOTE_PREFIXES, expand_urls
+from evdm.data.schema import COLOR_CHANNELS, MANIFEST_NAME, REMOTE_PREFIXES, clip_shape, expand_urls
 from evdm.data.tar import DAMAGE, damage_reason, peek_clip_shape
 
 

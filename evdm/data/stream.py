@@ -25,8 +25,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from evdm.cli import warn
 from evdm.config import ConfigError
-from evdm.data.shardlist import shard_slice
+from evdm.data.schema import shard_slice
 from evdm.data.tar import DAMAGE, clip_refs, damage_reason, fill_batch
+
 
 class ShardReader:
     """Indexes shards into clip refs for one reader process, skipping and counting damaged ones.

@@ -17,8 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from evdm.config import ConfigError
-from evdm.data.schema import CLIP_EXT
-from evdm.data.shardlist import REMOTE_PREFIXES
+from evdm.data.schema import CLIP_EXT, REMOTE_PREFIXES
 
 # What damage in a shard surfaces as, from open() to the tar walk and the .npy header parse.
 DAMAGE = (OSError, ValueError, struct.error)

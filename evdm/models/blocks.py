@@ -1,8 +1,26 @@
-"""Building blocks of the video U-Net: timestep embedding, (2+1)D residual blocks with FiLM,
-down/upsampling. Temporal attention is in evdm.models.attention, the norms in evdm.models.norms.
+"""The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal
+attention, timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling.
 
-Tensors are [B, C, T, H, W], kept channels_last_3d by the caller (evdm.models.convs explains why).
-No block branches on tensor values, so the model compiles with fullgraph=True.
+Tensors are [B, C, T, H, W], kept channels_last_3d (memory [B, T, H, W, C]) by the Denoiser.
+- Convolutions: every one is per frame (k x k on each frame alone) or along time (3 taps at each
+  pixel). Both run as `F.conv2d` on free views of the same 5-D tensor: [B*M, C, H, W] per frame,
+  [B, C, M, H*W] with a (3, 1) kernel along time; in channels_last_3d both views are channels_last
+  4-D tensors, the layout cuDNN's bf16 tensor-core kernels are built for (as in diffusers' UNet3D).
+  On the 2-core CPU the demo ran in 6 min 20 s with this form against 7 min 55 s with Conv3d; on an
+  H200 the two trained equally fast (docs/BENCHMARKS.md), so it is the one form. Checkpoints of the
+  retired Conv3d form still load (`adapt_conv_weights` drops the singleton kernel dimensions).
+- Norms: under CUDA autocast `nn.GroupNorm`/`nn.LayerNorm` return fp32 and a contiguous tensor for
+  a channels_last_3d input (pytorch issue 111824), so every norm cost a dtype and a layout copy and
+  the next convolution copied back: 28% of an H200 training step. These norms take fp32 statistics
+  from the input and return its dtype in its layout, so torch.compile fuses each with the SiLU and
+  FiLM around it. Same parameters and maths as the torch modules.
+- Attention: the sequences are short (T = 8 frames) and very many (B x H x W). On an H200 cuDNN's
+  flash kernel spent 22% of a step on mostly-padding 64 x 128 tiles, and CUDA's SDPA fails from
+  65,536 sequences up. `short_attention` writes the maths with an fp32 softmax and no SDPA call:
+  compiled, a broadcast multiply-and-sum that Inductor fuses (5.6x SDPA's forward + backward at
+  level 2's shape on the H200; `q @ k.T` would be pattern-matched back into SDPA); eagerly, batched
+  matrix products. Neither has a sequence-count limit; the tests check both against SDPA.
+No layer branches on tensor values, so the model compiles with fullgraph=True.
 """
 
 from __future__ import annotations
@@ -13,9 +31,209 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.models.attention import zero_init
-from evdm.models.convs import FrameConv, TimeConv
-from evdm.models.norms import make_group_norm
+
+def _affine(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y * weight + bias with weight, bias [C] along dim 1 of y, cast to `dtype`."""
+    shape = (1, -1) + (1,) * (y.ndim - 2)
+    return (y * weight.view(shape) + bias.view(shape)).to(dtype)
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm (Wu & He 2018) of x [B, C, ...] over each group of C / groups channels and all positions.
+
+    Statistics in fp32; returns x's dtype and memory layout (splitting dim 1 is a view in any layout).
+    """
+    g = x.float().unflatten(1, (groups, x.shape[1] // groups))
+    var, mean = torch.var_mean(g, dim=tuple(range(2, g.ndim)), correction=0, keepdim=True)
+    return _affine(((g - mean) * torch.rsqrt(var + eps)).flatten(1, 2), weight, bias, x.dtype)
+
+
+def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of x [B, C, ...] at every position (a token's features).
+
+    Statistics in fp32; returns x's dtype and memory layout.
+    """
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=1, correction=0, keepdim=True)
+    return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias, x.dtype)
+
+
+# Compiled, the functions above become one or two fused kernels. Run eagerly they would be several
+# passes each way (their backward is autograd's, op by op): 3x the CPU time of a demo training step.
+# Eager runs therefore use torch's own norm kernels, the same maths (tests/test_model.py).
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` when compiled, torch's kernel eagerly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """nn.LayerNorm(channels) along dim 1 of [B, C, ...]: `channel_norm` when compiled; eagerly torch's
+    kernel on the channels-last view (free for a channels-last x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return channel_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def make_group_norm(channels: int) -> GroupNorm:
+    """GroupNorm with up to 32 groups of >= 4 channels (Wu & He 2018), dividing `channels`."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return GroupNorm(groups, channels, eps=1e-6)
+
+
+def to_frames(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, M, H, W] -> [B*M, C, H, W]; a view when x is channels_last_3d."""
+    B, C, M, H, W = x.shape
+    return x.transpose(1, 2).reshape(B * M, C, H, W)
+
+
+def from_frames(y: torch.Tensor, B: int) -> torch.Tensor:
+    """[B*M, C, H, W] -> [B, C, M, H, W]; channels_last in, channels_last_3d out, without a copy."""
+    return y.reshape(B, -1, *y.shape[1:]).transpose(1, 2)
+
+
+class FrameConv(nn.Module):
+    """A k x k convolution applied to every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s].
+
+    `upsample` doubles H and W (nearest) before the convolution. The weight and bias live on this
+    module (`.weight`, `.bias`), initialised exactly as nn.Conv2d would.
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, upsample: bool = False) -> None:
+        super().__init__()
+        self.stride, self.pad, self.upsample = stride, kernel // 2, upsample
+        conv = nn.Conv2d(c_in, c_out, kernel)
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = to_frames(x)
+        if self.upsample:
+            frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
+        return from_frames(F.conv2d(frames, self.weight, self.bias, stride=self.stride, padding=self.pad),
+                           x.shape[0])
+
+
+class TimeConv(nn.Module):
+    """A 3-tap convolution along time at every pixel, zero-padded: [B, c, M, H, W] -> same shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d(channels, channels, (3, 1))
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, M, H, W = x.shape
+        return F.conv2d(x.reshape(B, C, M, H * W), self.weight, self.bias, padding=(1, 0)).reshape(B, -1, M, H, W)
+
+
+def adapt_conv_weights(state_dict: dict, model: nn.Module) -> dict:
+    """`state_dict` with each tensor reshaped to the model's shape where the two differ only by
+    singleton dimensions (a Conv3d (1,k,k) / (3,1,1) / 1x1x1 kernel vs its Conv2d twin). Other
+    mismatches are left for load_state_dict to report."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        target = own.get(key)
+        if (target is not None and isinstance(value, torch.Tensor) and value.shape != target.shape
+                and [d for d in value.shape if d != 1] == [d for d in target.shape if d != 1]):
+            out[key] = value.reshape(target.shape)
+    return out
+
+
+def adapt_optimizer_state(optimizer_state: dict, model: nn.Module) -> dict:
+    """An optimizer state dict (AdamW's exp_avg, exp_avg_sq per parameter index) with per-parameter
+    tensors reshaped like `adapt_conv_weights` does for the weights. Parameter order is
+    `model.parameters()`, the order the optimizer was built with."""
+    shapes = [p.shape for p in model.parameters()]
+    state = {}
+    for index, per_param in optimizer_state["state"].items():
+        shape = shapes[int(index)]
+        state[index] = {k: v.reshape(shape) if isinstance(v, torch.Tensor) and v.ndim > 0
+                        and v.shape != shape and v.numel() == shape.numel() else v
+                        for k, v in per_param.items()}
+    return {**optimizer_state, "state": state}
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias so its residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) along dim 1, per position and head.
+
+    q: [B, Lq, *P, heads, d]; k, v: [B, Lk, *P, heads, d] (P: any positions) -> [B, Lq, *P, heads, d].
+    The softmax runs in fp32, the output is in v's dtype. Compiled, the scores are a broadcast product
+    summed over d (`broadcast_attention`), which Inductor fuses; run eagerly, the same maths as batched
+    matrix products (`matmul_attention`): the broadcast form materialises a [.., Lq, Lk, d] product
+    per call, 10% of a CPU demo step.
+    """
+    if torch.compiler.is_compiling():
+        return broadcast_attention(q, k, v)
+    return matmul_attention(q, k, v)
+
+
+def broadcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`short_attention` as broadcast multiply-and-sum: no matmul for Inductor to turn back into SDPA."""
+    q = q * q.shape[-1] ** -0.5
+    scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1)  # [B, Lq, Lk, *P, heads]
+    weights = scores.float().softmax(dim=2).to(v.dtype)
+    return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`short_attention` as batched matrix products over [B, *P, heads, L, d]."""
+    q, k, v = (x.movedim(1, -2) for x in (q, k, v))
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B, *P, heads, Lq, Lk]
+    return (scores.float().softmax(dim=-1).to(v.dtype) @ v).movedim(-2, 1)
+
+
+class TemporalAttention(nn.Module):
+    """Multi-head self-attention along time at every spatial position; only the middle is updated.
+
+    Queries come from the M middle frames, keys and values from all T = K_start + M + K_end frames,
+    so the middle attends to the encoded endpoints. Tokens get LayerNorm (over channels) and a
+    learned frame-position embedding; the output projection is zero-initialised (identity at start).
+    h: [B, c, M, H, W]; start: [B, c, K_start, H, W], end: [B, c, K_end, H, W] encoder features
+    -> [B, c, M, H, W]. Parameters as nn.Linear / nn.LayerNorm (`q`, `kv`, `out`, `norm`, `pos`).
+    """
+
+    def __init__(self, channels: int, head_channels: int, frames: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        if channels % self.heads:
+            raise ValueError(f"attention channels {channels} not divisible into {self.heads} heads")
+        self.norm = ChannelNorm(channels)
+        self.pos = nn.Parameter(torch.randn(frames, channels) * 0.02)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(channels, 2 * channels)
+        self.out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, h: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        dtype, Ks, M = start.dtype, start.shape[2], h.shape[2]
+        pos = self.pos.t().to(dtype)[None, :, :, None, None]  # [1, c, T, 1, 1]
+        parts = (start, h.to(dtype), end)
+        bounds = (0, Ks, Ks + M, pos.shape[2])
+        # Each part is normalised on its own (LayerNorm is per token) so the middle's normed tokens
+        # are a tensor of their own: the query projection then reads them without a copy.
+        normed = [self.norm(x) + pos[:, :, a:b] for x, a, b in zip(parts, bounds, bounds[1:])]
+        tokens = torch.cat(normed, dim=2).movedim(1, -1)  # [B, T, H, W, c]
+        q = self.q(normed[1].movedim(1, -1))  # [B, M, H, W, c]
+        k, v = self.kv(tokens).chunk(2, dim=-1)
+        split = lambda x: x.unflatten(-1, (self.heads, -1))  # noqa: E731  [..., c] -> [..., heads, d]
+        o = short_attention(split(q), split(k), split(v)).flatten(-2)  # [B, M, H, W, c]
+        return h + self.out(o).movedim(-1, 1).to(h.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.models.convs import FrameConv
-from evdm.models.norms import make_group_norm
+from evdm.models.blocks import FrameConv, make_group_norm
 
 
 class EncoderBlock(nn.Module):

@@ -20,11 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from evdm.config import Context
-from evdm.models.attention import TemporalAttention, zero_init
-from evdm.models.blocks import FiLM, Downsample, ResBlock3D, TimestepEmbedder, Upsample
+from evdm.models.blocks import (Downsample, FiLM, FrameConv, ResBlock3D, TemporalAttention, TimestepEmbedder,
+                                Upsample, make_group_norm, zero_init)
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
-from evdm.models.convs import FrameConv
-from evdm.models.norms import make_group_norm
 
 # model.direct_input -> (the blend, the context frames) fed to the stem beside x_t
 DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (False, True), "both": (True, True)}

@@ -2,7 +2,7 @@
 
 On an H200, copies were 28% of an eager bf16 training step (`aten::copy_`, `clone`, `contiguous`,
 `_to_copy`: 1,323 a step) before the norms and the attention kept the channels-last layout and the
-activations' dtype (evdm.models.norms, evdm.models.attention). `count_copies` runs a function under
+activations' dtype (evdm.models.blocks). `count_copies` runs a function under
 a dispatch mode and classifies every copy op the model's code (and autograd, for the backward)
 dispatches, so a test can bound them on a CPU and bench/gpu_check.py can report them on a GPU,
 where the same ops run. Copies of parameter-shaped tensors (autocast's weight casts, gradients

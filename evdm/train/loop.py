@@ -17,13 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from evdm.data.clips import load_val_clips
-from evdm.data.loader import TrainBatches, make_train_loader
-from evdm.data.shardset import open_checked
 from evdm.atomic import atomic_write
 from evdm.checkpoint import load_weights, make_payload, save_checkpoint, set_rng_state
 from evdm.compile import cache_in
 from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
+from evdm.data.loader import TrainBatches, load_val_clips, make_train_loader
+from evdm.data.shardset import open_checked
 from evdm.denoiser import Denoiser, resolve_device, wants_compile
 from evdm.models import adapt_conv_weights, adapt_optimizer_state
 from evdm.preemption import default_signals, stop_on_signals, stop_requested
