@@ -8,7 +8,7 @@ in a fresh process, so "first step s" holds the whole compile:
 - eager: no compile (the baseline's first step and steady ms);
 - whole, cold: torch.compile(net, fullgraph=True), as evdm compiled before issue 18, with an empty
   Inductor cache; then a batch change (its first step: the re-trace);
-- regional, cold: evdm.compile (each block in place, the batch dimension symbolic), empty cache; then
+- regional, cold: evdm.denoiser (each block in place, the batch dimension symbolic), empty cache; then
   the batch change;
 - regional, warm / whole, warm: a new process on the cache the cold row filled: what a resumed run pays.
 Rows of one variant share a cache folder in a temporary directory; the user's TORCHINDUCTOR_CACHE_DIR is

@@ -9,7 +9,7 @@
 Rows, in priority order (reference model: 64 px, T 8, context 2 + 2, base 96, mults 1 2 4, 2 res blocks,
 attention at levels 1 2; the default recipe: x0 prediction, blend residual, cosine schedule):
 1. train bf16+compile, batch 64 then 128: evdm's own training step (evdm.train.step.train_step: the
-   loss, clipping, AdamW, EMA) on a fixed uint8 batch, the blocks compiled regionally (evdm.compile):
+   loss, clipping, AdamW, EMA) on a fixed uint8 batch, the blocks compiled regionally (evdm.denoiser):
    ms/step (median of 3 after 1 warm-up), samples/s, MFU, peak memory, and "first s", the first step:
    the cold compile at 64, what a batch change costs at 128.
 2. profile bf16+compile, batch 64: the top 15 kernels by CUDA time over 3 compiled steps, the share

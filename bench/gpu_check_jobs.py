@@ -71,7 +71,7 @@ def run_train(job: dict, device, scale: str, deadline: float) -> None:
 
     from evdm.cli import one_line
     from evdm.models import count_parameters
-    from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
+    from evdm.train.report import flops_per_sample, peak_tflops, utilisation
 
     cfg = model_config(job, scale)
     flops, peak = flops_per_sample(cfg), peak_tflops(device)
@@ -290,7 +290,7 @@ def run_probe() -> int:
             facts.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                          cudnn=torch.backends.cudnn.version())
     if not missing:
-        for module in ("evdm.train.mfu", "evdm.denoiser", "evdm.train.step", "preprocess.synth"):
+        for module in ("evdm.train.report", "evdm.denoiser", "evdm.train.step", "preprocess.synth"):
             try:
                 importlib.import_module(module)
             except Exception as err:  # a broken tree: name the module and the error, run nothing

@@ -192,7 +192,7 @@ def sample_body(r: dict) -> list[str]:
 
 def compile_intro(r: dict) -> str:
     return ("What torch.compile costs before the first training step on this CPU (Inductor's C++ backend): evdm's "
-            "own step compiled as a whole model (fullgraph, as before issue 18) and regionally (evdm.compile), with "
+            "own step compiled as a whole model (fullgraph, as before issue 18) and regionally (evdm.denoiser), with "
             "an empty Inductor cache and again in a new process on the filled one (what a resumed run pays), and the "
             "first step after a batch change. Each row is a fresh process; CPU seconds say nothing of a GPU's "
             "compile (bench/gpu_check.py measures that), but the ratios show what regional compilation and the "

@@ -8,7 +8,7 @@
 What is timed is the step the trainer runs: the configured loss (the config's prediction, residual,
 schedule and temporal term), gradient clipping, AdamW under the LR schedule and the EMA update, on a
 fixed uint8 batch (compute only; the loader-fed rows below add the data). Variants: eager (fp32),
-bf16 (autocast), compile (evdm.compile: the blocks compiled regionally), all (bf16 + compile). The
+bf16 (autocast), compile (evdm.denoiser: the blocks compiled regionally), all (bf16 + compile). The
 layout is always channels_last_3d (evdm.models.blocks). On CPU every bf16 row runs in a subprocess with
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (set before torch loads) and a timeout, because oneDNN's AMX
 kernels can hang forever in the backward of some bf16 convolution shapes.

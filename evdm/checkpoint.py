@@ -1,7 +1,7 @@
 """One-file, atomic, weights_only-loadable checkpoints.
 
 Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream"}
-("stream": what the data stream depended on, evdm.train.resume; None outside the trainer, absent in older files).
+("stream": what the data stream depended on, evdm.train.outdir; None outside the trainer, absent in older files).
 Only tensors and primitives: `torch.load(path, weights_only=True)` reads it, no pickled modules.
 """
 

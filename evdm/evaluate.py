@@ -30,14 +30,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evdm.atomic import DiskFullError, atomic_write, output_problem
 from evdm import visualize
+from evdm.atomic import DiskFullError, atomic_write, output_problem
 from evdm.cli import add_speed_flags
 from evdm.config import Context, with_sample
-from evdm.denoiser import Denoiser, load_denoiser, resolve_device, to_uint8
+from evdm.denoiser import Denoiser, load_denoiser, mix_seed, resolve_device, to_uint8
 from evdm.metrics import BASELINES, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.sample_io import batched, iter_shard_clips, progress_bar
-from evdm.seeds import mix_seed
 
 LINEAR_BLEND = "linear blend"
 BLEND_COLOR = (150, 150, 150)

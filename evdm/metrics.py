@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evdm.diffusion import residual
+from evdm.diffusion.schedule import linear_blend
 
 PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB instead of inf
 SSIM_WINDOW = 11
@@ -119,11 +119,6 @@ def copy_nearest(start: torch.Tensor, end: torch.Tensor, middle_frames: int) -> 
     M = middle_frames
     nearer_start = [m + 1 <= M - m for m in range(M)]  # frame m is m + 1 after the start, M - m before the end
     return torch.cat([start[:, :, -1:] if s else end[:, :, :1] for s in nearer_start], dim=2)
-
-
-def linear_blend(start: torch.Tensor, end: torch.Tensor, middle_frames: int) -> torch.Tensor:
-    """Pixel-wise linear interpolation in time between the last start and the first end frame (float32)."""
-    return residual.linear_blend(start, end, middle_frames)
 
 
 BASELINES = {"copy nearest context": copy_nearest, "linear blend": linear_blend}

@@ -24,8 +24,7 @@ from evdm.atomic import atomic_write, folder_problem
 from evdm.config import ConfigError, Context, RunConfig, with_sample
 from evdm.data.loader import read_clips
 from evdm.data.shardset import ShardSet, expected_clip_shape
-from evdm.denoiser import Denoiser
-from evdm.seeds import mix_seed
+from evdm.denoiser import Denoiser, mix_seed
 
 
 class SamplingError(RuntimeError):

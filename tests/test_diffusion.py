@@ -266,7 +266,7 @@ def test_sampler_rejects_bad_arguments():
 
 def test_residual_blend_round_trips_through_loss_and_sampler():
     """A model that knows middle - blend scores zero loss and samples the exact middle in "blend" mode."""
-    from evdm.diffusion.residual import linear_blend
+    from evdm.diffusion.schedule import linear_blend
 
     s = make_schedule("cosine", 100)
     clip = make_clip()

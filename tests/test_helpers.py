@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from evdm.atomic import atomic_write
-from evdm.seeds import mix_seed
+from evdm.denoiser import mix_seed
 from evdm.train import step_seed
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evdm.train.outdir import lock_out_dir
-from evdm.train.runlog import read_metrics
 from conftest import ROOT, load_tiny, run_cli, set_args, tiny_overrides
+from evdm.train.outdir import lock_out_dir
+from evdm.train.report import read_metrics
 
 QUICK = {"train.preview_every": 1000}  # no previews: sampling and MP4s cost more than these tests' steps
 LONG = {**QUICK, "train.max_steps": 100_000, "train.val_every": 100_000, "train.ckpt_every": 100_000,

@@ -254,12 +254,12 @@ def test_dropout_config_is_used():
 
 @pytest.mark.slow
 def test_tiny_model_compiles_regionally_with_inductor(tmp_path, monkeypatch):
-    """evdm.compile on the real backend (Inductor's C++ on a CPU): the blocks' compiled forms (the
+    """evdm.denoiser on the real backend (Inductor's C++ on a CPU): the blocks' compiled forms (the
     norms' fp32-statistics functions, the broadcast attention) give the eager model's outputs, the
     attention is not pattern-matched back into SDPA, and another batch size compiles no new graph."""
     from torch._dynamo.utils import counters
 
-    from evdm.compile import compile_regions
+    from evdm.denoiser import compile_regions
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     cfg = tiny_cfg(T=6, K=2, channel_mults=(1, 2), temporal_attn_levels=(0, 1))
@@ -282,7 +282,7 @@ def test_tiny_model_compiles_regionally_with_inductor(tmp_path, monkeypatch):
 def test_direct_input_hands_the_endpoints_to_the_stem(direct_input, extra):
     """The stem sees x_t plus `extra` channels: the blend the residual uses, and/or every context frame
     beside every middle frame; none of them in guidance's null branch. Only the stem grows."""
-    from evdm.diffusion.residual import linear_blend
+    from evdm.diffusion.schedule import linear_blend
 
     cfg = tiny_cfg(direct_input=direct_input)
     model = build_model(cfg)

@@ -1,4 +1,4 @@
-"""--resume when it cannot be exact (evdm.train.resume) and when last.pt is damaged (evdm.train.outdir).
+"""--resume when it cannot be exact (evdm.train.outdir) and when last.pt is damaged (evdm.train.outdir).
 
 Tiny runs on conftest's shards: a checkpoint records what the data stream depends on; a resume that
 would skip or repeat clips unseen is refused in one line, every other difference gets one warning line,
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import load_tiny, make_train_shards, run_cli, set_args, tiny_overrides
-from evdm.data.shardset import ShardSet
 from evdm.checkpoint import CheckpointError, load_checkpoint
+from evdm.data.shardset import ShardSet
 
 QUICK = {"train.preview_every": 1000}  # no previews: sampling costs more than these tests' steps
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, TRAIN_SIZE, TRAIN_T, load_tiny, make_train_shards, run_cli, set_args, tiny_overrides
 from evdm.config import ConfigError, load_config
-from evdm.train.runlog import read_metrics
+from evdm.train.report import read_metrics
 
 T, SIZE = TRAIN_T, TRAIN_SIZE
 
@@ -217,12 +217,12 @@ def test_fp16_trains_with_a_grad_scaler_that_resumes(shard_dir, tmp_path):
 
 @pytest.mark.slow
 def test_torch_compile_inside_train(shard_dir, tmp_path, monkeypatch):
-    """train.compile = "on" on a CPU: every repeated block is compiled in place (evdm.compile) with
+    """train.compile = "on" on a CPU: every repeated block is compiled in place (evdm.denoiser) with
     fullgraph=True, so a graph break fails here; checkpoints hold the plain keys.
 
     The aot_eager backend: Dynamo and AOTAutograd trace the real forward and backward, but Inductor's C++
     build of them is skipped: it took over 300 s on a loaded 2-core machine (GPU runs cover Inductor)."""
-    from evdm.compile import REGIONS
+    from evdm.denoiser import REGIONS
     from evdm.models import build_model
     from evdm.train import train
 
@@ -247,7 +247,7 @@ def test_torch_compile_inside_train(shard_dir, tmp_path, monkeypatch):
 
 
 def test_compile_caches_go_to_the_run_unless_the_user_chose(tmp_path, monkeypatch):
-    from evdm.compile import CACHE_ENV, cache_in
+    from evdm.denoiser import CACHE_ENV, cache_in
 
     monkeypatch.delenv(CACHE_ENV, raising=False)
     assert cache_in(tmp_path / "run" / "compile_cache") == (tmp_path / "run" / "compile_cache").resolve()

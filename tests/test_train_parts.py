@@ -10,9 +10,9 @@ from rich.console import Console
 
 from evdm import checkpoint
 from evdm.config import TrainConfig
-from evdm.train.dashboard import Dashboard
-from evdm.train.ema import ema_decay_at, make_ema, update_ema
-from evdm.train.runlog import append_metrics, plot_losses, read_metrics, truncate_metrics
+from evdm.train.report import Dashboard
+from evdm.train.step import ema_decay_at, make_ema, update_ema
+from evdm.train.report import append_metrics, plot_losses, read_metrics, truncate_metrics
 from evdm.train import lr_at, step_seed
 
 
@@ -135,7 +135,7 @@ def test_flops_per_sample_matches_a_real_count_and_the_reference():
 
     from evdm.config import DataConfig, ModelConfig, RunConfig
     from evdm.models import build_model
-    from evdm.train.mfu import flops_per_sample
+    from evdm.train.report import flops_per_sample
 
     cfg = RunConfig(data=DataConfig(size=16), model=ModelConfig(base_channels=8, channel_mults=(1, 2), res_blocks=1,
                                                                 temporal_attn_levels=(1,), attn_head_channels=4))
@@ -151,7 +151,7 @@ def test_flops_per_sample_matches_a_real_count_and_the_reference():
 
 
 def test_peak_tflops_by_name_and_override(monkeypatch):
-    from evdm.train.mfu import peak_tflops, utilisation
+    from evdm.train.report import peak_tflops, utilisation
 
     assert peak_tflops(torch.device("cpu")) is None
     assert peak_tflops(torch.device("cpu"), 100.0) == 100.0

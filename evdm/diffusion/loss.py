@@ -6,8 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from evdm.diffusion.residual import residual_base
-from evdm.diffusion.schedule import Schedule, extract, q_sample, split_output, training_target
+from evdm.diffusion.schedule import Schedule, extract, q_sample, residual_base, split_output, training_target
 
 
 class Draws(NamedTuple):
@@ -67,7 +66,7 @@ def diffusion_loss(
     carries the eps error times sqrt((1-ab)/ab) (up to ~160x at t = 999, linear schedule), which
     would otherwise let the noisiest steps dominate; at low noise the weight is ~1.
     residual: "none" diffuses the middle frames, "blend" their difference from the linear blend of
-    the endpoints (evdm.diffusion.residual); the temporal term always compares whole frames.
+    the endpoints (evdm.diffusion.schedule); the temporal term always compares whole frames.
     Returns (loss: float32 scalar, stats: {"mse", "temporal"} detached float32 scalars).
     """
     t, noise, cond_drop = draws

@@ -1,8 +1,14 @@
-"""Noise schedules, the forward process q(x_t | x0) and the one eps / x0 / v converter.
+"""Noise schedules, the forward process q(x_t | x0), the one eps / x0 / v converter, and the residual.
 
 Pure functions over tensors; randomness is always passed in. Every per-timestep quantity is
 computed in float64 and stored float32 (`Schedule`), and read through one broadcast helper
 (`extract`). Index convention: t in [0, timesteps), t = 0 is the least noisy step.
+
+The optional residual parameterisation: with `diffusion.residual = "blend"` the model denoises
+r = middle - blend(start, end) instead of the middle itself, and sampling adds the blend back. The
+blend already explains the static background and slow changes, so a small model spends its capacity
+on the motion (the idea of residual video diffusion, Yang et al. 2022, with the cheapest
+deterministic predictor). "none" diffuses the middle frames directly.
 """
 
 from __future__ import annotations
@@ -151,3 +157,26 @@ def output_from(
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
+RESIDUALS = ("none", "blend")
+
+
+def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_frames: int) -> torch.Tensor:
+    """Pixel-wise linear interpolation in time from the last start frame to the first end frame.
+
+    start_context, end_context: [B, C, K, H, W] -> float32 [B, C, M, H, W]; middle frame i sits at
+    weight (i + 1) / (M + 1) between them, as if the frames were evenly spaced.
+    """
+    M = middle_frames
+    w = torch.arange(1, M + 1, dtype=torch.float32, device=start_context.device).div_(M + 1).view(1, 1, M, 1, 1)
+    first, last = start_context[:, :, -1:].float(), end_context[:, :, :1].float()
+    return torch.lerp(first, last, w)
+
+
+def residual_base(residual: str, start_context: torch.Tensor, end_context: torch.Tensor,
+                  middle_frames: int) -> torch.Tensor | None:
+    """What the diffused variable is relative to: the blend, or None (the middle itself)."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
+    return linear_blend(start_context, end_context, middle_frames) if residual == "blend" else None

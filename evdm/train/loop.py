@@ -19,20 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from evdm.atomic import atomic_write
 from evdm.checkpoint import load_weights, make_payload, save_checkpoint, set_rng_state
-from evdm.compile import cache_in
 from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
 from evdm.data.loader import TrainBatches, load_val_clips, make_train_loader
 from evdm.data.shardset import open_checked
-from evdm.denoiser import Denoiser, resolve_device, wants_compile
+from evdm.denoiser import Denoiser, cache_in, resolve_device, wants_compile
 from evdm.models import adapt_conv_weights, adapt_optimizer_state
 from evdm.preemption import default_signals, stop_on_signals, stop_requested
-from evdm.train.dashboard import Dashboard
-from evdm.train.mfu import flops_per_sample, peak_tflops, utilisation
-from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
-from evdm.train.preview import write_preview
-from evdm.train.resume import Stream, run_stream
-from evdm.train.runlog import (TensorBoardLog, append_metrics, check_tensorboard, plot_losses, read_metrics,
-                               truncate_metrics)
+from evdm.train.outdir import Stream, check_out_dir, clear_run, lock_out_dir, run_stream
+from evdm.train.report import (Dashboard, TensorBoardLog, append_metrics, check_tensorboard, flops_per_sample,
+                               peak_tflops, plot_losses, read_metrics, truncate_metrics, utilisation, write_preview)
 from evdm.train.step import StepResult, Trainer, draws_for, lr_at, make_trainer, step_seed, train_step
 
 VAL_SEED = 1234  # fixed noise and timesteps for every validation
@@ -174,7 +169,7 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them (stop_agreed).
     stop_group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() == "nccl" else None
     # The stream is a function of (seed, rank, worker, batches consumed): resume continues it, exactly when
-    # nothing else it depends on changed (evdm.train.resume).
+    # nothing else it depends on changed (evdm.train.outdir).
     loader = make_train_loader(cfg, train_set, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
                                     start_batch=stream.start_batch(step))
     run = Run(cfg=cfg, rank=rank, world_size=world_size, trainer=trainer, loader=loader,

@@ -3,12 +3,13 @@
 The one step of evdm: the training loop runs it, and so do the benchmarks (bench/train_step.py,
 bench/gpu_check_jobs.py), the tests' checkpoint makers and the overfit test, so what they time or
 train is what users train: the configured loss, prediction and residual, gradient accumulation and
-clipping, the AdamW update under the LR schedule, the EMA.
+clipping, the AdamW update under the LR schedule, the EMA (fp32, a full module copy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -18,11 +19,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from evdm.config import RunConfig, TrainConfig
-from evdm.denoiser import Denoiser
+from evdm.denoiser import Denoiser, mix_seed
 from evdm.diffusion import Draws, draw_training_noise
 from evdm.models import build_model
-from evdm.seeds import mix_seed
-from evdm.train.ema import ema_decay_at, make_ema, update_ema
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -125,3 +124,31 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
     if trainer.ema is not None:
         update_ema(trainer.ema.net, den.net, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
     return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr, wait_s=wait_s)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """Decay with warm-up: early averages forget fast so the EMA is not stuck at init.
+
+    Ramp (1 + step) / (10 + step), capped at `decay`, as in TF's ExponentialMovingAverage
+    with num_updates.
+    """
+    if not warmup:
+        return decay
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen fp32 copy of `model` in eval mode."""
+    ema = copy.deepcopy(model).float().eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied."""
+    ema_params = list(ema.parameters())
+    model_params = [p.detach().float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)

@@ -1,0 +1,291 @@
+"""What a run reports: the live dashboard, metrics.jsonl, loss.png, TensorBoard events, previews, MFU.
+
+- Dashboard: a rich progress bar with stats on a terminal, plain log lines otherwise.
+- Run logs on disk: metrics.jsonl (one record per log step), loss.png (train/val curves) and, when
+  train.tensorboard is on, the same numbers and the preview strips as TensorBoard events.
+- Previews: a few val clips filled in by the (EMA) model, as a PNG strip and an MP4; the same clips,
+  noise and steps every time, so previews from different steps are comparable.
+- MFU = achieved model FLOP/s per GPU / the GPU's dense bf16 peak (PaLM, Chowdhery et al. 2022,
+  app. B; nanoGPT prints it). The FLOPs are counted, not estimated: FlopCounterMode runs the real
+  model's forward and backward once on the meta device (shapes only, no memory, no time), so the
+  count follows every config change. Convolutions, matmuls and attention are counted; elementwise
+  work (norms, activations) is not, as usual for MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from evdm import visualize
+from evdm.atomic import atomic_write, disk_full_as_error
+from evdm.config import ConfigError, RunConfig
+from evdm.denoiser import Denoiser
+
+
+def format_stats(stats: dict) -> dict[str, str]:
+    """Human-readable values for the known stats keys; missing keys are left out."""
+    fmt = {
+        "epoch": lambda v: f"{v:.2f}",
+        "loss": lambda v: f"{v:.4f}",
+        "val_loss": lambda v: f"{v:.4f}",
+        "lr": lambda v: f"{v:.2e}",
+        "grad_norm": lambda v: f"{v:.3f}",
+        "samples_per_s": lambda v: f"{v:.1f}",
+        "tflops": lambda v: f"{v:.1f} TFLOP/s",
+        "mfu": lambda v: f"{100 * v:.1f}% MFU",
+        "data_wait": lambda v: f"{100 * v:.1f}%",
+        "gpu_mem_gb": lambda v: f"{v:.2f} GiB",
+    }
+    return {k: f(stats[k]) for k, f in fmt.items() if stats.get(k) is not None}
+
+
+class Dashboard:
+    """Shows step, ETA, samples/s, smoothed loss, val loss, lr, data-wait % and GPU memory.
+
+    Use as a context manager; `enabled=False` (non-zero ranks) makes every call a no-op.
+    """
+
+    def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True, console: Console | None = None):
+        self.enabled = enabled
+        self.console = console or Console()
+        self.live_mode = enabled and self.console.is_terminal
+        self.total_steps = total_steps
+        self.start_time = time.perf_counter()
+        self.start_step = start_step
+        self.stats: dict = {}
+        if self.live_mode:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step)
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4)
+
+    def _render(self) -> Group:
+        table = Table.grid(padding=(0, 2))
+        shown = format_stats(self.stats)
+        table.add_row(*[f"[dim]{k}[/] {v}" for k, v in shown.items()] or ["[dim]waiting for the first log step[/]"])
+        return Group(self.progress, table)
+
+    def __enter__(self) -> "Dashboard":
+        if self.live_mode:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live_mode:
+            self.live.__exit__(*exc)
+
+    def update(self, step: int, stats: dict) -> None:
+        """Called at log time with the latest reduced stats."""
+        if not self.enabled:
+            return
+        self.stats.update({k: v for k, v in stats.items() if v is not None})
+        if self.live_mode:
+            self.progress.update(self.task, completed=step)
+            self.live.update(self._render())
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{k} {v}" for k, v in format_stats(self.stats).items()]
+        parts.append(f"eta {eta:.0f}s")
+        self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+
+def append_metrics(path: str | Path, record: dict) -> None:
+    """Append one JSON line; flushed so a crash loses at most the line being written. On a full disk,
+    DiskFullError, and the file is cut back to its whole lines."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    with disk_full_as_error(path, cleanup=lambda: os.truncate(path, size) if path.exists() else None):
+        with open(path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line after a crash
+    return records
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop records past `last_step` (those a resumed run will redo)."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records)))
+
+
+def plot_losses(records: list[dict], path: str | Path) -> None:
+    """Train and val loss against step on a log-scale y axis, with ticks, labels and a legend; written
+    atomically as PNG. Matplotlib's Agg canvas directly: no pyplot, so no GUI backend and no global state."""
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, label, style in (("loss", "train loss", "-"), ("val_loss", "val loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > 0]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), keep_extension=True)
+
+
+def check_tensorboard() -> None:
+    """ConfigError (one line, how to install) when train.tensorboard is on but tensorboard is missing."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (raises ImportError without the tensorboard package)
+    except ImportError:
+        raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard "
+                          "(or pip install -e '.[tensorboard]')") from None
+
+
+class TensorBoardLog:
+    """TensorBoard logs under `log_dir` (train.tensorboard): every number of a metrics.jsonl record as a
+    scalar of the same name, preview strips as images.
+
+    Use as a context manager; `enabled=False` (the default config, non-zero ranks) makes every call a no-op.
+    purge_step: a resumed run's first new step; events a crashed run logged from there on are hidden.
+    """
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def __enter__(self) -> "TensorBoardLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def scalars(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
+
+PREVIEW_SEED = 4321
+
+
+@torch.no_grad()
+def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_dir: str | Path,
+                  step: int) -> list[Path]:
+    """Sample the first `train.preview_clips` val clips and write step_XXXXXXX.png / .mp4 under out_dir.
+
+    val_u8: uint8 [N, C, T, H, W] (the loader's layout). Sampled with cfg.sample's settings at
+    train.preview_steps steps and eta 0. The PNG stacks, per clip, a truth row over a sample row
+    (context framed blue); the MP4 plays truth | sample side by side for every clip. The PNG is always
+    written; the MP4 is skipped, with one warning, when ffmpeg is missing or fails. Returns the paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = denoiser.net.training
+    denoiser.eval()
+    clips = val_u8[: cfg.train.preview_clips].permute(0, 2, 3, 4, 1).cpu().numpy()  # [B, T, H, W, C]
+    starts, _, ends = cfg.context.split(clips, axis=1)
+    settings = dataclasses.replace(cfg.sample, steps=cfg.train.preview_steps, eta=0.0)
+    generator = torch.Generator(device=denoiser.device).manual_seed(PREVIEW_SEED)
+    samples = denoiser.generate_u8(starts, ends, settings, generator=generator)
+    denoiser.train(was_training)
+
+    K, size = cfg.context, cfg.data.size
+    strips = [visualize.comparison_strip(truth, sample, K, scale=visualize.strip_scale(size))
+              for truth, sample in zip(clips, samples)]
+    png = out_dir / f"step_{step:07d}.png"
+    visualize.save_png(np.concatenate(strips, axis=0), png)
+    # Video frame t: each clip's truth frame t next to its sample frame t, clips stacked vertically.
+    pairs = np.concatenate([clips, samples], axis=3)  # [B, T, H, 2W, C]
+    frames = np.concatenate(list(pairs), axis=1)  # [T, B*H, 2W, C]
+    mp4 = out_dir / f"step_{step:07d}.mp4"
+    scale = visualize.video_scale(size)
+    return [png, mp4] if visualize.try_save_video(frames, mp4, fps=visualize.FPS, scale=scale) else [png]
+
+
+# Dense bf16 tensor-core peak per GPU, TFLOP/s, from the vendors' data sheets; the first name
+# contained in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("RTX 4090", 165.2),
+)
+
+
+def flops_per_sample(cfg: RunConfig) -> float:
+    """Forward + backward FLOPs of the denoiser for one training sample at cfg's shapes.
+
+    The model is built on the meta device from cfg (same graph the trainer runs, at batch 1:
+    every layer's cost is linear in the batch)."""
+    from evdm.models import build_model
+
+    d = cfg.data
+    (Ks, Ke), M, S = cfg.context, cfg.middle_frames, d.size
+    with torch.device("meta"):
+        model = build_model(cfg)
+        x_t = torch.empty(1, cfg.channels, M, S, S)
+        start, end = torch.empty(1, cfg.channels, Ks, S, S), torch.empty(1, cfg.channels, Ke, S, S)
+        t = torch.zeros(1, dtype=torch.long)
+        drop = torch.zeros(1, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        model(x_t, t, start, end, drop).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """Dense bf16 peak TFLOP/s of `device`: `override` when > 0, else the data-sheet value of a
+    known GPU; None on CPU or an unknown GPU (MFU is then not reported)."""
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def utilisation(samples_per_s_per_gpu: float, flops: float, peak: float | None) -> tuple[float, float | None]:
+    """(achieved TFLOP/s per GPU, MFU in [0, 1] or None when the peak is unknown)."""
+    tflops = samples_per_s_per_gpu * flops / 1e12
+    return tflops, (tflops / peak if peak else None)
