@@ -35,9 +35,8 @@ import torch.fx.experimental._config
 
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights
 from evdm.config import ConfigError, Context, RunConfig, SampleConfig
-from evdm.diffusion import Draws, Schedule, diffusion_loss, guided_output, make_schedule, sample, split_output
-from evdm.diffusion.samplers import apply_dynamic_threshold
-from evdm.diffusion.schedule import residual_base
+from evdm.diffusion import (Draws, Schedule, apply_dynamic_threshold, diffusion_loss, guided_output, make_schedule,
+                            residual_base, sample, split_output)
 from evdm.models import adapt_conv_weights, build_model
 from evdm.models.blocks import ResBlock3D, TemporalAttention
 from evdm.models.conditioning import EncoderBlock, EndpointFusion
@@ -136,7 +135,7 @@ class Denoiser:
     # ---- training ----------------------------------------------------------------------------------
 
     def loss(self, clip: torch.Tensor, draws: Draws, *, temporal_loss_weight: float) -> tuple[torch.Tensor, dict]:
-        """The diffusion loss of clips [B, C, T, H, W] in [-1, 1] (evdm.diffusion.loss)."""
+        """The diffusion loss of clips [B, C, T, H, W] in [-1, 1] (evdm.diffusion)."""
         start, middle, end = self.context.split(clip)
         return diffusion_loss(self.output, self.schedule, start, middle, end, draws, prediction=self.prediction,
                               temporal_loss_weight=temporal_loss_weight, residual=self.residual)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evdm.diffusion.schedule import linear_blend
+from evdm.diffusion import linear_blend
 
 PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB instead of inf
 SSIM_WINDOW = 11

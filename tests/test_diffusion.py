@@ -7,9 +7,9 @@ import torch
 
 from evdm.config import Context, SampleConfig
 from evdm.denoiser import Denoiser
-from evdm.diffusion import Draws, diffusion_loss, draw_training_noise, make_schedule, q_sample
-from evdm.diffusion.samplers import apply_dynamic_threshold, guided_output, sampling_timesteps
-from evdm.diffusion.schedule import eps_from_x0, output_from, split_output, training_target
+from evdm.diffusion import (Draws, apply_dynamic_threshold, diffusion_loss, draw_training_noise, eps_from_x0,
+                            guided_output, make_schedule, output_from, q_sample, sampling_timesteps, split_output,
+                            training_target)
 
 B, C, K, M, H, W = 2, 3, 2, 3, 8, 8
 CONTEXT = Context(K, K)
@@ -266,7 +266,7 @@ def test_sampler_rejects_bad_arguments():
 
 def test_residual_blend_round_trips_through_loss_and_sampler():
     """A model that knows middle - blend scores zero loss and samples the exact middle in "blend" mode."""
-    from evdm.diffusion.schedule import linear_blend
+    from evdm.diffusion import linear_blend
 
     s = make_schedule("cosine", 100)
     clip = make_clip()

@@ -282,7 +282,7 @@ def test_tiny_model_compiles_regionally_with_inductor(tmp_path, monkeypatch):
 def test_direct_input_hands_the_endpoints_to_the_stem(direct_input, extra):
     """The stem sees x_t plus `extra` channels: the blend the residual uses, and/or every context frame
     beside every middle frame; none of them in guidance's null branch. Only the stem grows."""
-    from evdm.diffusion.schedule import linear_blend
+    from evdm.diffusion import linear_blend
 
     cfg = tiny_cfg(direct_input=direct_input)
     model = build_model(cfg)

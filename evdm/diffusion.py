@@ -1,0 +1,376 @@
+"""Diffusion math, pure functions over tensors (torch only; randomness is always passed in): noise
+schedules, the forward process q(x_t | x0), the one eps / x0 / v converter, the residual, the training
+loss, and the DDPM / DDIM samplers with classifier-free guidance (k-diffusion style).
+
+Every per-timestep quantity is computed in float64 and stored float32 (`Schedule`), and read through
+one broadcast helper (`extract`). Index convention: t in [0, timesteps), t = 0 is the least noisy step.
+
+The residual (`diffusion.residual = "blend"`): the model denoises r = middle - blend(start, end) and
+sampling adds the blend back. The blend explains the static background and slow changes, so a small
+model spends its capacity on the motion (residual video diffusion, Yang et al. 2022, with the cheapest
+deterministic predictor); "none" diffuses the middle frames directly.
+
+`sample(x0_fn, s, x_T, ...)` runs a chain over any denoiser given as x0_fn(x_t, t, t_int) -> x0 (t_int:
+the step's timestep as a Python int, for choices made on the host without a sync);
+evdm.denoiser.Denoiser.generate builds that function and puts the context frames back. The step
+functions take (x_t, x0, eps) with eps re-derived from x0, so no sampler branches on the prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple
+
+import torch
+
+PREDICTIONS = ("eps", "v", "x0")
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-timestep constants, float32 1-D tensors of length `timesteps`."""
+
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor  # alpha_bar_t
+    alphas_cumprod_prev: torch.Tensor  # alpha_bar_{t-1}, with alpha_bar_{-1} = 1
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor  # beta~_t, DDPM eq. 7
+
+    @property
+    def timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def to(self, device: torch.device | str) -> Schedule:
+        """The same schedule with every tensor on `device`."""
+        return Schedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def linear_betas(timesteps: int) -> torch.Tensor:
+    """DDPM linear betas 1e-4 .. 0.02 at 1000 steps, scaled by 1000/timesteps (Improved DDPM, sec. 3)."""
+    scale = 1000.0 / timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) pi/2) (Improved DDPM, eq. 17)."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)  # Improved DDPM, clip at 0.999
+
+
+def make_schedule(kind: str = "linear", timesteps: int = 1000) -> Schedule:
+    """Build a `Schedule`: kind in {"linear", "cosine"}, `timesteps` >= 1 training steps."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    betas = linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # DDPM eq. 7
+    f32 = lambda x: x.to(torch.float32)  # noqa: E731
+    return Schedule(
+        betas=f32(betas),
+        alphas_cumprod=f32(alphas_cumprod),
+        alphas_cumprod_prev=f32(alphas_cumprod_prev),
+        sqrt_alphas_cumprod=f32(alphas_cumprod.sqrt()),
+        sqrt_one_minus_alphas_cumprod=f32((1.0 - alphas_cumprod).sqrt()),
+        posterior_variance=f32(posterior_variance),
+    )
+
+
+def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """values[t] shaped [B, 1, ..., 1] (ndim dims) to broadcast against a [B, ...] tensor.
+
+    values: [timesteps] float32; t: int64 [B]. Negative t (the step "before" t = 0) reads as
+    alpha_bar = 1 only through `alpha_bar_at`, not here.
+    """
+    return values.to(t.device)[t].reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+def alpha_bar_at(s: Schedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """alpha_bar_t broadcastable to ndim dims, with alpha_bar = 1 for t < 0 (the clean end)."""
+    ab = extract(s.alphas_cumprod, t.clamp(min=0), ndim)
+    return torch.where(t.reshape(ab.shape) < 0, torch.ones_like(ab), ab)
+
+
+def q_sample(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4).
+
+    x0, noise: [B, ...]; t: int64 [B] in [0, timesteps). Returns x_t: [B, ...] in x0's dtype.
+    """
+    a = extract(s.sqrt_alphas_cumprod, t, x0.ndim)
+    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+    return (a * x0 + sigma * noise).to(x0.dtype)
+
+
+def v_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, sec. 4 / app. D)."""
+    a = extract(s.sqrt_alphas_cumprod, t, x0.ndim)
+    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+    return a * noise - sigma * x0
+
+
+def training_target(
+    s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
+) -> torch.Tensor:
+    """What the network regresses: the noise ("eps"), v ("v") or the clean sample itself ("x0")."""
+    _check_prediction(prediction)
+    if prediction == "x0":
+        return x0
+    return noise if prediction == "eps" else v_target(s, x0, t, noise)
+
+
+def split_output(
+    s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE eps / x0 / v converter: network output -> (x0, eps), both float32 [B, ...].
+
+    t may contain -1 (alpha_bar = 1) only for prediction="v"; samplers never call it there.
+    eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)           (DDPM eq. 15)
+    v:   x0 = sqrt(ab) x_t - sqrt(1-ab) v;  eps = sqrt(1-ab) x_t + sqrt(ab) v   (Salimans & Ho, eq. 12)
+    x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)                 (DDPM eq. 4 solved for eps)
+    """
+    _check_prediction(prediction)
+    x_t, out = x_t.float(), out.float()
+    a = extract(s.sqrt_alphas_cumprod, t, x_t.ndim)
+    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+    if prediction == "eps":
+        return (x_t - sigma * out) / a, out
+    if prediction == "x0":
+        return out, (x_t - a * out) / sigma
+    return a * x_t - sigma * out, sigma * x_t + a * out
+
+
+def eps_from_x0(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab): inverse of DDPM eq. 4 for the noise."""
+    a = extract(s.sqrt_alphas_cumprod, t, x_t.ndim)
+    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+    return (x_t.float() - a * x0) / sigma
+
+
+def output_from(
+    s: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, prediction: str
+) -> torch.Tensor:
+    """(x0, eps) -> the network output for `prediction`: the inverse of `split_output`."""
+    return training_target(s, x0, t, eps, prediction)
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
+RESIDUALS = ("none", "blend")
+
+
+def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_frames: int) -> torch.Tensor:
+    """Pixel-wise linear interpolation in time from the last start frame to the first end frame.
+
+    start_context, end_context: [B, C, K, H, W] -> float32 [B, C, M, H, W]; middle frame i sits at
+    weight (i + 1) / (M + 1) between them, as if the frames were evenly spaced.
+    """
+    M = middle_frames
+    w = torch.arange(1, M + 1, dtype=torch.float32, device=start_context.device).div_(M + 1).view(1, 1, M, 1, 1)
+    first, last = start_context[:, :, -1:].float(), end_context[:, :, :1].float()
+    return torch.lerp(first, last, w)
+
+
+def residual_base(residual: str, start_context: torch.Tensor, end_context: torch.Tensor,
+                  middle_frames: int) -> torch.Tensor | None:
+    """What the diffused variable is relative to: the blend, or None (the middle itself)."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
+    return linear_blend(start_context, end_context, middle_frames) if residual == "blend" else None
+
+
+class Draws(NamedTuple):
+    """All the randomness of one training step: t int64 [B], noise float32 [B, C, M, H, W], cond_drop bool [B]."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    cond_drop: torch.Tensor
+
+
+def draw_training_noise(
+    middle_shape: tuple[int, ...],
+    *,
+    timesteps: int,
+    cfg_drop_prob: float,
+    noise_offset: float,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+) -> Draws:
+    """The randomness of one training step, drawn from `generator` (in this order: t, noise, offset, drop).
+
+    middle_shape: (B, C, M, H, W). t uniform in [0, timesteps); noise N(0, 1) plus `noise_offset` times
+    a per-(sample, channel) N(0, 1) constant (the "offset noise" trick, Guttenberg 2023, which lets the
+    model shift a frame's mean brightness); cond_drop True with probability `cfg_drop_prob`
+    (classifier-free guidance, Ho & Salimans 2022, sec. 3.2).
+    """
+    B, C = middle_shape[0], middle_shape[1]
+    t = torch.randint(0, timesteps, (B,), generator=generator, device=device)
+    noise = torch.randn(middle_shape, generator=generator, device=device)
+    offset = torch.randn((B, C) + (1,) * (len(middle_shape) - 2), generator=generator, device=device)
+    noise = noise + noise_offset * offset
+    cond_drop = torch.rand((B,), generator=generator, device=device) < cfg_drop_prob
+    return Draws(t, noise, cond_drop)
+
+
+def diffusion_loss(
+    output: Callable[..., torch.Tensor],
+    s: Schedule,
+    start: torch.Tensor,
+    middle: torch.Tensor,
+    end: torch.Tensor,
+    draws: Draws,
+    *,
+    prediction: str,
+    temporal_loss_weight: float,
+    residual: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion loss on the middle frames of a clip, conditioned on its endpoints.
+
+    start [B, C, K_start, H, W], middle [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1];
+    output(x_t, t, start, end, cond_drop) -> the network's fp32 output for the noisy diffused variable.
+    loss = MSE(output, eps / v / x0 target) over the middle frames only
+         + temporal_loss_weight * temporal, where `temporal` is the MSE between the frame-to-frame
+           differences of [last start frame, predicted x0 middle, first end frame] and those of the
+           true clip over the same frames, so motion across both boundaries is penalised.
+    The temporal term is weighted per sample by alpha_bar_t: x0 recovered from an eps prediction
+    carries the eps error times sqrt((1-ab)/ab) (up to ~160x at t = 999, linear schedule), which
+    would otherwise let the noisiest steps dominate; at low noise the weight is ~1.
+    residual: "none" diffuses the middle frames, "blend" their difference from the linear blend of
+    the endpoints (evdm.diffusion); the temporal term always compares whole frames.
+    Returns (loss: float32 scalar, stats: {"mse", "temporal"} detached float32 scalars).
+    """
+    t, noise, cond_drop = draws
+    base = residual_base(residual, start, end, middle.shape[2])
+    x0 = middle.float() if base is None else middle.float() - base
+    x_t = q_sample(s, x0.to(middle.dtype), t, noise.to(middle.dtype))
+    out = output(x_t, t, start, end, cond_drop)
+    target = training_target(s, x0, t, noise.float(), prediction)
+    mse = torch.mean((out.float() - target) ** 2)
+
+    x0_pred, _ = split_output(s, x_t, t, out, prediction)
+    if base is not None:
+        x0_pred = x0_pred + base
+    first, last = start[:, :, -1:].float(), end[:, :, :1].float()
+    pred_path = torch.cat([first, x0_pred, last], dim=2)
+    true_path = torch.cat([first, middle.float(), last], dim=2)
+    diff_err = (pred_path.diff(dim=2) - true_path.diff(dim=2)) ** 2
+    weight = extract(s.alphas_cumprod, t, middle.ndim)
+    temporal = torch.mean(weight * diff_err)
+
+    loss = mse + temporal_loss_weight * temporal
+    return loss, {"mse": mse.detach(), "temporal": temporal.detach()}
+
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` descending training timesteps from timesteps-1 to 0, evenly spaced (both ends kept)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be in [1, timesteps={timesteps}], got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return [round((timesteps - 1) * (1 - i / (steps - 1))) for i in range(steps)]
+
+
+def apply_dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Imagen dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = max(1, the
+    `percentile` quantile of |x0|); clip x0 to [-s, s] and divide by s. x0: [B, ...] float."""
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    q = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
+    q = q.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, q), -q) / q
+
+
+def ddim_step(
+    s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+    x0: torch.Tensor, eps: torch.Tensor, eta: float, noise: torch.Tensor,
+) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12; sigma from eq. 16).
+
+    t, t_prev: int64 [B] (t_prev = -1 means the clean end, alpha_bar = 1); x0, eps, noise: [B, ...].
+    """
+    ab = alpha_bar_at(s, t, x_t.ndim)
+    ab_prev = alpha_bar_at(s, t_prev, x_t.ndim)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()  # eq. 16
+    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+    return ab_prev.sqrt() * x0 + direction + sigma * noise
+
+
+def ddpm_step(
+    s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+    x0: torch.Tensor, noise: torch.Tensor,
+) -> torch.Tensor:
+    """One ancestral step: a draw from the posterior q(x_{t_prev} | x_t, x0) (DDPM eqs. 6-7),
+    with the betas of the respaced chain beta' = 1 - ab_t / ab_prev (Improved DDPM, sec. 4)
+    so any subsequence of timesteps works; with every timestep it is exactly DDPM."""
+    ab = alpha_bar_at(s, t, x_t.ndim)
+    ab_prev = alpha_bar_at(s, t_prev, x_t.ndim)
+    alpha = ab / ab_prev
+    beta = 1 - alpha
+    mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + (alpha.sqrt() * (1 - ab_prev) / (1 - ab)) * x_t
+    var = beta * (1 - ab_prev) / (1 - ab)  # beta~, DDPM eq. 7; 0 at the last step
+    return mean + var.clamp(min=0).sqrt() * noise
+
+
+def guided_output(
+    output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+    start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null).
+
+    Both branches run in one batched forward of 2B; guidance_scale == 1 runs the conditional
+    branch alone. The combination is linear, so it is the same in eps, v or x0 space.
+    """
+    B = x_t.shape[0]
+    if guidance_scale == 1.0:
+        return output(x_t, t, start_context, end_context, torch.zeros(B, dtype=torch.bool, device=x_t.device))
+    cond_drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
+    out = output(
+        torch.cat([x_t, x_t]), torch.cat([t, t]),
+        torch.cat([start_context, start_context]), torch.cat([end_context, end_context]), cond_drop,
+    ).float()
+    cond, null = out[:B], out[B:]
+    return null + guidance_scale * (cond - null)
+
+
+def sample(
+    x0_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    s: Schedule,
+    x_T: torch.Tensor,
+    *,
+    sampler: str = "ddim",
+    steps: int = 40,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run the reverse chain from x_T [B, ...] over `steps` respaced timesteps; returns x_0 (not clamped).
+
+    x0_fn(x_t, t, t_int) -> the x0 estimate at x_t (t: int64 [B], all equal to t_int). sampler: "ddim" (eta = 0 is deterministic)
+    or "ddpm" (ancestral; steps = timesteps is the original chain). Fresh noise per step comes from
+    `generator`, after whatever drew x_T.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    B, device = x_T.shape[0], x_T.device
+    ts = sampling_timesteps(s.timesteps, steps)
+    x = x_T
+    for i, t_int in enumerate(ts):
+        t = torch.full((B,), t_int, dtype=torch.long, device=device)
+        t_prev = torch.full((B,), ts[i + 1] if i + 1 < len(ts) else -1, dtype=torch.long, device=device)
+        x0 = x0_fn(x, t, t_int)
+        eps = eps_from_x0(s, x, t, x0)
+        last = i + 1 == len(ts)
+        noise = torch.zeros_like(x) if last or (sampler == "ddim" and eta == 0) else torch.randn(
+            x.shape, generator=generator, device=device)
+        x = ddim_step(s, x, t, t_prev, x0, eps, eta, noise) if sampler == "ddim" else ddpm_step(s, x, t, t_prev, x0, noise)
+    return x
