@@ -1,4 +1,5 @@
-"""Training: the loop (loop.py), its step (step.py) and their parts: EMA, run logs, previews, the dashboard."""
+"""Training: the loop (loop.py), its step with the EMA (step.py), what a run reports (report.py),
+the out_dir and resume checks (outdir.py)."""
 
 from evdm.train.loop import train
 from evdm.train.step import Trainer, lr_at, make_trainer, step_seed, train_step
