@@ -196,6 +196,7 @@ class RunConfig:
 SECTIONS = ("data", "model", "diffusion", "train", "sample")
 CONTEXT_SPELLINGS = (("data", "context"), ("data", "endpoint_context"))
 
+
 def check_ranges(section: str, values: Any) -> None:
     """ConfigError naming `section.key` and its range for the first value outside its field's Range."""
     for f in dataclasses.fields(values):

@@ -163,6 +163,12 @@ def adapt_optimizer_state(optimizer_state: dict, model: nn.Module) -> dict:
     return {**optimizer_state, "state": state}
 
 
+def middle_positions(M: int) -> torch.Tensor:
+    """w_m = (m + 1) / (M + 1), where middle frame m of M sits between the last start and the first end
+    frame (the end frame's weight in a linear blend): float32 [1, 1, M, 1, 1]."""
+    return ((torch.arange(M, dtype=torch.float32) + 1) / (M + 1)).reshape(1, 1, M, 1, 1)
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias so its residual branch starts as the identity."""
     for p in module.parameters():

@@ -21,7 +21,7 @@ from torch import nn
 
 from evdm.config import Context
 from evdm.models.blocks import (Downsample, FiLM, FrameConv, ResBlock3D, TemporalAttention, TimestepEmbedder,
-                                Upsample, make_group_norm, zero_init)
+                                Upsample, make_group_norm, middle_positions, zero_init)
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
 
 # model.direct_input -> (the blend, the context frames) fed to the stem beside x_t
@@ -70,8 +70,7 @@ class VideoUNet3D(nn.Module):
         if direct_input not in DIRECT_INPUTS:
             raise ValueError(f"unknown direct_input {direct_input!r}; expected one of {tuple(DIRECT_INPUTS)}")
         self.direct_input = direct_input
-        # Where middle frame m sits between the endpoints: the blend's weight on the end frame.
-        self.register_buffer("blend_w", ((torch.arange(M) + 1.0) / (M + 1)).reshape(1, 1, M, 1, 1), persistent=False)
+        self.register_buffer("blend_w", middle_positions(M), persistent=False)  # the blend's weight on the end frame
         blend, frames = DIRECT_INPUTS[direct_input]
         direct_ch = channels * (int(blend) + int(frames) * sum(self.context))
         self.stem = FrameConv(channels + direct_ch, level_ch[0])
