@@ -92,9 +92,10 @@ def evaluate_model(ckpt: Path, shards: Path, eval_json: Path, guidance: float | 
 def sample_clips(ckpt: Path, shards: Path, out_dir: Path) -> None:
     """Stage 5: fill in the first SAMPLE_CLIPS val clips' middles and write them as sample.py does."""
     from evdm import sample_io
-    from evdm.denoiser import load_denoiser, resolve_device
+    from evdm.denoiser import Denoiser, resolve_device
 
-    denoiser, cfg = load_denoiser(ckpt, resolve_device(None))
+    denoiser = Denoiser.load(ckpt, resolve_device(None))
+    cfg = denoiser.cfg
     jobs = sample_io.shard_jobs(str(shards / "val-*.tar"), cfg, SAMPLE_CLIPS)
     written = stage("sample", sample_io.sample_to_files, jobs, SAMPLE_CLIPS, denoiser, cfg, out_dir, seed=0,
                     keep_arrays=False)

@@ -48,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from evdm import sample_io  # torch loads here, after the arguments are known good
     from evdm.checkpoint import CheckpointError
-    from evdm.config import ConfigError
-    from evdm.denoiser import load_denoiser, resolve_device
+    from evdm.config import ConfigError, with_sample
+    from evdm.denoiser import Denoiser, resolve_device
 
     try:
-        denoiser, cfg = load_denoiser(args.ckpt, resolve_device(args.device), use_ema=not args.no_ema,
-                                      color_mode=args.color_mode, precision=args.precision, compile=args.compile)
-        cfg = sample_io.with_flags(cfg, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale)
+        denoiser = Denoiser.load(args.ckpt, resolve_device(args.device), use_ema=not args.no_ema,
+                                 color_mode=args.color_mode, precision=args.precision, compile=args.compile)
+        flags = {"steps": args.steps, "eta": args.eta, "guidance_scale": args.guidance_scale}
+        try:
+            cfg = with_sample(denoiser.cfg, **flags)
+        except ConfigError as err:  # name the flags, not the config keys
+            given = " ".join(f"--{k} {v}" for k, v in flags.items() if v is not None)
+            raise sample_io.SamplingError(f"{given}: {err}") from None
         if from_images:
             start, end = sample_io.load_endpoints(args.start_images, args.end_images, cfg)
             jobs, total = sample_io.image_jobs(start, end, args.num_samples), args.num_samples

@@ -44,12 +44,13 @@ def _main(argv: list[str] | None) -> int:
         return _error(err, 2)
     from evdm.checkpoint import CheckpointError  # torch loads here, after the config is known good
     from evdm.train import train
+    from evdm.train.step import TrainingDiverged
 
     try:
         out_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError) as err:
         return _error(err, 2)
-    except DiskFullError as err:  # not the input's fault: a requeue after freeing space may succeed
+    except (DiskFullError, TrainingDiverged) as err:  # not the input's fault: stop with what was saved
         return _error(err, 1)
     print(f"outputs in {out_dir}/ (last.pt, metrics.jsonl, loss.png, previews/)")
     return 0

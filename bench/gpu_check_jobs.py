@@ -167,18 +167,17 @@ def run_sample(job: dict, device, scale: str, work: Path, ckpt: str | None) -> N
 
     from evdm.config import SampleConfig
     from evdm.denoiser import Denoiser
-    from evdm.models import build_model
 
     sc = SCALES[scale]
     batch, steps = sc["sample_batch"], sc["sample_steps"]
     cfg = model_config(job, scale)
     torch.manual_seed(0)
-    den = Denoiser.from_config(build_model(cfg), cfg, device, job["precision"]).eval()
+    den = Denoiser(cfg, device, precision=job["precision"]).eval()
     weights = sample_weights(den, work, ckpt)
     if job.get("cudagraphs"):  # the whole network, static shapes, CUDA graphs (mode reduce-overhead)
-        den.call = torch.compile(den.net, mode="reduce-overhead", dynamic=False)
+        den.net.compile(mode="reduce-overhead", dynamic=False)
     elif job["compile"]:
-        den.compile()
+        den.compile("on")
     (Ks, Ke), S, C = cfg.context, cfg.data.size, cfg.channels
     gen = torch.Generator(device=device).manual_seed(0)
     start = torch.rand(batch, C, Ks, S, S, generator=gen, device=device) * 2 - 1
@@ -206,7 +205,7 @@ def run_sample(job: dict, device, scale: str, work: Path, ckpt: str | None) -> N
         torch.save(clip, reference)
     else:
         if not reference.is_file():
-            fp32 = Denoiser.from_config(den.net, cfg, device, "fp32").eval()
+            fp32 = Denoiser(cfg, device, precision="fp32", net=den.net).eval()
             torch.save(call(steps, fp32)[1], reference)
         diff = (clip - torch.load(reference)).abs().flatten()
         row.update(diff_vs_fp32=dict(mean=round(float(diff.mean()), 5), q99=round(float(diff.quantile(0.99)), 5),

@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from evdm.config import load_config
     from evdm.denoiser import Denoiser
-    from evdm.models import build_model, count_parameters
+    from evdm.models import count_parameters
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    denoiser = Denoiser.from_config(build_model(cfg), cfg, device, "fp32").eval()
+    denoiser = Denoiser(cfg, device, precision="fp32").eval()
     label = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
     load_before = os.getloadavg()[0]

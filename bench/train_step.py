@@ -86,8 +86,7 @@ def prepare(cfg, device):
     from evdm.train import make_trainer, train_step
 
     trainer = make_trainer(cfg, device)
-    if cfg.train.compile == "on":
-        trainer.denoiser.compile()
+    trainer.denoiser.compile(cfg.train.compile)
     counter = itertools.count()
 
     def step_for(batch: int):

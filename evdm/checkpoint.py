@@ -1,7 +1,7 @@
 """One-file, atomic, weights_only-loadable checkpoints.
 
 Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream"}
-("stream": what the data stream depended on, evdm.train.outdir; None outside the trainer, absent in older files).
+("stream": what the data stream depended on, evdm.data.resume; None outside the trainer).
 Only tensors and primitives: `torch.load(path, weights_only=True)` reads it, no pickled modules.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from evdm import legacy
 from evdm.atomic import atomic_write
 from evdm.config import ConfigError, RunConfig, from_dict, to_dict
 
@@ -69,7 +70,7 @@ def make_payload(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and sanity-check a checkpoint; errors name the file."""
+    """Read and sanity-check a checkpoint, upgraded to today's form (evdm.legacy); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -84,7 +85,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("step", "config", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
-    return ckpt
+    return legacy.upgrade_checkpoint(ckpt)
 
 
 def _zip_problem(path: Path) -> str | None:
@@ -114,11 +115,10 @@ def _unreadable(path: Path, err: Exception) -> str:
 
 
 def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
-    """module.load_state_dict(state), or one CheckpointError line when names or shapes differ.
-
-    (torch's own message lists every differing tensor: hundreds of lines for one changed width.)
-    """
+    """module.load_state_dict(state) (upgraded by evdm.legacy), or one CheckpointError line when names or
+    shapes differ (torch's own message lists every differing tensor: hundreds of lines for one width)."""
     expected = module.state_dict()
+    state = legacy.upgrade_weights(state, expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -133,6 +133,6 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None
 
 def config_of(ckpt: dict, path: str | Path = "<checkpoint>") -> RunConfig:
     try:
-        return from_dict(ckpt["config"], f"{path} (stored config)", stored=True)
+        return from_dict(ckpt["config"], f"{path} (stored config)")
     except ConfigError as err:
         raise CheckpointError(str(err)) from None

@@ -135,6 +135,8 @@ class TrainConfig:
     weight_decay: float = ranged(0.0, NON_NEGATIVE)
     adam_betas: tuple[float, float] = ranged((0.9, 0.999), FRACTION)
     grad_clip: float = ranged(1.0, POSITIVE)
+    # A step whose gradients are not finite is skipped; this many in a row stop the run with an error.
+    max_nonfinite_steps: int = ranged(20, AT_LEAST_1)
     # auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 adds a GradScaler
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA
@@ -264,12 +266,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(raw: dict, source: str = "<dict>", *, stored: bool = False) -> RunConfig:
-    """Build a RunConfig from a nested dict; errors name `section.key` and `source`.
-
-    stored: `raw` is a checkpoint's stored config, whose keys of earlier versions are translated
-    (evdm.legacy) instead of refused.
-    """
+def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+    """Build a RunConfig from a nested dict; errors name `section.key` and `source`. Keys of earlier
+    versions are refused naming their replacement (a checkpoint's stored config is upgraded first:
+    evdm.legacy)."""
     hints = typing.get_type_hints(RunConfig)
     sections = {}
     for name, value in raw.items():
@@ -278,7 +278,8 @@ def from_dict(raw: dict, source: str = "<dict>", *, stored: bool = False) -> Run
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         try:
-            value = legacy.translate(name, value, stored=stored)
+            legacy.refuse_old_keys(name, value)
+            value = _context_shorthand(value) if name == "data" else value
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
         field_types = typing.get_type_hints(hints[name], include_extras=False)
@@ -291,6 +292,18 @@ def from_dict(raw: dict, source: str = "<dict>", *, stored: bool = False) -> Run
         return RunConfig(**sections)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _context_shorthand(values: dict) -> dict:
+    """data.context from its shorthand endpoint_context = K ([K, K])."""
+    if "endpoint_context" not in values:
+        return values
+    if "context" in values:
+        raise ValueError("data.context and data.endpoint_context (its shorthand) both given; keep one")
+    values = dict(values)
+    K = values.pop("endpoint_context")
+    values["context"] = [K, K] if isinstance(K, int) and not isinstance(K, bool) else K
+    return values
 
 
 def with_sample(cfg: RunConfig, **values: Any) -> RunConfig:

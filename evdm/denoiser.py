@@ -1,43 +1,38 @@
 """The Denoiser: the network together with everything that gives its output a meaning.
 
-One object owns the U-Net, the noise schedule, the prediction type, the residual parameterisation, the
-context counts, and the device, layout and precision policy (in the spirit of EDM's preconditioning
-wrapper and diffusers' pipelines). Training calls `loss(clip, draws)`; every sampler call (previews,
-sample.py, evaluate, the benchmarks) goes through `generate(start, end, sample)`; both run the
-network through `output`, the one place where precision and layout are applied:
+One object owns the U-Net (it builds it from the config), the noise schedule, the diffusion settings
+(prediction, residual, the loss's weights and its random draws), the context counts, and the device,
+layout and precision policy, as EDM's preconditioning wrapper owns its numerics. Training and
+validation call `loss(clip, generator)`; every sampler call (previews, sample.py, evaluate, the
+benchmarks) goes through `generate(start, end)`; both run the network through `_output`, the one
+place where precision and layout are applied:
 
 - layout: channels_last_3d for weights and activations, always (evdm.models.blocks says why);
-- precision: autocast to `dtype` (bf16 or fp16) around the network only, or none (fp32); the
-  diffusion arithmetic around it (schedule, loss, guidance, sampler updates) stays fp32.
+- precision: autocast to bf16 or fp16 around the network only, or none (fp32); the diffusion
+  arithmetic around it (schedule, loss, guidance, sampler updates) stays fp32.
 
-`load_denoiser(ckpt, device)` builds one from a checkpoint. `compile()` compiles the U-Net's blocks
-regionally, with a symbolic batch, cached on disk. Compiling the whole reference model took 124-198 s
-on an H200 before its first step, and every new batch size traced it again. The U-Net is a few kinds
-of blocks repeated at several widths and resolutions, so each block is compiled instead (PyTorch's
-"regional compilation" recipe): instances of one kind at one width and resolution share a graph, and
-the batch is symbolic in every graph, so a batch change or the validation's short last batch compiles
-nothing new. Channels and resolution stay static: with symbolic sizes there, channels-last strides
-become symbolic products that Inductor cannot order (`get_stride_order`: "cannot determine truth
-value of Relational", seen here on the training step). The glue between blocks (stem, resampling,
-skip concatenation) stays eager. Inductor's caches go to a folder the run owns (`cache_in`), so a
-resumed run compiles in seconds.
+`Denoiser(cfg, device)` has fresh weights, `Denoiser.load(ckpt, device)` a checkpoint's. `compile(mode)`
+decides and applies torch.compile for training and sampling alike; `wrap_ddp()` runs the network
+under DistributedDataParallel.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.fx.experimental._config
+from torch.nn.parallel import DistributedDataParallel
 
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights
-from evdm.config import ConfigError, Context, RunConfig, SampleConfig
-from evdm.diffusion import (Draws, Schedule, apply_dynamic_threshold, diffusion_loss, guided_output, make_schedule,
-                            residual_base, sample, split_output)
-from evdm.models import adapt_conv_weights, build_model
+from evdm.cli import warn
+from evdm.config import ConfigError, RunConfig, SampleConfig, with_sample
+from evdm.diffusion import (apply_dynamic_threshold, diffusion_loss, draw_training_noise, guided_output, linear_blend,
+                            make_schedule, sample, split_output)
+from evdm.models import build_model
 from evdm.models.blocks import ResBlock3D, TemporalAttention
 from evdm.models.conditioning import EncoderBlock, EndpointFusion
 
@@ -59,11 +54,14 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The network's autocast dtype for a precision setting: "auto" is bf16 on CUDA and fp32 (None)
     elsewhere (on a CPU, bf16 convolutions are slow); "bf16", "fp16"; "fp32" is None."""
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def wants_compile(mode: str, device: torch.device) -> bool:
+    """True for "on", and for "auto" on CUDA (on a CPU a compile costs minutes and buys nothing)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def to_layout(module: torch.nn.Module) -> torch.nn.Module:
@@ -82,34 +80,40 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 class Denoiser:
-    """A video U-Net with its schedule, prediction type, residual, context counts and numerics.
+    """A video U-Net with its schedule, diffusion settings, context counts and numerics (module docstring).
 
-    net: the module checkpoints save (never a wrapper); `call` is what forward passes run: the net
-    itself, or its DistributedDataParallel wrapper (`wrap_ddp`). dtype: autocast dtype, None for fp32.
+    cfg: the run's config (its model, data shape and diffusion sections; `generate`'s default sampler
+    settings are cfg.sample). precision: "auto", "bf16", "fp16" or "fp32" autocast for the network.
+    net: the network to wrap instead of a fresh one of cfg's shape (the EMA copy of another's).
+    `net` is the module checkpoints save, never a wrapper.
     """
 
-    def __init__(self, net: torch.nn.Module, schedule: Schedule, *, context: Context, prediction: str,
-                 residual: str, device: torch.device, dtype: torch.dtype | None) -> None:
-        self.net = to_layout(net.to(device))
-        self.call: torch.nn.Module = self.net
-        self.schedule = schedule.to(device)
-        self.context, self.prediction, self.residual = context, prediction, residual
-        self.device, self.dtype = device, dtype
-        self.compiled = False
+    def __init__(self, cfg: RunConfig, device: torch.device, *, precision: str = "auto",
+                 net: torch.nn.Module | None = None) -> None:
+        self.cfg, self.context, self.device = cfg, cfg.context, device
+        self.net = to_layout((build_model(cfg) if net is None else net).to(device))
+        self._forward: torch.nn.Module = self.net  # the net, or its DDP wrapper (wrap_ddp)
+        self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+        self.dtype = autocast_dtype(precision, device)
 
     @classmethod
-    def from_config(cls, net: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str) -> Denoiser:
-        """The denoiser cfg describes around `net`, with a precision setting ("auto", "bf16", "fp16", "fp32")."""
-        d = cfg.diffusion
-        return cls(net, make_schedule(d.schedule, d.timesteps), context=cfg.context, prediction=d.prediction,
-                   residual=d.residual, device=device, dtype=autocast_dtype(precision, device))
+    def load(cls, ckpt: str | Path, device: torch.device, *, use_ema: bool = True, color_mode: str | None = None,
+             precision: str | None = None, compile: str | None = None) -> Denoiser:
+        """A checkpoint's denoiser in eval mode (EMA weights when it has them and use_ema), compiled per
+        its sample.compile (or `compile`); `.cfg` is its stored config. color_mode: when given, the
+        checkpoint must have been trained in it. CheckpointError names the file."""
+        state = load_checkpoint(ckpt)
+        cfg = with_sample(config_of(state, ckpt), precision=precision, compile=compile)
+        if color_mode is not None and color_mode != cfg.data.color_mode:
+            raise CheckpointError(f"{ckpt}: checkpoint was trained on {cfg.data.color_mode!r} clips, "
+                                  f"but {color_mode!r} was asked")
+        denoiser = cls(cfg, device, precision=cfg.sample.precision)
+        weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+        load_weights(denoiser.net, weights, ckpt)
+        denoiser.compile(cfg.sample.compile)
+        return denoiser.eval()
 
-    def with_net(self, net: torch.nn.Module) -> Denoiser:
-        """The same denoiser around another network of the same shape (the EMA weights)."""
-        return Denoiser(net, self.schedule, context=self.context, prediction=self.prediction,
-                        residual=self.residual, device=self.device, dtype=self.dtype)
-
-    # ---- inputs and the network call -------------------------------------------------------------
+    # ---- the network call: layout, precision, DDP and compile --------------------------------------
 
     def to_input(self, u8: torch.Tensor, hflip: torch.Generator | None = None) -> torch.Tensor:
         """uint8 [B, C, T, H, W] -> float [B, C, T, H, W] in [-1, 1] on the device, in the layout; with
@@ -120,80 +124,37 @@ class Denoiser:
             x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
         return (x.float() / 127.5 - 1.0).contiguous(memory_format=LAYOUT)
 
-    def output(self, x_t: torch.Tensor, t: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
-               cond_drop: torch.Tensor) -> torch.Tensor:
-        """The network's output (eps, v or x0 of the diffused variable) as fp32, run under autocast."""
-        x_t, start, end = (v.contiguous(memory_format=LAYOUT) for v in (x_t, start, end))
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.call(x_t, t, start, end, cond_drop).float()
+    def _conditions(self, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the network is conditioned on: (start, end, their linear blend at each middle frame)."""
+        return start, end, linear_blend(start, end, self.net.middle_frames)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+    def _output(self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...],
                 cond_drop: torch.Tensor) -> torch.Tensor:
-        """The x0 estimate of the diffused variable (the middle, or middle - blend) at x_t; fp32."""
-        return split_output(self.schedule, x_t, t, self.output(x_t, t, start, end, cond_drop), self.prediction)[0]
+        """The network's output (eps, v or x0 of the diffused variable) as fp32, run under autocast."""
+        x_t, start, end, blend = (v.contiguous(memory_format=LAYOUT) for v in (x_t, *cond))
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self._forward(x_t, t, start, end, blend, cond_drop).float()
 
-    # ---- training ----------------------------------------------------------------------------------
+    def wrap_ddp(self, device_ids: list[int] | None) -> None:
+        """Run the network under DistributedDataParallel (the process group must be up). The gradients
+        are views of DDP's buckets, so their strides are the channels-last parameters' own (no copy
+        into the buckets each step)."""
+        self._forward = DistributedDataParallel(self.net, device_ids=device_ids, gradient_as_bucket_view=True)
 
-    def loss(self, clip: torch.Tensor, draws: Draws, *, temporal_loss_weight: float) -> tuple[torch.Tensor, dict]:
-        """The diffusion loss of clips [B, C, T, H, W] in [-1, 1] (evdm.diffusion)."""
-        start, middle, end = self.context.split(clip)
-        return diffusion_loss(self.output, self.schedule, start, middle, end, draws, prediction=self.prediction,
-                              temporal_loss_weight=temporal_loss_weight, residual=self.residual)
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Under DDP, skip the gradient all-reduce (all micro-batches of an accumulation but the last)."""
+        return self._forward.no_sync() if isinstance(self._forward, DistributedDataParallel) else contextlib.nullcontext()
 
-    # ---- sampling ----------------------------------------------------------------------------------
-
-    def pad_for(self, batch_size: int) -> int | None:
-        """The batch `generate` should pad short batches to: a compiled model specialises on shapes."""
-        return batch_size if self.compiled else None
-
-    @torch.no_grad()
-    def generate(self, start: torch.Tensor, end: torch.Tensor, sample_cfg: SampleConfig, *,
-                 generator: torch.Generator | None = None, pad_to: int | None = None) -> torch.Tensor:
-        """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] (in [-1, 1],
-        on the device) with sample_cfg's sampler, steps, eta, guidance and thresholding.
-
-        Returns clip [B, C, T, H, W]: the context frames bit for bit, the middle clamped to [-1, 1].
-        pad_to: run a batch of exactly this many clips (repeating the last endpoints).
-        """
-        B = start.shape[0]
-        if pad_to is not None and B < pad_to:
-            fill = lambda x: torch.cat([x, x[-1:].expand(pad_to - B, *x.shape[1:])])  # noqa: E731
-            start, end = fill(start), fill(end)
-        M = self.net.middle_frames
-        base = residual_base(self.residual, start, end, M)
-        base = torch.zeros((), device=start.device) if base is None else base
-        sc = sample_cfg
-        # Guidance in a limited interval: the noisier steps run the conditional branch alone (no null
-        # branch computed to be discarded).
-        max_t = sc.guidance_max_t * (self.schedule.timesteps - 1)
-
-        def x0_fn(x: torch.Tensor, t: torch.Tensor, t_int: int) -> torch.Tensor:
-            out = guided_output(self.output, x, t, start, end, sc.guidance_scale if t_int <= max_t else 1.0)
-            # Keep x0 in the data range (Imagen's dynamic thresholding when asked, else ADM's static
-            # clipping to [-1, 1]), on the frames (x0 + base), not on the residual.
-            frames = split_output(self.schedule, x, t, out, self.prediction)[0] + base
-            frames = apply_dynamic_threshold(frames, sc.dynamic_threshold) if sc.dynamic_threshold else frames.clamp(-1, 1)
-            return frames - base
-
-        x_T = torch.randn((start.shape[0], start.shape[1], M, *start.shape[3:]), generator=generator, device=start.device)
-        x = sample(x0_fn, self.schedule, x_T, sampler=sc.sampler, steps=sc.steps, eta=sc.eta, generator=generator)
-        middle = (x + base).clamp(-1, 1).to(start.dtype)
-        return torch.cat([start, middle, end], dim=2)[:B]
-
-    def generate_u8(self, starts: np.ndarray, ends: np.ndarray, sample_cfg: SampleConfig, *,
-                    generator: torch.Generator | None = None, pad_to: int | None = None) -> np.ndarray:
-        """`generate` from uint8 endpoints starts [B, K_start, H, W, C], ends [B, K_end, H, W, C] to uint8
-        clips [B, T, H, W, C] whose context frames are the input bytes exactly."""
-        start, end = (self.to_input(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 4, 1, 2, 3))
-                      for u8 in (starts, ends))
-        out = to_uint8(self.generate(start, end, sample_cfg, generator=generator, pad_to=pad_to))
-        out[:, : starts.shape[1]], out[:, out.shape[1] - ends.shape[1]:] = starts, ends  # exact by construction too
-        return out
-
-    def compile(self) -> None:
-        """Compile the network's repeated blocks in place (`compile_regions`)."""
+    def compile(self, mode: str, *, cache_dir: Path | None = None) -> bool:
+        """torch.compile the network's blocks in place when `mode` asks for it on this device ("on"; "auto":
+        on CUDA only), caching in `cache_dir` when given (evdm.denoiser.cache_in). Returns whether it did.
+        The one place compile is decided, for training and sampling."""
+        if not wants_compile(mode, self.device):
+            return False
+        if cache_dir is not None:
+            cache_in(cache_dir)
         compile_regions(self.net)
-        self.compiled = True
+        return True
 
     def train(self, mode: bool = True) -> Denoiser:
         self.net.train(mode)
@@ -202,36 +163,67 @@ class Denoiser:
     def eval(self) -> Denoiser:
         return self.train(False)
 
+    # ---- training ----------------------------------------------------------------------------------
 
-def load_denoiser(ckpt: str | Path, device: torch.device, *, use_ema: bool = True, color_mode: str | None = None,
-                  precision: str | None = None, compile: str | None = None) -> tuple[Denoiser, RunConfig]:
-    """(denoiser in eval mode, its stored config) from a checkpoint; CheckpointError names the file.
+    def loss(self, clip: torch.Tensor, generator: torch.Generator, *,
+             drop_conditions: bool = True) -> tuple[torch.Tensor, dict]:
+        """The diffusion loss of clips [B, C, T, H, W] in [-1, 1] (evdm.diffusion.diffusion_loss), with the
+        timesteps, noise and condition drops drawn from `generator` and the weights of cfg.diffusion.
+        drop_conditions: drop conditions at cfg.diffusion.cfg_drop_prob (training), or never (validation)."""
+        d = self.cfg.diffusion
+        start, middle, end = self.context.split(clip)
+        draws = draw_training_noise(middle.shape, timesteps=d.timesteps, noise_offset=d.noise_offset,
+                                    cfg_drop_prob=d.cfg_drop_prob if drop_conditions else 0.0,
+                                    generator=generator, device=clip.device)
+        cond = self._conditions(start, end)
+        return diffusion_loss(lambda x_t, t, drop: self._output(x_t, t, cond, drop), self.schedule, start, middle, end,
+                              draws, base=self._base(cond), prediction=d.prediction,
+                              temporal_loss_weight=d.temporal_loss_weight)
 
-    use_ema: the EMA weights when the checkpoint has them. color_mode: when given, the checkpoint must
-    have been trained in it. precision / compile: None for the checkpoint's sample.precision /
-    sample.compile; "auto" turns either on for CUDA only.
-    """
-    state = load_checkpoint(ckpt)
-    cfg = config_of(state, ckpt)
-    if color_mode is not None and color_mode != cfg.data.color_mode:
-        raise CheckpointError(f"{ckpt}: checkpoint was trained on {cfg.data.color_mode!r} clips, "
-                              f"but {color_mode!r} was asked")
-    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
-        cfg.sample, precision=precision or cfg.sample.precision, compile=compile or cfg.sample.compile))
-    net = build_model(cfg)
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    load_weights(net, adapt_conv_weights(weights, net), ckpt)  # Conv3d-form checkpoints load too
-    denoiser = Denoiser.from_config(net, cfg, device, cfg.sample.precision).eval()
-    if wants_compile(cfg.sample.compile, device):
-        denoiser.compile()
-    return denoiser, cfg
+    def _base(self, cond: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """What the diffused variable is relative to: the blend (diffusion.residual = "blend") or None."""
+        return cond[2] if self.cfg.diffusion.residual == "blend" else None
 
+    # ---- sampling ----------------------------------------------------------------------------------
 
-def wants_compile(mode: str, device: torch.device) -> bool:
-    """True for "on", and for "auto" on CUDA (on a CPU a compile costs minutes and buys nothing)."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"compile must be auto, on or off, got {mode!r}")
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    @torch.no_grad()
+    def generate(self, start: torch.Tensor, end: torch.Tensor, sample_cfg: SampleConfig | None = None, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] (in [-1, 1],
+        on the device) with sample_cfg's sampler, steps, eta, guidance and thresholding (default cfg.sample).
+
+        Returns clip [B, C, T, H, W]: the context frames bit for bit, the middle clamped to [-1, 1].
+        """
+        sc = sample_cfg or self.cfg.sample
+        cond = self._conditions(start, end)
+        base = self._base(cond)
+        base = torch.zeros((), device=start.device) if base is None else base
+        # Guidance in a limited interval: the noisier steps run the conditional branch alone (no null
+        # branch computed to be discarded).
+        max_t = sc.guidance_max_t * (self.schedule.timesteps - 1)
+
+        def x0_fn(x: torch.Tensor, t: torch.Tensor, t_int: int) -> torch.Tensor:
+            out = guided_output(self._output, x, t, cond, sc.guidance_scale if t_int <= max_t else 1.0)
+            # Keep x0 in the data range (Imagen's dynamic thresholding when asked, else ADM's static
+            # clipping to [-1, 1]), on the frames (x0 + base), not on the residual.
+            frames = split_output(self.schedule, x, t, out, self.cfg.diffusion.prediction)[0] + base
+            frames = apply_dynamic_threshold(frames, sc.dynamic_threshold) if sc.dynamic_threshold else frames.clamp(-1, 1)
+            return frames - base
+
+        x_T = torch.randn(cond[2].shape, generator=generator, device=start.device)
+        x = sample(x0_fn, self.schedule, x_T, sampler=sc.sampler, steps=sc.steps, eta=sc.eta, generator=generator)
+        middle = (x + base).clamp(-1, 1).to(start.dtype)
+        return torch.cat([start, middle, end], dim=2)
+
+    def generate_u8(self, starts: np.ndarray, ends: np.ndarray, sample_cfg: SampleConfig | None = None, *,
+                    generator: torch.Generator | None = None) -> np.ndarray:
+        """`generate` from uint8 endpoints starts [B, K_start, H, W, C], ends [B, K_end, H, W, C] to uint8
+        clips [B, T, H, W, C] whose context frames are the input bytes exactly."""
+        start, end = (self.to_input(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 4, 1, 2, 3))
+                      for u8 in (starts, ends))
+        out = to_uint8(self.generate(start, end, sample_cfg, generator=generator))
+        out[:, : starts.shape[1]], out[:, out.shape[1] - ends.shape[1]:] = starts, ends  # exact by construction too
+        return out
 
 
 # The blocks compiled, one graph per kind, width and resolution (and training or not).
@@ -275,21 +267,12 @@ def batch_symbolic(compiled):
 
 
 def cache_in(folder: str | Path) -> Path:
-    """Keep Inductor's compile caches in `folder` (unless TORCHINDUCTOR_CACHE_DIR is set already, which
-    wins); call before the first compile of the process. Returns the folder in use."""
-    os.environ.setdefault(CACHE_ENV, str(Path(folder).resolve()))
+    """Keep Inductor's compile caches in `folder`, unless the user chose a folder with
+    TORCHINDUCTOR_CACHE_DIR (which wins). Importing torch._dynamo sets that variable to torch's
+    shared default, so a value equal to the default counts as unset. Returns the folder in use."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ[CACHE_ENV] = str(Path(folder).resolve())
     return Path(os.environ[CACHE_ENV])
-
-
-SEED_MULTIPLIER = 1_000_003  # a prime a little over 10**6: distinct small parts give distinct seeds
-
-
-def mix_seed(*parts: int) -> int:
-    """Fold parts into one integer: mix_seed(a, b, c) == (a * M + b) * M + c with M = 1_000_003.
-
-    Not reduced: callers that need a bounded seed take it modulo what their generator accepts.
-    """
-    mixed = 0
-    for part in parts:
-        mixed = mixed * SEED_MULTIPLIER + part
-    return mixed

@@ -146,26 +146,9 @@ def split_output(
     return a * x_t - sigma * out, sigma * x_t + a * out
 
 
-def eps_from_x0(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab): inverse of DDPM eq. 4 for the noise."""
-    a = extract(s.sqrt_alphas_cumprod, t, x_t.ndim)
-    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
-    return (x_t.float() - a * x0) / sigma
-
-
-def output_from(
-    s: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, prediction: str
-) -> torch.Tensor:
-    """(x0, eps) -> the network output for `prediction`: the inverse of `split_output`."""
-    return training_target(s, x0, t, eps, prediction)
-
-
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-
-
-RESIDUALS = ("none", "blend")
 
 
 def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_frames: int) -> torch.Tensor:
@@ -178,14 +161,6 @@ def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_
     w = torch.arange(1, M + 1, dtype=torch.float32, device=start_context.device).div_(M + 1).view(1, 1, M, 1, 1)
     first, last = start_context[:, :, -1:].float(), end_context[:, :, :1].float()
     return torch.lerp(first, last, w)
-
-
-def residual_base(residual: str, start_context: torch.Tensor, end_context: torch.Tensor,
-                  middle_frames: int) -> torch.Tensor | None:
-    """What the diffused variable is relative to: the blend, or None (the middle itself)."""
-    if residual not in RESIDUALS:
-        raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
-    return linear_blend(start_context, end_context, middle_frames) if residual == "blend" else None
 
 
 class Draws(NamedTuple):
@@ -229,14 +204,15 @@ def diffusion_loss(
     end: torch.Tensor,
     draws: Draws,
     *,
+    base: torch.Tensor | None,
     prediction: str,
     temporal_loss_weight: float,
-    residual: str,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion loss on the middle frames of a clip, conditioned on its endpoints.
 
     start [B, C, K_start, H, W], middle [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1];
-    output(x_t, t, start, end, cond_drop) -> the network's fp32 output for the noisy diffused variable.
+    output(x_t, t, cond_drop) -> the network's fp32 output for the noisy diffused variable, which is
+    the middle itself (base None) or middle - base (the residual: base = the linear blend, [B, C, M, H, W]).
     loss = MSE(output, eps / v / x0 target) over the middle frames only
          + temporal_loss_weight * temporal, where `temporal` is the MSE between the frame-to-frame
            differences of [last start frame, predicted x0 middle, first end frame] and those of the
@@ -244,15 +220,13 @@ def diffusion_loss(
     The temporal term is weighted per sample by alpha_bar_t: x0 recovered from an eps prediction
     carries the eps error times sqrt((1-ab)/ab) (up to ~160x at t = 999, linear schedule), which
     would otherwise let the noisiest steps dominate; at low noise the weight is ~1.
-    residual: "none" diffuses the middle frames, "blend" their difference from the linear blend of
-    the endpoints (evdm.diffusion); the temporal term always compares whole frames.
+    The temporal term always compares whole frames.
     Returns (loss: float32 scalar, stats: {"mse", "temporal"} detached float32 scalars).
     """
     t, noise, cond_drop = draws
-    base = residual_base(residual, start, end, middle.shape[2])
     x0 = middle.float() if base is None else middle.float() - base
     x_t = q_sample(s, x0.to(middle.dtype), t, noise.to(middle.dtype))
-    out = output(x_t, t, start, end, cond_drop)
+    out = output(x_t, t, cond_drop)
     target = training_target(s, x0, t, noise.float(), prediction)
     mse = torch.mean((out.float() - target) ** 2)
 
@@ -324,21 +298,20 @@ def ddpm_step(
 
 def guided_output(
     output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
-    start_context: torch.Tensor, end_context: torch.Tensor, guidance_scale: float,
+    cond: tuple[torch.Tensor, ...], guidance_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null).
 
-    Both branches run in one batched forward of 2B; guidance_scale == 1 runs the conditional
-    branch alone. The combination is linear, so it is the same in eps, v or x0 space.
+    output(x_t, t, cond, cond_drop); cond: the conditioning tensors, each [B, ...]. Both branches run
+    in one batched forward of 2B; guidance_scale == 1 runs the conditional branch alone. The
+    combination is linear, so it is the same in eps, v or x0 space.
     """
     B = x_t.shape[0]
     if guidance_scale == 1.0:
-        return output(x_t, t, start_context, end_context, torch.zeros(B, dtype=torch.bool, device=x_t.device))
+        return output(x_t, t, cond, torch.zeros(B, dtype=torch.bool, device=x_t.device))
     cond_drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
-    out = output(
-        torch.cat([x_t, x_t]), torch.cat([t, t]),
-        torch.cat([start_context, start_context]), torch.cat([end_context, end_context]), cond_drop,
-    ).float()
+    twice = lambda v: torch.cat([v, v])  # noqa: E731
+    out = output(twice(x_t), twice(t), tuple(map(twice, cond)), cond_drop).float()
     cond, null = out[:B], out[B:]
     return null + guidance_scale * (cond - null)
 
@@ -368,7 +341,7 @@ def sample(
         t = torch.full((B,), t_int, dtype=torch.long, device=device)
         t_prev = torch.full((B,), ts[i + 1] if i + 1 < len(ts) else -1, dtype=torch.long, device=device)
         x0 = x0_fn(x, t, t_int)
-        eps = eps_from_x0(s, x, t, x0)
+        eps = split_output(s, x, t, x0, "x0")[1]
         last = i + 1 == len(ts)
         noise = torch.zeros_like(x) if last or (sampler == "ddim" and eta == 0) else torch.randn(
             x.shape, generator=generator, device=device)

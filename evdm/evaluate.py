@@ -34,9 +34,10 @@ from evdm import visualize
 from evdm.atomic import DiskFullError, atomic_write, output_problem
 from evdm.cli import add_speed_flags
 from evdm.config import Context, with_sample
-from evdm.denoiser import Denoiser, load_denoiser, mix_seed, resolve_device, to_uint8
+from evdm.denoiser import Denoiser, resolve_device, to_uint8
 from evdm.metrics import BASELINES, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.sample_io import batched, iter_shard_clips, progress_bar
+from evdm.seeds import mix_seed
 
 LINEAR_BLEND = "linear blend"
 BLEND_COLOR = (150, 150, 150)
@@ -119,8 +120,8 @@ def evaluate(
     result["comparable_row"] is the main row in the shape of a published one.
     """
     dev = resolve_device(device)
-    denoiser, cfg = load_denoiser(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
-    cfg = with_sample(cfg, sampler="ddim", guidance_scale=guidance_scale)
+    denoiser = Denoiser.load(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
+    cfg = with_sample(denoiser.cfg, sampler="ddim", guidance_scale=guidance_scale)
     main_steps = max(steps_list) if main_steps is None else main_steps
     # The sampled row (what sample.py draws) is always scored; the main row last.
     steps_list = sorted((set(steps_list) | {cfg.sample.steps}) - {main_steps}) + [main_steps]
@@ -133,7 +134,7 @@ def evaluate(
         for index, batch in enumerate(batched(iter_shard_clips(shards, cfg, num), batch_size)):
             clips = np.stack([np.asarray(c) for _, c in batch])
             score_batch(acc, extremes, denoiser, cfg, clips, steps_list=steps_list, best_of=best_of,
-                        batch_seed=mix_seed(seed, index), pad_to=denoiser.pad_for(batch_size), lpips_fn=lpips_fn)
+                        batch_seed=mix_seed(seed, index), lpips_fn=lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
     if examples is not None:
@@ -161,7 +162,7 @@ class Extremes:
 
 
 def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: np.ndarray, *, steps_list: list[int],
-                best_of: int, batch_seed: int, pad_to: int | None, lpips_fn) -> None:
+                best_of: int, batch_seed: int, lpips_fn) -> None:
     """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
     its best of N, into `acc`; the main row's clips into `extremes`. steps_list: the main row's count last."""
     K, dev = cfg.context, denoiser.device
@@ -169,7 +170,7 @@ def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: n
     x_start, _, x_end = K.split(denoiser.to_input(u8))
 
     def model_clip(steps: int, gen_seed: int) -> torch.Tensor:
-        return to_unit(denoiser.generate(x_start, x_end, dataclasses.replace(cfg.sample, steps=steps), pad_to=pad_to,
+        return to_unit(denoiser.generate(x_start, x_end, dataclasses.replace(cfg.sample, steps=steps),
                                          generator=torch.Generator(device=dev).manual_seed(gen_seed)))
 
     unit = u8_to_unit(u8.to(dev))

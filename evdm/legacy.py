@@ -1,71 +1,136 @@
-"""Config keys of earlier evdm versions: refused in a config file with the new spelling named, translated
-in the configs stored in old checkpoints (which must keep loading). Torch-free.
+"""What earlier evdm versions wrote, upgraded to today's form in one place. Torch-free.
 
-`translate(section, values, stored)` is the one place that knows them; evdm.config calls it per section.
+Each rule names the commit whose code no longer writes the old form, and tests/test_legacy.py reads a
+real file written before it (tests/fixtures/old/: by fb4df0c and by 25c5f3f). Upgraded here:
+- a checkpoint's stored config (`upgrade_checkpoint`): retired keys dropped, retyped values mapped,
+  keys added since filled with the value that rebuilds the old model, the old context keys joined;
+  the same keys in a config *file* are refused with their replacement named (`refuse_old_keys`);
+- a checkpoint's data-stream record, absent before 110d600 (`upgrade_checkpoint`);
+- weights and AdamW state of the Conv3d space-time form (`upgrade_weights`, `upgrade_optimizer_state`);
+- a preprocess progress record written before options existed (`upgrade_progress_identity`).
 """
 
 from __future__ import annotations
 
-# Keys that are gone; they changed no weights, so a stored config simply drops them.
+import json
+from typing import Any
+
+# Keys that are gone; they changed no weights, so a stored config drops them.
 RETIRED = {
-    ("train", "vis_every"): "use train.preview_every (a step count)",
-    ("train", "amp"): 'use train.precision = "auto" | "bf16" | "fp16" | "fp32"',
-    ("train", "amp_dtype"): 'use train.precision = "auto" | "bf16" | "fp16" | "fp32"',
-    ("train", "amp_on_cpu"): 'use train.precision = "bf16" (auto is fp32 on CPU)',
-    ("train", "compile_on_cpu"): 'use train.compile = "on" (auto compiles on CUDA only)',
-    ("train", "channels_last"): "remove it: the model always runs channels-last (evdm.models.blocks says why)",
-    ("sample", "dynamic_threshold_percentile"): "use sample.dynamic_threshold (the percentile itself; 0 = off)",
-    ("model", "spacetime"): "remove it: the per-frame Conv2d form is the only one (checkpoints of either form load)",
+    ("train", "vis_every"): "use train.preview_every (a step count)",  # 61faa91
+    ("train", "amp"): 'use train.precision = "auto" | "bf16" | "fp16" | "fp32"',  # fd07e8f
+    ("train", "amp_dtype"): 'use train.precision = "auto" | "bf16" | "fp16" | "fp32"',  # fd07e8f
+    ("train", "amp_on_cpu"): 'use train.precision = "bf16" (auto is fp32 on CPU)',  # fd07e8f
+    ("train", "compile_on_cpu"): 'use train.compile = "on" (auto compiles on CUDA only)',  # fd07e8f
+    ("sample", "dynamic_threshold_percentile"): "use sample.dynamic_threshold (the percentile itself; 0 = off)",  # d93e26e
+    ("train", "channels_last"): "remove it: the model always runs channels-last",  # 6ab7df0
+    ("model", "spacetime"): "remove it: the per-frame Conv2d form is the only one (checkpoints of either form load)",  # 6ab7df0
 }
-# Keys that kept their name but changed type: an old value in a stored config maps to the new one; in a
-# config file it is refused naming the new values. train.compile was a bool meaning "compile on CUDA".
+# Keys that kept their name but changed type: old value -> new value, and the new values spelled out.
 RETYPED = {
-    ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),
-    ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),
+    ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),  # a bool before fd07e8f
+    ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),  # d93e26e
 }
-# Keys added after checkpoints were written, with the value that rebuilds those checkpoints' models: a
-# stored config without the key gets this, not the dataclass default (what new runs should use).
-ADDED = {("model", "direct_input"): "none"}
-# The context counts were three keys: endpoint_context (both ends) and context_start / context_end
-# (0 meaning "endpoint_context"). Now one key, data.context = [start, end]; endpoint_context = K stays
-# as the shorthand for [K, K].
+# Keys added after checkpoints were written, with the value that rebuilds those checkpoints' models
+# (not the dataclass default, which is what new runs should use).
+ADDED = {("model", "direct_input"): "none"}  # 15ca32d
+# The context counts were data.endpoint_context (both ends; default 2) and, from fe93d46 to 6ab7df0,
+# data.context_start / context_end (0 meaning endpoint_context). Now data.context = [start, end], with
+# endpoint_context = K kept as the shorthand for [K, K] in files.
 SPLIT_CONTEXT_KEYS = ("context_start", "context_end")
 OLD_ENDPOINT_DEFAULT = 2
+# What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.stream.Stream).
+STREAM_CONFIG_KEYS = {"batch_size": "train", "grad_accum_steps": "train", "num_workers": "data",
+                      "shuffle_buffer": "data"}
+# Options of preprocess.shard added in ba76329; a progress record without them was made by what their
+# values in today's defaults do (the inputs fingerprint still checks which videos were chosen).
+PREPROCESS_OPTIONS_ADDED = ("fps", "extensions", "split_lists", "split_column", "max_clips_per_video", "max_videos")
 
 
-def translate(section: str, values: dict, *, stored: bool) -> dict:
-    """`values` of one config section with earlier versions' keys translated (stored configs) or refused
-    (ValueError naming the key and its replacement, for config files)."""
-    out = {}
+def refuse_old_keys(section: str, values: dict) -> None:
+    """ValueError naming the first key of an earlier version in a config file's section, and its replacement."""
     for key, value in values.items():
         if (section, key) in RETIRED:
-            if not stored:
-                raise ValueError(f"{section}.{key} is gone; {RETIRED[section, key]}")
-            continue
+            raise ValueError(f"{section}.{key} is gone; {RETIRED[section, key]}")
         if (section, key) in RETYPED and isinstance(value, bool):
             old_to_new, spelled = RETYPED[section, key]
-            if not stored:
-                raise ValueError(f"{section}.{key} is now one of {spelled}, not a bool; {value!r} was {old_to_new[value]!r}")
-            value = old_to_new[value]
-        out[key] = value
-    if stored:
-        out.update({key: value for (sec, key), value in ADDED.items() if sec == section and key not in out})
-    return _context(out, stored) if section == "data" else out
+            raise ValueError(f"{section}.{key} is now one of {spelled}, not a bool; {value!r} was {old_to_new[value]!r}")
+        if section == "data" and key in SPLIT_CONTEXT_KEYS:
+            raise ValueError(f"data.{key} is gone; use data.context = [start, end] (frames observed at each end)")
 
 
-def _context(values: dict, stored: bool) -> dict:
-    """data.context from the shorthand endpoint_context, or (stored configs) from context_start / context_end."""
+def upgrade_config(raw: dict) -> dict:
+    """A stored config (a checkpoint's, as a plain dict) in today's keys; `raw` is not changed."""
+    out = {}
+    for section, values in raw.items():
+        values = dict(values) if isinstance(values, dict) else values
+        if isinstance(values, dict):
+            for key in [k for k in values if (section, k) in RETIRED]:
+                del values[key]
+            for (sec, key), (old_to_new, _) in RETYPED.items():
+                if sec == section and isinstance(values.get(key), bool):
+                    values[key] = old_to_new[values[key]]
+            values.update({key: v for (sec, key), v in ADDED.items() if sec == section and key not in values})
+            if section == "data":
+                values = _stored_context(values)
+        out[section] = values
+    return out
+
+
+def _stored_context(values: dict) -> dict:
+    """data.context from a stored config's context_start / context_end, whichever spelling it has."""
     split = [k for k in SPLIT_CONTEXT_KEYS if k in values]
-    if split and not stored:
-        raise ValueError(f"data.{split[0]} is gone; use data.context = [start, end] (frames observed at each end)")
-    if "endpoint_context" in values:
-        if "context" in values:
-            raise ValueError("data.context and data.endpoint_context (its shorthand) both given; keep one")
-        K = values.pop("endpoint_context")
-        if split:  # an old stored config: 0 meant "endpoint_context"
-            values["context"] = [values.pop(k) or K for k in SPLIT_CONTEXT_KEYS]
-        else:
-            values["context"] = [K, K] if isinstance(K, int) and not isinstance(K, bool) else K
-    elif split:
-        values["context"] = [values.pop(k) or OLD_ENDPOINT_DEFAULT for k in SPLIT_CONTEXT_KEYS]
+    if not split or "context" in values:
+        return values
+    K = values.pop("endpoint_context", OLD_ENDPOINT_DEFAULT)
+    values["context"] = [values.pop(k) or K for k in SPLIT_CONTEXT_KEYS]  # 0 meant endpoint_context
     return values
+
+
+def upgrade_checkpoint(ckpt: dict) -> dict:
+    """A loaded checkpoint with its stored config and stream record in today's form (in place; returned)."""
+    ckpt["config"] = upgrade_config(ckpt["config"])
+    if ckpt.get("stream") is None:  # before the record: what the stored config says, the rest unknown
+        cfg = ckpt["config"]
+        ckpt["stream"] = {key: cfg.get(section, {}).get(key) for key, section in STREAM_CONFIG_KEYS.items()}
+        ckpt["stream"].update(world_size=None, shard_list=None, train_clips=None, start_step=0, start_epoch=None)
+    return ckpt
+
+
+def _squeezed(shape: Any) -> list[int]:
+    return [d for d in shape if d != 1]
+
+
+def upgrade_weights(state: dict, expected: dict) -> dict:
+    """`state` with each tensor reshaped to `expected`'s (a model's state dict) where the two differ only
+    by singleton dimensions: the Conv3d (1,k,k) / (3,1,1) / 1x1x1 kernels of the space-time form written
+    before 6ab7df0 (the only form before 61faa91) against their Conv2d twins. Other mismatches are left
+    for evdm.checkpoint.load_weights to report."""
+    out = dict(state)
+    for key, value in state.items():
+        target = expected.get(key)
+        if (target is not None and hasattr(value, "reshape") and tuple(value.shape) != tuple(target.shape)
+                and _squeezed(value.shape) == _squeezed(target.shape)):
+            out[key] = value.reshape(target.shape)
+    return out
+
+
+def upgrade_optimizer_state(optimizer_state: dict, shapes: list) -> dict:
+    """An AdamW state dict (exp_avg, exp_avg_sq per parameter index) with its per-parameter tensors
+    reshaped as `upgrade_weights` does; `shapes`: the parameters' shapes in the optimizer's order."""
+    state = {}
+    for index, per_param in optimizer_state["state"].items():
+        shape = tuple(shapes[int(index)])
+        state[index] = {k: v.reshape(shape) if getattr(v, "ndim", 0) > 0 and tuple(v.shape) != shape
+                        and _squeezed(v.shape) == _squeezed(shape) else v for k, v in per_param.items()}
+    return {**optimizer_state, "state": state}
+
+
+def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
+    """A preprocess progress record's identity with the options it predates filled in from `defaults`
+    (today's option values, JSON-shaped as progress.json holds them)."""
+    options = identity.get("options")
+    if not isinstance(options, dict):
+        return identity
+    missing = {k: json.loads(json.dumps(defaults[k])) for k in PREPROCESS_OPTIONS_ADDED if k not in options}
+    return {**identity, "options": {**options, **missing}}

@@ -1,6 +1,6 @@
 """The files of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
 
-The sampling itself is the Denoiser's (evdm.denoiser: load_denoiser, generate); this module reads and
+The sampling itself is the Denoiser's (evdm.denoiser: Denoiser.load, generate); this module reads and
 writes files.
 
 Everything about the model (size, T, context counts, colour mode, schedule, prediction) comes from the
@@ -21,10 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evdm import visualize
 from evdm.atomic import atomic_write, folder_problem
-from evdm.config import ConfigError, Context, RunConfig, with_sample
+from evdm.config import ConfigError, Context, RunConfig
 from evdm.data.loader import read_clips
 from evdm.data.shardset import ShardSet, expected_clip_shape
-from evdm.denoiser import Denoiser, mix_seed
+from evdm.denoiser import Denoiser
+from evdm.seeds import mix_seed
 
 
 class SamplingError(RuntimeError):
@@ -78,11 +79,6 @@ def to_array(img: Image.Image, size: int) -> np.ndarray:
     """uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped and resized."""
     arr = np.asarray(center_crop_resize(img, size), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
-
-
-def load_image(path: str | Path, size: int, color_mode: str) -> np.ndarray:
-    """Any image PIL reads -> uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped."""
-    return to_array(open_image(path, color_mode), size)
 
 
 def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +182,7 @@ def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray
         for index, batch in enumerate(batched(jobs, batch_size)):
             generator = torch.Generator(device=denoiser.device).manual_seed(mix_seed(seed, index))
             starts, ends = (np.stack([job[i] for job in batch]) for i in (1, 2))
-            samples = denoiser.generate_u8(starts, ends, sc, generator=generator, pad_to=denoiser.pad_for(batch_size))
+            samples = denoiser.generate_u8(starts, ends, sc, generator=generator)
             for (name, _, _, truth), sample in zip(batch, samples):
                 paths = write_clip_outputs(out_dir, name, sample, K, truth)
                 arrays = dict(sample=sample, truth=truth) if keep_arrays else {}
@@ -195,16 +191,6 @@ def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray
             visualize.save_gif(grid, out_dir / f"grid_{index:03d}.gif", fps=visualize.FPS)
             progress.update(task, advance=1, clips=len(results))
     return results
-
-
-def with_flags(cfg: RunConfig, *, steps: int | None, eta: float | None, guidance_scale: float | None) -> RunConfig:
-    """cfg with sample.py's --steps / --eta / --guidance_scale where given; SamplingError names the flag."""
-    for flag, value in (("steps", steps), ("eta", eta), ("guidance_scale", guidance_scale)):
-        try:
-            cfg = with_sample(cfg, **{flag: value})
-        except ConfigError as err:
-            raise SamplingError(f"--{flag} {value}: {err}") from None
-    return cfg
 
 
 def image_jobs(start: np.ndarray, end: np.ndarray, num_samples: int) -> list[tuple]:

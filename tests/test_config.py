@@ -52,10 +52,6 @@ def test_context_is_one_key_with_one_shorthand(tmp_path):
     smoke = Path(__file__).parent.parent / "configs" / "smoke.toml"  # it says context = [2, 2]
     assert load_config(smoke, ["data.endpoint_context=1"]).data.context == Context(1, 1)  # the override wins
     assert load_config(smoke, ["data.context=[1, 3]"]).data.context == Context(1, 3)
-    # Stored configs of earlier versions: three keys, 0 meaning "endpoint_context".
-    old = {"data": {"endpoint_context": 2, "context_start": 1, "context_end": 0}}
-    assert from_dict(old, stored=True).data.context == Context(1, 2)
-    assert from_dict({"data": {"endpoint_context": 3}}, stored=True).data.context == Context(3, 3)
 
 
 def test_layout_keys_are_retired(tmp_path):
@@ -64,7 +60,6 @@ def test_layout_keys_are_retired(tmp_path):
         path.write_text(f"[{section}]\n{key} = {value}\n")
         with pytest.raises(ConfigError, match=f"{section}.{key} is gone; remove it"):
             load_config(path)
-        assert from_dict({section: {key: value.strip('"')}}, stored=True) == from_dict({section: {}}, stored=True)
 
 
 def test_with_sample_overrides_what_is_given_and_checks_it():
@@ -187,30 +182,21 @@ def test_retired_train_keys_name_their_replacement(tmp_path, key, value, replace
         load_config(path)
 
 
-def test_a_bool_compile_is_refused_in_a_file_and_mapped_in_a_stored_config(tmp_path):
-    """train.compile was a bool ("compile on CUDA"); checkpoints of that time store it so."""
+def test_a_bool_compile_is_refused_in_a_file(tmp_path):
+    """train.compile was a bool ("compile on CUDA"); stored configs of that time: tests/test_legacy.py."""
     path = tmp_path / "old.toml"
     path.write_text("[train]\ncompile = true\n")
     with pytest.raises(ConfigError, match=re.escape('train.compile is now one of "auto" | "on" | "off", not a bool; True was \'auto\'')):
         load_config(path)
-    stored = to_dict(RunConfig())
-    stored["train"].update(amp=True, amp_dtype="fp16", amp_on_cpu=False, compile=True, compile_on_cpu=False)
-    del stored["train"]["precision"]
-    assert from_dict(stored, stored=True).train == RunConfig().train  # precision and compile "auto"
-    stored["train"]["compile"] = False
-    assert from_dict(stored, stored=True).train.compile == "off"
     assert load_config(None, ["train.precision=fp16", "train.compile=off"]).train.precision == "fp16"
 
 
 def test_dynamic_threshold_is_one_typed_key():
-    """One float (the percentile, 0 = off); an old bool is refused in a file and mapped in a stored config,
-    the old percentile key names its replacement."""
+    """One float (the percentile, 0 = off); an old bool is refused in a file, the old percentile key names
+    its replacement (stored configs: tests/test_legacy.py)."""
     assert from_dict({"sample": {"dynamic_threshold": 0.99}}).sample.dynamic_threshold == 0.99
     with pytest.raises(ConfigError, match="sample.dynamic_threshold is now one of a percentile"):
         from_dict({"sample": {"dynamic_threshold": True}})
-    stored = from_dict({"sample": {"dynamic_threshold": True, "dynamic_threshold_percentile": 0.99}}, stored=True)
-    assert stored.sample.dynamic_threshold == 0.995
-    assert from_dict({"sample": {"dynamic_threshold": False}}, stored=True).sample.dynamic_threshold == 0.0
     with pytest.raises(ConfigError, match="dynamic_threshold_percentile is gone; use sample.dynamic_threshold"):
         from_dict({"sample": {"dynamic_threshold_percentile": 0.99}})
 

@@ -36,10 +36,10 @@ def test_asymmetric_model_shapes_and_parameters():
     assert count_parameters(model) < count_parameters(sym)
     x_t = torch.randn(2, 3, 5, 16, 16)
     start, end = torch.rand(2, 3, 1, 16, 16), torch.rand(2, 3, 2, 16, 16)
-    out = model(x_t, torch.tensor([3, 700]), start, end, torch.tensor([False, True]))
+    out = model(x_t, torch.tensor([3, 700]), start, end, x_t, torch.tensor([False, True]))
     assert out.shape == x_t.shape
     with pytest.raises(ValueError, match=r"start_context .*K=1"):
-        model(x_t, torch.tensor([3, 700]), end, end, torch.tensor([False, True]))
+        model(x_t, torch.tensor([3, 700]), end, end, x_t, torch.tensor([False, True]))
 
 
 def test_encoder_encodes_each_end_alone_when_counts_differ():

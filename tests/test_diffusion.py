@@ -5,20 +5,27 @@ import dataclasses
 import pytest
 import torch
 
-from evdm.config import Context, SampleConfig
+from evdm.config import Context, DataConfig, DiffusionConfig, RunConfig, SampleConfig
 from evdm.denoiser import Denoiser
-from evdm.diffusion import (Draws, apply_dynamic_threshold, diffusion_loss, draw_training_noise, eps_from_x0,
-                            guided_output, make_schedule, output_from, q_sample, sampling_timesteps, split_output,
-                            training_target)
+from evdm.diffusion import (Draws, apply_dynamic_threshold, diffusion_loss, draw_training_noise, guided_output,
+                            linear_blend, make_schedule, q_sample, sampling_timesteps, split_output, training_target)
 
 B, C, K, M, H, W = 2, 3, 2, 3, 8, 8
 CONTEXT = Context(K, K)
 
 
-def denoiser(net, s, prediction="eps", residual="none") -> Denoiser:
-    """`net` as the network of an fp32 CPU denoiser over schedule s."""
-    return Denoiser(net, s, context=CONTEXT, prediction=prediction, residual=residual, device=torch.device("cpu"),
-                    dtype=None)
+def eps_from_x0(s, x_t, t, x0):
+    return split_output(s, x_t, t, x0, "x0")[1]
+
+
+def denoiser(net, s, prediction="eps", residual="none", **diffusion) -> Denoiser:
+    """`net` as the network of an fp32 CPU denoiser over the schedule `s` (linear or cosine)."""
+    kind = "linear" if torch.equal(s.betas, make_schedule("linear", s.timesteps).betas) else "cosine"
+    cfg = RunConfig(data=DataConfig(T=2 * K + M, context=CONTEXT, size=H),
+                    diffusion=DiffusionConfig(schedule=kind, timesteps=s.timesteps, prediction=prediction,
+                                              residual=residual, **diffusion),
+                    sample=SampleConfig(steps=1))  # generate() below passes its own settings
+    return Denoiser(cfg, torch.device("cpu"), precision="fp32", net=net)
 
 
 def generate(net, s, clip, *, prediction="eps", residual="none", seed=0, **sample):
@@ -28,11 +35,9 @@ def generate(net, s, clip, *, prediction="eps", residual="none", seed=0, **sampl
                                                           generator=torch.Generator().manual_seed(seed))
 
 
-def loss_of(net, s, clip, draws, **kwargs):
-    """The loss through the Denoiser, as training computes it."""
-    kwargs = {"temporal_loss_weight": 0.05, **kwargs}
-    weight = kwargs.pop("temporal_loss_weight")
-    return denoiser(net, s, **kwargs).loss(clip, draws, temporal_loss_weight=weight)
+def loss_of(net, s, clip, seed=0, **kwargs):
+    """The loss through the Denoiser, as training computes it (its own draws from a seeded generator)."""
+    return denoiser(net, s, **kwargs).loss(clip, torch.Generator().manual_seed(seed))
 
 
 def make_clip(seed: int = 0) -> torch.Tensor:
@@ -48,12 +53,13 @@ class Oracle(torch.nn.Module):
         self.s, self.x0, self.prediction, self.middle_frames = s, x0, prediction, x0.shape[2]
         self.batch_sizes = []
 
-    def forward(self, x_t, t, start_context, end_context, cond_drop):
+    def forward(self, x_t, t, start_context, end_context, blend, cond_drop):
         self.batch_sizes.append(x_t.shape[0])
+        self.seen = dict(x_t=x_t, start=start_context, end=end_context, blend=blend)
         x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
         # A dropped condition gets a worse guess (zeros), so guidance has something to amplify.
         x0 = torch.where(cond_drop.reshape(-1, 1, 1, 1, 1), torch.zeros_like(x0), x0)
-        return output_from(self.s, x0, t, eps_from_x0(self.s, x_t, t, x0), self.prediction)
+        return training_target(self.s, x0, t, eps_from_x0(self.s, x_t, t, x0), self.prediction)
 
 
 class Linear(torch.nn.Module):
@@ -63,7 +69,7 @@ class Linear(torch.nn.Module):
         super().__init__()
         self.middle_frames = M
 
-    def forward(self, x_t, t, start_context, end_context, cond_drop):
+    def forward(self, x_t, t, start_context, end_context, blend, cond_drop):
         ctx = (start_context.mean(2, keepdim=True) - end_context.mean(2, keepdim=True))
         keep = (~cond_drop).float().reshape(-1, 1, 1, 1, 1)
         return 0.5 * x_t + keep * ctx + 1e-4 * t.float().reshape(-1, 1, 1, 1, 1)
@@ -114,7 +120,6 @@ def test_converter_round_trips(prediction, kind):
     out = training_target(s, x0, t, noise, prediction)
     x0_hat, eps_hat = split_output(s, x_t, t, out, prediction)  # pred_x0(q_sample(x0, eps)) == x0
     assert torch.allclose(x0_hat, x0, atol=2e-4) and torch.allclose(eps_hat, noise, atol=1e-4)
-    assert torch.allclose(output_from(s, x0_hat, t, eps_hat, prediction), out, atol=1e-4)
     assert torch.allclose(eps_from_x0(s, x_t, t, x0), noise, atol=1e-4)
 
 
@@ -142,18 +147,13 @@ def test_loss_is_zero_for_a_perfect_model_and_sees_only_the_middle(prediction):
     s = make_schedule("linear", 1000)
     clip = make_clip()
     model = Oracle(s, clip[:, :, K:-K], prediction)
-    seen = {}
-    def spy(x_t, t, start, end, drop):
-        seen.update(x_t=x_t, start=start, end=end)
-        return model(x_t, t, start, end, drop)
-    draws = draw_training_noise((B, C, M, H, W), timesteps=1000, cfg_drop_prob=0.0, noise_offset=0.0,
-                                generator=torch.Generator().manual_seed(0), device="cpu")
-    loss, stats = diffusion_loss(spy, s, clip[:, :, :K], clip[:, :, K:-K], clip[:, :, -K:], draws,
-                                 prediction=prediction, temporal_loss_weight=0.05, residual="none")
+    loss, stats = loss_of(model, s, clip, prediction=prediction, cfg_drop_prob=0.0)
     assert loss.item() < 1e-8 and set(stats) == {"mse", "temporal"}
     assert not stats["mse"].requires_grad
+    seen = model.seen
     assert seen["x_t"].shape == (B, C, M, H, W)
     assert torch.equal(seen["start"], clip[:, :, :K]) and torch.equal(seen["end"], clip[:, :, -K:])
+    assert torch.equal(seen["blend"], linear_blend(clip[:, :, :K], clip[:, :, -K:], M))  # the one blend
 
 
 def test_temporal_loss_penalises_motion_across_the_boundary():
@@ -166,20 +166,19 @@ def test_temporal_loss_penalises_motion_across_the_boundary():
     noise = torch.randn(middle.shape, generator=torch.Generator().manual_seed(3))
     x_t = q_sample(s, middle, t, noise)
     x0_shifted = middle + 0.1
-    model = lambda x, tt, a, b, d: eps_from_x0(s, x, tt, x0_shifted)  # noqa: E731
+    model = lambda x, tt, d: eps_from_x0(s, x, tt, x0_shifted)  # noqa: E731
     drop = torch.zeros(B, dtype=torch.bool)
     _, stats = diffusion_loss(model, s, clip[:, :, :K], middle, clip[:, :, -K:], Draws(t, noise, drop),
-                              prediction="eps", temporal_loss_weight=1.0, residual="none")
+                              base=None, prediction="eps", temporal_loss_weight=1.0)
     expected = s.alphas_cumprod[0] * 2 * 0.1**2 / (M + 1)  # 2 of M+1 differences are off by 0.1
     assert stats["temporal"].item() == pytest.approx(expected.item(), rel=1e-2)
-    assert torch.allclose(eps_from_x0(s, x_t, t, x0_shifted), model(x_t, t, None, None, None))
+    assert torch.allclose(eps_from_x0(s, x_t, t, x0_shifted), model(x_t, t, None))
 
 
 def test_loss_rejects_clip_without_middle():
     s = make_schedule("linear", 10)
-    draws = Draws(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 0, 4, 4), torch.zeros(1, dtype=torch.bool))
     with pytest.raises(ValueError, match="T=4"):
-        loss_of(Linear(), s, torch.zeros(1, 1, 4, 4, 4), draws)
+        loss_of(Linear(), s, torch.zeros(1, 1, 4, 4, 4))
 
 
 def test_sampling_timesteps():
@@ -215,13 +214,14 @@ def test_guidance_scale_one_is_the_conditional_branch_alone():
     clip = make_clip()
     model = Oracle(s, clip[:, :, K:-K])
     x_t, t = torch.randn(B, C, M, H, W), torch.full((B,), 50)
-    start, end = clip[:, :, :K], clip[:, :, -K:]
-    cond = model(x_t, t, start, end, torch.zeros(B, dtype=torch.bool))
-    null = model(x_t, t, start, end, torch.ones(B, dtype=torch.bool))
+    conditions = (clip[:, :, :K], clip[:, :, -K:], linear_blend(clip[:, :, :K], clip[:, :, -K:], M))
+    output = lambda x, tt, c, d: model(x, tt, *c, d)  # noqa: E731
+    cond = output(x_t, t, conditions, torch.zeros(B, dtype=torch.bool))
+    null = output(x_t, t, conditions, torch.ones(B, dtype=torch.bool))
     model.batch_sizes.clear()
-    assert torch.equal(guided_output(model, x_t, t, start, end, 1.0), cond)
+    assert torch.equal(guided_output(output, x_t, t, conditions, 1.0), cond)
     assert model.batch_sizes == [B]  # no null branch
-    guided = guided_output(model, x_t, t, start, end, 1.8)
+    guided = guided_output(output, x_t, t, conditions, 1.8)
     assert model.batch_sizes == [B, 2 * B]  # both branches in one batched forward
     assert torch.allclose(guided, null + 1.8 * (cond - null), atol=1e-5)
 
@@ -272,15 +272,12 @@ def test_residual_blend_round_trips_through_loss_and_sampler():
     clip = make_clip()
     start, middle, end = clip[:, :, :K], clip[:, :, K:-K], clip[:, :, -K:]
     residual = middle - linear_blend(start, end, M)
-    draws = Draws(torch.tensor([10, 90]), torch.randn(B, C, M, H, W), torch.zeros(B, dtype=torch.bool))
     for prediction in ("eps", "v", "x0"):
         knows_residual = Oracle(s, residual, prediction)
-        loss, _ = loss_of(knows_residual, s, clip, draws, prediction=prediction, residual="blend")
+        loss, _ = loss_of(knows_residual, s, clip, prediction=prediction, residual="blend")
         assert loss.item() < 1e-8
-        plain, _ = loss_of(knows_residual, s, clip, draws, prediction=prediction)
+        plain, _ = loss_of(knows_residual, s, clip, prediction=prediction)
         assert plain.item() > 1e-3  # the same model is wrong about the plain middle
         out = generate(knows_residual, s, clip, prediction=prediction, residual="blend")
         assert torch.allclose(out[:, :, K:-K], middle, atol=1e-4)
         assert torch.equal(out[:, :, :K], start) and torch.equal(out[:, :, -K:], end)
-    with pytest.raises(ValueError, match="residual"):
-        generate(knows_residual, s, clip, steps=2, residual="median")

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from evdm.atomic import atomic_write
-from evdm.denoiser import mix_seed
-from evdm.train import step_seed
+from evdm.seeds import mix_seed, step_seed
 
 
 def test_step_seed_golden_values():

@@ -17,6 +17,11 @@ from evdm import sample_io as sampling
 SIZE = 8
 
 
+def load_image(path, size: int, color_mode: str):
+    """What sample.py reads from an endpoint image: uint8 [size, size, C], centre-cropped."""
+    return sampling.to_array(sampling.open_image(path, color_mode), size)
+
+
 def write_png16_rgb(path: Path, rgb: np.ndarray) -> None:
     """A 48-bit RGB PNG (PIL cannot write one): uint16 [H, W, 3], by the PNG spec's chunks."""
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -44,17 +49,17 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
     Image.fromarray(values).save(tmp_path / "g16.png")
     assert mode_of(tmp_path / "g16.png") == "I;16"
     expected = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
-    gray = sampling.load_image(tmp_path / "g16.png", SIZE, "gray")
+    gray = load_image(tmp_path / "g16.png", SIZE, "gray")
     assert np.array_equal(gray[..., 0], expected)
     assert (gray < 255).mean() > 0.9  # PIL's own conversion leaves all but the zero pixel at 255
-    rgb = sampling.load_image(tmp_path / "g16.png", SIZE, "rgb")
+    rgb = load_image(tmp_path / "g16.png", SIZE, "rgb")
     assert all(np.array_equal(rgb[..., c], expected) for c in range(3))
 
 
 def test_48_bit_rgb_png_keeps_its_colours(tmp_path):
     values = np.stack([gradient16(), gradient16()[::-1], np.full((SIZE, SIZE), 32768, np.uint16)], axis=-1)
     write_png16_rgb(tmp_path / "rgb16.png", values)
-    rgb = sampling.load_image(tmp_path / "rgb16.png", SIZE, "rgb").astype(int)
+    rgb = load_image(tmp_path / "rgb16.png", SIZE, "rgb").astype(int)
     assert np.abs(rgb - values.astype(int) * 255 / 65535).max() <= 1
 
 
@@ -69,15 +74,15 @@ def test_palette_images_with_and_without_transparency(tmp_path):
         warnings.simplefilter("error")  # PIL warns when a palette's per-entry alpha is dropped carelessly
         for name in ("p.png", "p_transparent.png"):
             assert mode_of(tmp_path / name) == "P"
-            assert np.array_equal(sampling.load_image(tmp_path / name, SIZE, "rgb"), expected)
+            assert np.array_equal(load_image(tmp_path / name, SIZE, "rgb"), expected)
 
 
 def test_la_keeps_its_grey_and_ignores_alpha(tmp_path):
     grey = np.arange(SIZE * SIZE, dtype=np.uint8).reshape(SIZE, SIZE) * 3
     alpha = np.full((SIZE, SIZE), 128, np.uint8)
     Image.fromarray(np.stack([grey, alpha], axis=-1), "LA").save(tmp_path / "la.png")
-    assert np.array_equal(sampling.load_image(tmp_path / "la.png", SIZE, "gray")[..., 0], grey)
-    assert np.array_equal(sampling.load_image(tmp_path / "la.png", SIZE, "rgb")[..., 1], grey)
+    assert np.array_equal(load_image(tmp_path / "la.png", SIZE, "gray")[..., 0], grey)
+    assert np.array_equal(load_image(tmp_path / "la.png", SIZE, "rgb")[..., 1], grey)
 
 
 def test_cmyk_converts_to_its_rgb_colours(tmp_path):
@@ -86,7 +91,7 @@ def test_cmyk_converts_to_its_rgb_colours(tmp_path):
     cmyk[:, 4:6, 0] = 255  # cyan
     cmyk[:, 6:, 1:3] = 255  # magenta + yellow = red
     Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
-    rgb = sampling.load_image(tmp_path / "cmyk.tif", SIZE, "rgb")
+    rgb = load_image(tmp_path / "cmyk.tif", SIZE, "rgb")
     for cols, colour in ((slice(0, 2), (255, 255, 255)), (slice(2, 4), (0, 0, 0)), (slice(4, 6), (0, 255, 255)),
                          (slice(6, 8), (255, 0, 0))):
         assert (rgb[:, cols] == colour).all()
@@ -98,5 +103,5 @@ def test_pixels_without_a_white_level_are_refused_in_one_line(tmp_path, mode, wo
     Image.fromarray(gradient16().astype(np.int32 if mode == "I" else np.float32)).save(path)
     assert mode_of(path) == mode
     with pytest.raises(sampling.SamplingError) as err:
-        sampling.load_image(path, SIZE, "rgb")
+        load_image(path, SIZE, "rgb")
     assert str(err.value).startswith(f"{path}: {words}") and "\n" not in str(err.value)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from evdm.config import ConfigError, Context, DataConfig, ModelConfig, RunConfig
 from evdm.denoiser import to_layout as to_channels_last
-from evdm.models import ConditioningEncoder, adapt_conv_weights, adapt_optimizer_state, build_model, count_parameters
+from evdm.diffusion import linear_blend
+from evdm.models import ConditioningEncoder, build_model, count_parameters
 from evdm.models.blocks import short_attention, ChannelNorm, GroupNorm, channel_norm, group_norm
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), res_blocks=1, temporal_attn_levels=(1,), attn_head_channels=4)
@@ -37,7 +38,8 @@ def inputs(cfg: RunConfig, B: int = 2, seed: int = 0):
     clip = torch.rand((B, C, T, S, S), generator=g) * 2 - 1
     x_t = torch.randn((B, C, T - 2 * K, S, S), generator=g)
     t = torch.randint(0, 1000, (B,), generator=g)
-    return x_t, t, clip[:, :, :K], clip[:, :, T - K:], torch.zeros(B, dtype=torch.bool)
+    start, end = clip[:, :, :K], clip[:, :, T - K:]
+    return x_t, t, start, end, linear_blend(start, end, T - 2 * K), torch.zeros(B, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("color_mode", ["rgb", "gray"])
@@ -67,14 +69,14 @@ def test_bad_sizes_are_rejected_clearly():
     with pytest.raises(ConfigError, match=r"data.size=18.*4"):
         tiny_cfg(size=18, channel_mults=(1, 2, 4))
     model = build_model(tiny_cfg(size=16, channel_mults=(1, 2, 4)))
-    x_t, t, start, end, drop = inputs(tiny_cfg(size=18))
+    x_t, t, start, end, blend, drop = inputs(tiny_cfg(size=18))
     with pytest.raises(ValueError, match=r"18x18 must be divisible by 4"):
-        model(x_t, t, start, end, drop)
-    x_t, t, start, end, drop = inputs(tiny_cfg(size=16))
+        model(x_t, t, start, end, blend, drop)
+    x_t, t, start, end, blend, drop = inputs(tiny_cfg(size=16))
     with pytest.raises(ValueError, match=r"M=T-2K=4"):
-        model(x_t[:, :, :3], t, start, end, drop)
+        model(x_t[:, :, :3], t, start, end, blend[:, :, :3], drop)
     with pytest.raises(ValueError, match=r"end_context.*K=2"):
-        model(x_t, t, start, end[:, :, :1], drop)
+        model(x_t, t, start, end[:, :, :1], blend, drop)
     with pytest.raises(ConfigError, match="out of range"):
         tiny_cfg(channel_mults=(1, 2), temporal_attn_levels=(2,))
 
@@ -83,7 +85,7 @@ def test_endpoint_encoder_is_shared():
     model = randomize(build_model(tiny_cfg()))
     encoders = [m for m in model.modules() if isinstance(m, ConditioningEncoder)]
     assert len(encoders) == 1
-    _, _, start, end, drop = inputs(tiny_cfg())
+    _, _, start, end, _, drop = inputs(tiny_cfg())
     # One parameter set: swapping the endpoints swaps their features exactly.
     fs, fe = model.encoder(start, end, drop)
     gs, ge = model.encoder(end, start, drop)
@@ -98,17 +100,18 @@ def test_endpoint_encoder_is_shared():
 def test_both_endpoints_and_cond_drop_reach_the_output_per_sample(direct_input):
     cfg = tiny_cfg(direct_input=direct_input)
     model = randomize(build_model(cfg)).eval()
-    x_t, t, start, end, _ = inputs(cfg)
+    x_t, t, start, end, _, _ = inputs(cfg)
     keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
-    base = model(x_t, t, start, end, keep)
-    assert not torch.allclose(base, model(x_t, t, -start, end, keep))
-    assert not torch.allclose(base, model(x_t, t, start, -end, keep))
+    call = lambda s, e, d: model(x_t, t, s, e, linear_blend(s, e, x_t.shape[2]), d)  # noqa: E731
+    base = call(start, end, keep)
+    assert not torch.allclose(base, call(-start, end, keep))
+    assert not torch.allclose(base, call(start, -end, keep))
     # Null conditioning ignores the endpoints entirely ...
-    null = model(x_t, t, start, end, drop)
-    assert torch.allclose(null, model(x_t, t, -start, -end, drop), atol=1e-6)
+    null = call(start, end, drop)
+    assert torch.allclose(null, call(-start, -end, drop), atol=1e-6)
     assert not torch.allclose(base, null)
     # ... and acts per sample.
-    mixed = model(x_t, t, start, end, torch.tensor([True, False]))
+    mixed = call(start, end, torch.tensor([True, False]))
     assert torch.allclose(mixed[0], null[0], atol=1e-5) and torch.allclose(mixed[1], base[1], atol=1e-5)
 
 
@@ -138,49 +141,6 @@ def test_channels_last_matches_contiguous():
     out = to_channels_last(model)(*cl)
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.allclose(out, ref, atol=1e-5)
-
-
-def conv3d_state(model: torch.nn.Module) -> dict:
-    """The model's state dict as the retired Conv3d form saved it: per-frame kernels [o, i, 1, k, k],
-    temporal kernels [c, c, 3, 1, 1] (the 2d form's [o, i, k, k] and [c, c, 3, 1])."""
-    def old(name: str, v: torch.Tensor) -> torch.Tensor:
-        if v.ndim != 4:
-            return v
-        return v.unsqueeze(-1) if name.endswith("temporal.weight") else v.unsqueeze(2)
-    return {k: old(k, v) for k, v in model.state_dict().items()}
-
-
-def test_conv3d_checkpoints_load_into_the_one_form():
-    """Old checkpoints of the retired Conv3d form load (kernels differ only by singleton dimensions),
-    and the model computes the same function with them."""
-    cfg = tiny_cfg()
-    source = randomize(build_model(cfg), seed=1).eval()
-    old = conv3d_state(source)
-    assert any(v.ndim == 5 and k.endswith("temporal.weight") for k, v in old.items())
-    model = build_model(cfg).eval()
-    model.load_state_dict(adapt_conv_weights(old, model))
-    args = inputs(cfg)
-    assert torch.equal(model(*args), source(*args))
-
-
-def test_adapt_optimizer_state_follows_the_weights():
-    cfg = tiny_cfg()
-    model = randomize(build_model(cfg))
-    opt = torch.optim.AdamW(model.parameters())
-    model(*inputs(cfg)).square().mean().backward()
-    opt.step()
-    state = opt.state_dict()
-    shapes = {i: v.shape for i, v in enumerate(conv3d_state(model).values()) if v.ndim == 5}
-    state["state"] = {i: {k: v.reshape(shapes[i]) if k.startswith("exp_avg") and i in shapes else v
-                          for k, v in per.items()} for i, per in state["state"].items()}  # as a Conv3d run saved it
-    fresh = build_model(cfg)
-    fresh.load_state_dict(model.state_dict())
-    opt2 = torch.optim.AdamW(fresh.parameters())
-    opt2.load_state_dict(adapt_optimizer_state(state, fresh))
-    fresh(*inputs(cfg)).square().mean().backward()
-    opt2.step()  # fails on a shape mismatch if any state tensor kept the 3d shape
-    for p, per in zip(fresh.parameters(), opt2.state_dict()["state"].values()):
-        assert per["exp_avg"].shape == p.shape
 
 
 def sdpa_layout(x: torch.Tensor) -> torch.Tensor:
@@ -253,29 +213,37 @@ def test_dropout_config_is_used():
 
 
 @pytest.mark.slow
-def test_tiny_model_compiles_regionally_with_inductor(tmp_path, monkeypatch):
-    """evdm.denoiser on the real backend (Inductor's C++ on a CPU): the blocks' compiled forms (the
-    norms' fp32-statistics functions, the broadcast attention) give the eager model's outputs, the
-    attention is not pattern-matched back into SDPA, and another batch size compiles no new graph."""
+def test_a_compiled_denoiser_samples_any_batch_with_inductor(tmp_path, monkeypatch):
+    """Denoiser.compile on the real backend (Inductor's C++ on a CPU): the blocks' compiled forms (the
+    norms' fp32-statistics functions, the broadcast attention) give the eager denoiser's samples, the
+    attention is not pattern-matched back into SDPA, batch 4 after batch 5 compiles no new graph (the
+    batch is symbolic, so nothing is padded), and the caches go to the folder asked for. On a CPU the
+    convolution backend's choice guards the batch to a range (the encoder's 2B frames >= 8 here), and
+    a batch outside it compiles again."""
     from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    from evdm.denoiser import compile_regions
+    from evdm.config import SampleConfig
+    from evdm.denoiser import CACHE_ENV, Denoiser
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    cfg = tiny_cfg(T=6, K=2, channel_mults=(1, 2), temporal_attn_levels=(0, 1))
-    model = to_channels_last(randomize(build_model(cfg))).eval()
-    compiled = copy.deepcopy(model)
-    assert compile_regions(compiled) > 4
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())  # what importing torch._dynamo leaves a user with
+    cfg = dataclasses.replace(tiny_cfg(T=6, K=2, channel_mults=(1, 2), temporal_attn_levels=(0, 1)),
+                              sample=SampleConfig(steps=2))
+    cpu = torch.device("cpu")
+    eager = Denoiser(cfg, cpu, precision="fp32", net=randomize(build_model(cfg))).eval()
+    compiled = Denoiser(cfg, cpu, precision="fp32", net=copy.deepcopy(eager.net)).eval()
+    assert compiled.compile("on", cache_dir=tmp_path / "cache")
     counters.clear()
     graphs = []
-    with torch.no_grad():
-        for batch in (2, 3):
-            args = [a.to(memory_format=torch.channels_last_3d) if a.ndim == 5 else a for a in inputs(cfg, B=batch)]
-            assert torch.allclose(compiled(*args), model(*args), atol=1e-4)
-            graphs.append(counters["stats"]["unique_graphs"])
+    for batch in (5, 4):
+        _, _, start, end, _, _ = inputs(cfg, B=batch)
+        out = compiled.generate(start, end, generator=torch.Generator().manual_seed(batch))
+        assert out.shape[0] == batch
+        assert torch.allclose(out, eager.generate(start, end, generator=torch.Generator().manual_seed(batch)), atol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
     assert counters["inductor"]["fuse_attention"] == 0
-    assert 0 < graphs[0] == graphs[1]  # batch 3 reused batch 2's graphs (dynamic shapes)
-
+    assert 0 < graphs[0] == graphs[1]
+    assert any((tmp_path / "cache").iterdir())
 
 
 @pytest.mark.parametrize("direct_input,extra", [("none", 0), ("blend", 3), ("context", 12), ("both", 15)])
@@ -288,8 +256,8 @@ def test_direct_input_hands_the_endpoints_to_the_stem(direct_input, extra):
     model = build_model(cfg)
     grown = count_parameters(model) - count_parameters(build_model(tiny_cfg(direct_input="none")))
     assert grown == extra * TINY["base_channels"] * 3 * 3
-    x_t, t, start, end, keep = inputs(cfg)
-    stem_in = model._stem_input(x_t, start, end, keep)
+    x_t, t, start, end, blend, keep = inputs(cfg)
+    stem_in = model._stem_input(x_t, start, end, blend, keep)
     assert stem_in.shape == (2, 3 + extra, 4, 16, 16) and torch.equal(stem_in[:, :3], x_t)
     if direct_input in ("blend", "both"):
         assert torch.allclose(stem_in[:, 3:6], linear_blend(start, end, 4), atol=1e-6)
@@ -297,30 +265,7 @@ def test_direct_input_hands_the_endpoints_to_the_stem(direct_input, extra):
         frames = torch.cat([start, end], dim=2)  # [B, 3, 4, H, W] -> channels c * 4 + k
         for m in range(4):
             assert torch.equal(stem_in[:, -12:, m].reshape(2, 3, 4, 16, 16), frames)
-    assert not model._stem_input(x_t, start, end, ~keep)[:, 3:].any()
-    assert model(x_t, t, start, end, keep).shape == x_t.shape
+    assert not model._stem_input(x_t, start, end, blend, ~keep)[:, 3:].any()
+    assert model(x_t, t, start, end, blend, keep).shape == x_t.shape
 
 
-def test_a_checkpoint_stored_without_direct_input_loads_the_model_it_was(tmp_path):
-    """Checkpoints written before model.direct_input existed hold no such key: they must rebuild the
-    model they were (a 3-channel stem, evdm.legacy.ADDED), whatever the dataclass default for new
-    configs is, and give the same outputs."""
-    from evdm.checkpoint import make_payload, save_checkpoint
-    from evdm.config import from_dict
-    from evdm.denoiser import load_denoiser
-    from evdm.legacy import ADDED
-
-    cfg = tiny_cfg(direct_input="none")
-    old = randomize(build_model(cfg)).eval()
-    payload = make_payload(step=1, cfg=cfg, model=old, ema=old)
-    del payload["config"]["model"]["direct_input"]  # as written before the key existed
-    save_checkpoint(tmp_path / "old.pt", payload)
-    denoiser, stored = load_denoiser(tmp_path / "old.pt", torch.device("cpu"), precision="fp32", compile="off")
-    model = denoiser.net
-    assert stored.model.direct_input == ADDED["model", "direct_input"] == "none"
-    assert model.stem.weight.shape[1] == 3
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), old.state_dict().values()))
-    args = inputs(cfg)
-    assert torch.allclose(model(*args), old(*args), atol=1e-5)  # channels-last there: other conv rounding
-    # A config file without the key gets the dataclass default instead: what new runs should use.
-    assert from_dict({"model": {}}).model.direct_input == ModelConfig().direct_input

@@ -15,10 +15,15 @@ from PIL import Image
 from conftest import K, SIZE, T, make_checkpoint, tiny_config, write_square_shards
 from evdm import sample_io as sampling, visualize
 from evdm.config import with_sample
-from evdm.denoiser import load_denoiser, to_uint8
+from evdm.denoiser import Denoiser, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = visualize.strip_scale(SIZE)  # PNG strip enlargement
+
+
+def load_image(path, size: int, color_mode: str):
+    """What sample.py reads from an endpoint image: uint8 [size, size, C], centre-cropped."""
+    return sampling.to_array(sampling.open_image(path, color_mode), size)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +59,15 @@ def test_load_image_center_crops_and_converts(tmp_path):
     img = np.zeros((20, 40, 3), np.uint8)
     img[:, 10:30] = 200  # the centred square; the side bars must be cropped away
     Image.fromarray(img).save(tmp_path / "wide.png")
-    rgb = sampling.load_image(tmp_path / "wide.png", 16, "rgb")
+    rgb = load_image(tmp_path / "wide.png", 16, "rgb")
     assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8 and (rgb == 200).all()
-    gray = sampling.load_image(tmp_path / "wide.png", 8, "gray")
+    gray = load_image(tmp_path / "wide.png", 8, "gray")
     assert gray.shape == (8, 8, 1)
 
 
 def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_path):
-    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
+    den = Denoiser.load(ckpt, torch.device("cpu"))
+    cfg = den.cfg
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
     jobs = sampling.image_jobs(start, end, num_samples=3)
     results = sampling.sample_to_files(jobs, 3, den, with_sample(cfg, steps=2), tmp_path, batch_size=2)
@@ -79,7 +85,8 @@ def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_p
 
 def test_sampler_output_round_trips_the_context_bytes(ckpt, val_shards):
     """Without generate_u8's final paste, float sampling + rounding already reproduces the input bytes."""
-    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
+    den = Denoiser.load(ckpt, torch.device("cpu"))
+    cfg = den.cfg
     clips = np.stack([c for _, c in sampling.iter_shard_clips(val_shards, cfg, 3)])
     x = den.to_input(torch.from_numpy(clips).permute(0, 4, 1, 2, 3))
     settings = with_sample(cfg, steps=2, eta=0.0, guidance_scale=1.8).sample
@@ -88,7 +95,8 @@ def test_sampler_output_round_trips_the_context_bytes(ckpt, val_shards):
 
 
 def test_same_seed_same_samples(ckpt, images, tmp_path):
-    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
+    den = Denoiser.load(ckpt, torch.device("cpu"))
+    cfg = den.cfg
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
     runs = [sampling.sample_to_files(sampling.image_jobs(start, end, 1), 1, den, with_sample(cfg, steps=2, eta=1.0),
                                      tmp_path / str(i), seed=seed)
@@ -108,7 +116,7 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
         assert (out / f"{name}.mp4").stat().st_size > 0
         strip = np.asarray(Image.open(out / f"{name}.png"))
         for t, path in zip([0, 1, T - 2, T - 1], images):
-            expected = sampling.load_image(path, SIZE, "rgb")
+            expected = load_image(path, SIZE, "rgb")
             assert np.array_equal(visualize.frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), expected)
     assert (out / "grid_000.gif").is_file()
 
@@ -117,7 +125,8 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
 
 
 def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, val_shards, tmp_path):
-    den, cfg = load_denoiser(ckpt, torch.device("cpu"))
+    den = Denoiser.load(ckpt, torch.device("cpu"))
+    cfg = den.cfg
     jobs = sampling.shard_jobs(val_shards, cfg, num=4)
     results = sampling.sample_to_files(jobs, 4, den, with_sample(cfg, steps=2), tmp_path, batch_size=3)
     truths = [c for _, c in sampling.iter_shard_clips(val_shards, cfg, 4)]
@@ -198,7 +207,8 @@ def test_checkpoint_of_another_color_mode(ckpt, images, tmp_path, capsys):
 
 def test_gray_checkpoint_samples_gray(tmp_path, images):
     gray_ckpt = make_checkpoint(tmp_path / "gray.pt", color_mode="gray", train_steps=1)
-    den, cfg = load_denoiser(gray_ckpt, torch.device("cpu"), color_mode="gray")
+    den = Denoiser.load(gray_ckpt, torch.device("cpu"), color_mode="gray")
+    cfg = den.cfg
     start, end = sampling.load_endpoints(images[:2], images[2:], cfg)
     (r,) = sampling.sample_to_files(sampling.image_jobs(start, end, 1), 1, den, with_sample(cfg, steps=2),
                                     tmp_path / "out")

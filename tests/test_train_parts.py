@@ -13,7 +13,8 @@ from evdm.config import TrainConfig
 from evdm.train.report import Dashboard
 from evdm.train.step import ema_decay_at, make_ema, update_ema
 from evdm.train.report import append_metrics, plot_losses, read_metrics, truncate_metrics
-from evdm.train import lr_at, step_seed
+from evdm.seeds import step_seed
+from evdm.train import lr_at
 
 
 def test_lr_warmup_then_cosine_to_floor():
@@ -144,7 +145,7 @@ def test_flops_per_sample_matches_a_real_count_and_the_reference():
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         x_t = torch.randn(B, 3, cfg.middle_frames, 16, 16)
         ctx = torch.rand(B, 3, 2, 16, 16)
-        model(x_t, torch.zeros(B, dtype=torch.long), ctx, ctx, torch.zeros(B, dtype=torch.bool)).sum().backward()
+        model(x_t, torch.zeros(B, dtype=torch.long), ctx, ctx, x_t, torch.zeros(B, dtype=torch.bool)).sum().backward()
     assert flops_per_sample(cfg) == pytest.approx(counter.get_total_flops() / B)
     assert flops_per_sample(RunConfig(model=ModelConfig(direct_input="none"))) / 1e9 == pytest.approx(692.9, abs=0.1)
     assert flops_per_sample(RunConfig()) / 1e9 == pytest.approx(693.76, abs=0.01)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 
 from evdm.config import RunConfig
-from evdm.models.blocks import adapt_conv_weights, adapt_optimizer_state
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
 from evdm.models.unet3d import VideoUNet3D
 
-__all__ = ["build_model", "VideoUNet3D", "ConditioningEncoder", "EndpointFusion", "count_parameters",
-           "adapt_conv_weights", "adapt_optimizer_state"]
+__all__ = ["build_model", "VideoUNet3D", "ConditioningEncoder", "EndpointFusion", "count_parameters"]
 
 
 def build_model(cfg: RunConfig) -> VideoUNet3D:

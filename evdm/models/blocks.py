@@ -135,40 +135,6 @@ class TimeConv(nn.Module):
         return F.conv2d(x.reshape(B, C, M, H * W), self.weight, self.bias, padding=(1, 0)).reshape(B, -1, M, H, W)
 
 
-def adapt_conv_weights(state_dict: dict, model: nn.Module) -> dict:
-    """`state_dict` with each tensor reshaped to the model's shape where the two differ only by
-    singleton dimensions (a Conv3d (1,k,k) / (3,1,1) / 1x1x1 kernel vs its Conv2d twin). Other
-    mismatches are left for load_state_dict to report."""
-    own = model.state_dict()
-    out = dict(state_dict)
-    for key, value in state_dict.items():
-        target = own.get(key)
-        if (target is not None and isinstance(value, torch.Tensor) and value.shape != target.shape
-                and [d for d in value.shape if d != 1] == [d for d in target.shape if d != 1]):
-            out[key] = value.reshape(target.shape)
-    return out
-
-
-def adapt_optimizer_state(optimizer_state: dict, model: nn.Module) -> dict:
-    """An optimizer state dict (AdamW's exp_avg, exp_avg_sq per parameter index) with per-parameter
-    tensors reshaped like `adapt_conv_weights` does for the weights. Parameter order is
-    `model.parameters()`, the order the optimizer was built with."""
-    shapes = [p.shape for p in model.parameters()]
-    state = {}
-    for index, per_param in optimizer_state["state"].items():
-        shape = shapes[int(index)]
-        state[index] = {k: v.reshape(shape) if isinstance(v, torch.Tensor) and v.ndim > 0
-                        and v.shape != shape and v.numel() == shape.numel() else v
-                        for k, v in per_param.items()}
-    return {**optimizer_state, "state": state}
-
-
-def middle_positions(M: int) -> torch.Tensor:
-    """w_m = (m + 1) / (M + 1), where middle frame m of M sits between the last start and the first end
-    frame (the end frame's weight in a linear blend): float32 [1, 1, M, 1, 1]."""
-    return ((torch.arange(M, dtype=torch.float32) + 1) / (M + 1)).reshape(1, 1, M, 1, 1)
-
-
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias so its residual branch starts as the identity."""
     for p in module.parameters():

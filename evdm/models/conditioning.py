@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evdm.models.blocks import FrameConv, make_group_norm, middle_positions
+from evdm.models.blocks import FrameConv, make_group_norm
 
 
 class EncoderBlock(nn.Module):
@@ -116,7 +116,8 @@ class EndpointFusion(nn.Module):
         self.proj = nn.Conv3d(channels * sum(K), channels, 1)
         self.pos = nn.Parameter(torch.randn(1, channels, M, 1, 1) * 0.02)
         self.time = nn.Linear(emb_dim, channels)
-        self.register_buffer("w", middle_positions(M), persistent=False)
+        w = (torch.arange(M, dtype=torch.float32) + 1) / (M + 1)  # w_m: middle frame m's position
+        self.register_buffer("w", w.reshape(1, 1, M, 1, 1), persistent=False)
 
     def forward(self, start: torch.Tensor, end: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         B, c = start.shape[:2]

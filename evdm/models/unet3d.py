@@ -9,8 +9,8 @@ position-aware map that feeds every FiLM of that level (with the timestep embedd
 encoder features of the 2K context frames join the middle in every temporal attention.
 `direct_input` also hands the endpoints to the stem, pixel-aligned, as extra input channels of every
 middle frame (as MCVD and frame-interpolation networks feed theirs): "blend" the linear blend of the
-last start and first end frame at that frame's position, "context" all 2K context frames, "both"
-the two; "none" is the model before this path existed.
+last start and first end frame at that frame's position (computed by the caller, which also uses it
+as the residual's base), "context" all 2K context frames, "both" the two; "none" none of them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from evdm.config import Context
 from evdm.models.blocks import (Downsample, FiLM, FrameConv, ResBlock3D, TemporalAttention, TimestepEmbedder,
-                                Upsample, make_group_norm, middle_positions, zero_init)
+                                Upsample, make_group_norm, zero_init)
 from evdm.models.conditioning import ConditioningEncoder, EndpointFusion
 
 # model.direct_input -> (the blend, the context frames) fed to the stem beside x_t
@@ -31,10 +31,11 @@ DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (Fal
 class VideoUNet3D(nn.Module):
     """Endpoint-conditioned video U-Net; see the module docstring.
 
-    forward(x_t, t, start_context, end_context, cond_drop) -> out
+    forward(x_t, t, start_context, end_context, blend, cond_drop) -> out
     x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
-    [B, C, K_end, H, W] in [-1, 1] (context = (K_start, K_end)); cond_drop: bool [B] (True: learned null
-    conditioning). out: [B, C, M, H, W]. H and W must be divisible by 2 ** (len(channel_mults) - 1); the
+    [B, C, K_end, H, W] in [-1, 1] (context = (K_start, K_end)); blend: [B, C, M, H, W], the linear
+    blend of the last start and first end frame (evdm.diffusion.linear_blend), read when direct_input
+    has it; cond_drop: bool [B] (True: learned null conditioning). out: [B, C, M, H, W]. H and W must be divisible by 2 ** (len(channel_mults) - 1); the
     config checks its shapes when it loads (evdm.config.check_shapes).
     """
 
@@ -70,7 +71,6 @@ class VideoUNet3D(nn.Module):
         if direct_input not in DIRECT_INPUTS:
             raise ValueError(f"unknown direct_input {direct_input!r}; expected one of {tuple(DIRECT_INPUTS)}")
         self.direct_input = direct_input
-        self.register_buffer("blend_w", middle_positions(M), persistent=False)  # the blend's weight on the end frame
         blend, frames = DIRECT_INPUTS[direct_input]
         direct_ch = channels * (int(blend) + int(frames) * sum(self.context))
         self.stem = FrameConv(channels + direct_ch, level_ch[0])
@@ -136,16 +136,16 @@ class VideoUNet3D(nn.Module):
             raise ValueError(f"frame size {H}x{W} must be divisible by {self.downscale} "
                              f"(2 ** (len(channel_mults) - 1))")
 
-    def _stem_input(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+    def _stem_input(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor, blend: torch.Tensor,
                     cond_drop: torch.Tensor) -> torch.Tensor:
         """x_t [B, C, M, H, W] with the `direct_input` channels appended: [B, C + extra, M, H, W]. Where
         cond_drop is True they are zero, so guidance's null branch sees no endpoint here either."""
-        blend, context = DIRECT_INPUTS[self.direct_input]
-        if not (blend or context):
+        with_blend, context = DIRECT_INPUTS[self.direct_input]
+        if not (with_blend or context):
             return x_t
         B, C, M, H, W = x_t.shape
         start, end = start.to(x_t.dtype), end.to(x_t.dtype)
-        extra = [torch.lerp(start[:, :, -1:], end[:, :, :1], self.blend_w.to(x_t.dtype))] if blend else []
+        extra = [blend.to(x_t.dtype)] if with_blend else []
         if context:  # every context frame, stacked along channels, beside every middle frame
             frames = torch.cat([start, end], dim=2)
             extra.append(frames.reshape(B, -1, 1, H, W).expand(-1, -1, M, -1, -1))
@@ -158,6 +158,7 @@ class VideoUNet3D(nn.Module):
         t: torch.Tensor,
         start_context: torch.Tensor,
         end_context: torch.Tensor,
+        blend: torch.Tensor,
         cond_drop: torch.Tensor,
     ) -> torch.Tensor:
         self._check_inputs(x_t, start_context, end_context)
@@ -165,7 +166,7 @@ class VideoUNet3D(nn.Module):
         start_feats, end_feats = self.encoder(start_context.to(x_t.dtype), end_context.to(x_t.dtype), cond_drop)
         conds = [f(s, e, emb) for f, s, e in zip(self.fusion, start_feats, end_feats)]
 
-        h = self.stem_film(self.stem(self._stem_input(x_t, start_context, end_context, cond_drop)), conds[0])
+        h = self.stem_film(self.stem(self._stem_input(x_t, start_context, end_context, blend, cond_drop)), conds[0])
         skips = [h]
         for lv, (blocks, attns) in enumerate(zip(self.down_blocks, self.down_attn)):
             for i, block in enumerate(blocks):

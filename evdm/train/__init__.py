@@ -1,7 +1,7 @@
 """Training: the loop (loop.py), its step with the EMA (step.py), what a run reports (report.py),
-the out_dir and resume checks (outdir.py)."""
+the out_dir checks (outdir.py)."""
 
 from evdm.train.loop import train
-from evdm.train.step import Trainer, lr_at, make_trainer, step_seed, train_step
+from evdm.train.step import Trainer, lr_at, make_trainer, train_step
 
-__all__ = ["train", "Trainer", "make_trainer", "train_step", "lr_at", "step_seed"]
+__all__ = ["train", "Trainer", "make_trainer", "train_step", "lr_at"]

@@ -15,22 +15,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from evdm.atomic import atomic_write
 from evdm.checkpoint import load_weights, make_payload, save_checkpoint, set_rng_state
 from evdm.config import ConfigError, RunConfig, TrainConfig, to_toml
 from evdm.data.loader import TrainBatches, load_val_clips, make_train_loader
 from evdm.data.shardset import open_checked
-from evdm.denoiser import Denoiser, cache_in, resolve_device, wants_compile
-from evdm.models import adapt_conv_weights, adapt_optimizer_state
+from evdm import legacy
+from evdm.denoiser import Denoiser, resolve_device
 from evdm.preemption import default_signals, stop_on_signals, stop_requested
-from evdm.train.outdir import Stream, check_out_dir, clear_run, lock_out_dir, run_stream
+from evdm.data.resume import Stream, run_stream
+from evdm.train.outdir import check_out_dir, clear_run, lock_out_dir
 from evdm.train.report import (Dashboard, TensorBoardLog, append_metrics, check_tensorboard, flops_per_sample,
                                peak_tflops, plot_losses, read_metrics, truncate_metrics, utilisation, write_preview)
-from evdm.train.step import StepResult, Trainer, draws_for, lr_at, make_trainer, step_seed, train_step
+from evdm.seeds import VAL_SEED, step_seed
+from evdm.train.step import StepResult, Trainer, TrainingDiverged, all_finite, lr_at, make_trainer, train_step
 
-VAL_SEED = 1234  # fixed noise and timesteps for every validation
 COMPILE_CACHE = "compile_cache"  # under out_dir: Inductor's caches, found again by --resume
 
 
@@ -64,6 +64,7 @@ class Run:
     flops: float  # per training sample, fwd + bwd, for the tflops / mfu columns
     peak: float | None  # the device's bf16 dense TFLOP/s; None when unknown (CPU)
     stream: Stream  # what the loader's stream depends on: its start batch, the epoch column, checkpoints
+    nonfinite: int = 0  # steps in a row whose gradients were not finite (skipped)
 
     @property
     def is_main(self) -> bool:
@@ -122,6 +123,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                 result = train_step(run.trainer, run.loader, step, rank=run.rank)
                 window.add(result)
                 step += 1
+                check_finite(run, result, step, dashboard)
                 # --- validate, preview, log, checkpoint: all functions of `step` -------------------
                 val_loss = None
                 if is_val_step(step, tc) and run.is_main:
@@ -169,7 +171,7 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them (stop_agreed).
     stop_group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() == "nccl" else None
     # The stream is a function of (seed, rank, worker, batches consumed): resume continues it, exactly when
-    # nothing else it depends on changed (evdm.train.outdir).
+    # nothing else it depends on changed (evdm.data.resume).
     loader = make_train_loader(cfg, train_set, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
                                     start_batch=stream.start_batch(step))
     run = Run(cfg=cfg, rank=rank, world_size=world_size, trainer=trainer, loader=loader,
@@ -182,12 +184,12 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
 def resume_from(trainer: Trainer, ckpt: dict, ckpt_path: Path) -> int:
     """Load weights, EMA, optimizer, scaler and RNG states from `ckpt`; returns its step."""
     net = trainer.denoiser.net
-    # adapt_*: a checkpoint of the retired Conv3d form differs only in conv kernel ranks.
-    load_weights(net, adapt_conv_weights(ckpt["model"], net), ckpt_path)
+    load_weights(net, ckpt["model"], ckpt_path)
     if trainer.ema is not None and ckpt.get("ema") is not None:
-        load_weights(trainer.ema.net, adapt_conv_weights(ckpt["ema"], trainer.ema.net), ckpt_path)
+        load_weights(trainer.ema.net, ckpt["ema"], ckpt_path)
     if ckpt.get("optimizer") is not None:
-        trainer.optimizer.load_state_dict(adapt_optimizer_state(ckpt["optimizer"], net))
+        shapes = [p.shape for p in net.parameters()]  # the order the optimizer was built with
+        trainer.optimizer.load_state_dict(legacy.upgrade_optimizer_state(ckpt["optimizer"], shapes))
     if ckpt.get("scaler"):  # {} from a run without fp16: the scaler starts fresh
         trainer.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
@@ -208,12 +210,27 @@ def prepare_out_dir(cfg: RunConfig, step: int, *, fresh: bool) -> None:
 def prepare_denoiser(denoiser: Denoiser, cfg: RunConfig, local_rank: int) -> None:
     """After the weights are loaded: compile (regionally, in place, caches under out_dir), then DDP
     when a process group is up. Checkpoints save denoiser.net, never a wrapper."""
-    if wants_compile(cfg.train.compile, denoiser.device):
-        cache_in(Path(cfg.train.out_dir) / COMPILE_CACHE)
-        denoiser.compile()
+    denoiser.compile(cfg.train.compile, cache_dir=Path(cfg.train.out_dir) / COMPILE_CACHE)
     if dist.is_initialized():
-        device_ids = [local_rank] if denoiser.device.type == "cuda" else None
-        denoiser.call = DistributedDataParallel(denoiser.net, device_ids=device_ids)
+        denoiser.wrap_ddp([local_rank] if denoiser.device.type == "cuda" else None)
+
+
+def check_finite(run: Run, result: StepResult, step: int, dashboard: Dashboard) -> None:
+    """Count the steps in a row whose gradients were not finite (train_step skipped them, one line each);
+    TrainingDiverged at train.max_nonfinite_steps. The ranks agree: the gradients are all-reduced."""
+    if result.finite:
+        run.nonfinite = 0
+        return
+    run.nonfinite += 1
+    limit = run.cfg.train.max_nonfinite_steps
+    dashboard.message(f"step {step}: the gradients are not finite (loss {float(result.loss):.4g}); step skipped "
+                      f"({run.nonfinite} in a row, the run stops at {limit})")
+    if run.nonfinite >= limit:
+        kept = Path(run.cfg.train.out_dir) / "last.pt"
+        raise TrainingDiverged(
+            f"training diverged: {limit} steps in a row up to step {step} had non-finite gradients; nothing was "
+            f"saved after them ({kept} holds the last checkpoint written, if any); lower train.lr or raise "
+            f"train.lr_warmup_steps, then --resume or start over")
 
 
 def is_val_step(step: int, cfg: TrainConfig) -> bool:
@@ -233,11 +250,9 @@ def validation_loss(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig) ->
     for chunk in val_u8.split(cfg.train.batch_size):
         if stop_requested():
             return None
-        x = denoiser.to_input(chunk)
-        loss, _ = denoiser.loss(x, draws_for(cfg, x, gen, cfg_drop_prob=0.0),
-                                temporal_loss_weight=cfg.diffusion.temporal_loss_weight)
-        total += loss.item() * x.shape[0]
-        count += x.shape[0]
+        loss, _ = denoiser.loss(denoiser.to_input(chunk), gen, drop_conditions=False)
+        total += loss.item() * chunk.shape[0]
+        count += chunk.shape[0]
     denoiser.train(was_training)
     return total / count
 
@@ -284,8 +299,13 @@ def write_record(run: Run, record: dict, tensorboard: TensorBoardLog) -> None:
 
 
 def save(run: Run, step: int, path: Path) -> None:
-    """Rank 0 writes the checkpoint of `step` (denoiser.net: never the DDP wrapper's keys)."""
+    """Rank 0 writes the checkpoint of `step` (denoiser.net: never the DDP wrapper's keys); never weights
+    that are not finite (TrainingDiverged instead: the checkpoint written before stays)."""
     t = run.trainer
+    if not all_finite(t.denoiser.net, t.ema.net if t.ema is not None else None):  # every rank: they all stop
+        raise TrainingDiverged(f"training diverged: the weights hold non-finite values at step {step}; {path} was "
+                               f"not written (the checkpoint written before stays); lower train.lr and start over "
+                               f"or --resume")
     if run.is_main:
         save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net,
                                            ema=t.ema.net if t.ema is not None else None,

@@ -265,12 +265,12 @@ def flops_per_sample(cfg: RunConfig) -> float:
     (Ks, Ke), M, S = cfg.context, cfg.middle_frames, d.size
     with torch.device("meta"):
         model = build_model(cfg)
-        x_t = torch.empty(1, cfg.channels, M, S, S)
+        x_t, blend = torch.empty(1, cfg.channels, M, S, S), torch.empty(1, cfg.channels, M, S, S)
         start, end = torch.empty(1, cfg.channels, Ks, S, S), torch.empty(1, cfg.channels, Ke, S, S)
         t = torch.zeros(1, dtype=torch.long)
         drop = torch.zeros(1, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter:
-        model(x_t, t, start, end, drop).sum().backward()
+        model(x_t, t, start, end, blend, drop).sum().backward()
     return float(counter.get_total_flops())
 
 

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from evdm.config import RunConfig, TrainConfig
-from evdm.denoiser import Denoiser, mix_seed
-from evdm.diffusion import Draws, draw_training_noise
-from evdm.models import build_model
+from evdm.denoiser import Denoiser
+from evdm.seeds import step_seed
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -33,11 +31,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps))
     floor = cfg.lr * cfg.lr_min_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Per-step seed from (seed, rank, step), so a resumed run draws the same noise as a straight one."""
-    return mix_seed(seed, rank, step) % (2**63)
 
 
 @dataclass
@@ -61,21 +54,16 @@ def make_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
     fp32's exponent range and needs no loss scaling)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    denoiser = Denoiser.from_config(build_model(cfg), cfg, device, tc.precision)
-    ema = denoiser.with_net(make_ema(denoiser.net)) if tc.ema else None
+    denoiser = Denoiser(cfg, device, precision=tc.precision)
+    ema = Denoiser(cfg, device, precision=tc.precision, net=make_ema(denoiser.net)) if tc.ema else None
     optimizer = torch.optim.AdamW(denoiser.net.parameters(), lr=tc.lr, betas=tc.adam_betas,
                                   weight_decay=tc.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=denoiser.dtype == torch.float16)
     return Trainer(cfg=cfg, denoiser=denoiser, ema=ema, optimizer=optimizer, scaler=scaler)
 
 
-def draws_for(cfg: RunConfig, x: torch.Tensor, generator: torch.Generator, *, cfg_drop_prob: float) -> Draws:
-    """Timesteps, noise and condition drops for clips x [B, C, T, H, W] (training: cfg.diffusion's
-    drop probability; validation: none)."""
-    d = cfg.diffusion
-    return draw_training_noise((x.shape[0], x.shape[1], cfg.middle_frames, *x.shape[3:]), timesteps=d.timesteps,
-                               cfg_drop_prob=cfg_drop_prob, noise_offset=d.noise_offset, generator=generator,
-                               device=x.device)
+class TrainingDiverged(RuntimeError):
+    """The run produced non-finite gradients or weights; the message says where it stopped and what was kept."""
 
 
 @dataclass
@@ -86,6 +74,7 @@ class StepResult:
     grad_norm: torch.Tensor  # before clipping
     lr: float
     wait_s: float  # time spent waiting for batches
+    finite: bool  # False: the gradients were not finite, and the weights and the EMA were left as they were
 
 
 def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, rank: int = 0) -> StepResult:
@@ -95,7 +84,9 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
 
     Each micro-batch's loss is divided by grad_accum_steps, so the summed gradients are those of the
     mean loss over all micro-batches: accumulating N batches of B is one batch of N*B. Under DDP the
-    gradients are all-reduced on the last micro-batch only.
+    gradients are all-reduced on the last micro-batch only. A step whose gradients are not finite
+    (a NaN or inf anywhere: their norm is not finite) changes no weight, as the fp16 GradScaler
+    skips such steps; telling costs one device sync per step.
     """
     cfg, tc, den = trainer.cfg, trainer.cfg.train, trainer.denoiser
     gen = torch.Generator(device=den.device).manual_seed(step_seed(tc.seed, rank, step))
@@ -109,21 +100,20 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
         u8 = next(batches)
         wait_s += time.perf_counter() - wait_start
         x = den.to_input(u8, hflip=gen if cfg.data.hflip else None)
-        draws = draws_for(cfg, x, gen, cfg_drop_prob=cfg.diffusion.cfg_drop_prob)
-        last = micro == tc.grad_accum_steps - 1
-        ddp = isinstance(den.call, DistributedDataParallel)
-        with den.call.no_sync() if ddp and not last else contextlib.nullcontext():
-            loss, _ = den.loss(x, draws, temporal_loss_weight=cfg.diffusion.temporal_loss_weight)
+        with den.no_sync() if micro < tc.grad_accum_steps - 1 else contextlib.nullcontext():
+            loss, _ = den.loss(x, gen)
             trainer.scaler.scale(loss / tc.grad_accum_steps).backward()
         loss_sum += loss.detach() / tc.grad_accum_steps
     trainer.scaler.unscale_(trainer.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(den.net.parameters(), tc.grad_clip)
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or trainer.scaler.is_enabled():  # the scaler skips the update itself, and lowers its scale
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
-    if trainer.ema is not None:
+    if trainer.ema is not None and finite:
         update_ema(trainer.ema.net, den.net, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-    return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr, wait_s=wait_s)
+    return StepResult(loss=loss_sum, grad_norm=grad_norm, lr=lr, wait_s=wait_s, finite=finite)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -142,6 +132,12 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
     ema = copy.deepcopy(model).float().eval()
     ema.requires_grad_(False)
     return ema
+
+
+def all_finite(*modules: torch.nn.Module | None) -> bool:
+    """Whether every parameter and buffer of the modules is finite (one device sync)."""
+    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @torch.no_grad()
