@@ -90,6 +90,8 @@ def test_signal_to_the_group_with_workers_saves_and_exits_0(shard_dir, tmp_path,
     assert "Traceback" not in stderr and "killed by signal" not in stderr
     step = assert_saved_at_last_record(out)
     assert step >= 3 and f"interrupted at step {step}" in stdout
+    # No validation or preview ran before the stop: no loss.png, an empty previews/; none is listed.
+    assert f"outputs in {out}/ (last.pt, metrics.jsonl)\n" in stdout
     wait_for(lambda: group_gone(proc.pid), "the DataLoader workers to exit", timeout=60)
 
 
@@ -223,9 +225,10 @@ def test_ddp_ranks_stop_at_the_same_step_and_rank0_saves(shard_dir, tmp_path, ta
     else:
         rank1.send_signal(signal.SIGTERM)
     for rank, proc in enumerate((rank0, rank1)):
-        _, stderr = finish(proc, out, rank)
+        stdout, stderr = finish(proc, out, rank)
         assert proc.returncode == 0, f"rank {rank}: {stderr[-3000:]}"
         assert "Traceback" not in stderr
+        assert stdout.count("outputs in") == (1 if rank == 0 else 0)  # one exit message for the run
     assert_saved_at_last_record(out)
 
 
