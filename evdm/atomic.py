@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,7 +125,7 @@ def folder_problem(path: Path) -> str | None:
 
 
 def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[str | Path] = (),
-                   suffixes: Iterable[str] = ()) -> str | None:
+                   names: Iterable[str] = ()) -> str | None:
     """Why `path` cannot be written later as a file (or, folder=True, as a folder to write into), as words
     that follow the path in a one-line error; None when it can. Creates nothing: for checking an output
     path before hours of work, not after.
@@ -134,8 +134,8 @@ def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[s
     the folders below it are created by the writer. An output never replaces, unasked, one of the
     command's `inputs` (the same file, links resolved, as os.path.samefile), a checkpoint (by its
     content as well as by .pt / .pth), a shard (.tar) or a manifest.json: a file path that is one is
-    refused, and so is a folder holding one under a name ending in one of `suffixes` (the kinds of file
-    the command writes there). An ordinary file (an earlier eval.json) is replaced as asked.
+    refused, and so is a folder holding one under a name that matches one of `names` (glob patterns of
+    the files the command writes there). An ordinary file (an earlier eval.json) is replaced as asked.
     """
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
@@ -143,10 +143,10 @@ def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[s
     inputs = _file_ids(inputs)
     if not folder and (what := _kept_as(path, inputs)):
         return f"is {what}, which this would replace; choose another path"
-    suffixes = tuple(suffixes)
-    if folder and suffixes and path.is_dir():
+    names = tuple(names)
+    if folder and names and path.is_dir():
         for file in sorted(path.iterdir()):
-            if file.name.endswith(suffixes) and (what := _kept_as(file, inputs)):
+            if any(fnmatch.fnmatchcase(file.name, n) for n in names) and (what := _kept_as(file, inputs)):
                 return f"holds {file.name}, {what}, which this could replace; choose another folder"
     base = _existing_ancestor(path if folder else path.parent)
     if not base.is_dir():
@@ -172,13 +172,10 @@ def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
 
 def _kept_as(path: Path, inputs: dict[tuple[int, int], str]) -> str | None:
     """`path` as a noun ("a checkpoint") when it is an existing file no output replaces unasked, else None."""
-    try:
-        st = path.stat()
-    except OSError:
+    if not path.is_file():
         return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    if (source := inputs.get((st.st_dev, st.st_ino))) is not None:
+    st = path.stat()
+    if source := inputs.get((st.st_dev, st.st_ino)):
         return "an input of this command" + ("" if source == str(path) else f" (the same file as {source})")
     if path.suffix == ".tar":
         return "a shard"

@@ -111,12 +111,24 @@ def test_sample_out_dir_holding_an_input_image_is_refused(run, tmp_path, capsys)
     assert [digest(p) for p in images] == before and sorted(out.iterdir()) == sorted(images)
 
 
-def test_sample_writes_only_the_kinds_of_file_its_check_covers(run, tmp_path):
-    """sample.py's OUTPUT_SUFFIXES (what its --out_dir check looks at) name every kind of file it writes."""
+def test_sample_out_dir_holding_inputs_under_other_names_is_used(run, tmp_path):
+    """Endpoint images kept in --out_dir under names sample.py does not write are read, not refused; and
+    every file it writes there matches its written_names (what its --out_dir check looks at)."""
     out = tmp_path / "samples"
-    assert sample_main(["--ckpt", run / "runs/x/last.pt", "--shards", run / "shards/val-*.tar", "--num", 1,
-                        "--steps", 1, "--device", "cpu", "--out_dir", out]) == 0
-    assert {p.suffix for p in out.iterdir()} <= set(sample_module().OUTPUT_SUFFIXES)
+    out.mkdir()
+    images = [out / f"frame{i}.png" for i in range(4)]
+    for path in images:
+        Image.fromarray(np.full((SIZE, SIZE, 3), 99, np.uint8)).save(path)
+    module = sample_module()
+    assert module.main([str(a) for a in ["--ckpt", run / "runs/x/last.pt", "--start_images", *images[:2],
+                                         "--end_images", *images[2:], "--steps", 1, "--device", "cpu",
+                                         "--out_dir", out]]) == 0
+    written = [p for p in out.iterdir() if p not in images]
+    assert written and all(any(p.match(n) for n in module.written_names(True)) for p in written)
+    shards = tmp_path / "from_shards"
+    assert module.main([str(a) for a in ["--ckpt", run / "runs/x/last.pt", "--shards", run / "shards/val-*.tar",
+                                         "--num", 1, "--steps", 1, "--device", "cpu", "--out_dir", shards]]) == 0
+    assert all(any(p.match(n) for n in module.written_names(False)) for p in shards.iterdir())
 
 
 @pytest.mark.parametrize("target, what", [
