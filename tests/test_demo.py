@@ -3,11 +3,13 @@ and closing line are what the README promises."""
 
 import json
 import re
+import signal
 
 import pytest
 import torch
 
 import demo
+from conftest import signal_during_step
 from evdm.config import load_config, to_toml
 
 
@@ -47,25 +49,13 @@ def test_demo_runs_every_stage_and_reports_both_margins(tmp_path, monkeypatch, c
 def test_a_stop_during_the_training_ends_the_demo_after_the_save(shard_dir, tmp_path, monkeypatch, capsys):
     """SIGTERM during the training: last.pt is saved at the stop step and the demo ends there (exit 0, as
     train.py's), saying how to go on; no evaluation of the cut-short model, no samples."""
-    import os
-    import signal
-
-    from evdm.train import loop
-
     cfg = load_config(demo.CONFIG, ["data.size=16", "data.num_workers=0", "train.max_steps=1000", "train.batch_size=2",
                                     "train.preview_every=1000", "data.val_clips=4"])
     config = tmp_path / "demo_tiny.toml"
     config.write_text(to_toml(cfg))
     monkeypatch.setattr(demo, "CONFIG", str(config))
     monkeypatch.setattr(demo, "make_shards", lambda out, motion: shard_dir)
-    train_step = loop.train_step
-
-    def signalling_step(trainer, batches, step, **kwargs):
-        if step == 2:  # the step that ends at step 3
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(trainer, batches, step, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", signalling_step)
+    signal_during_step(monkeypatch, 3, signal.SIGTERM)
     out = tmp_path / "demo"
 
     assert demo.main([str(out)]) == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_tiny, run_cli, set_args, tiny_overrides
+from conftest import ROOT, load_tiny, run_cli, set_args, signal_during_step, tiny_overrides
 from evdm.train.outdir import lock_out_dir
 from evdm.train.report import read_metrics
 
@@ -125,16 +125,9 @@ def test_second_ctrl_c_prints_no_traceback(shard_dir, tmp_path):
 
 def test_a_stop_between_log_steps_still_writes_the_stop_steps_record(shard_dir, tmp_path, monkeypatch):
     """log_every 5: a real SIGINT, sent by the run to itself during step 7, stops it at step 7, no log step."""
-    from evdm.train import loop, train
+    from evdm.train import train
 
-    train_step = loop.train_step
-
-    def signalling_step(trainer, batches, step, **kwargs):
-        if step == 6:  # the step that ends at step 7
-            os.kill(os.getpid(), signal.SIGINT)
-        return train_step(trainer, batches, step, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", signalling_step)
+    signal_during_step(monkeypatch, 7, signal.SIGINT)
     out = train(load_tiny(shard_dir, tmp_path / "run", **{**LONG, "train.log_every": 5}))
     assert assert_saved_at_last_record(out, log_every=5) == 7
     assert records(out)[-1]["val_loss"] is None and records(out)[-1]["loss"] > 0
