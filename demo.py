@@ -10,7 +10,8 @@
 
 Each stage calls the library function behind the command a user would run by hand (preprocess.synth,
 preprocess.shard, train, evdm.evaluate, sample.py's writer); rerunning resumes the sharding and
-retrains from scratch. --motion picks the synthetic motion (preprocess.synth): eased straight moves
+retrains from scratch. Ctrl-C or SIGTERM during the training stops the demo there, as train.py
+stops, with last.pt saved and exit 0 (a line says how to continue). --motion picks the synthetic motion (preprocess.synth): eased straight moves
 (glide) or accelerating turns with objects passing behind one another (orbit).
 bench/recipes.py runs the same stages for its recipe study.
 """
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from evdm.checkpoint import CheckpointError
     from evdm.config import ConfigError
     from evdm.ffmpeg import FFmpegNotFound
+    from evdm.preemption import stop_requested
     from evdm.sample_io import SamplingError
     from preprocess.options import UserError
 
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = make_shards(out, args.motion)
         ckpt = train_model(out / "run", shards)
+        if stop_requested():  # the run saved last.pt and returned: the demo stops with it, as train.py does
+            print(f"demo: stopped during the training, {ckpt} saved. Continue the training with `python train.py "
+                  f"{ckpt.parent / 'config.toml'} --resume`, or rerun `python demo.py {out} --motion {args.motion}` to start it over")
+            return 0
         result = evaluate_model(ckpt, shards, eval_json)
         sample_clips(ckpt, shards, samples)
     except (UserError, FFmpegNotFound, ConfigError, CheckpointError, SamplingError, DiskFullError, OSError) as err:

@@ -13,7 +13,15 @@ import argparse
 import sys
 
 from evdm.atomic import DiskFullError, output_problem
-from evdm.cli import add_speed_flags, one_line
+from evdm.cli import add_speed_flags, input_files, one_line
+
+
+def written_names(from_images: bool) -> tuple[str, ...]:
+    """Glob patterns of the files written into --out_dir (evdm.sample_io): per clip NAME.png, .npy and .mp4
+    (from shards also NAME_truth.png/.mp4 and NAME_compare.png), NAME sample_NNN for images and the clip's
+    key for shards; per batch grid_NNN.gif."""
+    stem = "sample_*" if from_images else "*"
+    return (f"{stem}.png", f"{stem}.npy", f"{stem}.mp4", "grid_*.gif")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--start_images and --end_images go together")
     if min(args.num, args.num_samples, args.batch_size) < 1:
         p.error("--num, --num_samples and --batch_size must be >= 1")
-    if problem := output_problem(args.out_dir, folder=True):  # before the checkpoint is even read
+    inputs = input_files(args.ckpt, *(args.start_images or []), *(args.end_images or []), shards=args.shards)
+    # Before the checkpoint is even read; nothing in --out_dir that this could replace may be an input or a checkpoint.
+    if problem := output_problem(args.out_dir, folder=True, inputs=inputs, names=written_names(from_images)):
         print(f"error: --out_dir {args.out_dir} {problem}", file=sys.stderr)
         return 2
 

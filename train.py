@@ -9,7 +9,9 @@ one line and exit 1; the last checkpoint written before stays loadable.
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from evdm.preemption import ignore_stop_signals, install_stop_handlers
 
@@ -52,8 +54,16 @@ def _main(argv: list[str] | None) -> int:
         return _error(err, 2)
     except (DiskFullError, TrainingDiverged) as err:  # not the input's fault: stop with what was saved
         return _error(err, 1)
-    print(f"outputs in {out_dir}/ (last.pt, metrics.jsonl, loss.png, previews/)")
+    if os.environ.get("RANK", "0") == "0":  # one line for the run, not one per torchrun rank
+        print(f"outputs in {out_dir}/ ({', '.join(run_outputs(out_dir))})")
     return 0
+
+
+def run_outputs(out_dir: Path) -> list[str]:
+    """The run's outputs that exist: a run stopped early may have no metrics, loss plot or previews yet."""
+    names = ("last.pt", "metrics.jsonl", "loss.png", "previews/", "tensorboard/")
+    paths = {name: out_dir / name for name in names}
+    return [name for name, path in paths.items() if path.is_file() or (path.is_dir() and any(path.iterdir()))]
 
 
 def _error(err: Exception, status: int) -> int:

@@ -1,25 +1,34 @@
 """Atomic file writes, torch-free: shared by checkpoints, run logs, previews, MP4s and the shard writers.
 
 Also what every writer needs around them: a full disk reported as one line (DiskFullError), and the
-check that an output path can be written at all, made before the work that produces it.
+check that an output path can be written at all, and replaces nothing that must not be replaced, made
+before the work that produces it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+from evdm.data.schema import MANIFEST_NAME
 
 TMP_SUFFIX = ".tmp"
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Some writers report a short write without an errno (np.save: "N requested and M written"); with less
 # than this left on the filesystem, a failed write is taken to be a full disk.
 _NEARLY_FULL_BYTES = 1 << 20
+# torch.save's zip archive starts with the local header of ARCHIVE/data.pkl (the name at byte 30, its
+# length at byte 26); the legacy (pickle) format with the pickled magic number 0x1950a86a20f9469cfc6c.
+_ZIP_HEAD, _PICKLE_NAME = b"PK\x03\x04", b"/data.pkl"
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+_CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 class DiskFullError(OSError):
@@ -115,17 +124,30 @@ def folder_problem(path: Path) -> str | None:
     return None
 
 
-def output_problem(path: str | Path, *, folder: bool = False) -> str | None:
+def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[str | Path] = (),
+                   names: Iterable[str] = ()) -> str | None:
     """Why `path` cannot be written later as a file (or, folder=True, as a folder to write into), as words
     that follow the path in a one-line error; None when it can. Creates nothing: for checking an output
     path before hours of work, not after.
 
     The nearest existing ancestor must be a folder that takes a new file (a probe, removed at once);
-    the folders below it are created by the writer.
+    the folders below it are created by the writer. An output never replaces, unasked, one of the
+    command's `inputs` (the same file, links resolved, as os.path.samefile), a checkpoint (by its
+    content as well as by .pt / .pth), a shard (.tar) or a manifest.json: a file path that is one is
+    refused, and so is a folder holding one under a name that matches one of `names` (glob patterns of
+    the files the command writes there). An ordinary file (an earlier eval.json) is replaced as asked.
     """
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         return "exists and is not a folder; choose a folder path" if folder else "is a folder; give a file name"
+    inputs = _file_ids(inputs)
+    if not folder and (what := _kept_as(path, inputs)):
+        return f"is {what}, which this would replace; choose another path"
+    names = tuple(names)
+    if folder and names and path.is_dir():
+        for file in sorted(path.iterdir()):
+            if any(fnmatch.fnmatchcase(file.name, n) for n in names) and (what := _kept_as(file, inputs)):
+                return f"holds {file.name}, {what}, which this could replace; choose another folder"
     base = _existing_ancestor(path if folder else path.parent)
     if not base.is_dir():
         return f"cannot be written: {base} is not a folder"
@@ -135,3 +157,44 @@ def output_problem(path: str | Path, *, folder: bool = False) -> str | None:
     except OSError as err:
         return f"cannot be written: {base} ({err.strerror or err})"
     return None
+
+
+def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
+    """{(device, inode): path} of the existing files among `paths`: the same file under any name or link,
+    as os.path.samefile compares them (a missing input is the command's to name, later)."""
+    ids = {}
+    for item in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(item)
+            ids.setdefault((st.st_dev, st.st_ino), str(item))
+    return ids
+
+
+def _kept_as(path: Path, inputs: dict[tuple[int, int], str]) -> str | None:
+    """`path` as a noun ("a checkpoint") when it is an existing file no output replaces unasked, else None."""
+    if not path.is_file():
+        return None
+    st = path.stat()
+    if source := inputs.get((st.st_dev, st.st_ino)):
+        return "an input of this command" + ("" if source == str(path) else f" (the same file as {source})")
+    if path.suffix == ".tar":
+        return "a shard"
+    if path.name == MANIFEST_NAME:
+        return "a shard folder's manifest"
+    if path.suffix in _CHECKPOINT_SUFFIXES or _is_torch_file(path):
+        return "a checkpoint"
+    return None
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether `path` starts as torch.save writes (a zip archive led by ARCHIVE/data.pkl, or the legacy
+    pickle); a truncated checkpoint counts, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    if head.startswith(_ZIP_HEAD) and len(head) >= 30:
+        name_end = 30 + int.from_bytes(head[26:28], "little")
+        return head[30:name_end].endswith(_PICKLE_NAME)
+    return head.startswith(_LEGACY_TORCH_HEAD)

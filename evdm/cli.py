@@ -3,10 +3,12 @@ so `--help` and argument errors stay instant."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import typing
 
-from evdm.config import SampleConfig
+from evdm.config import ConfigError, SampleConfig
+from evdm.data.schema import REMOTE_PREFIXES, expand_urls
 
 
 def one_line(err: Exception) -> str:
@@ -29,3 +31,13 @@ def add_speed_flags(parser) -> None:
                         help="model forward precision (default: the checkpoint's sample.precision; auto = bf16 on CUDA)")
     parser.add_argument("--compile", choices=typing.get_args(hints["compile"]),
                         help="torch.compile the model (default: the checkpoint's sample.compile; auto = on CUDA)")
+
+
+def input_files(*paths: str | None, shards: str | None = None) -> list[str]:
+    """The local files a command reads, for output_problem(inputs=...): `paths` (None left out) and the
+    shards the pattern `shards` names (a pattern that names none adds none: the command reports it)."""
+    files = [p for p in paths if p is not None]
+    if shards is not None:
+        with contextlib.suppress(ConfigError):
+            files += [url for url in expand_urls(shards) if not url.startswith(REMOTE_PREFIXES)]
+    return files

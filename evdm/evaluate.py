@@ -32,7 +32,7 @@ import torch
 
 from evdm import visualize
 from evdm.atomic import DiskFullError, atomic_write, output_problem
-from evdm.cli import add_speed_flags
+from evdm.cli import add_speed_flags, input_files
 from evdm.config import Context, with_sample
 from evdm.denoiser import Denoiser, resolve_device, to_uint8
 from evdm.metrics import BASELINES, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
@@ -103,7 +103,7 @@ def evaluate(
     ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, batch_size: int = 16,
     steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
     device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
-    precision: str | None = None, compile: str | None = None, examples: str | Path | None = None,
+    precision: str | None = None, compile: str | None = None, extremes: Extremes | None = None,
     main_steps: int | None = None,
 ) -> dict:
     """Metrics of the baselines and the model (DDIM at each of steps_list and at the checkpoint's
@@ -113,7 +113,7 @@ def evaluate(
     added to it if missing) is the step count of the main row: the summary, the best-of-N row (best_of
     > 1), the examples and the comparable row; it is scored last, so it is the table's last model row.
     precision / compile: None for the checkpoint's sample.precision / sample.compile.
-    examples: write a PNG of the worst and the best clip by the main row's PSNR (see `write_examples`).
+    extremes: filled with the worst and the best clip by the main row's PSNR (`write_examples` draws them).
     Returns a JSON-ready dict; result["summary"] compares the model's main row (and, under "sampled",
     its sample.steps row) with the linear blend and with the best baseline on each metric,
     result["protocol"] says how the numbers were made and
@@ -127,7 +127,7 @@ def evaluate(
     steps_list = sorted((set(steps_list) | {cfg.sample.steps}) - {main_steps}) + [main_steps]
     lpips_fn, lpips_status = load_lpips(dev)
     acc: dict = {}
-    extremes = Extremes()
+    extremes = Extremes() if extremes is None else extremes
     clips_seen = 0
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=-(-num // batch_size), clips=0, visible=progress)
@@ -137,8 +137,6 @@ def evaluate(
                         batch_seed=mix_seed(seed, index), lpips_fn=lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
-    if examples is not None:
-        write_examples(extremes, cfg.context, examples)
     return report(acc, cfg, checkpoint=str(ckpt_path), shards=shards, clips=clips_seen, steps_list=steps_list,
                   seed=seed, best_of=best_of, use_ema=use_ema, lpips_status=lpips_status)
 
@@ -329,29 +327,32 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.num, args.batch_size, args.best_of, *args.steps, *main_steps) < 1:
         p.error("--num, --batch_size, --best_of, --steps and --main_steps must be >= 1")
     # Before the evaluation, not after: with --best_of 100 a bad path would cost hours of results.
+    inputs = input_files(args.ckpt, shards=args.shards)
     for flag, path in (("--json", args.json), ("--examples", args.examples)):
-        if path is not None and (problem := output_problem(path)):
+        if path is not None and (problem := output_problem(path, inputs=inputs)):
             print(f"error: {flag} {path} {problem}", file=sys.stderr)
             return 2
+    extremes = Extremes()
     try:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
                           best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
-                          compile=args.compile, examples=args.examples, main_steps=args.main_steps)
+                          compile=args.compile, extremes=extremes, main_steps=args.main_steps)
     except (SamplingError, CheckpointError, ConfigError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    except DiskFullError as err:
+    print_table(result)
+    # The scores first: a disk that fills up on the picture must not take them with it.
+    try:
+        if args.json:
+            write_json(result, Path(args.json))
+            print(f"wrote {args.json}")
+        if args.examples:
+            write_examples(extremes, Context(result["context_start"], result["context_end"]), args.examples)
+            print(f"wrote {args.examples}")
+    except DiskFullError as err:  # the table above still holds every number
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print_table(result)
-    if args.json:
-        try:
-            write_json(result, Path(args.json))
-        except DiskFullError as err:  # the table above still holds every number
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.json}")
     return 0
 
 

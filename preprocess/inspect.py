@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from evdm.atomic import output_problem
 from evdm.data.manifest import Manifest
 from evdm.data.schema import CLIP_EXT, MANIFEST_NAME, META_EXT, decode_clip, decode_meta
 from preprocess.progress import Progress
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         manifest = Manifest.read(args.shard_dir)
+        out = args.out or args.shard_dir / "contact_sheet.png"
+        inputs = [args.shard_dir / MANIFEST_NAME, *(args.shard_dir / s.name for s in manifest.shards())]
+        if not args.verify and (problem := output_problem(out, inputs=inputs)):
+            print(f"error: --out {out} {problem}", file=sys.stderr)
+            return 2
         print("\n".join(summary_lines(manifest)))
         if args.verify:
             problems = verify(args.shard_dir, manifest)
@@ -150,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         samples = read_samples(args.shard_dir / shard)
         keys = sorted(samples)
         chosen = [keys[i] for i in sorted(rng.choice(len(keys), min(args.clips, len(keys)), replace=False))]
-        out = args.out or args.shard_dir / "contact_sheet.png"
         contact_sheet([samples[k]["clip"] for k in chosen]).save(out)
     except (OSError, KeyError, ValueError, tarfile.TarError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -220,3 +220,18 @@ def shard_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("shards")
     make_train_shards(path)
     return path
+
+
+def signal_during_step(monkeypatch, stop_step: int, sig: int) -> None:
+    """A real signal `sig` that the run sends itself during the training step ending at `stop_step`
+    (evdm.train.loop.train_step patched): the stop lands at a known step, without a timed kill."""
+    from evdm.train import loop
+
+    train_step = loop.train_step
+
+    def signalling_step(trainer, batches, step, **kwargs):
+        if step == stop_step - 1:
+            os.kill(os.getpid(), sig)
+        return train_step(trainer, batches, step, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", signalling_step)

@@ -3,10 +3,13 @@ and closing line are what the README promises."""
 
 import json
 import re
+import signal
 
 import pytest
+import torch
 
 import demo
+from conftest import signal_during_step
 from evdm.config import load_config, to_toml
 
 
@@ -41,3 +44,25 @@ def test_demo_runs_every_stage_and_reports_both_margins(tmp_path, monkeypatch, c
     assert f"margin {s['sampled']['model_minus_best_baseline_db']:+.2f} dB" in line
     assert f"margin {s['model_minus_best_baseline_db']:+.2f} dB" in line
     assert re.search(r"=== train: done in \d+ s \(CPU \d+ s\)", "\n".join(last))
+
+
+def test_a_stop_during_the_training_ends_the_demo_after_the_save(shard_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM during the training: last.pt is saved at the stop step and the demo ends there (exit 0, as
+    train.py's), saying how to go on; no evaluation of the cut-short model, no samples."""
+    cfg = load_config(demo.CONFIG, ["data.size=16", "data.num_workers=0", "train.max_steps=1000", "train.batch_size=2",
+                                    "train.preview_every=1000", "data.val_clips=4"])
+    config = tmp_path / "demo_tiny.toml"
+    config.write_text(to_toml(cfg))
+    monkeypatch.setattr(demo, "CONFIG", str(config))
+    monkeypatch.setattr(demo, "make_shards", lambda out, motion: shard_dir)
+    signal_during_step(monkeypatch, 3, signal.SIGTERM)
+    out = tmp_path / "demo"
+
+    assert demo.main([str(out)]) == 0
+
+    assert torch.load(out / "run" / "last.pt", weights_only=True)["step"] == 3
+    assert not (out / "eval.json").exists() and not (out / "samples").exists()
+    printed = capsys.readouterr().out
+    assert "=== evaluate" not in printed and "finished" not in printed
+    assert f"python train.py {out / 'run' / 'config.toml'} --resume" in printed
+    assert f"python demo.py {out}" in printed and (out / "run" / "config.toml").is_file()

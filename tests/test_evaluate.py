@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import K, SIZE, T, make_checkpoint, write_shards, write_square_shards
 from evdm import evaluate as ev
 from evdm import visualize
+from evdm.config import Context
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +72,9 @@ def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
     from evdm.data.tar import iter_clips
 
     ckpt, shards = setup
-    ev.evaluate(ckpt, shards, num=6, batch_size=3, steps_list=[2], device="cpu", progress=False,
-                examples=tmp_path / "ex.png")
+    extremes = ev.Extremes()
+    ev.evaluate(ckpt, shards, num=6, batch_size=3, steps_list=[2], device="cpu", progress=False, extremes=extremes)
+    ev.write_examples(extremes, Context(K, K), tmp_path / "ex.png")
     img = np.asarray(Image.open(tmp_path / "ex.png"))
     scale = visualize.strip_scale(SIZE)
     truths = [np.array(c) for url in sorted(glob.glob(shards)) for _, c in iter_clips(url)]
@@ -180,3 +182,20 @@ def test_output_paths_are_checked_before_the_evaluation(setup, tmp_path, capsys,
     assert err.startswith(f"error: {flag} {path} ")
     assert ("is a folder" if where == "a folder" else f"{tmp_path / 'a_file'} is not a folder") in err
     assert (tmp_path / "a_file").read_text() == "taken"
+
+
+def test_a_full_disk_on_the_examples_keeps_the_scores(setup, tmp_path, monkeypatch, capsys):
+    """The JSON is written before the examples PNG: a disk that fills up on the picture leaves the scores."""
+    from evdm.atomic import DiskFullError
+
+    def full(img, path):
+        raise DiskFullError(Path(path), 0)
+
+    monkeypatch.setattr(visualize, "save_png", full)
+    ckpt, shards = setup
+    out, png = tmp_path / "eval.json", tmp_path / "examples.png"
+    rc = ev.main(["--ckpt", str(ckpt), "--shards", shards, "--num", "2", "--steps", "1", "--device", "cpu",
+                  "--json", str(out), "--examples", str(png)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"{png}: no space left" in err, err
+    assert json.loads(out.read_text())["clips"] == 2 and not png.exists()

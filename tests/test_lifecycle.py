@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_tiny, run_cli, set_args, tiny_overrides
+from conftest import ROOT, load_tiny, run_cli, set_args, signal_during_step, tiny_overrides
 from evdm.train.outdir import lock_out_dir
 from evdm.train.report import read_metrics
 
@@ -90,6 +90,8 @@ def test_signal_to_the_group_with_workers_saves_and_exits_0(shard_dir, tmp_path,
     assert "Traceback" not in stderr and "killed by signal" not in stderr
     step = assert_saved_at_last_record(out)
     assert step >= 3 and f"interrupted at step {step}" in stdout
+    # No validation or preview ran before the stop: no loss.png, an empty previews/; none is listed.
+    assert f"outputs in {out}/ (last.pt, metrics.jsonl)\n" in stdout
     wait_for(lambda: group_gone(proc.pid), "the DataLoader workers to exit", timeout=60)
 
 
@@ -123,16 +125,9 @@ def test_second_ctrl_c_prints_no_traceback(shard_dir, tmp_path):
 
 def test_a_stop_between_log_steps_still_writes_the_stop_steps_record(shard_dir, tmp_path, monkeypatch):
     """log_every 5: a real SIGINT, sent by the run to itself during step 7, stops it at step 7, no log step."""
-    from evdm.train import loop, train
+    from evdm.train import train
 
-    train_step = loop.train_step
-
-    def signalling_step(trainer, batches, step, **kwargs):
-        if step == 6:  # the step that ends at step 7
-            os.kill(os.getpid(), signal.SIGINT)
-        return train_step(trainer, batches, step, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", signalling_step)
+    signal_during_step(monkeypatch, 7, signal.SIGINT)
     out = train(load_tiny(shard_dir, tmp_path / "run", **{**LONG, "train.log_every": 5}))
     assert assert_saved_at_last_record(out, log_every=5) == 7
     assert records(out)[-1]["val_loss"] is None and records(out)[-1]["loss"] > 0
@@ -223,9 +218,10 @@ def test_ddp_ranks_stop_at_the_same_step_and_rank0_saves(shard_dir, tmp_path, ta
     else:
         rank1.send_signal(signal.SIGTERM)
     for rank, proc in enumerate((rank0, rank1)):
-        _, stderr = finish(proc, out, rank)
+        stdout, stderr = finish(proc, out, rank)
         assert proc.returncode == 0, f"rank {rank}: {stderr[-3000:]}"
         assert "Traceback" not in stderr
+        assert stdout.count("outputs in") == (1 if rank == 0 else 0)  # one exit message for the run
     assert_saved_at_last_record(out)
 
 
