@@ -181,14 +181,15 @@ PYTEST_CAP_S = 90.0
 
 def run_pytest(args: argparse.Namespace, work: Path, deadline: float) -> dict:
     """`pytest -m gpu tests/test_gpu.py` in its own process group, at most PYTEST_CAP_S: {"status", "wall_s",
-    "passed", "failed": [test names], "skipped": {test name: reason}} (counts from its JUnit XML)."""
+    "passed", "failed": [test names], "skipped": {test name: reason}, "seconds": {test name: s}} from its JUnit
+    XML, and "log_tail" (-v: on a timeout, the last test named is the one that was running)."""
     left = deadline - time.time()
     if importlib.util.find_spec("pytest") is None:
         return dict(status="skipped (pytest is not importable)")
     if left < 15:
         return dict(status=jobs_mod.SKIP_BUDGET)
     timeout, junit, log = min(PYTEST_CAP_S, left), work / "pytest-gpu.xml", work / "pytest-gpu.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
            "tests/test_gpu.py"]
     # Its own Inductor cache: the tests' tiny model must not warm row 1's cold compile.
     env = {**os.environ, **(jobs_mod.bench.ONEDNN_CAP if args.smoke else {}), "COLUMNS": "200",  # unclipped summary
@@ -198,21 +199,24 @@ def run_pytest(args: argparse.Namespace, work: Path, deadline: float) -> dict:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                                 start_new_session=True)
         rc = wait_or_kill(proc, timeout)
-    result = dict(wall_s=round(time.time() - start, 1), passed=0, failed=[], skipped={})
+    result = dict(wall_s=round(time.time() - start, 1), passed=0, failed=[], skipped={}, seconds={})
     if junit.is_file():
         for case in ET.parse(junit).getroot().iter("testcase"):
             name, skip = case.get("name"), case.find("skipped")
+            result["seconds"][name] = round(float(case.get("time", 0)), 1)
             if case.find("failure") is not None or case.find("error") is not None:
                 result["failed"].append(name)
             elif skip is not None:
                 result["skipped"][name] = skip.get("message", "")
             else:
                 result["passed"] += 1
-    tail = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-15:]
+    tail = [ln.strip(" =") for ln in log.read_text(errors="replace").splitlines() if ln.strip(" =")][-15:]
     if rc is None:
         status = "stopped at the time budget" if timeout >= left else f"timeout after {timeout:.0f} s"
-    else:
-        status = "ok" if rc == 0 else f"failed (rc={rc})" if rc == 1 else f"error rc={rc}: {tail[-1] if tail else ''}"[:160]
+    elif rc in (0, 1):  # 1: some test failed
+        status = "ok" if rc == 0 else "failed"
+    else:  # pytest's own error (collection, usage) or a signal
+        status = f"error rc={rc}: {tail[-1] if tail else 'no output'}"[:160]
     return dict(result, status=status, log_tail=tail)
 
 
