@@ -282,7 +282,7 @@ def batch_symbolic(compiled, eager, *, on_failure):
                 torch._dynamo.maybe_mark_dynamic(a, 0)
         try:
             return compiled(*args)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5, the same class
             raise
         except Exception as err:
             out = eager(*args)
