@@ -6,6 +6,10 @@
     bash bench/gpu_check.sh --ckpt RUN/last.pt   # sample rows on trained weights
     python bench/gpu_check.py --smoke       # the same code on a CPU, tiny model (tests/test_bench.py)
 
+First, `pytest -m gpu tests/test_gpu.py` (the GPU paths' tests: the compiled bf16 step against eager, fp16
+with its GradScaler, compiled sampling, torchrun over NCCL with a stop request, pinned memory, DALI), at most
+90 s: its counts, failures and skip reasons are the table's first row ("pytest -m gpu").
+
 Rows, in priority order (reference model: 64 px, T 8, context 2 + 2, base 96, mults 1 2 4, 2 res blocks,
 attention at levels 1 2; the default recipe: x0 prediction, blend residual, cosine schedule):
 1. train bf16+compile, batch 64 then 128: evdm's own training step (evdm.train.step.train_step: the
@@ -59,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,14 +150,9 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, deadline: float, t0
                                 start_new_session=True)
         reader = threading.Thread(target=collect, args=(proc.stdout,))
         reader.start()
-        try:
-            rc, missing_status = proc.wait(timeout=timeout), None
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc, missing_status = wait_or_kill(proc, timeout), None
+        if rc is None:
             missing_status = "stopped at the time budget" if timeout >= left else f"timeout after {timeout:.0f} s"
-        with contextlib.suppress(ProcessLookupError):  # the job's leftovers too (compile workers)
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         reader.join()
     tail = [ln.rstrip() for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()][-15:]
     if missing_status is None:
@@ -160,6 +160,75 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, deadline: float, t0
         missing_status = f"error rc={rc}: {last}"[:160]
     lost = {"status": missing_status, "stderr_tail": tail}  # the JSON keeps the traceback's end
     return [dict(r, **reported.get(r["batch"], lost)) for r in rows]
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int | None:
+    """proc's exit status, None when it ran past `timeout`; then its whole process group is killed (a job's
+    compile workers, torchrun's children)."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return rc
+
+
+PYTEST_ROW = "pytest -m gpu"
+PYTEST_CAP_S = 90.0
+
+
+def run_pytest(args: argparse.Namespace, work: Path, deadline: float) -> dict:
+    """`pytest -m gpu tests/test_gpu.py` in its own process group, at most PYTEST_CAP_S: {"status", "wall_s",
+    "passed", "failed": [test names], "skipped": {test name: reason}, "seconds": {test name: s}} from its JUnit
+    XML, and "log_tail" (-v: on a timeout, the last test named is the one that was running)."""
+    left = deadline - time.time()
+    if importlib.util.find_spec("pytest") is None:
+        return dict(status="skipped (pytest is not importable)")
+    if left < 15:
+        return dict(status=jobs_mod.SKIP_BUDGET)
+    timeout, junit, log = min(PYTEST_CAP_S, left), work / "pytest-gpu.xml", work / "pytest-gpu.log"
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
+           "tests/test_gpu.py"]
+    # Its own Inductor cache: the tests' tiny model must not warm row 1's cold compile.
+    env = {**os.environ, **(jobs_mod.bench.ONEDNN_CAP if args.smoke else {}), "COLUMNS": "200",  # unclipped summary
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-pytest")}
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)
+        rc = wait_or_kill(proc, timeout)
+    result = dict(wall_s=round(time.time() - start, 1), passed=0, failed=[], skipped={}, seconds={})
+    if junit.is_file():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            name, skip = case.get("name"), case.find("skipped")
+            result["seconds"][name] = round(float(case.get("time", 0)), 1)
+            if case.find("failure") is not None or case.find("error") is not None:
+                result["failed"].append(name)
+            elif skip is not None:
+                result["skipped"][name] = skip.get("message", "")
+            else:
+                result["passed"] += 1
+    tail = [ln.strip(" =") for ln in log.read_text(errors="replace").splitlines() if ln.strip(" =")][-15:]
+    if rc is None:
+        status = "stopped at the time budget" if timeout >= left else f"timeout after {timeout:.0f} s"
+    elif rc in (0, 1):  # 1: some test failed
+        status = "ok" if rc == 0 else "failed"
+    else:  # pytest's own error (collection, usage) or a signal
+        status = f"error rc={rc}: {tail[-1] if tail else 'no output'}"[:160]
+    return dict(result, status=status, log_tail=tail)
+
+
+def pytest_note(r: dict) -> str:
+    """The pytest row's note: the counts, the failed tests, the distinct skip reasons."""
+    if "passed" not in r:
+        return ""
+    note = f"{r['passed']} passed, {len(r['failed'])} failed, {len(r['skipped'])} skipped in {r['wall_s']:.0f} s"
+    if r["failed"]:
+        note += "; failed: " + ", ".join(r["failed"])
+    reasons = sorted(set(r["skipped"].values()))
+    return note + ("; skipped: " + "; ".join(reasons) if reasons else "")
 
 
 def summary(row: dict) -> str:
@@ -206,6 +275,8 @@ def note_of(r: dict) -> str:
 def table_cells(result: dict) -> list[list[str]]:
     """The table's cells, one list per row (the rich table here, the markdown one in bench/report.py)."""
     cells = []
+    if "pytest" in result:  # checks run before it existed have none
+        cells.append([PYTEST_ROW, "", "", "", "", "", "", pytest_note(result["pytest"]), result["pytest"]["status"]])
     for r in result["rows"]:
         sample = r["kind"] == "sample"
         ms = r.get("ms_per_model_call") if sample else r.get("step_ms")
@@ -278,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     scale = "smoke" if args.smoke else "gpu"
     jobs = plan(args.smoke)
     if args.list:
-        print("\n".join(j["name"] for j in jobs))
+        print("\n".join([PYTEST_ROW] + [j["name"] for j in jobs]))
         return 0
     only = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = sorted(set(only) - {j["name"] for j in jobs})
+    unknown = sorted(set(only) - {j["name"] for j in jobs} - {PYTEST_ROW})
     if unknown:
         p.error(f"unknown row name(s) {unknown}; see --list")
     jobs = [j for j in jobs if not only or j["name"] in only]
@@ -300,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
 
     done: dict[str, list[dict]] = {}
-    if args.resume and out.is_file():
-        for r in json.loads(out.read_text())["rows"]:
+    before = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    if before:
+        for r in before["rows"]:
             done.setdefault(r["job"], []).append(r)
         done = {name: rows for name, rows in done.items()
                 if all(r["status"] == "ok" or r["status"] == "OOM" or r["status"].startswith("error") for r in rows)}
@@ -310,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine,
                   smoke=args.smoke, budget_s=args.budget, steps=jobs_mod.STEPS[scale], warmup=jobs_mod.WARMUP, rows=[], wall_s=0.0)
     with tempfile.TemporaryDirectory(prefix="evdm-gpu-check-") as tmp:
+        if not only or PYTEST_ROW in only:
+            ok = before.get("pytest", {}).get("status") == "ok"
+            result["pytest"] = before["pytest"] if ok else run_pytest(args, Path(tmp), deadline)
+            tail = [] if result["pytest"]["status"] == "ok" else result["pytest"].get("log_tail", [])
+            print("\n".join([f"[{time.time() - t0:5.0f} s] {PYTEST_ROW}: {pytest_note(result['pytest'])} "
+                             f"[{result['pytest']['status']}]", *tail]), file=sys.stderr, flush=True)
+            result["wall_s"] = round(time.time() - t0, 1)
+            write_json(out, result)
         for job in jobs:
             rows = done.get(job["name"]) or run_job(job, args, Path(tmp), deadline, t0)
             result["rows"] += sorted(rows, key=lambda r: r["batch"])

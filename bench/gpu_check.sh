@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of issue 11 on one H100/H200: one table, JSON in bench/results/gpu_check.json, ~6 minutes.
+# The GPU check on one H100/H200: `pytest -m gpu` (tests/test_gpu.py, at most 90 s), then the measurements;
+# one table, JSON in bench/results/gpu_check.json, at most 9 minutes.
 #   bash bench/gpu_check.sh [--budget S] [--resume] [--only ROW,...] [--list] [--smoke]
-# What it measures and how it fits the time: bench/gpu_check.py's docstring. This wrapper only makes the
+# What it runs and how it fits the time: bench/gpu_check.py's docstring. This wrapper only makes the
 # small pure-Python wheels in bench/wheels/ (webdataset, braceexpand, tomli; see its README.md) importable
 # when the machine lacks them, then runs bench/gpu_check.py, which checks everything else it needs first.
 set -euo pipefail

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._functorch.config
 import torch.fx.experimental._config
 from torch.nn.parallel import DistributedDataParallel
 
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights
-from evdm.cli import warn
+from evdm.cli import one_line, warn
 from evdm.config import ConfigError, RunConfig, SampleConfig, with_sample
 from evdm.diffusion import (apply_dynamic_threshold, diffusion_loss, draw_training_noise, guided_output, linear_blend,
                             make_schedule, sample, split_output)
@@ -240,30 +241,58 @@ def compile_regions(net: torch.nn.Module) -> int:
     In place: the state dict keeps its names (no `_orig_mod.`), DDP can wrap the net as usual, and an
     uncompiled copy (the EMA) is unaffected. Sets torch._dynamo's recompile limit and turns off its
     automatic dynamic shapes (which would make a second resolution's sizes symbolic) and duck shaping,
-    for the process.
+    for the process. A compile that fails on this machine (an Inductor or Triton error, raised at a
+    block's first call) puts every block back to eager with one warning line (`uncompile`).
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.automatic_dynamic_shapes = False
     # Duck shaping gives equal sizes one symbol: a batch of 2 beside the 2 observed frames (a static
     # size) would specialise the batch, and the next batch size would compile everything again.
     torch.fx.experimental._config.use_duck_shape = False
-    count = 0
-    for module in net.modules():
-        if isinstance(module, REGIONS):
-            module.forward = batch_symbolic(torch.compile(module.forward, fullgraph=True))
-            count += 1
-    return count
+    # The backward graph is lowered with the forward, so that its compile error too surfaces in the
+    # forward call, where the fallback catches it, rather than in loss.backward().
+    if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+        torch._functorch.config.force_non_lazy_backward_lowering = True
+    regions = [module for module in net.modules() if isinstance(module, REGIONS)]
+    for module in regions:
+        module.forward = batch_symbolic(torch.compile(module.forward, fullgraph=True), module.forward,
+                                        on_failure=lambda err: uncompile(regions, err))
+    return len(regions)
 
 
-def batch_symbolic(compiled):
-    """`compiled` called with dim 0 (the batch) of its tensor arguments marked dynamic, the rest static."""
+def batch_symbolic(compiled, eager, *, on_failure):
+    """`compiled` called with dim 0 (the batch) of its tensor arguments marked dynamic, the rest static.
+
+    Where `compiled` raises and `eager` (the same forward uncompiled) does not, the compile failed on
+    this machine: `on_failure(err)`, and eager's result. A genuine error (bad inputs) raises again from
+    eager; out of memory is not retried.
+    """
     def forward(*args):
         for a in args:
             if isinstance(a, torch.Tensor) and a.ndim:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5, the same class
+            raise
+        except Exception as err:
+            out = eager(*args)
+            on_failure(err)
+            return out
 
     return forward
+
+
+def uncompile(regions: list[torch.nn.Module], err: Exception) -> None:
+    """Every compiled block back to its class's eager forward, with one warning line naming `err`
+    (Dynamo wraps the backend's error: the inner one is named)."""
+    if not any("forward" in module.__dict__ for module in regions):
+        return  # already uncompiled (by another block's failure)
+    for module in regions:
+        module.__dict__.pop("forward", None)
+    inner = getattr(err, "inner_exception", None) or err
+    warn(f"torch.compile failed on this machine ({type(inner).__name__}: {one_line(inner)}); "
+         "the model runs uncompiled (eager), slower")
 
 
 def cache_in(folder: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Shared test setup: CPU only, few threads, no bf16 conv backward (it can hang on AMX CPUs).
+"""Shared test setup: CPU only (tests marked `gpu` skip without CUDA), few threads, no bf16 conv backward
+(it can hang on AMX CPUs).
 
 And the shared fixtures' makers (STYLE 8: tiny synthetic data written here): clips, shards with or
 without manifest.json, the tiny model config and a checkpoint trained for a few steps. Test modules
@@ -18,6 +19,19 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need CUDA: without it each is skipped with that reason, before any fixture runs."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (a `gpu` test); torch.cuda.is_available() is False here")
+        for item in gpu:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
