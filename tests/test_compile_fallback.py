@@ -52,7 +52,7 @@ def test_a_failing_compile_runs_eagerly_with_one_warning_line(failing_inductor, 
     whether the failure comes at a training step's forward or at a sampling call's."""
     cfg = tiny_config()
     compiled, eager = make_trainer(cfg, CPU), make_trainer(cfg, CPU)
-    compiled.denoiser.compile()
+    compiled.denoiser.compile("on")
     if first_use == "sample":
         start, _, end = cfg.context.split(compiled.denoiser.to_input(next(square_batches(cfg))))
         with torch.no_grad():
