@@ -33,7 +33,7 @@ from preprocess.progress import Progress
 from preprocess.select import (SPLIT_NAMES, VIDEO_EXTENSIONS, Selection, lists_digest, normalize_extensions,
                                read_split_list, select_videos)
 from preprocess.state import open_state
-from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg, probe
+from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg, probe_rates
 from preprocess.writer import SPLITS
 
 # Options added after shard folders were written, at the values that do what the versions before them
@@ -41,6 +41,7 @@ from preprocess.writer import SPLITS
 ADDED_OPTIONS = {"fps": None, "extensions": VIDEO_EXTENSIONS, "split_lists": (), "split_column": "path",
                  "max_clips_per_video": None, "max_videos": None}
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
+PROBE_BATCH = 64  # videos whose frame rate one task reads (one ffmpeg process for all of them)
 # --fps above this multiple of a video's own rate is refused unless --allow-upsampling: most frames of its
 # clips would be copies of the one before. Ratios up to 1.001 are equal rates at the precision ffmpeg prints.
 MAX_UPSAMPLING, SAME_RATE = 2.0, 1.001
@@ -201,18 +202,15 @@ def find_videos(data_dir: Path, opts: Options) -> tuple[Selection, dict, dict[st
     return selection, json.loads(json.dumps(identity)), digests
 
 
-def probe_rate(args: tuple[Path, str]) -> float | None:
-    """A video's frame rate as its decoder will report it, from the header alone (no decoding); None when
-    unknown or unreadable (the decode then says why)."""
-    path, decoder = args
+def probe_task(args: tuple[list[Path], str]) -> list[float | None]:
+    """The videos' frame rates as their decoder will report them, from the headers alone (no decoding); None
+    where unknown or unreadable (the decode then says why)."""
+    paths, decoder = args
     if decoder == "pyav":
         from preprocess.decode_av import probe_rate_pyav
 
-        return probe_rate_pyav(path)
-    try:
-        return probe(path).fps
-    except VideoError:
-        return None
+        return [probe_rate_pyav(path) for path in paths]
+    return probe_rates(paths)
 
 
 def source_rates(data_dir: Path, videos: list[str], state: dict, opts: Options, workers: int,
@@ -220,11 +218,13 @@ def source_rates(data_dir: Path, videos: list[str], state: dict, opts: Options, 
     """{video: frame rate}: recorded in progress.json for the videos of finished shards, probed for the rest."""
     known = {s["path"]: s["fps"] for r in state["shards"].values() for s in r.get("sources", ())}
     todo = [rel for rel in videos if rel not in known]
+    batches = [todo[i:i + PROBE_BATCH] for i in range(0, len(todo), PROBE_BATCH)]
+    tasks = [([data_dir / rel for rel in batch], opts.decoder) for batch in batches]
     with Progress("videos probed", len(todo), quiet=not show_progress) as progress, \
-            worker_map(probe_rate, [(data_dir / rel, opts.decoder) for rel in todo], workers) as rates:
-        for rel, rate in zip(todo, rates):
-            known[rel] = rate
-            progress.advance()
+            worker_map(probe_task, tasks, workers) as results:
+        for batch, rates in zip(batches, results):
+            known.update(zip(batch, rates))
+            progress.advance(len(batch))
     return {rel: known[rel] for rel in videos}  # in the selection's order, whatever was recorded
 
 
@@ -250,8 +250,9 @@ def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, ove
 
     shard_dir is locked first (evdm.lock): a second run on it, whatever its options, is refused before it
     scans or records anything. With --fps, every video's rate is known before the first decode:
-    probed from its header, the cheapest place (one `ffmpeg -i`, or a PyAV open, per video not yet in
-    a finished shard, in the worker pool), so an up-sampling refusal writes no shard."""
+    probed from its header, the cheapest place (one `ffmpeg -i` per PROBE_BATCH videos, or a PyAV open
+    per video, for the videos not yet in a finished shard, in the worker pool), so an up-sampling refusal
+    writes no shard and decodes no video."""
     with lock_folder(shard_dir, "SHARD_DIR", UserError):
         return _run(data_dir, shard_dir, opts, workers, overwrite, show_progress, allow_upsampling)
 

@@ -54,7 +54,7 @@ def open_state(shard_dir: Path, identity: dict, *, overwrite: bool, added: dict 
             if old is None:
                 raise UserError(f"{shard_dir} is not empty and has no {PROGRESS_NAME} of a shard writer; "
                                 "choose an empty SHARD_DIR or pass --overwrite")
-            changed = _describe_change(old, identity, list_digests or {})
+            changed = _describe_change(old, identity, added or {}, list_digests or {})
             raise UserError(f"{shard_dir} holds shards made with different {changed}; "
                             "pass --overwrite to replace them, or choose another SHARD_DIR")
     for path in ours:
@@ -82,13 +82,14 @@ def _completed(identity: dict, added: dict) -> dict:
     return {**identity, "options": {**options, **missing}}
 
 
-def _describe_change(old_state: dict, new: dict, list_digests: dict[str, str]) -> str:
+def _describe_change(old_state: dict, new: dict, added: dict, list_digests: dict[str, str]) -> str:
     """What differs between the recorded run and this one, the cause first: the options (which also decide
     the videos chosen), then the split lists' contents (which do too), then the input files."""
     old = old_state.get("identity", {})
     before, after = old.get("options", {}), new.get("options", {})
-    diffs = [f"{k} {_shown(before, k)} -> {_shown(after, k)}" for k in sorted(set(before) | set(after))
-             if k not in before or k not in after or before[k] != after[k]]
+    completed = _completed(old, added).get("options", {})  # an added option at its old behaviour is no change
+    diffs = [f"{k} {_shown(before, k)} -> {_shown(after, k)}" for k in sorted(set(completed) | set(after))
+             if k not in completed or k not in after or completed[k] != after[k]]
     if diffs:
         return "options (" + ", ".join(diffs) + ")"
     if old.get("split_lists") != new.get("split_lists"):

@@ -240,7 +240,7 @@ def test_upsampling_warns_and_past_2x_is_refused_before_any_decode(data, tmp_pat
                "their frames are repeated to fill it\n")
     assert capsys.readouterr().err == warning
     # A rerun takes the rates of finished shards from progress.json: nothing is probed again.
-    monkeypatch.setattr(preprocess.shard, "probe_rate", lambda *a: pytest.fail("probed again"))
+    monkeypatch.setattr(preprocess.shard, "probe_task", lambda *a: pytest.fail("probed again"))
     assert shard_main(shard_args(data, tmp_path / "x1.5", "--fps", "15")) == 0
     assert capsys.readouterr().err == warning
     monkeypatch.undo()
@@ -255,10 +255,14 @@ def test_upsampling_warns_and_past_2x_is_refused_before_any_decode(data, tmp_pat
 
 @pytest.mark.parametrize("decoder", ["ffmpeg", "pyav"])
 def test_the_probe_reads_the_rate_the_decoder_reports(data, tmp_path, decoder):
+    """Batched (one ffmpeg for all), a file ffmpeg cannot open in the middle, and an audio-only file."""
     if decoder == "pyav":
         pytest.importorskip("av", reason="PyAV (av) is not installed")
-    from preprocess.shard import probe_rate
+    from preprocess.shard import probe_task
 
     (tmp_path / "text.mp4").write_text("not a video")
-    assert probe_rate((data / "videos_train/a.mp4", decoder)) == 10.0
-    assert probe_rate((tmp_path / "text.mp4", decoder)) is None
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.2", str(tmp_path / "audio.m4a")],
+                   check=True)
+    videos = sorted((data / "videos_train").glob("*.mp4"))
+    paths = [videos[0], tmp_path / "text.mp4", videos[1], tmp_path / "audio.m4a", *videos[2:]]
+    assert probe_task((paths, decoder)) == [10.0, None, 10.0, None] + [10.0] * len(videos[2:])
