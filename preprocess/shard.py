@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from evdm.cli import warn
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
 from evdm.data.schema import clip_shape, encode_sample, make_key
 from evdm.lock import lock_folder
@@ -30,10 +29,11 @@ from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli,
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
                              worker_map, write_planned_shard)
 from preprocess.progress import Progress
+from preprocess.rates import MAX_UPSAMPLING, check_upsampling, source_rates
 from preprocess.select import (SPLIT_NAMES, VIDEO_EXTENSIONS, Selection, lists_digest, normalize_extensions,
                                read_split_list, select_videos)
 from preprocess.state import open_state
-from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg, probe_rates
+from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg
 from preprocess.writer import SPLITS
 
 # Options added after shard folders were written, at the values that do what the versions before them
@@ -41,10 +41,6 @@ from preprocess.writer import SPLITS
 ADDED_OPTIONS = {"fps": None, "extensions": VIDEO_EXTENSIONS, "split_lists": (), "split_column": "path",
                  "max_clips_per_video": None, "max_videos": None}
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
-PROBE_BATCH = 64  # videos whose frame rate one task reads (one ffmpeg process for all of them)
-# --fps above this multiple of a video's own rate is refused unless --allow-upsampling: most frames of its
-# clips would be copies of the one before. Ratios up to 1.001 are equal rates at the precision ffmpeg prints.
-MAX_UPSAMPLING, SAME_RATE = 2.0, 1.001
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,57 +198,13 @@ def find_videos(data_dir: Path, opts: Options) -> tuple[Selection, dict, dict[st
     return selection, json.loads(json.dumps(identity)), digests
 
 
-def probe_task(args: tuple[list[Path], str]) -> list[float | None]:
-    """The videos' frame rates as their decoder will report them, from the headers alone (no decoding); None
-    where unknown or unreadable (the decode then says why)."""
-    paths, decoder = args
-    if decoder == "pyav":
-        from preprocess.decode_av import probe_rate_pyav
-
-        return [probe_rate_pyav(path) for path in paths]
-    return probe_rates(paths)
-
-
-def source_rates(data_dir: Path, videos: list[str], state: dict, opts: Options, workers: int,
-                 show_progress: bool) -> dict[str, float | None]:
-    """{video: frame rate}: recorded in progress.json for the videos of finished shards, probed for the rest."""
-    known = {s["path"]: s["fps"] for r in state["shards"].values() for s in r.get("sources", ())}
-    todo = [rel for rel in videos if rel not in known]
-    batches = [todo[i:i + PROBE_BATCH] for i in range(0, len(todo), PROBE_BATCH)]
-    tasks = [([data_dir / rel for rel in batch], opts.decoder) for batch in batches]
-    with Progress("videos probed", len(todo), quiet=not show_progress) as progress, \
-            worker_map(probe_task, tasks, workers) as results:
-        for batch, rates in zip(batches, results):
-            known.update(zip(batch, rates))
-            progress.advance(len(batch))
-    return {rel: known[rel] for rel in videos}  # in the selection's order, whatever was recorded
-
-
-def check_upsampling(rates: dict[str, float | None], fps: float, allow: bool) -> None:
-    """One warning line when --fps is above some videos' own rate (their frames are repeated to fill it); a
-    UserError when it is over MAX_UPSAMPLING x the rate of any, unless `allow`."""
-    factors = {rel: fps / rate for rel, rate in rates.items() if rate and fps / rate > SAME_RATE}
-    if not factors:
-        return
-    worst = max(factors, key=factors.get)
-    over = sum(f > MAX_UPSAMPLING for f in factors.values())
-    most = f"up to {factors[worst]:.3g}x: {worst} at {rates[worst]:g} fps"
-    if over and not allow:
-        raise UserError(f"--fps {fps:g} is over {MAX_UPSAMPLING:g}x the frame rate of {over} videos ({most}): "
-                        "their clips would be mostly repeated frames; lower --fps, or pass --allow-upsampling")
-    warn(f"--fps {fps:g} is above the frame rate of {len(factors)} videos ({most}): their frames are repeated "
-         "to fill it")
-
-
 def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, overwrite: bool = False,
         show_progress: bool = False, allow_upsampling: bool = False) -> Summary:
     """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input.
 
     shard_dir is locked first (evdm.lock): a second run on it, whatever its options, is refused before it
     scans or records anything. With --fps, every video's rate is known before the first decode:
-    probed from its header, the cheapest place (one `ffmpeg -i` per PROBE_BATCH videos, or a PyAV open
-    per video, for the videos not yet in a finished shard, in the worker pool), so an up-sampling refusal
-    writes no shard and decodes no video."""
+    probed from its header (preprocess.rates), so an up-sampling refusal writes no shard and decodes no video."""
     with lock_folder(shard_dir, "SHARD_DIR", UserError):
         return _run(data_dir, shard_dir, opts, workers, overwrite, show_progress, allow_upsampling)
 
@@ -264,7 +216,7 @@ def _run(data_dir: Path, shard_dir: Path, opts: Options, workers: int, overwrite
     videos = selection.videos
     state = open_state(shard_dir, identity, overwrite=overwrite, added=ADDED_OPTIONS, list_digests=list_digests)
     if opts.fps:
-        check_upsampling(source_rates(data_dir, videos, state, opts, workers, show_progress), opts.fps,
+        check_upsampling(source_rates(data_dir, videos, state, opts.decoder, workers, show_progress), opts.fps,
                          allow_upsampling)
     if not state["videos_per_shard"]:
         state["videos_per_shard"] = calibrate(data_dir, videos, opts)

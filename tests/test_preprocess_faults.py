@@ -224,6 +224,7 @@ def test_both_writers_on_a_really_full_disk(data, dataset, small_disk, tmp_path)
 
 
 def test_upsampling_warns_and_past_2x_is_refused_before_any_decode(data, tmp_path, capsys, monkeypatch):
+    import preprocess.rates
     import preprocess.shard
 
     out = tmp_path / "x100"
@@ -240,7 +241,7 @@ def test_upsampling_warns_and_past_2x_is_refused_before_any_decode(data, tmp_pat
                "their frames are repeated to fill it\n")
     assert capsys.readouterr().err == warning
     # A rerun takes the rates of finished shards from progress.json: nothing is probed again.
-    monkeypatch.setattr(preprocess.shard, "probe_task", lambda *a: pytest.fail("probed again"))
+    monkeypatch.setattr(preprocess.rates, "probe_task", lambda *a: pytest.fail("probed again"))
     assert shard_main(shard_args(data, tmp_path / "x1.5", "--fps", "15")) == 0
     assert capsys.readouterr().err == warning
     monkeypatch.undo()
@@ -258,7 +259,7 @@ def test_the_probe_reads_the_rate_the_decoder_reports(data, tmp_path, decoder):
     """Batched (one ffmpeg for all), a file ffmpeg cannot open in the middle, and an audio-only file."""
     if decoder == "pyav":
         pytest.importorskip("av", reason="PyAV (av) is not installed")
-    from preprocess.shard import probe_task
+    from preprocess.rates import probe_task
 
     (tmp_path / "text.mp4").write_text("not a video")
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.2", str(tmp_path / "audio.m4a")],
