@@ -42,6 +42,9 @@ class DiskFullError(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def __reduce__(self) -> tuple:  # a pool worker's error reaches the parent pickled: rebuild it from the same
+        return type(self), (self.path, self.free_bytes)
+
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"

@@ -29,6 +29,7 @@ import numpy as np
 
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from evdm.data.schema import COLOR_CHANNELS, MANIFEST_NAME, clip_shape, encode_sample, make_key
+from evdm.lock import lock_folder
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
                              worker_map, write_planned_shard)
@@ -222,26 +223,28 @@ def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 
             overwrite: bool = False) -> tuple[dict | None, list[dict]]:
     """Write the shards and the manifest, resuming an interrupted run of the same command.
 
-    Returns (manifest, or None when no clip came out; skipped).
+    Returns (manifest, or None when no clip came out; skipped). SHARD_DIR is locked for the whole run
+    (evdm.lock).
     """
-    root, files = find_sources(source_dir)
-    per_record = check_options(opts)
-    inputs = inputs_digest(root, [source for sources in files.values() for source in sources])
-    state = open_state(shard_dir, {"options": asdict(opts), "inputs": inputs}, overwrite=overwrite)
-    refs, skipped = scan_sources(root, files)
-    state["videos_per_shard"] = max(1, round(opts.shard_size / per_record))
-    plans = plan_records(refs, opts, state["videos_per_shard"])
-    records, todo = resume_plans(shard_dir, plans, state)
-    tasks = [(root, shard_dir, plan, opts) for plan in todo]
-    with Progress("records", len(refs), done=sum(len(p.items) for p in plans if p.name in records)) as progress, \
-            worker_map(write_record_shard, tasks, workers) as results:
-        for plan, record in zip(todo, results):
-            record_shard(shard_dir, state, records, plan, record)
-            progress.advance(len(plan.items))
-    skipped = _sorted_skips(skipped + [s for r in records.values() for s in r["skipped"]])
-    manifest = finish(shard_dir, plans, records, options=asdict(opts), skipped=skipped,
-                      clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
-    return manifest, skipped
+    with lock_folder(shard_dir, "SHARD_DIR", UserError):  # first: a second run is refused before it scans
+        root, files = find_sources(source_dir)
+        per_record = check_options(opts)
+        inputs = inputs_digest(root, [source for sources in files.values() for source in sources])
+        state = open_state(shard_dir, {"options": asdict(opts), "inputs": inputs}, overwrite=overwrite)
+        refs, skipped = scan_sources(root, files)
+        state["videos_per_shard"] = max(1, round(opts.shard_size / per_record))
+        plans = plan_records(refs, opts, state["videos_per_shard"])
+        records, todo = resume_plans(shard_dir, plans, state)
+        tasks = [(root, shard_dir, plan, opts) for plan in todo]
+        with Progress("records", len(refs), done=sum(len(p.items) for p in plans if p.name in records)) as progress, \
+                worker_map(write_record_shard, tasks, workers) as results:
+            for plan, record in zip(todo, results):
+                record_shard(shard_dir, state, records, plan, record)
+                progress.advance(len(plan.items))
+        skipped = _sorted_skips(skipped + [s for r in records.values() for s in r["skipped"]])
+        manifest = finish(shard_dir, plans, records, options=asdict(opts), skipped=skipped,
+                          clip_shape=clip_shape(opts.T, opts.size, opts.color_mode))
+        return manifest, skipped
 
 
 def export_file(args: tuple[Path, Path, str, str, Options]) -> tuple[int, list[dict]]:

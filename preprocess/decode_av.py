@@ -41,6 +41,21 @@ def stream_sar(stream: av.video.stream.VideoStream) -> str:
     return sar_text(sar.numerator, sar.denominator) if sar else "1:1"
 
 
+def stream_rate(stream: av.video.stream.VideoStream) -> float | None:
+    """The stream's frame rate at the precision the ffmpeg path reports it; None when it states none."""
+    rate = stream.average_rate or stream.guessed_rate
+    return logged_rate(float(rate)) if rate else None
+
+
+def probe_rate_pyav(path: str | Path) -> float | None:
+    """stream_rate of a file's first video stream from its header, without decoding; None when unreadable."""
+    try:
+        with av.open(str(path)) as container:
+            return stream_rate(container.streams.video[0]) if container.streams.video else None
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+
+
 def build_graph(stream, first: av.VideoFrame, specs: list[tuple[str, str | None]]) -> Graph:
     """A filter graph from the stream's geometry, SAR and time base through `specs` to a sink."""
     graph = Graph()
@@ -68,7 +83,6 @@ def decode_pyav(path: str | Path, size: int, color_mode: str = "rgb",
                 raise VideoError("no video stream (zero frames, or audio only)")
             stream = container.streams.video[0]
             stream.thread_count = 1  # the pool already uses every core; threads only add overhead
-            rate = stream.average_rate or stream.guessed_rate
             for frame in container.decode(stream):
                 if graph is None:  # the display matrix travels with the frames
                     matrix = display_matrix(frame)
@@ -78,8 +92,8 @@ def decode_pyav(path: str | Path, size: int, color_mode: str = "rgb",
                     raise VideoError("frames without timestamps: cannot resample with --fps (try --decoder ffmpeg)")
                 graph.push(frame)
                 frames += _drain(graph)
-            info = VideoInfo(stream.codec_context.width, stream.codec_context.height,
-                             logged_rate(float(rate)) if rate else None, sar=stream_sar(stream), rotation=rotation)
+            info = VideoInfo(stream.codec_context.width, stream.codec_context.height, stream_rate(stream),
+                             sar=stream_sar(stream), rotation=rotation)
             if graph is not None:
                 graph.push(None)  # flush: the fps filter may hold frames until the end
                 frames += _drain(graph)

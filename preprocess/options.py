@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from evdm.atomic import DiskFullError
 from evdm.ffmpeg import FFmpegNotFound
 from evdm.data.schema import COLOR_CHANNELS
 
@@ -49,9 +50,14 @@ def shard_options(args: argparse.Namespace) -> dict:
 
 
 def run_cli(body: Callable[[], int], *, interrupted: str) -> int:
-    """body()'s exit code; bad input (UserError, no ffmpeg, OSError) is one line on stderr and exit 2."""
+    """body()'s exit code; bad input (UserError, no ffmpeg, OSError) is one line on stderr and exit 2, a full
+    disk (evdm.atomic.DiskFullError) one line and exit 1, as the trainer's: not the input's fault, and a rerun
+    of the same command resumes once there is space."""
     try:
         return body()
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (UserError, FFmpegNotFound, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,12 +94,16 @@ def read_split_list(path: Path, column: str) -> list[str]:
         raise UserError(f"split list {path}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
     if path.suffix.lower() != ".csv":
         lines = (_LABEL_RE.sub("", line.strip()) for line in text.splitlines())
-        return [line for line in lines if line and not line.startswith("#")]
-    rows = csv.DictReader(text.splitlines())
-    if column not in (rows.fieldnames or []):
-        raise UserError(f"split list {path}: no column {column!r} (columns: {', '.join(rows.fieldnames or [])}); "
-                        "choose one with --split-column")
-    return [row[column].strip() for row in rows if (row[column] or "").strip()]
+        names = [line for line in lines if line and not line.startswith("#")]
+    else:
+        rows = csv.DictReader(text.splitlines())
+        if column not in (rows.fieldnames or []):
+            raise UserError(f"split list {path}: no column {column!r} (columns: {', '.join(rows.fieldnames or [])}); "
+                            "choose one with --split-column")
+        names = [row[column].strip() for row in rows if (row[column] or "").strip()]
+    if not names:
+        raise UserError(f"split list {path} names no video (empty, or only comments and blank lines)")
+    return names
 
 
 def _aliases(relpath: str) -> set[str]:
@@ -109,27 +114,42 @@ def _aliases(relpath: str) -> set[str]:
     return tails | {str(path.with_suffix("")), path.stem, _KINETICS_RE.sub("", path.stem)}
 
 
-def _clean(name: str) -> str:
+def _clean(name: str, root: Path | None) -> str:
+    """A listed name as the aliases spell paths: "/" separators, no leading "./", and an absolute path under
+    `root` (DATA_DIR, as given or with its links resolved) relative to it."""
     name = name.replace("\\", "/")
+    if root is not None and name.startswith("/"):
+        name = posixpath.normpath(name)
+        for base in {os.path.abspath(root), str(root.resolve())}:
+            if name.startswith(base.rstrip("/") + "/"):
+                return name[len(base.rstrip("/")) + 1:]
     return name[2:] if name.startswith("./") else name
 
 
-def assign_from_lists(videos: list[str], lists: dict[str, list[str]]) -> tuple[dict[str, str], list[str], int]:
+def assign_from_lists(videos: list[str], lists: dict[str, list[str]],
+                      root: Path | None = None) -> tuple[dict[str, str], list[str], int]:
     """({video: split} for the videos the lists name, the listed names no video matches, videos named by none).
 
-    lists: {"train" | "val": names}. A video two splits name is a UserError (a leak between splits).
+    lists: {"train" | "val": names}; root: DATA_DIR, for names that are absolute paths. A video two splits
+    name is a UserError (a leak between splits), and so is a name that matches several videos (one file
+    name in two folders) other than as one video's whole relative path.
     """
-    by_alias: dict[str, list[str]] = {}
+    paths = set(videos)
+    by_alias: dict[str, list[str]] = {rel: [rel] for rel in videos}  # a whole path names its video alone
     for rel in videos:
-        for alias in _aliases(rel):
+        for alias in _aliases(rel) - paths:
             by_alias.setdefault(alias, []).append(rel)
     splits: dict[str, str] = {}
     missing = []
     for split, names in lists.items():
-        for name in map(_clean, names):
+        for name in (_clean(n, root) for n in names):
             matches = by_alias.get(name, [])
             if not matches:
                 missing.append(name)
+            if len(matches) > 1:
+                raise UserError(f"the {split} split list's {name!r} matches {len(matches)} videos "
+                                f"({', '.join(matches)}); write the path under DATA_DIR (e.g. {matches[0]}) "
+                                f"to choose one")
             for rel in matches:
                 if splits.setdefault(rel, split) != split:
                     raise UserError(f"{rel} is named by both the {splits[rel]} and the {split} split list")
@@ -150,16 +170,21 @@ def keep_some(videos: list[str], n: int, seed: int) -> list[str]:
 
 
 def select_videos(data_dir: Path, *, extensions: tuple[str, ...], lists: dict[str, list[str]] | None,
-                  val_fraction: float, max_videos: int | None, seed: int) -> Selection:
-    """Scan data_dir and decide each video's split; UserError when no video is left."""
+                  val_fraction: float, max_videos: int | None, seed: int,
+                  list_files: dict[str, str] | None = None) -> Selection:
+    """Scan data_dir and decide each video's split; UserError when no video is left, or when a split's
+    lists name none of the videos (list_files: {split: its list files}, to name them)."""
     videos, not_videos = scan(data_dir, extensions)
     if not videos:
         raise UserError(f"no video files ({' '.join(extensions)}, any case) found under {data_dir}")
     if lists:
-        splits, missing, unlisted = assign_from_lists(videos, lists)
-        if not splits:
-            raise UserError(f"the split lists name none of the {len(videos)} videos under {data_dir} "
-                            f"(first listed: {missing[0] if missing else 'nothing'})")
+        splits, missing, unlisted = assign_from_lists(videos, lists, data_dir)
+        for split, names in lists.items():
+            if split not in splits.values():
+                where = f" ({list_files[split]})" if list_files and split in list_files else ""
+                raise UserError(f"the {split} split list{where} names none of the {len(videos)} videos under "
+                                f"{data_dir} (first listed: {names[0] if names else 'nothing'}): that split "
+                                f"would be empty")
     else:
         splits, missing, unlisted = {rel: split_of(rel, val_fraction) for rel in videos}, [], 0
     kept = keep_some(list(splits), max_videos, seed) if max_videos else list(splits)

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from evdm.atomic import folder_problem
 from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe
 from evdm.data.schema import clip_shape, encode_sample, make_key
+from evdm.lock import lock_folder
 from preprocess.inspect import geometry_lines, rate_line, scan_lines
 from preprocess.options import ShardOptions, UserError, add_shard_args, run_cli, shard_options
 from preprocess.plan import (ShardPlan, finish, inputs_digest, plan_shards, record_shard, resume_plans,
                              worker_map, write_planned_shard)
 from preprocess.progress import Progress
+from preprocess.rates import MAX_UPSAMPLING, check_upsampling, source_rates
 from preprocess.select import (SPLIT_NAMES, VIDEO_EXTENSIONS, Selection, lists_digest, normalize_extensions,
                                read_split_list, select_videos)
 from preprocess.state import open_state
@@ -172,34 +173,51 @@ def check_ffmpeg() -> None:
                              "or point EVDM_FFMPEG at a binary") from None
 
 
-def find_videos(data_dir: Path, shard_dir: Path, opts: Options) -> tuple[Selection, dict]:
-    """The videos to shard and the run's identity (options, inputs, lists), after checking both folders, the
-    split lists and the decoder: UserError or FFmpegNotFound before any video is decoded."""
+def find_videos(data_dir: Path, opts: Options) -> tuple[Selection, dict, dict[str, str]]:
+    """The videos to shard, the run's identity (options, inputs, lists) and {split list file: digest}, after
+    checking DATA_DIR, the split lists and the decoder: UserError or FFmpegNotFound before any decoding."""
     if not data_dir.is_dir():
         raise UserError(f"DATA_DIR {data_dir} does not exist or is not a folder")
-    if problem := folder_problem(shard_dir):
-        raise UserError(f"SHARD_DIR {shard_dir} {problem}")
     lists: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}  # split -> its lists, as given, for messages
+    digests: dict[str, str] = {}
     for split, path in opts.split_lists:
-        lists.setdefault(SPLIT_NAMES[split], []).extend(read_split_list(Path(path), opts.split_column))
+        names = read_split_list(Path(path), opts.split_column)
+        lists.setdefault(SPLIT_NAMES[split], []).extend(names)
+        files.setdefault(SPLIT_NAMES[split], []).append(f"{split}={path}")
+        digests[path] = lists_digest({split: names})
     selection = select_videos(data_dir, extensions=opts.extensions, lists=lists or None,
-                              val_fraction=opts.val_fraction, max_videos=opts.max_videos, seed=opts.seed)
+                              val_fraction=opts.val_fraction, max_videos=opts.max_videos, seed=opts.seed,
+                              list_files={split: ", ".join(given) for split, given in files.items()})
     if opts.decoder == "ffmpeg":
         check_ffmpeg()
     identity = {"options": asdict(opts), "inputs": inputs_digest(data_dir, selection.videos)}
     if lists:
         identity["split_lists"] = lists_digest(lists)
     # Through JSON, as progress.json stores it: tuples become lists, so a rerun compares equal.
-    return selection, json.loads(json.dumps(identity))
+    return selection, json.loads(json.dumps(identity)), digests
 
 
 def run(data_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 1, overwrite: bool = False,
-        show_progress: bool = False) -> Summary:
-    """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input."""
+        show_progress: bool = False, allow_upsampling: bool = False) -> Summary:
+    """Shard data_dir into shard_dir, showing progress if asked. Raises UserError on bad input.
+
+    shard_dir is locked first (evdm.lock): a second run on it, whatever its options, is refused before it
+    scans or records anything. With --fps, every video's rate is known before the first decode:
+    probed from its header (preprocess.rates), so an up-sampling refusal writes no shard and decodes no video."""
+    with lock_folder(shard_dir, "SHARD_DIR", UserError):
+        return _run(data_dir, shard_dir, opts, workers, overwrite, show_progress, allow_upsampling)
+
+
+def _run(data_dir: Path, shard_dir: Path, opts: Options, workers: int, overwrite: bool, show_progress: bool,
+         allow_upsampling: bool) -> Summary:
     started = time.perf_counter()
-    selection, identity = find_videos(data_dir, shard_dir, opts)
+    selection, identity, list_digests = find_videos(data_dir, opts)
     videos = selection.videos
-    state = open_state(shard_dir, identity, overwrite=overwrite, added=ADDED_OPTIONS)
+    state = open_state(shard_dir, identity, overwrite=overwrite, added=ADDED_OPTIONS, list_digests=list_digests)
+    if opts.fps:
+        check_upsampling(source_rates(data_dir, videos, state, opts.decoder, workers, show_progress), opts.fps,
+                         allow_upsampling)
     if not state["videos_per_shard"]:
         state["videos_per_shard"] = calibrate(data_dir, videos, opts)
     plans = plan_videos(selection, opts, state["videos_per_shard"])
@@ -276,13 +294,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     p.add_argument("--decoder", choices=["ffmpeg", "pyav"], default="ffmpeg")
     p.add_argument("--fps", type=parse_rate, default=None, metavar="N",
                    help="resample every video to N frames/s (25, 29.97, 30000/1001) before cutting clips "
-                        "(default: each video's own rate)")
+                        "(default: each video's own rate); above a video's rate its frames are repeated (a "
+                        f"warning), more than {MAX_UPSAMPLING:g}x its rate is refused unless --allow-upsampling")
+    p.add_argument("--allow-upsampling", action="store_true",
+                   help=f"accept --fps more than {MAX_UPSAMPLING:g}x a video's own rate")
     p.add_argument("--ext", action="append", default=None, metavar="EXT",
                    help="file extensions that are videos, any case; repeat or comma-separate "
                         f"(default: {','.join(e.lstrip('.') for e in VIDEO_EXTENSIONS)})")
     p.add_argument("--split-list", action="append", default=[], metavar="SPLIT=FILE",
-                   help="the videos of a split (train, val or test, which is val), one relative path per line "
-                        "or a CSV column (--split-column); with lists, only the videos they name are used")
+                   help="the videos of a split (train, val or test, which is val), one per line (a path under "
+                        "DATA_DIR, relative or absolute, a tail of it, or a file name) or a CSV column "
+                        "(--split-column); with lists, only the videos they name are used")
     p.add_argument("--split-column", default="path", help="the column of CSV split lists (default path)")
     p.add_argument("--max-clips-per-video", type=int, default=None, metavar="N",
                    help="at most N clips per video, spread evenly over it")
@@ -342,7 +364,7 @@ def _main(args: argparse.Namespace, opts: Options) -> int:
         except ImportError:
             raise UserError("--decoder pyav needs PyAV: `pip install av` (or use --decoder ffmpeg)") from None
     summary = run(args.data_dir, args.shard_dir, opts, workers=args.workers, overwrite=args.overwrite,
-                  show_progress=True)
+                  show_progress=True, allow_upsampling=args.allow_upsampling)
     print_summary(Console(), summary, args.shard_dir, opts)
     if summary.manifest is None:
         print(f"error: no usable clips: all {len(summary.skipped)} videos were skipped (reasons above)",

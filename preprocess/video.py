@@ -248,6 +248,21 @@ def probe(path: str | Path) -> VideoInfo:
     return info
 
 
+def probe_rates(paths: list[Path]) -> list[float | None]:
+    """Each file's frame rate as decode_ffmpeg reports it, from the headers, by one `ffmpeg -i A -i B ...` for all
+    of them: starting a process per file would cost ten times the reading. None for a file without a video
+    stream or that ffmpeg cannot open (it stops there; the next call goes on after it)."""
+    rates: list[float | None] = []
+    while len(rates) < len(paths):
+        args = [a for path in paths[len(rates):] for a in ("-i", f"file:{Path(path).resolve()}")]
+        log = subprocess.run([ffmpeg_exe(), *_GLOBAL_ARGS, *args], capture_output=True).stderr.decode(errors="replace")
+        opened = re.split(r"^(?:\[info\] )?Input #\d+, ", log, flags=re.M)[1:]
+        rates += [info.fps if (info := parse_stream_info(text)) else None for text in opened]
+        if len(rates) < len(paths) and len(opened) < len(args) // 2:
+            rates.append(None)  # the file ffmpeg could not open
+    return rates
+
+
 def clip_span(T: int, frame_stride: int) -> int:
     """Source frames one clip covers: T frames taken every frame_stride-th."""
     return (T - 1) * frame_stride + 1

@@ -76,8 +76,44 @@ def test_select_videos_reports_what_it_left_out(tmp_path):
                             "unlisted": 0, "over_max_videos": 1}
     full = select_videos(tmp_path, extensions=(".mp4",), lists=None, val_fraction=0.0, max_videos=None, seed=0)
     assert full.splits == {"train/a.mp4": "train", "train/b.mp4": "train", "val/c.mp4": "val"}
-    with pytest.raises(UserError, match="the split lists name none of the 3 videos"):
+    with pytest.raises(UserError, match="the train split list names none of the 3 videos"):
         select_videos(tmp_path, extensions=(".mp4",), lists={"train": ["zzz.mp4"]}, val_fraction=0.0,
                       max_videos=None, seed=0)
     with pytest.raises(UserError, match=r"no video files \(\.avi, any case\)"):
         select_videos(tmp_path, extensions=(".avi",), lists=None, val_fraction=0.0, max_videos=None, seed=0)
+
+
+def test_absolute_paths_under_data_dir_match(tmp_path):
+    data = tmp_path / "data"
+    for rel in ["train/a.mp4", "val/b.mp4"]:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(b"")
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    lists = {"train": [str(data / "train" / "a.mp4")], "val": [f"{link}//val/../val/b.mp4", "/elsewhere/b.mp4"]}
+    sel = select_videos(link, extensions=(".mp4",), lists=lists, val_fraction=0.0, max_videos=None, seed=0)
+    assert sel.splits == {"train/a.mp4": "train", "val/b.mp4": "val"}  # DATA_DIR as given, or its links resolved
+    assert sel.listed_missing == ["/elsewhere/b.mp4"]  # outside DATA_DIR: a name that matches nothing
+
+
+def test_empty_lists_and_a_split_left_without_videos_are_refused(tmp_path):
+    (tmp_path / "comments.txt").write_text("# nothing here\n\n")
+    (tmp_path / "header.csv").write_text("path,label\n")
+    for name in ("comments.txt", "header.csv"):
+        with pytest.raises(UserError, match=f"split list {tmp_path / name} names no video"):
+            read_split_list(tmp_path / name, "path")
+    (tmp_path / "a.mp4").write_bytes(b"")
+    with pytest.raises(UserError, match=r"the val split list \(test=t.txt\) names none of the 1 videos under .* "
+                                        r"\(first listed: zzz.mp4\): that split would be empty"):
+        select_videos(tmp_path, extensions=(".mp4",), lists={"train": ["a.mp4"], "val": ["zzz.mp4"]},
+                      val_fraction=0.0, max_videos=None, seed=0, list_files={"val": "test=t.txt"})
+
+
+def test_a_name_of_several_videos_is_refused_and_a_whole_path_chooses():
+    videos = ["a/x.mp4", "b/x.mp4", "x/c.mp4", "y/x/c.mp4"]
+    for name in ("x.mp4", "x"):
+        with pytest.raises(UserError, match=rf"the train split list's '{name}' matches 2 videos \(a/x.mp4, b/x.mp4\); "
+                                            r"write the path under DATA_DIR \(e.g. a/x.mp4\) to choose one"):
+            assign_from_lists(videos, {"train": [name]})
+    assert assign_from_lists(videos, {"train": ["b/x.mp4", "x/c.mp4"]}) == (
+        {"b/x.mp4": "train", "x/c.mp4": "train"}, [], 2)  # x/c.mp4 is also a tail of y/x/c.mp4: the path wins

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,40 @@ def test_different_options_need_overwrite(data, sharded, tmp_path):
     summary = run(data, d, Options(T=5, clip_stride=5, size=16), workers=1, overwrite=True)
     assert summary.manifest.clip_shape == (5, 16, 16, 3)
     assert json.loads((d / PROGRESS_NAME).read_text())["identity"]["options"]["T"] == 5
+
+
+def test_a_changed_split_list_is_named_on_resume(data, tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("a.mp4\nb.mp4\n")
+    (tmp_path / "val.txt").write_text("g.mp4\n")
+    opts = Options(**{**OPTS.__dict__, "split_lists": (("train", str(tmp_path / "train.txt")),
+                                                       ("val", str(tmp_path / "val.txt")))})
+    run(data, tmp_path / "s", opts, workers=1)
+    (tmp_path / "val.txt").write_text("h.mp4\n")
+    with pytest.raises(UserError, match=rf"different split lists \({re.escape(str(tmp_path / 'val.txt'))} changed\)"):
+        run(data, tmp_path / "s", opts, workers=1)
+    (tmp_path / "val.txt").write_text("# emptied\n")
+    assert main([str(data), str(tmp_path / "t"), "--split-list", f"val={tmp_path / 'val.txt'}"]) == 2
+    assert capsys.readouterr().err == (f"error: split list {tmp_path / 'val.txt'} names no video (empty, or only "
+                                       "comments and blank lines)\n")
+
+
+@pytest.mark.parametrize("options, inputs, lists, digests, cause", [
+    ({"size": 16, "fps": None}, "b", "x", {}, "inputs (files added, removed or resized in the input folder)"),
+    ({"size": 16, "fps": None}, "b", "y", {"t.txt": "1", "v.txt": "3"}, "split lists (v.txt changed)"),
+    ({"size": 16, "fps": None}, "a", "y", {"t.txt": "1"}, "split lists (their contents changed)"),
+    ({"size": 24, "fps": 25}, "b", "y", {}, "options (fps (not recorded) -> 25, size 16 -> 24)"),
+])
+def test_a_refused_resume_names_the_cause(tmp_path, options, inputs, lists, digests, cause):
+    """Options first (they also choose the videos), then the lists' contents, then the input files; an option
+    added since the folder was written (fps) is no change at the value that does what the old version did."""
+    from preprocess.state import open_state
+
+    recorded = {"options": {"size": 16}, "inputs": "a", "split_lists": "x"}
+    files = {"t.txt": "1", "v.txt": "2"} if "v.txt" in digests else {}
+    (tmp_path / PROGRESS_NAME).write_text(json.dumps({"identity": recorded, "split_list_files": files, "shards": {}}))
+    with pytest.raises(UserError, match=re.escape(f"holds shards made with different {cause}; pass --overwrite")):
+        open_state(tmp_path, {"options": options, "inputs": inputs, "split_lists": lists}, overwrite=False,
+                   added={"fps": None}, list_digests=digests)
 
 
 def test_foreign_nonempty_dir_is_refused(data, tmp_path):

@@ -8,19 +8,14 @@ pass, so a refused command leaves out_dir exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-from evdm.atomic import folder_problem
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint
 from evdm.cli import warn
 from evdm.config import ConfigError, RunConfig, to_dict
+from evdm.lock import lock_folder
 
-LOCK_NAME = ".lock"
 # The keys that decide the weights' shapes or what they mean: a resume must not change them.
 MODEL_KEYS = (
     "data.T", "data.size", "data.context", "data.color_mode", "model.*",
@@ -110,49 +105,7 @@ def clear_run(out_dir: Path) -> None:
         shutil.rmtree(out_dir / folder, ignore_errors=True)
 
 
-def _holder(lock_path: Path) -> str:
-    text = lock_path.read_text().strip() if lock_path.is_file() else ""
-    return text or "another process"
-
-
-@contextlib.contextmanager
-def lock_out_dir(out_dir: Path) -> Iterator[None]:
-    """Hold out_dir/.lock (flock) while inside; a second live run on out_dir gets a ConfigError naming the first.
-
-    The kernel drops a flock when its process dies, so a crashed run's lock is never stale; the file
-    says "pid N on host H" only to name the holder, and is removed on the way out (with out_dir itself
-    when this call created it and nothing else was written, so a refused command leaves no trace).
-    """
-    created = not out_dir.exists()
-    if problem := folder_problem(out_dir):
-        raise ConfigError(f"train.out_dir {out_dir} {problem}")
-    lock_path = out_dir / LOCK_NAME
-    fd = _acquire(lock_path, out_dir)
-    try:
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)  # before the close: a waiting run re-checks the inode (_acquire)
-        os.close(fd)  # releases the flock
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only when empty
-
-
-def _acquire(lock_path: Path, out_dir: Path) -> int:
-    """An fd holding an exclusive flock on lock_path, retried if the holder removed the file meanwhile."""
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(
-                f"train.out_dir {out_dir} is in use by {_holder(lock_path)} ({lock_path}); "
-                f"wait for that run to end or choose another out_dir"
-            ) from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                os.ftruncate(fd, 0)
-                return fd
-        os.close(fd)  # locked a file its holder had just removed: take the new one
+def lock_out_dir(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold out_dir/.lock while inside (evdm.lock): a second live run on out_dir, or an out_dir that cannot be
+    created or written, is a ConfigError naming the holder or the reason."""
+    return lock_folder(out_dir, "train.out_dir", ConfigError)
