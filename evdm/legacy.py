@@ -128,7 +128,7 @@ def upgrade_optimizer_state(optimizer_state: dict, shapes: list) -> dict:
 
 def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
     """A preprocess progress record's identity with the options it predates filled in from `defaults`
-    (today's option values, JSON-shaped as progress.json holds them)."""
+    (the values that do what the versions before them did), JSON-shaped as progress.json holds them."""
     options = identity.get("options")
     if not isinstance(options, dict):
         return identity

@@ -36,8 +36,8 @@ from preprocess.state import open_state
 from preprocess.video import VideoError, VideoInfo, cut_all_clips, decode_ffmpeg
 from preprocess.writer import SPLITS
 
-# Options added after shard folders were written, at the values that do what the versions before them
-# did: such a folder still resumes (the inputs fingerprint covers which videos the extensions pick).
+# The options evdm.legacy.PREPROCESS_OPTIONS_ADDED lists, at the values that do what the versions before
+# them did: such a folder still resumes (the inputs fingerprint covers which videos the extensions pick).
 ADDED_OPTIONS = {"fps": None, "extensions": VIDEO_EXTENSIONS, "split_lists": (), "split_column": "path",
                  "max_clips_per_video": None, "max_videos": None}
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evdm.atomic import TMP_SUFFIX
 from evdm.data.schema import MANIFEST_NAME
+from evdm import legacy
 from evdm.lock import LOCK_NAME
 from preprocess.options import UserError
 from preprocess.writer import SPLITS, sha256_file, write_json_atomic
@@ -74,12 +75,8 @@ def _read_progress(shard_dir: Path, overwrite: bool) -> dict | None:
 
 
 def _completed(identity: dict, added: dict) -> dict:
-    """`identity` with the `added` options it lacks filled in (JSON-shaped, as progress.json holds it)."""
-    options = identity.get("options")
-    if not isinstance(options, dict):
-        return identity
-    missing = {k: json.loads(json.dumps(v)) for k, v in added.items() if k not in options}
-    return {**identity, "options": {**options, **missing}}
+    """`identity` as written by an earlier version, with the options it predates filled in (evdm.legacy)."""
+    return legacy.upgrade_progress_identity(identity, added)
 
 
 def _describe_change(old_state: dict, new: dict, added: dict, list_digests: dict[str, str]) -> str:
