@@ -2,6 +2,7 @@
 rate, sound, streaming, the refusal of other context layouts, bad videos; and the flicker measure."""
 
 import dataclasses
+import json
 import re
 import subprocess
 import tracemalloc
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import moving_square, tiny_config
+from conftest import moving_square, run_cli, tiny_config
 from evdm import upconvert as up
 from evdm.checkpoint import make_payload, save_checkpoint
 from evdm.config import Context
@@ -275,3 +276,26 @@ def test_window_flicker_sees_a_jump_at_a_window_boundary():
     scores = up.window_flicker(jumpy, truth, 4)
     assert scores["boundary"] > 1.3 and scores["boundary"] > scores["within"] > 1.0 and scores["overall"] > 1.0
     assert up.window_flicker(truth[:5], truth[:5], 2)["within"] is None
+
+
+# ---- the benchmarks' rows -------------------------------------------------------------------------
+
+
+def test_bench_upconvert_smoke(tmp_path):
+    out = tmp_path / "upconvert.json"
+    proc = run_cli(["bench/upconvert.py", "--batch_sizes", "2", "--frames", "3", "--steps", "1", "--video", "--device",
+                    "cpu", "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["windows"], r.get("via")) for r in rows] == [(2, 2, None), (2, 2, "ffmpeg pipes")]
+    assert all(r["frames_per_s"] > 0 and r["factor"] == 4 for r in rows) and "output frames/s" in proc.stdout
+
+
+def test_gpu_check_upconvert_row_runs_on_a_cpu(tmp_path):
+    """The GPU check's upconvert row (GPU runs only; here its job at --smoke scale, fp32)."""
+    job = {"name": "upconvert fp32", "kind": "upconvert", "precision": "fp32", "compile": False, "batches": [2]}
+    proc = run_cli(["bench/gpu_check_jobs.py", "--smoke", "--work", str(tmp_path), "--job", json.dumps(job)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+    assert (rows[0]["windows"], rows[0]["factor"], rows[0]["forward_batch"]) == (4, 4, 4) and rows[0]["frames_per_s"] > 0
