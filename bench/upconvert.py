@@ -34,7 +34,8 @@ def random_video(cfg, frames: int):
     """uint8 [frames, size, size, C] of uniform noise (the rate does not depend on the pixels)."""
     import numpy as np
 
-    return np.random.default_rng(0).integers(0, 256, (frames, cfg.data.size, cfg.data.size, cfg.channels), dtype=np.uint8)
+    shape = (frames, cfg.data.size, cfg.data.size, cfg.channels)
+    return np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
 
 
 def measure(denoiser, cfg, *, batch: int, frames: int, steps: int) -> dict:
@@ -88,8 +89,9 @@ def print_table(rows: list[dict], title: str) -> None:
     for col in ("path", "batch", "windows", "steps", "guidance", "s", "ms / model call", "output frames/s"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for r in rows:
-        table.add_row(r.get("via", "in memory"), str(r["batch"]), str(r["windows"]), str(r["steps"]), f"{r['guidance']:g}",
-                      f"{r['seconds']:.2f}", f"{r['ms_per_model_call']:.1f}" if "ms_per_model_call" in r else "-",
+        table.add_row(r.get("via", "in memory"), str(r["batch"]), str(r["windows"]), str(r["steps"]),
+                      f"{r['guidance']:g}", f"{r['seconds']:.2f}",
+                      f"{r['ms_per_model_call']:.1f}" if "ms_per_model_call" in r else "-",
                       f"[bold]{r['frames_per_s']:.3g}[/]")
     Console(width=140).print(table)
 
@@ -129,11 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: {rows[-1]['frames_per_s']} output frames/s", file=sys.stderr, flush=True)
     if args.video:
         rows.append(measure_video(denoiser, cfg, batch=max(args.batch_sizes), frames=args.frames, steps=args.steps))
-    d, m = cfg.data, cfg.model
-    desc = (f"{Path(args.config).name}: {d.size}px T={d.T} context {list(d.context)} ({d.T - 1}x), base "
-            f"{m.base_channels}, mults {list(m.channel_mults)}, res {m.res_blocks}, attn {list(m.temporal_attn_levels)}, "
-            f"{count_parameters(denoiser.net) / 1e6:.2f}M params")
-    print_table(rows, f"Up-conversion on {label}\n{desc}")
+    desc = (f"{Path(args.config).name} ({cfg.data.size} px, context {list(cfg.context)}, T {cfg.data.T}: "
+            f"{cfg.data.T - 1}x the frame rate), {count_parameters(denoiser.net) / 1e6:.2f}M params")
+    print_table(rows, f"Up-conversion on {label}: {desc}")
     if args.out:
         write_result(Path(args.out), dict(command=command, model=desc, device=label, torch=torch.__version__,
                                           threads=torch.get_num_threads(), **machine(load_before), rows=rows))

@@ -164,8 +164,9 @@ def encoder_args(out: Path, source: Path, size: int, color_mode: str, rate: str)
     from preprocess.video import PIX_FMTS
 
     codec = LOSSLESS_SUFFIXES.get(out.suffix.lower(), H264)
-    return [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", PIX_FMTS[color_mode],
-            "-s", f"{size}x{size}", "-r", rate, "-i", "pipe:", "-i", f"file:{source.resolve()}",
+    return [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo",
+            "-pix_fmt", PIX_FMTS[color_mode], "-s", f"{size}x{size}", "-r", rate, "-i", "pipe:",
+            "-i", f"file:{source.resolve()}",
             "-map", "0:v:0", "-map", "1:a?", "-c:a", "copy", *codec, f"file:{out.resolve()}"]
 
 
@@ -214,7 +215,7 @@ def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg
             warn(f"{source}: the video states no frame rate; taking {FALLBACK_FPS:g} frames/s")
             fps = FALLBACK_FPS
         frames = decoded_frames(source, cfg.data.size, cfg.data.color_mode)
-        head = list(itertools.islice(frames, 2))  # a video of one frame has no window: refused before the encoder starts
+        head = list(itertools.islice(frames, 2))  # one frame has no window: refused before the encoder starts
     except VideoError as err:
         raise UpconvertError(f"{source}: {err}") from None
     if len(head) < 2:
@@ -223,7 +224,8 @@ def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg
     started = time.perf_counter()
 
     def write(tmp: Path) -> None:
-        generated = upconvert_frames(itertools.chain(head, frames), denoiser, cfg.sample, batch_size=batch_size, seed=seed)
+        generated = upconvert_frames(itertools.chain(head, frames), denoiser, cfg.sample, batch_size=batch_size,
+                                     seed=seed)
         args = encoder_args(tmp, source, cfg.data.size, cfg.data.color_mode, rate_arg(fps * factor))
         try:
             with rate_bar(progress) as counted:

@@ -294,8 +294,10 @@ def test_bench_upconvert_smoke(tmp_path):
 def test_gpu_check_upconvert_row_runs_on_a_cpu(tmp_path):
     """The GPU check's upconvert row (GPU runs only; here its job at --smoke scale, fp32)."""
     job = {"name": "upconvert fp32", "kind": "upconvert", "precision": "fp32", "compile": False, "batches": [2]}
-    proc = run_cli(["bench/gpu_check_jobs.py", "--smoke", "--work", str(tmp_path), "--job", json.dumps(job)], timeout=120)
+    proc = run_cli(["bench/gpu_check_jobs.py", "--smoke", "--work", str(tmp_path), "--job", json.dumps(job)],
+                   timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     assert len(rows) == 1 and rows[0]["status"] == "ok"
-    assert (rows[0]["windows"], rows[0]["factor"], rows[0]["forward_batch"]) == (4, 4, 4) and rows[0]["frames_per_s"] > 0
+    row = rows[0]
+    assert (row["windows"], row["factor"], row["forward_batch"]) == (4, 4, 4) and row["frames_per_s"] > 0
