@@ -3,10 +3,14 @@
     python sample.py --ckpt out/last.pt --start_images s0.png s1.png --end_images e0.png e1.png \
         --out_dir out/samples --steps 40 --eta 0.0 --guidance_scale 1.8 [--seed 0] [--num_samples N]
     python sample.py --ckpt out/last.pt --shards 'shards/val-*.tar' --num 64 --batch_size 16 --out_dir out/samples
+    python sample.py --ckpt out/last.pt --video in.mp4 --out out.mp4 [--batch_size 16] [--steps 10]
 
 Per clip: an MP4, a PNG strip (context frames framed blue, generated orange) and the uint8 .npy;
-from shards also the truth and a truth/sample comparison strip; per batch a grid GIF. Exit 2 on bad
-input (one line, --out_dir checked first); exit 1, one line, when the disk fills up.
+from shards also the truth and a truth/sample comparison strip; per batch a grid GIF. --video: the
+whole video at N times its frame rate with a checkpoint of context (1, 1) and T = N + 1 (evdm.upconvert:
+every input frame kept, N - 1 frames generated between each pair, the sound copied; OUT.mkv is
+lossless). Exit 2 on bad input (one line, the output path checked first); exit 1, one line, when the
+disk fills up.
 """
 
 import argparse
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--end_images", nargs="+", metavar="IMG", help="the K last frames")
     p.add_argument("--shards", help="shard glob/brace pattern: take contexts (and truth) from its clips")
     p.add_argument("--num", type=int, default=64, help="clips to read from --shards")
+    p.add_argument("--video", metavar="IN", help="up-convert this video (checkpoint context (1, 1), T = N + 1)")
+    p.add_argument("--out", metavar="OUT.mp4", help="with --video: the output video (.mkv: lossless FFV1)")
     p.add_argument("--out_dir", default="samples")
     p.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's)")
@@ -44,22 +50,31 @@ def main(argv: list[str] | None = None) -> int:
     add_speed_flags(p)
     args = p.parse_args(argv)
     from_images = args.start_images is not None or args.end_images is not None
-    if from_images == (args.shards is not None):
-        p.error("give either --start_images and --end_images, or --shards")
+    if from_images + (args.shards is not None) + (args.video is not None) != 1:
+        p.error("give one of: --start_images and --end_images, --shards, --video")
     if from_images and not (args.start_images and args.end_images):
         p.error("--start_images and --end_images go together")
+    if (args.video is None) != (args.out is None):
+        p.error("--video and --out go together")
     if min(args.num, args.num_samples, args.batch_size) < 1:
         p.error("--num, --num_samples and --batch_size must be >= 1")
-    inputs = input_files(args.ckpt, *(args.start_images or []), *(args.end_images or []), shards=args.shards)
-    # Before the checkpoint is even read; nothing in --out_dir that this could replace may be an input or a checkpoint.
-    if problem := output_problem(args.out_dir, folder=True, inputs=inputs, names=written_names(from_images)):
-        print(f"error: --out_dir {args.out_dir} {problem}", file=sys.stderr)
+    inputs = input_files(args.ckpt, *(args.start_images or []), *(args.end_images or []), *([args.video] if args.video else []),
+                         shards=args.shards)
+    # Before the checkpoint is even read: no output may replace an input or a checkpoint.
+    if args.video:
+        flag, path, problem = "--out", args.out, output_problem(args.out, inputs=inputs)
+    else:
+        flag, path = "--out_dir", args.out_dir
+        problem = output_problem(args.out_dir, folder=True, inputs=inputs, names=written_names(from_images))
+    if problem:
+        print(f"error: {flag} {path} {problem}", file=sys.stderr)
         return 2
 
     from evdm import sample_io  # torch loads here, after the arguments are known good
     from evdm.checkpoint import CheckpointError
     from evdm.config import ConfigError, with_sample
     from evdm.denoiser import Denoiser, resolve_device
+    from evdm.upconvert import UpconvertError, upconvert_video
 
     try:
         denoiser = Denoiser.load(args.ckpt, resolve_device(args.device), use_ema=not args.no_ema,
@@ -70,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:  # name the flags, not the config keys
             given = " ".join(f"--{k} {v}" for k, v in flags.items() if v is not None)
             raise sample_io.SamplingError(f"{given}: {err}") from None
+        if args.video:
+            r = upconvert_video(args.video, args.out, denoiser, cfg, batch_size=args.batch_size, seed=args.seed)
+            print(f"wrote {args.out}: {r['frames_in']} frames at {r['fps_in']:g} fps -> {r['frames_out']} frames at "
+                  f"{r['fps_out']:g} fps ({r['factor']}x), {r['frames_per_s']:g} frames/s")
+            return 0
         if from_images:
             start, end = sample_io.load_endpoints(args.start_images, args.end_images, cfg)
             jobs, total = sample_io.image_jobs(start, end, args.num_samples), args.num_samples
@@ -77,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs, total = sample_io.shard_jobs(args.shards, cfg, args.num, args.num_samples), args.num * args.num_samples
         results = sample_io.sample_to_files(jobs, total, denoiser, cfg, args.out_dir, seed=args.seed,
                                             batch_size=args.batch_size, keep_arrays=False)
-    except (sample_io.SamplingError, CheckpointError, ConfigError) as err:
+    except (sample_io.SamplingError, CheckpointError, ConfigError, UpconvertError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except DiskFullError as err:  # the clips written before it are complete; no partial file is left

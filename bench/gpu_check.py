@@ -32,6 +32,9 @@ attention at levels 1 2; the default recipe: x0 prediction, blend residual, cosi
    and DistributedDataParallel over NCCL, as any larger run.
 9.-12. train fp32 (eager), sample bf16 (eager), sample bf16+cudagraphs (the whole network compiled
    with mode="reduce-overhead": does a CUDA graph pay?), train bf16+compile at batch 32.
+13. upconvert bf16: 4x up-conversion (evdm.upconvert's windows, bench/upconvert.py) with the reference
+   model at context (1, 1), T 5: output frames/s over two batches of 64 windows, 10 DDIM steps, guidance
+   1.8 (not in --smoke; `bench/gpu_check_jobs.py --smoke --job` runs it on a CPU).
 
 How it fits: each job runs in its own subprocess (bench/gpu_check_jobs.py) and process group, with its
 own timeout: an OOM, hang or crash costs that job's rows, not the run. Rows stream back per batch; the
@@ -78,8 +81,8 @@ WHEELS_HINT = "see bench/wheels/README.md (bash bench/gpu_check.sh installs benc
 
 def job(kind: str, precision: str, compile: bool, batches: tuple[int, ...], *, name: str | None = None, **extra) -> dict:
     label = {"train": "train", "profile": "profile", "sample": "sample", "fed": "train.py fed",
-             "torchrun": "torchrun fed"}[kind]
-    if kind in ("train", "profile", "sample"):
+             "torchrun": "torchrun fed", "upconvert": "upconvert"}[kind]
+    if kind in ("train", "profile", "sample", "upconvert"):
         label += f" {precision}" + ("+compile" if compile else "")
     return dict(name=name or label, kind=kind, precision=precision, compile=compile, batches=list(batches), **extra)
 
@@ -98,7 +101,7 @@ def plan(smoke: bool) -> list[dict]:
         job("torchrun", "bf16", True, (64,), name="torchrun fed (NCCL)"), job("train", "fp32", False, (64,)),
         job("sample", "bf16", False, (64,)),
         job("sample", "bf16", True, (64,), name="sample bf16+cudagraphs", cudagraphs=True),
-        job("train", "bf16", True, (32,), name="train bf16+compile (batch 32)"),
+        job("train", "bf16", True, (32,), name="train bf16+compile (batch 32)"), job("upconvert", "bf16", False, (64,)),
     ]
 
 
@@ -232,8 +235,8 @@ def pytest_note(r: dict) -> str:
 
 
 def summary(row: dict) -> str:
-    rate = row.get("samples_per_s") or row.get("clips_per_s")
-    unit = "clips/s" if "clips_per_s" in row else "samples/s"
+    rate = row.get("samples_per_s") or row.get("clips_per_s") or row.get("frames_per_s")
+    unit = "clips/s" if "clips_per_s" in row else "frames/s" if "frames_per_s" in row else "samples/s"
     return (f"{rate} {unit}, " if rate else "") + f"[{row['status']}]"
 
 
@@ -247,9 +250,9 @@ def num(x, spec: str) -> str:
 
 COLUMNS = ("row", "batch", "ms", "per s", "MFU", "peak GB", "first s", "note", "status")
 LEGEND = ("ms: per training step (train rows), per network call of forward batch 2 x batch (sample rows). per s: "
-          "samples/s (train), clips/s (sample). MFU: model FLOP/s over the card's bf16 dense peak. first s: the first "
-          "step or call (compile; recompile at a new batch). |bf16-fp32|: mean / 99th percentile / max over the "
-          "clips, in [-1, 1] units.")
+          "samples/s (train), clips/s (sample), output frames/s (upconvert). MFU: model FLOP/s over the card's bf16 "
+          "dense peak. first s: the first step or call (compile; recompile at a new batch). |bf16-fp32|: mean / 99th "
+          "percentile / max over the clips, in [-1, 1] units.")
 PROFILE_COLUMNS = ("kernel", "ms per step", "share", "calls per step")
 
 
@@ -263,6 +266,8 @@ def note_of(r: dict) -> str:
         elif r.get("max_abs_diff_vs_fp32") is not None:  # results of 2026-11-30 and before
             text += f"; max abs bf16-fp32 {r['max_abs_diff_vs_fp32']}"
         return text
+    if r["kind"] == "upconvert":
+        return f"{r['factor']}x, {r['steps']} DDIM steps, {r['windows']} windows"
     if r["kind"] == "profile":
         copies = r["eager_copies"]
         return (f"copy kernels {pct(r['copy_share'])} of the time ({r['copy_calls_per_step']} copy ops a step); "
@@ -278,9 +283,9 @@ def table_cells(result: dict) -> list[list[str]]:
     if "pytest" in result:  # checks run before it existed have none
         cells.append([PYTEST_ROW, "", "", "", "", "", "", pytest_note(result["pytest"]), result["pytest"]["status"]])
     for r in result["rows"]:
-        sample = r["kind"] == "sample"
+        sample = r["kind"] in ("sample", "upconvert")
         ms = r.get("ms_per_model_call") if sample else r.get("step_ms")
-        rate = r.get("clips_per_s") if sample else r.get("samples_per_s")
+        rate = r.get("clips_per_s", r.get("frames_per_s")) if sample else r.get("samples_per_s")
         cells.append([r["job"], str(r["batch"]), num(ms, ".1f"), num(rate, ".1f"), pct(r.get("mfu")),
                       num(r.get("peak_mem_gb"), ".1f"), num(r.get("first_step_s"), ".1f"),
                       note_of(r) if r["status"] == "ok" else "", r["status"]])

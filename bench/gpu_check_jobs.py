@@ -213,6 +213,31 @@ def run_sample(job: dict, device, scale: str, work: Path, ckpt: str | None) -> N
     emit(row)
 
 
+def run_upconvert(job: dict, device, scale: str) -> None:
+    """4x up-conversion (bench/upconvert.py's measure: evdm.upconvert's windows) with the model at context (1, 1),
+    T 5, guidance on: output frames/s over two batches of windows, ms per network call, peak memory."""
+    import torch
+
+    from evdm.config import Context
+    from evdm.denoiser import Denoiser
+    from evdm.models import build_model
+
+    spec = importlib.util.spec_from_file_location("bench_upconvert", ROOT / "bench" / "upconvert.py")
+    upconvert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upconvert)
+    cfg = model_config(job, scale)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, T=5, context=Context(1, 1)),
+                              sample=dataclasses.replace(cfg.sample, guidance_scale=GUIDANCE))
+    torch.manual_seed(0)
+    den = Denoiser.from_config(build_model(cfg), cfg, device, job["precision"]).eval()
+    if job["compile"]:
+        den.compile()
+    batch = job["batches"][0]
+    reset_peak(device)
+    row = upconvert.measure(den, cfg, batch=batch, frames=2 * batch + 1, steps=SCALES[scale]["sample_steps"])
+    emit(dict(row, peak_mem_gb=peak_mem_gb(device), status="ok"))
+
+
 def fed_overrides(scale: str, work: Path, device_type: str) -> tuple[Path, dict]:
     """The fed rows' config file and --set overrides (shards made here once; FED_LR)."""
     from evdm.config import load_config
@@ -264,6 +289,8 @@ def run_worker(args: argparse.Namespace) -> int:
         run_profile(job, device, scale)
     elif job["kind"] == "sample":
         run_sample(job, device, scale, work, args.ckpt)
+    elif job["kind"] == "upconvert":
+        run_upconvert(job, device, scale)
     else:
         run_fed(job, device, scale, work)
     return 0

@@ -14,7 +14,10 @@ truth's, per frame (evdm.metrics.hf_ratio): 1 is as sharp as the truth, below 1 
 SSIM reward the blurred posterior mean that one DDIM step draws; this one does not. The summary gives
 the margins of the main row and of the sampled (sample.steps) row. The JSON states this protocol and
 carries a `comparable_row` to set beside a published one; --examples draws the worst and the best
-clip by PSNR.
+clip by PSNR. Every row also gets `flicker`, per clip (context and middle frames together) its mean
+change between consecutive frames over the truth's (evdm.metrics.flicker). --peer minterpolate adds
+ffmpeg's minterpolate on the same clips (evdm.peer): its blend mode and the best of a stated grid of
+motion-compensated settings (by mean PSNR on these clips), counted among the baselines.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evdm import visualize
+from evdm import peer, visualize
 from evdm.atomic import DiskFullError, atomic_write, output_problem
 from evdm.cli import add_speed_flags, input_files
 from evdm.config import Context, with_sample
 from evdm.denoiser import Denoiser, resolve_device, to_uint8
-from evdm.metrics import BASELINES, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
+from evdm.metrics import BASELINES, flicker, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.sample_io import batched, iter_shard_clips, progress_bar
 from evdm.seeds import mix_seed
 
@@ -70,10 +73,13 @@ def _record(acc: dict, name: str, per_frame: dict[str, torch.Tensor]) -> None:
         acc.setdefault(name, {}).setdefault(metric, []).append(values.cpu())
 
 
-def _frame_metrics(pred: torch.Tensor, truth: torch.Tensor, lpips_fn) -> dict[str, torch.Tensor]:
-    """pred, truth: [B, C, M, H, W] in [0, 1] -> {metric: [B, M]}."""
+def _frame_metrics(pred: torch.Tensor, truth: torch.Tensor, lpips_fn, *,
+                   context: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pred, truth: middles [B, C, M, H, W] in [0, 1]; context: (start, end) frames -> {metric: [B, M]},
+    and "flicker": [B] over the whole clips."""
+    clip = lambda middle: torch.cat([context[0], middle, context[1]], dim=2).transpose(1, 2)  # noqa: E731
     out = {"psnr": middle_frames_metric(psnr, pred, truth), "ssim": middle_frames_metric(ssim, pred, truth),
-           "hf_ratio": middle_frames_metric(hf_ratio, pred, truth)}
+           "hf_ratio": middle_frames_metric(hf_ratio, pred, truth), "flicker": flicker(clip(pred), clip(truth))}
     if lpips_fn is not None:
         out["lpips"] = middle_frames_metric(lpips_fn, pred, truth)
     return out
@@ -92,9 +98,10 @@ def summarize(acc: dict) -> list[dict]:
     for name, metrics in acc.items():
         row = {"method": name}
         for metric, chunks in metrics.items():
-            values = torch.cat(chunks)  # [N, M]
+            values = torch.cat(chunks)  # [N, M], or [N] for a per-clip metric
             row[metric] = round(values.mean().item(), 4)
-            row[f"{metric}_per_position"] = [round(v, 4) for v in values.mean(dim=0).tolist()]
+            if values.ndim == 2:
+                row[f"{metric}_per_position"] = [round(v, 4) for v in values.mean(dim=0).tolist()]
         rows.append(row)
     return rows
 
@@ -104,7 +111,7 @@ def evaluate(
     steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
     device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
     precision: str | None = None, compile: str | None = None, extremes: Extremes | None = None,
-    main_steps: int | None = None,
+    main_steps: int | None = None, peer: str | None = None,
 ) -> dict:
     """Metrics of the baselines and the model (DDIM at each of steps_list and at the checkpoint's
     sample.steps) on the first `num` shard clips.
@@ -114,6 +121,7 @@ def evaluate(
     > 1), the examples and the comparable row; it is scored last, so it is the table's last model row.
     precision / compile: None for the checkpoint's sample.precision / sample.compile.
     extremes: filled with the worst and the best clip by the main row's PSNR (`write_examples` draws them).
+    peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`).
     Returns a JSON-ready dict; result["summary"] compares the model's main row (and, under "sampled",
     its sample.steps row) with the linear blend and with the best baseline on each metric,
     result["protocol"] says how the numbers were made and
@@ -127,6 +135,7 @@ def evaluate(
     steps_list = sorted((set(steps_list) | {cfg.sample.steps}) - {main_steps}) + [main_steps]
     lpips_fn, lpips_status = load_lpips(dev)
     acc: dict = {}
+    peer_acc: dict = {}
     extremes = Extremes() if extremes is None else extremes
     clips_seen = 0
     with progress_bar() as bar:
@@ -135,10 +144,13 @@ def evaluate(
             clips = np.stack([np.asarray(c) for _, c in batch])
             score_batch(acc, extremes, denoiser, cfg, clips, steps_list=steps_list, best_of=best_of,
                         batch_seed=mix_seed(seed, index), lpips_fn=lpips_fn)
+            if peer:
+                score_peer(peer_acc, clips, cfg, lpips_fn)
             clips_seen += len(batch)
             bar.update(task, advance=1, clips=clips_seen)
     return report(acc, cfg, checkpoint=str(ckpt_path), shards=shards, clips=clips_seen, steps_list=steps_list,
-                  seed=seed, best_of=best_of, use_ema=use_ema, lpips_status=lpips_status)
+                  seed=seed, best_of=best_of, use_ema=use_ema, lpips_status=lpips_status,
+                  peer_result=peer_rows(peer_acc, cfg.data.size) if peer else None)
 
 
 @dataclass
@@ -175,17 +187,39 @@ def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: n
     start, truth, end = K.split(unit)
     guesses = {name: baseline(start, end, truth.shape[2]) for name, baseline in BASELINES.items()}
     for name, middle in guesses.items():
-        _record(acc, name, _frame_metrics(middle, truth, lpips_fn))
+        _record(acc, name, _frame_metrics(middle, truth, lpips_fn, context=(start, end)))
     for steps in steps_list:
         sampled = model_clip(steps, batch_seed)
-        single = _frame_metrics(K.split(sampled)[1], truth, lpips_fn)
+        single = _frame_metrics(K.split(sampled)[1], truth, lpips_fn, context=(start, end))
         _record(acc, f"model ddim-{steps}", single)
     blend = torch.cat([start, guesses[LINEAR_BLEND], end], dim=2)
     extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
     if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
         candidates = [single] + [_frame_metrics(K.split(model_clip(steps_list[-1], batch_seed * 131 + n))[1],
-                                                truth, lpips_fn) for n in range(1, best_of)]
+                                                truth, lpips_fn, context=(start, end)) for n in range(1, best_of)]
         _record(acc, f"model ddim-{steps_list[-1]} best-of-{best_of}", _best_of(candidates))
+
+
+def score_peer(acc: dict, clips: np.ndarray, cfg, lpips_fn) -> None:
+    """Score ffmpeg minterpolate's blend and each setting of its grid (evdm.peer) on uint8 clips [B, T, H, W, C]."""
+    start, truth, end = cfg.context.split(u8_to_unit(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)))
+    settings = [peer.BLEND, *peer.mci_grid(cfg.data.size)]
+    for setting, middles in peer.interpolate_grid(clips, cfg.context, settings).items():
+        middle = u8_to_unit(torch.from_numpy(middles).permute(0, 4, 1, 2, 3))
+        _record(acc, setting.name, _frame_metrics(middle, truth, lpips_fn, context=(start, end)))
+
+
+def peer_rows(acc: dict, size: int) -> dict:
+    """The peer's rows (its blend and its best grid setting by mean PSNR) and what the JSON says of it."""
+    rows = {r["method"]: r for r in summarize(acc)}
+    grid = peer.mci_grid(size)
+    best = max(grid, key=lambda s: rows[s.name]["psnr"])
+    return {"rows": [rows[peer.BLEND.name], rows[best.name]], "program": f"ffmpeg minterpolate ({peer.version()})",
+            "settings": {peer.BLEND.name: peer.BLEND.options(), best.name: best.options()},
+            "grid": {s.options(): {m: rows[s.name][m] for m in ("psnr", "ssim", "hf_ratio")} for s in grid},
+            "selection": f"the best of the {len(grid)} grid settings by mean PSNR on these clips",
+            "frames": "the observed frames fed at their instants, the middle asked at w = (m + 1) / (M + 1); "
+                      "RGB as planes G, B, R (motion estimated on G), no colour conversion"}
 
 
 def write_examples(extremes: Extremes, K: Context, path: str | Path) -> None:
@@ -199,9 +233,14 @@ def write_examples(extremes: Extremes, K: Context, path: str | Path) -> None:
 
 
 def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: list[int], seed: int, best_of: int,
-           use_ema: bool, lpips_status: str) -> dict:
-    """The JSON-ready result: settings, rows, the summary, the protocol and the comparable row."""
+           use_ema: bool, lpips_status: str, peer_result: dict | None = None) -> dict:
+    """The JSON-ready result: settings, rows, the summary, the protocol and the comparable row (and with
+    `peer_result`, peer_rows' result: its rows after the baselines', counted among them, the rest under "peer")."""
     rows = summarize(acc)
+    baselines = list(BASELINES)
+    if peer_result is not None:
+        rows[len(BASELINES):len(BASELINES)] = peer_result["rows"]
+        baselines += [r["method"] for r in peer_result["rows"]]
     by_name = {r["method"]: r for r in rows}
     (Ks, Ke), M, sc = cfg.context, cfg.middle_frames, cfg.sample
     main_row = f"model ddim-{steps_list[-1]}"
@@ -213,6 +252,7 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         "selection": (f"per clip, the best of {best_of} samples by mean PSNR over the generated frames "
                       f"(MCVD's protocol); its SSIM and LPIPS are that sample's") if best_of > 1 else "one sample per clip",
         "scored_frames": f"the {M} generated frames only, float in [0, 1] before rounding; context frames are exact",
+        "flicker": "per clip, the mean change between consecutive frames (context and middle) over the truth's",
         "aggregation": f"per-frame PSNR and SSIM, averaged over the {M} generated frames and over {clips} clips "
                        f"(the first {clips} in sorted shard order)",
         "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}"
@@ -229,17 +269,18 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": cfg.data.size,
                            "samples_per_clip": best_of, "clips": clips,
                            **{m: headline[m] for m in ("psnr", "ssim", "lpips") if m in headline}},
-        "summary": summary(by_name, main_row, f"model ddim-{sc.steps}"),
+        "summary": summary(by_name, main_row, f"model ddim-{sc.steps}", baselines),
+        **({"peer": {k: v for k, v in peer_result.items() if k != "rows"}} if peer_result else {}),
     }
 
 
-def summary(by_name: dict[str, dict], main_row: str, sampled_row: str) -> dict:
+def summary(by_name: dict[str, dict], main_row: str, sampled_row: str, baselines: list[str]) -> dict:
     """The model's main row against the linear blend and against the best baseline on each metric
     (PSNR and SSIM may be won by different baselines; the margin is over the stronger one each time);
     under "sampled" the same margins of `sampled_row` (sample.steps: what users look at), which may be
     the main row itself. hf_ratio: each row's high-frequency energy over the truth's (1 = as sharp)."""
     model, blend = by_name[main_row], by_name[LINEAR_BLEND]
-    best = {m: max((by_name[name] for name in BASELINES), key=lambda r: r[m]) for m in ("psnr", "ssim")}
+    best = {m: max((by_name[name] for name in baselines), key=lambda r: r[m]) for m in ("psnr", "ssim")}
 
     def margins(row: dict) -> dict:
         return {"model_minus_best_baseline_db": round(row["psnr"] - best["psnr"]["psnr"], 4),
@@ -275,14 +316,14 @@ def print_table(result: dict) -> None:
 
     table = Table(title=f"{result['checkpoint']}: {result['clips']} clips, middle frames {result['M']}, "
                         f"guidance {result['guidance_scale']}; LPIPS {result['lpips']}")
-    for col in ("method", "PSNR dB", "SSIM", "HF ratio", "LPIPS", "PSNR per position", "SSIM per position",
+    for col in ("method", "PSNR dB", "SSIM", "HF ratio", "flicker", "LPIPS", "PSNR per position", "SSIM per position",
                 "HF ratio per position"):
         table.add_column(col, justify="left" if col == "method" or "position" in col else "right")
     best_psnr = max(r["psnr"] for r in result["rows"])
     for r in result["rows"]:
         mark = "bold green" if r["psnr"] == best_psnr else ""
         table.add_row(r["method"], f"[{mark}]{r['psnr']:.2f}[/]" if mark else f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
-                      f"{r['hf_ratio']:.2f}", f"{r['lpips']:.4f}" if "lpips" in r else "-",
+                      f"{r['hf_ratio']:.2f}", f"{r['flicker']:.2f}", f"{r['lpips']:.4f}" if "lpips" in r else "-",
                       " ".join(f"{v:.2f}" for v in r["psnr_per_position"]),
                       " ".join(f"{v:.3f}" for v in r["ssim_per_position"]),
                       " ".join(f"{v:.2f}" for v in r["hf_ratio_per_position"]))
@@ -303,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from evdm.checkpoint import CheckpointError
     from evdm.cli import one_line
     from evdm.config import ConfigError
+    from evdm.ffmpeg import FFmpegNotFound
     from evdm.sample_io import SamplingError
 
     p = argparse.ArgumentParser(prog="python -m evdm.evaluate", description=__doc__,
@@ -321,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--examples", help="write a PNG of the worst and the best clip (truth, model, linear blend) here")
+    p.add_argument("--peer", choices=("minterpolate",), help="add ffmpeg minterpolate's rows (evdm.peer)")
     add_speed_flags(p)
     args = p.parse_args(argv)
     main_steps = [] if args.main_steps is None else [args.main_steps]
@@ -337,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
                           best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
-                          compile=args.compile, extremes=extremes, main_steps=args.main_steps)
-    except (SamplingError, CheckpointError, ConfigError) as err:
+                          compile=args.compile, extremes=extremes, main_steps=args.main_steps, peer=args.peer)
+    except (SamplingError, CheckpointError, ConfigError, peer.PeerError, FFmpegNotFound) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print_table(result)

@@ -103,6 +103,31 @@ def hf_ratio(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return hf_energy(x) / hf_energy(y).clamp(min=HF_FLOOR)
 
 
+FLICKER_FLOOR = 1e-4  # the truth's mean change floored: a still truth gives a finite ratio
+
+
+def frame_change(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between consecutive frames: x [..., T, C, H, W] in [0, 1] -> [..., T - 1]."""
+    return (x[..., 1:, :, :, :].float() - x[..., :-1, :, :, :].float()).abs().mean(dim=(-3, -2, -1))
+
+
+def flicker(x: torch.Tensor, truth: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """How much x changes from frame to frame over how much the truth does: x, truth [..., T, C, H, W] in
+    [0, 1] -> [...]; the mean of frame_change over the consecutive pairs (all, or the bool mask `pairs`
+    [T - 1]), x's over the truth's.
+
+    1 when x moves as much as the truth, above 1 when it flickers (a frame that jumps away from its
+    neighbours adds its jump on both sides), below 1 when it is stiller than the truth (a cross-fade
+    spreads a move over fading copies and changes less than the move).
+    """
+    if x.shape != truth.shape:
+        raise ValueError(f"flicker: shapes differ {tuple(x.shape)} vs {tuple(truth.shape)}")
+    change, truth_change = frame_change(x), frame_change(truth)
+    if pairs is not None:
+        change, truth_change = change[..., pairs], truth_change[..., pairs]
+    return change.mean(dim=-1) / truth_change.mean(dim=-1).clamp(min=FLICKER_FLOOR)
+
+
 def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Apply a per-frame metric to middles pred, truth [B, C, M, H, W] -> [B, M]."""
     return metric(pred.transpose(1, 2), truth.transpose(1, 2))

@@ -1,0 +1,147 @@
+"""ffmpeg's minterpolate filter as the interpolation peer evdm is scored against. Torch-free.
+
+minterpolate is what a user of ffmpeg already has for frame-rate conversion: motion-compensated
+interpolation with overlapped blocks (mi_mode=mci), or a cross-fade (mi_mode=blend). Here it fills
+the same frames the model does: the frames of a clip between its last start frame and its first end
+frame, at w = (m + 1) / (M + 1) of the way (`interpolate_clips`), or the N - 1 frames between each
+pair of a video's frames (`interpolate_video`).
+
+How the frames land where they should: the observed frames are fed with timestamps at their true
+instants (a clip's start frames at 0 .. Ks - 1, its end frames at Ks + M .. T - 1, a video's frame i
+at i) and the filter is asked for the rate that puts an output frame at every instant in between; at
+an observed instant it copies the observed frame. The filter holds a few frames (it outputs nothing
+until the frame after the pair it interpolates has arrived), so one copy of the last frame is fed
+after it. Scene-change detection is off (scd=none: a clip has no cut, and a detected one makes the
+filter repeat frames instead of interpolating).
+
+Pixels go through unconverted: RGB frames travel as the planes G, B, R labelled yuv444p (the filter
+works on planar YUV; a real RGB -> YUV conversion would round every pixel), so motion is estimated on
+the green plane, the closest of the three to luma, and mi_mode=blend reproduces the linear blend to
+within rounding. Many clips go through one ffmpeg process: a split of the input, one minterpolate
+instance per clip (no state crosses clips), a concat of the outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from evdm.ffmpeg import ffmpeg_exe
+
+GRID_MB_SIZES = (4, 8, 16)  # minterpolate needs at least two blocks across: mb_size <= size / 2
+GRID_ME_MODES = ("bidir", "bilat")
+
+
+class PeerError(RuntimeError):
+    """ffmpeg failed or returned other frames than asked; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One minterpolate configuration; search (epzs, search_param 32) at ffmpeg's defaults."""
+
+    mi_mode: str = "mci"  # "mci" or "blend"
+    mb_size: int = 16
+    me_mode: str = "bidir"
+    mc_mode: str = "obmc"
+    vsbmc: bool = False
+
+    def options(self) -> str:
+        """The filter's options, as given to ffmpeg."""
+        if self.mi_mode == "blend":
+            return "mi_mode=blend:scd=none"
+        return (f"mi_mode=mci:mc_mode={self.mc_mode}:me_mode={self.me_mode}:mb_size={self.mb_size}"
+                f":vsbmc={int(self.vsbmc)}:scd=none")
+
+    @property
+    def name(self) -> str:
+        """The row name: "ffmpeg minterpolate mci (mb_size 4, bidir, aobmc, vsbmc)"."""
+        if self.mi_mode == "blend":
+            return "ffmpeg minterpolate blend"
+        extras = [self.mc_mode] if self.mc_mode != "obmc" else []
+        extras += ["vsbmc"] if self.vsbmc else []
+        return f"ffmpeg minterpolate mci (mb_size {self.mb_size}, {', '.join([self.me_mode, *extras])})"
+
+
+BLEND = Setting(mi_mode="blend")
+
+
+def mci_grid(size: int) -> list[Setting]:
+    """The mci settings tried at a frame size: mb_size 4, 8, 16 (those at most size / 2) x me_mode
+    bidir, bilat x (obmc; aobmc with vsbmc)."""
+    return [Setting(mb_size=mb, me_mode=me, mc_mode=mc, vsbmc=mc == "aobmc")
+            for mb, me, mc in itertools.product(GRID_MB_SIZES, GRID_ME_MODES, ("obmc", "aobmc")) if mb <= size // 2]
+
+
+def to_planes(frames: np.ndarray) -> bytes:
+    """uint8 [..., H, W, C] -> planar bytes, RGB as the planes G, B, R (see the module doc)."""
+    planes = frames[..., [1, 2, 0]] if frames.shape[-1] == 3 else frames
+    return np.ascontiguousarray(np.moveaxis(planes, -1, -3)).tobytes()
+
+
+def from_planes(data: bytes, height: int, width: int, channels: int) -> np.ndarray:
+    """The inverse of to_planes: planar bytes -> uint8 [n, H, W, C]."""
+    planes = np.frombuffer(data, np.uint8).reshape(-1, channels, height, width)
+    frames = np.moveaxis(planes, 1, -1)
+    return np.ascontiguousarray(frames[..., [2, 0, 1]] if channels == 3 else frames)
+
+
+def run_graph(frames: np.ndarray, graph: str, expected: int) -> np.ndarray:
+    """Feed frames uint8 [n, H, W, C] at 1 frame/s through the filter graph (input [0:v], output [out]);
+    the `expected` frames it returns as uint8 [expected, H, W, C]. PeerError with ffmpeg's first error."""
+    _, height, width, channels = frames.shape
+    pix_fmt = "yuv444p" if channels == 3 else "gray"
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", pix_fmt,
+           "-s", f"{width}x{height}", "-r", "1", "-i", "pipe:", "-filter_complex", graph, "-map", "[out]",
+           "-f", "rawvideo", "-pix_fmt", pix_fmt, "-fps_mode", "passthrough", "pipe:"]
+    proc = subprocess.run(cmd, input=to_planes(frames), capture_output=True)
+    errors = proc.stderr.decode(errors="replace").strip().splitlines()
+    got = len(proc.stdout) // (height * width * channels)
+    if proc.returncode or got != expected:
+        raise PeerError(f"ffmpeg minterpolate returned {got} frames, expected {expected}"
+                        + (f" ({errors[0]})" if errors else ""))
+    return from_planes(proc.stdout, height, width, channels)
+
+
+def interpolate_clips(clips: np.ndarray, context: tuple[int, int], setting: Setting) -> np.ndarray:
+    """minterpolate's middles of clips uint8 [B, T, H, W, C] with `context` = (Ks, Ke) observed frames at
+    each end: uint8 [B, M, H, W, C], M = T - Ks - Ke, frame m at w = (m + 1) / (M + 1) between the last
+    start frame and the first end frame. Only the observed frames are read; one ffmpeg process."""
+    (Ks, Ke), (B, T) = context, clips.shape[:2]
+    M = T - Ks - Ke
+    fed = np.concatenate([clips[:, :Ks], clips[:, T - Ke:], clips[:, -1:]], axis=1)  # + the last frame again
+    n = fed.shape[1]
+    # Per clip: its frames, stamped at their instants (the end frames and the copy after them M later),
+    # one output a second, kept from Ks to Ks + M - 1.
+    branch = (f"trim=start_frame={{first}}:end_frame={{last}},setpts=(N+gte(N\\,{Ks})*{M})/TB,"
+              f"minterpolate=fps=1:{setting.options()},select=between(t\\,{Ks - 0.5}\\,{Ks + M - 0.5})")
+    graph = ";".join([f"[0:v]split={B}" + "".join(f"[i{b}]" for b in range(B)),
+                      *(f"[i{b}]" + branch.format(first=b * n, last=(b + 1) * n) + f"[o{b}]" for b in range(B)),
+                      "".join(f"[o{b}]" for b in range(B)) + f"concat=n={B}:v=1:a=0[out]"])
+    middles = run_graph(fed.reshape(B * n, *clips.shape[2:]), graph, B * M)
+    return middles.reshape(B, M, *clips.shape[2:])
+
+
+def interpolate_grid(clips: np.ndarray, context: tuple[int, int], settings: list[Setting]) -> dict[Setting, np.ndarray]:
+    """`interpolate_clips` for each setting, the ffmpeg processes running side by side (one per CPU)."""
+    with ThreadPoolExecutor(max_workers=min(len(settings), os.cpu_count() or 1)) as pool:
+        return dict(zip(settings, pool.map(lambda s: interpolate_clips(clips, context, s), settings)))
+
+
+def interpolate_video(frames: np.ndarray, factor: int, setting: Setting) -> np.ndarray:
+    """A video uint8 [F, H, W, C] at `factor` times its frame rate, as one minterpolate pass over it (as
+    a user runs it): uint8 [(F - 1) x factor + 1, H, W, C], frame i of the input at i x factor."""
+    out = (len(frames) - 1) * factor + 1
+    graph = f"[0:v]minterpolate=fps={factor}:{setting.options()},trim=end_frame={out}[out]"
+    return run_graph(np.concatenate([frames, frames[-1:]]), graph, out)
+
+
+def version() -> str:
+    """ffmpeg's version line ("ffmpeg version n7.1 ..."), for the record of a result."""
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-version"], capture_output=True, text=True)
+    return (proc.stdout.splitlines() or ["unknown"])[0]
