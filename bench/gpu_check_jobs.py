@@ -220,7 +220,6 @@ def run_upconvert(job: dict, device, scale: str) -> None:
 
     from evdm.config import Context
     from evdm.denoiser import Denoiser
-    from evdm.models import build_model
 
     spec = importlib.util.spec_from_file_location("bench_upconvert", ROOT / "bench" / "upconvert.py")
     upconvert = importlib.util.module_from_spec(spec)
@@ -229,9 +228,9 @@ def run_upconvert(job: dict, device, scale: str) -> None:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, T=5, context=Context(1, 1)),
                               sample=dataclasses.replace(cfg.sample, guidance_scale=GUIDANCE))
     torch.manual_seed(0)
-    den = Denoiser.from_config(build_model(cfg), cfg, device, job["precision"]).eval()
+    den = Denoiser(cfg, device, precision=job["precision"]).eval()
     if job["compile"]:
-        den.compile()
+        den.compile("on")
     batch = job["batches"][0]
     reset_peak(device)
     row = upconvert.measure(den, cfg, batch=batch, frames=2 * batch + 1, steps=SCALES[scale]["sample_steps"])

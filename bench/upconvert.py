@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evdm.config import load_config
     from evdm.denoiser import Denoiser, resolve_device
-    from evdm.models import build_model, count_parameters
+    from evdm.models import count_parameters
     from results_io import machine, write_result
 
     if args.threads:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    denoiser = Denoiser.from_config(build_model(cfg), cfg, device, "fp32").eval()
+    denoiser = Denoiser(cfg, device, precision="fp32").eval()
     label = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
     rows = []

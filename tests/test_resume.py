@@ -17,6 +17,7 @@ import torch
 
 from conftest import load_tiny, make_train_shards, run_cli, set_args, tiny_overrides
 from evdm.checkpoint import CheckpointError, load_checkpoint
+from evdm.config import ConfigError
 from evdm.data.shardset import ShardSet
 
 QUICK = {"train.preview_every": 1000}  # no previews: sampling costs more than these tests' steps
@@ -120,7 +121,7 @@ def test_a_checkpoint_from_before_the_record_is_checked_by_its_config(shards, tm
     ckpt = torch.load(out / "last.pt", weights_only=True)
     del ckpt["stream"]
     torch.save(ckpt, out / "last.pt")
-    with pytest.raises(CheckpointError, match=r"1 clip\(s\) per step .* the checkpoint on 2 \(2 x 1 x 1\)"):
+    with pytest.raises(ConfigError, match=r"1 clip\(s\) per step .* the checkpoint on 2 \(2 x 1 x 1\)"):
         train_tiny(shards, out, resume=True, **{"train.max_steps": 3, "train.batch_size": 1})
     capfd.readouterr()
     train_tiny(shards, out, resume=True, **{"train.max_steps": 3})

@@ -238,6 +238,46 @@ def test_compiled_training_keeps_its_caches_in_the_run(shard_dir, tmp_path):
     assert ckpt["step"] == 1 and not any("_orig_mod" in k for k in ckpt["model"])
 
 
+def test_a_step_with_non_finite_gradients_changes_no_weight(monkeypatch):
+    """An injected NaN loss: the step reports it, and neither the weights, the EMA nor AdamW's moments move."""
+    from conftest import square_batches, tiny_config
+    from evdm.train import make_trainer, train_step
+
+    cfg = tiny_config()
+    trainer = make_trainer(cfg, torch.device("cpu"))
+    batches = square_batches(cfg)
+    assert train_step(trainer, batches, 0).finite
+    before = [t.clone() for t in (*trainer.denoiser.net.parameters(), *trainer.ema.net.parameters())]
+    moments = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    real_loss = trainer.denoiser.loss
+    monkeypatch.setattr(trainer.denoiser, "loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
+    result = train_step(trainer, batches, 1)
+    assert not result.finite and not torch.isfinite(result.grad_norm)
+    after = [*trainer.denoiser.net.parameters(), *trainer.ema.net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(v, trainer.optimizer.state_dict()["state"][0][k]) for k, v in moments.items())
+
+
+def test_a_diverged_run_stops_with_an_error_and_keeps_finite_checkpoints(shard_dir, tmp_path):
+    """lr 1e6: the loss turns NaN within a few steps. The run skips those steps, stops after
+    train.max_nonfinite_steps of them in a row with one error line and exit 1, and every checkpoint
+    it left is finite."""
+    out = tmp_path / "run"
+    args = set_args(tiny_overrides(shard_dir, out, **{
+        "train.lr": 1e6, "train.lr_warmup_steps": 1, "train.max_steps": 30, "train.ckpt_every": 2,
+        "train.snapshot_every": 2, "train.max_nonfinite_steps": 3, "train.val_every": 100, "train.preview_every": 100}))
+    proc = run_cli(["train.py", "configs/smoke.toml", *args], timeout=240)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged: 3 steps in a row" in errors[0], proc.stderr[-2000:]
+    assert "step skipped" in proc.stdout + proc.stderr
+    saved = sorted(out.glob("*.pt"))
+    assert saved  # the steps before the divergence were saved
+    for path in saved:
+        ckpt = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values()), path.name
+
+
 def test_compile_caches_go_to_the_run_unless_the_user_chose(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
