@@ -17,7 +17,7 @@ attention at levels 1 2; the default recipe: x0 prediction, blend residual, cosi
    ms/step (median of 3 after 1 warm-up), samples/s, MFU, peak memory, and "first s", the first step:
    the cold compile at 64, what a batch change costs at 128.
 2. profile bf16+compile, batch 64: the top 15 kernels by CUDA time over 3 compiled steps, the share
-   and count of copy kernels among them, and the copies one eager step dispatches (evdm.train.copies).
+   and count of copy kernels among them, and the copies one eager step dispatches (bench/copies.py).
 3. train bf16+compile (warm): the same step in a new process with the Inductor cache row 1 filled:
    "first s" is what a resumed run's compile costs.
 4. train bf16 (eager), batch 64: the baseline the compile is measured against.

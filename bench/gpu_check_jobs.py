@@ -102,11 +102,11 @@ def run_train(job: dict, device, scale: str, deadline: float) -> None:
 
 def run_profile(job: dict, device, scale: str) -> None:
     """Where a step's time goes: the top kernels by device time (CPU ops in --smoke) over a few steps after
-    warm-up, the copies they contain, and the copies one eager step dispatches (evdm.train.copies)."""
+    warm-up, the copies they contain, and the copies one eager step dispatches (bench/copies.py)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from evdm.train.copies import count_copies
+    from bench.copies import count_copies
 
     batch = job["batches"][0]
     cfg = model_config(job, scale, batch)

@@ -1,4 +1,4 @@
-"""Copies a training step makes (evdm.train.copies), counted on the CPU with the real step.
+"""Copies a training step makes (bench/copies.py), counted on the CPU with the real step.
 
 On an H200, copies were 28% of an eager bf16 step: 1,323 copy ops a step. The bounds below are on the
 copies of *activations* in one eager step of a 3-level model (parameter-shaped copies, autocast's
@@ -34,7 +34,7 @@ from conftest import square_batches, tiny_config
 from evdm.config import ModelConfig
 from evdm.models.blocks import TemporalAttention, ChannelNorm, GroupNorm
 from evdm.train import make_trainer, train_step
-from evdm.train.copies import count_copies
+from bench.copies import count_copies
 
 precision = sys.argv[1]
 cfg = tiny_config()

@@ -89,7 +89,7 @@ def run_steps(trainer, cfg, steps: int = 3) -> list:
 def test_the_compiled_bf16_training_step_matches_the_eager_one(capfd):
     cfg = gpu_config("bf16")
     eager, compiled = randomized(make_trainer(cfg, cuda())), randomized(make_trainer(cfg, cuda()))
-    compiled.denoiser.compile()
+    compiled.denoiser.compile("on")
     want, got = run_steps(eager, cfg), run_steps(compiled, cfg)
     assert_compiled(compiled.denoiser.net, capfd.readouterr().err)
     losses, grads = [r.loss.item() for r in got], [r.grad_norm.item() for r in got]
