@@ -1,13 +1,9 @@
 """What earlier evdm versions wrote, upgraded to today's form in one place. Torch-free.
 
-Each rule names the commit whose code no longer writes the old form, and tests/test_legacy.py reads a
-real file written before it (tests/fixtures/old/: by fb4df0c and by 25c5f3f). Upgraded here:
-- a checkpoint's stored config (`upgrade_checkpoint`): retired keys dropped, retyped values mapped,
-  keys added since filled with the value that rebuilds the old model, the old context keys joined;
-  the same keys in a config *file* are refused with their replacement named (`refuse_old_keys`);
-- a checkpoint's data-stream record, absent before 110d600 (`upgrade_checkpoint`);
-- weights and AdamW state of the Conv3d space-time form (`upgrade_weights`, `upgrade_optimizer_state`);
-- a preprocess progress record written before options existed (`upgrade_progress_identity`).
+Each rule names the commit whose code stopped writing the old form; tests/test_legacy.py reads real
+files written before (tests/fixtures/old/). Upgraded: a checkpoint's stored config and stream record
+(`upgrade_checkpoint`; the same keys in a config file are refused, `refuse_old_keys`), Conv3d-form
+weights and AdamW state (`upgrade_weights`, `upgrade_optimizer_state`), preprocess progress records.
 """
 
 from __future__ import annotations
@@ -31,8 +27,7 @@ RETYPED = {
     ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),  # a bool before fd07e8f
     ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),  # d93e26e
 }
-# Keys added after checkpoints were written, with the value that rebuilds those checkpoints' models
-# (not the dataclass default, which is what new runs should use).
+# Keys added since, with the value that rebuilds the old checkpoints' models (not today's default).
 ADDED = {("model", "direct_input"): "none"}  # 15ca32d
 # The context counts were data.endpoint_context (both ends; default 2) and, from fe93d46 to 6ab7df0,
 # data.context_start / context_end (0 meaning endpoint_context). Now data.context = [start, end], with
@@ -42,8 +37,7 @@ OLD_ENDPOINT_DEFAULT = 2
 # What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.stream.Stream).
 STREAM_CONFIG_KEYS = {"batch_size": "train", "grad_accum_steps": "train", "num_workers": "data",
                       "shuffle_buffer": "data"}
-# Options of preprocess.shard added in ba76329; a progress record without them was made by what their
-# values in today's defaults do (the inputs fingerprint still checks which videos were chosen).
+# Options of preprocess.shard added in ba76329; a progress record without them ran as today's defaults do.
 PREPROCESS_OPTIONS_ADDED = ("fps", "extensions", "split_lists", "split_column", "max_clips_per_video", "max_videos")
 
 
@@ -103,9 +97,8 @@ def _squeezed(shape: Any) -> list[int]:
 
 def upgrade_weights(state: dict, expected: dict) -> dict:
     """`state` with each tensor reshaped to `expected`'s (a model's state dict) where the two differ only
-    by singleton dimensions: the Conv3d (1,k,k) / (3,1,1) / 1x1x1 kernels of the space-time form written
-    before 6ab7df0 (the only form before 61faa91) against their Conv2d twins. Other mismatches are left
-    for evdm.checkpoint.load_weights to report."""
+    by singleton dimensions: the Conv3d kernels written before 6ab7df0 against their Conv2d twins.
+    Other mismatches are left for evdm.checkpoint.load_weights to report."""
     out = dict(state)
     for key, value in state.items():
         target = expected.get(key)
@@ -127,8 +120,8 @@ def upgrade_optimizer_state(optimizer_state: dict, shapes: list) -> dict:
 
 
 def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
-    """A preprocess progress record's identity with the options it predates filled in from `defaults`
-    (the values that do what the versions before them did), JSON-shaped as progress.json holds them."""
+    """A preprocess progress record's identity with the options it predates filled in from `defaults`,
+    JSON-shaped as progress.json holds them."""
     options = identity.get("options")
     if not isinstance(options, dict):
         return identity

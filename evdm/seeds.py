@@ -7,9 +7,7 @@ VAL_SEED = 1234  # fixed noise and timesteps for every validation
 
 def mix_seed(*parts: int) -> int:
     """Fold parts into one integer: mix_seed(a, b, c) == (a * M + b) * M + c with M = 1_000_003.
-
-    Not reduced: callers that need a bounded seed take it modulo what their generator accepts.
-    """
+    Not reduced: callers take it modulo what their generator accepts."""
     mixed = 0
     for part in parts:
         mixed = mixed * SEED_MULTIPLIER + part
