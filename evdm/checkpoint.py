@@ -1,8 +1,6 @@
 """One-file, atomic checkpoints of tensors and primitives only (`torch.load(weights_only=True)` reads them).
-
 Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream"}
-("stream": what the data stream depended on, evdm.data.resume; None outside the trainer).
-"""
+("stream": what the data stream depended on, evdm.data.resume; None outside the trainer)."""
 
 from __future__ import annotations
 
@@ -47,22 +45,13 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     atomic_write(path, write, fsync=True)
 
 
-def make_payload(
-    *, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
-    stream: dict | None = None,
-) -> dict:
+def make_payload(*, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
+                 optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+                 stream: dict | None = None) -> dict:
     """Everything needed to resume; `model`/`ema` must be the unwrapped (uncompiled, non-DDP) modules."""
-    return {
-        "step": step,
-        "config": to_dict(cfg),
-        "model": model.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-        "stream": stream,
-    }
+    state = lambda obj: None if obj is None else obj.state_dict()  # noqa: E731
+    return {"step": step, "config": to_dict(cfg), "model": model.state_dict(), "ema": state(ema),
+            "optimizer": state(optimizer), "scaler": state(scaler), "rng": rng_state(), "stream": stream}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

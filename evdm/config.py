@@ -2,8 +2,7 @@
 
 `load_config(path, overrides)` reads a TOML file, applies `--set section.key=value` overrides and
 refuses unknown keys, wrong types (a `Literal` lists the allowed words), values outside a field's
-`Range` and broken invariants between keys, naming the key and the file. Old keys: evdm.legacy.
-"""
+`Range` and broken invariants between keys, naming the key and the file. Old keys: evdm.legacy."""
 
 from __future__ import annotations
 
@@ -202,8 +201,7 @@ def check_ranges(section: str, values: Any) -> None:
 
 
 def check_shapes(cfg: RunConfig) -> None:
-    """The invariants between keys: a middle to generate, attention levels that exist, a frame size that
-    every U-Net level halves evenly, no more sampler steps than timesteps."""
+    """The invariants between keys: a middle, attention levels that exist, sizes every level halves, steps."""
     d, m = cfg.data, cfg.model
     if cfg.middle_frames < 1:
         raise ConfigError(f"data.T must be greater than the observed frames at both ends to leave a middle to "
@@ -253,8 +251,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
-    """Build a RunConfig from a nested dict; errors name `section.key` and `source`, and old keys their
-    replacement (a checkpoint's stored config is upgraded first: evdm.legacy)."""
+    """Build a RunConfig from a nested dict; errors name `section.key` and `source` (old keys: evdm.legacy)."""
     hints = typing.get_type_hints(RunConfig)
     sections = {}
     for name, value in raw.items():

@@ -1,11 +1,7 @@
-"""The Denoiser: the network together with everything that gives its output a meaning.
-
-It owns the U-Net, the noise schedule, the diffusion settings, the context counts and the device,
-layout and precision policy (as EDM's preconditioning wrapper owns its numerics). `loss` (training,
-validation) and `generate` (every sampler call) run the network through `_output`, the one place where
-the layout (channels_last_3d, always) and the precision (autocast around the network only; the
-diffusion arithmetic stays fp32) are applied. `compile(mode)` decides torch.compile for both.
-"""
+"""The Denoiser: the U-Net with its schedule, diffusion settings, context counts, and device, layout and
+precision policy (as EDM's preconditioning wrapper owns its numerics). `loss` and `generate` run the
+network through `_output`, the one place where the layout (channels_last_3d) and autocast (around the
+network only; the diffusion arithmetic stays fp32) are applied; `compile(mode)` decides torch.compile."""
 
 from __future__ import annotations
 
@@ -32,8 +28,7 @@ LAYOUT = torch.channels_last_3d
 
 
 def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" or None: this rank's GPU when CUDA is present, else the CPU; "cuda": cuda:local_rank.
-    ConfigError for a cuda device without CUDA."""
+    """"auto"/None: this rank's GPU if any, else the CPU; "cuda": cuda:local_rank (ConfigError without CUDA)."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -44,8 +39,7 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The network's autocast dtype for a precision setting: "auto" is bf16 on CUDA and fp32 (None)
-    elsewhere (on a CPU, bf16 convolutions are slow); "bf16", "fp16"; "fp32" is None."""
+    """The network's autocast dtype: "auto" is bf16 on CUDA, else (bf16 is slow on a CPU) fp32, i.e. None."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -66,8 +60,7 @@ def to_layout(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C], rounded to nearest: the exact
-    bytes back for frames that came from uint8 as u / 127.5 - 1."""
+    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C], rounded: exact for u / 127.5 - 1."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
@@ -87,9 +80,8 @@ class Denoiser:
     @classmethod
     def load(cls, ckpt: str | Path, device: torch.device, *, use_ema: bool = True, color_mode: str | None = None,
              precision: str | None = None, compile: str | None = None) -> Denoiser:
-        """A checkpoint's denoiser in eval mode (EMA weights when it has them and use_ema), compiled per
-        its sample.compile (or `compile`); `.cfg` is its stored config. color_mode: when given, the
-        checkpoint must have been trained in it. CheckpointError names the file."""
+        """A checkpoint's denoiser in eval mode (EMA weights if any and use_ema), compiled per its sample.compile
+        (or `compile`), `.cfg` its stored config; CheckpointError if trained in another `color_mode`."""
         state = load_checkpoint(ckpt)
         cfg = with_sample(config_of(state, ckpt), precision=precision, compile=compile)
         if color_mode is not None and color_mode != cfg.data.color_mode:
@@ -102,8 +94,7 @@ class Denoiser:
         return denoiser.eval()
 
     def to_input(self, u8: torch.Tensor, hflip: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B, C, T, H, W] -> float [B, C, T, H, W] in [-1, 1] on the device, in the layout; with
-        `hflip` each clip is flipped left-right with probability 1/2 (on the device)."""
+        """uint8 [B, C, T, H, W] -> float in [-1, 1] on the device, in the layout; `hflip`: flips half the clips."""
         x = u8.to(self.device, non_blocking=True)
         if hflip is not None:
             flip = torch.rand(x.shape[0], generator=hflip, device=hflip.device).to(x.device) < 0.5
@@ -122,8 +113,7 @@ class Denoiser:
             return self._forward(x_t, t, start, end, blend, cond_drop).float()
 
     def wrap_ddp(self, device_ids: list[int] | None) -> None:
-        """Run the network under DistributedDataParallel (the process group must be up); gradients as
-        bucket views keep the channels-last parameters' strides (no copy each step)."""
+        """Run the network under DDP (the group must be up); bucket-view gradients keep channels-last strides."""
         self._forward = DistributedDataParallel(self.net, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -132,8 +122,7 @@ class Denoiser:
         return self._forward.no_sync() if ddp else contextlib.nullcontext()
 
     def compile(self, mode: str, *, cache_dir: Path | None = None) -> bool:
-        """torch.compile the network's blocks in place when `mode` asks for it here ("on"; "auto": on CUDA),
-        caching in `cache_dir` when given (`cache_in`). Returns whether it did."""
+        """Compile the network's blocks when `mode` asks here (`wants_compile`), caching in `cache_dir`; did it?"""
         if not wants_compile(mode, self.device):
             return False
         if cache_dir is not None:
@@ -169,9 +158,8 @@ class Denoiser:
     @torch.no_grad()
     def generate(self, start: torch.Tensor, end: torch.Tensor, sample_cfg: SampleConfig | None = None, *,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] (in [-1, 1], on
-        the device) with sample_cfg's settings (default cfg.sample). Returns clip [B, C, T, H, W]: the
-        context frames bit for bit, the middle clamped to [-1, 1]."""
+        """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] in [-1, 1] per
+        sample_cfg (default cfg.sample): clip [B, C, T, H, W], the context bit for bit, the middle clamped."""
         sc = sample_cfg or self.cfg.sample
         cond = self._conditions(start, end)
         base = self._base(cond)
@@ -205,19 +193,16 @@ class Denoiser:
 
 
 REGIONS = (ResBlock3D, TemporalAttention, EncoderBlock, EndpointFusion)  # compiled: one graph per shape
-# Graphs per block class: ~12 ResBlock shapes in the reference model, for training and no_grad, and batch 1.
-RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 64  # graphs per block class: ~12 ResBlock shapes, for training and no_grad, and batch 1
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def compile_regions(net: torch.nn.Module) -> int:
-    """Compile every REGIONS block of `net` in place (fullgraph, symbolic batch); returns how many.
-    In place, the state dict keeps its names and an uncompiled copy (the EMA) is unaffected. Sets
-    Dynamo's recompile limit and turns off automatic dynamic shapes (a second resolution would become
-    symbolic) and duck shaping, for the process. A compile that fails on this machine puts every block
-    back to eager with one warning line (`uncompile`)."""
+    """Compile every REGIONS block of `net` in place (fullgraph, symbolic batch; names and the EMA copy kept);
+    returns how many. Sets Dynamo's options for the process; a compile that fails on this machine puts
+    every block back to eager with one warning line (`uncompile`)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.automatic_dynamic_shapes = False  # a second resolution would become symbolic
     # Duck shaping would give a batch of 2 the (static) symbol of 2 observed frames: every batch size recompiles.
     torch.fx.experimental._config.use_duck_shape = False
     # Lower the backward with the forward: its compile error then surfaces where the fallback catches it.
@@ -231,9 +216,8 @@ def compile_regions(net: torch.nn.Module) -> int:
 
 
 def batch_symbolic(compiled, eager, *, on_failure):
-    """`compiled` called with dim 0 (the batch) of its tensor arguments marked dynamic, the rest static.
-    Where `compiled` raises and `eager` (the same forward uncompiled) does not, the compile failed:
-    `on_failure(err)` and eager's result. A bad input raises again from eager; out of memory is not retried."""
+    """`compiled` with dim 0 (the batch) of its tensor arguments dynamic; where it raises and `eager` does not
+    (a failed compile), `on_failure(err)` and eager's result. Bad inputs raise from eager; OOM is not retried."""
     def forward(*args):
         for a in args:
             if isinstance(a, torch.Tensor) and a.ndim:

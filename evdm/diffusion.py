@@ -1,13 +1,9 @@
-"""Diffusion math, pure functions over tensors (randomness is always passed in): noise schedules,
-q(x_t | x0), the one eps / x0 / v converter, the residual, the training loss, and the DDPM / DDIM
-samplers with classifier-free guidance.
+"""Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one
+eps / x0 / v converter, the blend residual, the training loss, DDPM / DDIM sampling with guidance.
 
-Per-timestep quantities are computed in float64 and stored float32 (`Schedule`); t in [0, timesteps),
-t = 0 the least noisy. With `diffusion.residual = "blend"` the model denoises middle - linear blend of
-the endpoints, so a small model spends its capacity on the motion (residual video diffusion, Yang et
-al. 2022). `sample` runs a chain over any x0_fn(x_t, t, t_int) -> x0; the step functions take
-(x_t, x0, eps), so no sampler branches on the prediction.
-"""
+Per-timestep constants are computed in float64, stored float32; t in [0, timesteps), 0 the least noisy.
+The "blend" residual (middle - linear blend; residual video diffusion, Yang et al. 2022) leaves a small
+model's capacity to the motion. Steps take (x_t, x0, eps): no sampler branches on the prediction."""
 
 from __future__ import annotations
 
@@ -17,7 +13,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
 
 
@@ -56,11 +51,9 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> t
 
 
 def make_schedule(kind: str = "linear", timesteps: int = 1000) -> Schedule:
-    """Build a `Schedule`: kind in {"linear", "cosine"}, `timesteps` >= 1 training steps."""
+    """Build a `Schedule`: kind in {"linear", "cosine"}, `timesteps` >= 1 training steps (config-checked)."""
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
-    if timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
     betas = linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -98,7 +91,6 @@ def v_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 def training_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                     prediction: str) -> torch.Tensor:
     """What the network regresses: the noise ("eps"), v ("v") or the clean sample itself ("x0")."""
-    _check_prediction(prediction)
     if prediction == "x0":
         return x0
     return noise if prediction == "eps" else v_target(s, x0, t, noise)
@@ -111,7 +103,6 @@ def split_output(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Ten
     v:   x0 = sqrt(ab) x_t - sqrt(1-ab) v;  eps = sqrt(1-ab) x_t + sqrt(ab) v   (Salimans & Ho, eq. 12)
     x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)                 (DDPM eq. 4 solved for eps)
     """
-    _check_prediction(prediction)
     x_t, out = x_t.float(), out.float()
     a = extract(s.sqrt_alphas_cumprod, t, x_t.ndim)
     sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
@@ -120,11 +111,6 @@ def split_output(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Ten
     if prediction == "x0":
         return out, (x_t - a * out) / sigma
     return a * x_t - sigma * out, sigma * x_t + a * out
-
-
-def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
 
 def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_frames: int) -> torch.Tensor:
@@ -162,13 +148,11 @@ def diffusion_loss(output: Callable[..., torch.Tensor], s: Schedule, start: torc
                    end: torch.Tensor, draws: Draws, *, base: torch.Tensor | None, prediction: str,
                    temporal_loss_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion loss on the middle frames: (loss, {"mse", "temporal"} detached), float32 scalars.
-
     start [B, C, K_start, H, W], middle [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1];
     output(x_t, t, cond_drop) -> the network's fp32 output for the middle (base None) or middle - base.
     loss = MSE(output, target) + temporal_loss_weight * the MSE between the frame differences of
     [last start frame, predicted x0 middle, first end frame] and the true clip's, weighted by alpha_bar_t
-    so that the noisiest steps (x0 carries the eps error times sqrt((1-ab)/ab)) do not dominate.
-    """
+    so that the noisiest steps (x0 carries the eps error times sqrt((1-ab)/ab)) do not dominate."""
     t, noise, cond_drop = draws
     x0 = middle.float() if base is None else middle.float() - base
     x_t = q_sample(s, x0.to(middle.dtype), t, noise.to(middle.dtype))
@@ -250,9 +234,8 @@ def guided_output(output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: tor
 def sample(x0_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], s: Schedule, x_T: torch.Tensor, *,
            sampler: str = "ddim", steps: int = 40, eta: float = 0.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the reverse chain from x_T [B, ...] over `steps` respaced timesteps; returns x_0 (not clamped).
-    x0_fn(x_t, t, t_int) -> the x0 estimate (t: int64 [B], all t_int, a Python int for host-side choices).
-    sampler: "ddim" (eta = 0 is deterministic) or "ddpm" (ancestral). Per-step noise from `generator`."""
+    """The reverse chain from x_T [B, ...] over `steps` respaced timesteps ("ddim" or ancestral "ddpm"; noise
+    from `generator`) -> x_0, unclamped. x0_fn(x_t, t: int64 [B], t_int: the same as a Python int) -> x0."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     B, device = x_T.shape[0], x_T.device

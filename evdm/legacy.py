@@ -1,10 +1,6 @@
-"""What earlier evdm versions wrote, upgraded to today's form in one place. Torch-free.
-
-Each rule names the commit whose code stopped writing the old form; tests/test_legacy.py reads real
-files written before (tests/fixtures/old/). Upgraded: a checkpoint's stored config and stream record
-(`upgrade_checkpoint`; the same keys in a config file are refused, `refuse_old_keys`), Conv3d-form
-weights and AdamW state (`upgrade_weights`, `upgrade_optimizer_state`), preprocess progress records.
-"""
+"""What earlier evdm versions wrote (checkpoint configs and stream records, Conv3d weights and AdamW
+state, preprocess progress records), upgraded to today's form in one place; old keys in a config file
+are refused. Each rule names the commit that stopped writing the old form (tests/test_legacy.py). Torch-free."""
 
 from __future__ import annotations
 
@@ -91,37 +87,29 @@ def upgrade_checkpoint(ckpt: dict) -> dict:
     return ckpt
 
 
-def _squeezed(shape: Any) -> list[int]:
-    return [d for d in shape if d != 1]
+def _reshaped(value: Any, shape: Any) -> Any:
+    """A tensor `value` reshaped to `shape` where the two differ only by singleton dimensions, else `value`."""
+    shape, squeezed = tuple(shape), lambda dims: [d for d in dims if d != 1]  # noqa: E731
+    if getattr(value, "ndim", 0) > 0 and tuple(value.shape) != shape and squeezed(value.shape) == squeezed(shape):
+        return value.reshape(shape)
+    return value
 
 
 def upgrade_weights(state: dict, expected: dict) -> dict:
-    """`state` with each tensor reshaped to `expected`'s (a model's state dict) where the two differ only
-    by singleton dimensions: the Conv3d kernels written before 6ab7df0 against their Conv2d twins.
-    Other mismatches are left for evdm.checkpoint.load_weights to report."""
-    out = dict(state)
-    for key, value in state.items():
-        target = expected.get(key)
-        if (target is not None and hasattr(value, "reshape") and tuple(value.shape) != tuple(target.shape)
-                and _squeezed(value.shape) == _squeezed(target.shape)):
-            out[key] = value.reshape(target.shape)
-    return out
+    """`state` with the Conv3d kernels written before 6ab7df0 reshaped to their Conv2d twins in `expected`
+    (a model's state dict); other mismatches are left for evdm.checkpoint.load_weights to report."""
+    return {key: _reshaped(value, expected[key].shape) if key in expected else value for key, value in state.items()}
 
 
 def upgrade_optimizer_state(optimizer_state: dict, shapes: list) -> dict:
-    """An AdamW state dict (exp_avg, exp_avg_sq per parameter index) with its per-parameter tensors
-    reshaped as `upgrade_weights` does; `shapes`: the parameters' shapes in the optimizer's order."""
-    state = {}
-    for index, per_param in optimizer_state["state"].items():
-        shape = tuple(shapes[int(index)])
-        state[index] = {k: v.reshape(shape) if getattr(v, "ndim", 0) > 0 and tuple(v.shape) != shape
-                        and _squeezed(v.shape) == _squeezed(shape) else v for k, v in per_param.items()}
+    """An AdamW state dict with its tensors reshaped as `upgrade_weights` does (`shapes`: in the optimizer's order)."""
+    state = {index: {k: _reshaped(v, shapes[int(index)]) for k, v in per_param.items()}
+             for index, per_param in optimizer_state["state"].items()}
     return {**optimizer_state, "state": state}
 
 
 def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
-    """A preprocess progress record's identity with the options it predates filled in from `defaults`,
-    JSON-shaped as progress.json holds them."""
+    """A preprocess progress record's identity with the options it predates filled in from `defaults` (JSON-shaped)."""
     options = identity.get("options")
     if not isinstance(options, dict):
         return identity

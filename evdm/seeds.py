@@ -1,5 +1,4 @@
-"""Every derived seed: one integer mixer, so that (seed, rank, step) or (seed, batch) give distinct,
-reproducible random streams. Torch-free."""
+"""Every derived seed, from one integer mixer: distinct, reproducible streams per (seed, rank, step). Torch-free."""
 
 SEED_MULTIPLIER = 1_000_003  # a prime a little over 10**6: distinct small parts give distinct seeds
 VAL_SEED = 1234  # fixed noise and timesteps for every validation

@@ -1,17 +1,15 @@
 """The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal
 attention, timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling.
 
-Tensors are [B, C, T, H, W], kept channels_last_3d by the Denoiser. Every convolution is per frame or
-along time, run as `F.conv2d` on a free view ([B*M, C, H, W], or [B, C, M, H*W] with a (3, 1) kernel):
-channels-last 4-D tensors, the layout cuDNN's bf16 kernels are built for. The norms return their input's
-dtype and layout (torch's return a contiguous fp32 tensor under autocast, pytorch issue 111824), and
-`short_attention` avoids SDPA, slow on these many short sequences and failing from 65,536 of them.
-No layer branches on tensor values, so the model compiles with fullgraph=True.
-"""
+Tensors are [B, C, T, H, W] in channels_last_3d. Convolutions run as `F.conv2d` on free channels-last
+views (per frame [B*M, C, H, W]; along time [B, C, M, H*W]), norms keep their input's dtype and layout,
+attention avoids SDPA (why: docs/GUIDE.md, Design notes). No layer branches on tensor values, so the
+model compiles with fullgraph=True."""
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +118,7 @@ def zero_init(module: nn.Module) -> nn.Module:
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) along dim 1, per position and head.
     q: [B, Lq, *P, heads, d]; k, v: [B, Lk, *P, heads, d] (P: any positions) -> [B, Lq, *P, heads, d].
-    fp32 softmax, output in v's dtype. Compiled: `broadcast_attention`, which Inductor fuses; eagerly
-    `matmul_attention`, which does not materialise the [.., Lq, Lk, d] product."""
+    fp32 softmax, v's dtype out. Compiled: `broadcast_attention` (Inductor fuses it); eagerly `matmul_attention`."""
     if torch.compiler.is_compiling():
         return broadcast_attention(q, k, v)
     return matmul_attention(q, k, v)
@@ -163,8 +160,7 @@ class TemporalAttention(nn.Module):
         pos = self.pos.t().to(dtype)[None, :, :, None, None]  # [1, c, T, 1, 1]
         parts = (start, h.to(dtype), end)
         bounds = (0, Ks, Ks + M, pos.shape[2])
-        # Each part is normalised on its own (LayerNorm is per token) so the middle's normed tokens
-        # are a tensor of their own: the query projection then reads them without a copy.
+        # Each part normed on its own (LayerNorm is per token): the query projection reads the middle's uncopied.
         normed = [self.norm(x) + pos[:, :, a:b] for x, a, b in zip(parts, bounds, bounds[1:])]
         tokens = torch.cat(normed, dim=2).movedim(1, -1)  # [B, T, H, W, c]
         q = self.q(normed[1].movedim(1, -1))  # [B, M, H, W, c]
@@ -243,23 +239,15 @@ class ResBlock3D(nn.Module):
         return self.skip(x) + h
 
 
-class Downsample(nn.Module):
+class Downsample(nn.Sequential):
     """Strided per-frame 3x3 conv: halves H and W, keeps time. [B, c_in, M, H, W] -> [B, c_out, M, H/2, W/2]."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv = FrameConv(c_in, c_out, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        super().__init__(OrderedDict(conv=FrameConv(c_in, c_out, stride=2)))
 
 
-class Upsample(nn.Module):
+class Upsample(nn.Sequential):
     """Nearest x2 in H and W, then a per-frame 3x3 conv. [B, c, M, H, W] -> [B, c, M, 2H, 2W]."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = FrameConv(channels, channels, upsample=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        super().__init__(OrderedDict(conv=FrameConv(channels, channels, upsample=True)))

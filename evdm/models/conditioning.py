@@ -26,9 +26,8 @@ class EncoderBlock(nn.Module):
 
 
 class ConditioningEncoder(nn.Module):
-    """Shared endpoint encoder: a small per-frame conv pyramid with one feature map per level.
-    Owns classifier-free guidance's learned null conditioning (Ho & Salimans 2022): where cond_drop
-    is True, every level's features are replaced by learned constants (torch.where, no branching)."""
+    """Shared endpoint encoder, a per-frame conv pyramid with one feature map per level; where cond_drop is True
+    the features are learned constants instead (guidance's null conditioning, Ho & Salimans 2022)."""
 
     def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int]) -> None:
         super().__init__()
@@ -68,17 +67,14 @@ class ConditioningEncoder(nn.Module):
         else:
             pairs = list(zip(self.encode(start_context), self.encode(end_context)))
         drop = cond_drop.reshape(B, 1, 1, 1, 1)
-        start_feats, end_feats = [], []
-        for (fs, fe), null_s, null_e in zip(pairs, self.null_start, self.null_end):
-            start_feats.append(torch.where(drop, null_s.to(fs.dtype), fs))
-            end_feats.append(torch.where(drop, null_e.to(fe.dtype), fe))
-        return start_feats, end_feats
+        nulled = lambda f, null: torch.where(drop, null.to(f.dtype), f)  # noqa: E731
+        return ([nulled(fs, null) for (fs, _), null in zip(pairs, self.null_start)],
+                [nulled(fe, null) for (_, fe), null in zip(pairs, self.null_end)])
 
 
 def project_frames(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A 1x1 projection of x [B, c, K, H, W]'s frames stacked along channels (channel ci * K + k):
-    weight [c_out, c * K, ...] -> [B, c_out, 1, H, W]. A (K, 1) convolution over the [B, c, K, H*W] view,
-    free for a channels_last_3d x (stacking the frames would copy it)."""
+    """A 1x1 projection, weight [c_out, c * K, ...], of x [B, c, K, H, W]'s frames stacked along channels
+    (ci * K + k) -> [B, c_out, 1, H, W]: a (K, 1) conv over x's [B, c, K, H*W] view, which does not copy x."""
     B, c, K, H, W = x.shape
     out = F.conv2d(x.reshape(B, c, K, H * W), weight.reshape(-1, c, K, 1).to(x.dtype))
     return out.reshape(B, -1, 1, H, W)
@@ -88,9 +84,8 @@ class EndpointFusion(nn.Module):
     """Fuse one level's start and end features into a position-aware conditioning map.
     For middle frame m of M, with w_m = (m + 1) / (M + 1) (its position between the endpoints):
         cond_m = SiLU( P [ (1 - w_m) S ; w_m E ] + pos_m + A emb )
-    S, E: the context frames' features stacked along channels (so P can read the endpoints' velocity),
-    P a 1x1 projection, pos_m a learned position embedding, A emb the projected timestep embedding.
-    P is linear, so it runs as (1 - w) P_S S + w P_E E, M times cheaper (`project_frames`).
+    S, E: the context features stacked along channels (P reads the endpoints' velocity), P a 1x1 projection
+    (run as (1 - w) P_S S + w P_E E, `project_frames`), pos_m learned, A emb the projected timestep.
     start: [B, c, K_start, H, W], end: [B, c, K_end, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W]."""
 
     def __init__(self, channels: int, K: tuple[int, int], M: int, emb_dim: int) -> None:

@@ -4,11 +4,9 @@
     `temporal_attn_levels`, downsampling) --> bottleneck (ResBlock, attention, ResBlock)
     --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> the prediction.
 
-The endpoints go through one shared `ConditioningEncoder`; per level, `EndpointFusion` makes the map
-that feeds every FiLM of that level, and the context frames' features join every temporal attention.
-`direct_input` also feeds the endpoints to the stem as extra channels of every middle frame (as MCVD
-does): "blend" the linear blend at that frame, "context" all context frames, "both", or "none".
-"""
+One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for
+its FiLMs, and the context features join every temporal attention. `direct_input` also feeds the stem
+"blend" (the linear blend), "context" (all context frames), "both" or "none" as extra channels."""
 
 from __future__ import annotations
 
@@ -26,9 +24,8 @@ DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (Fal
 
 
 class VideoUNet3D(nn.Module):
-    """Endpoint-conditioned video U-Net (module docstring).
-    forward(x_t, t, start_context, end_context, blend, cond_drop) -> out [B, C, M, H, W].
-    x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
+    """Endpoint-conditioned video U-Net: forward(x_t, t, start_context, end_context, blend, cond_drop) -> out.
+    x_t, out: [B, C, M, H, W]; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
     [B, C, K_end, H, W] in [-1, 1]; blend: [B, C, M, H, W] (evdm.diffusion.linear_blend), read when
     direct_input has it; cond_drop: bool [B] (True: learned null conditioning). H and W must be
     divisible by 2 ** (len(channel_mults) - 1)."""
@@ -41,7 +38,6 @@ class VideoUNet3D(nn.Module):
         self.context = Context(*context)
         self.channels, self.T, self.middle_frames = channels, T, self.context.middle_frames(T)
         self.downscale = 2 ** (len(channel_mults) - 1)
-        M = self.middle_frames
         level_ch = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.attn_levels = tuple(sorted(set(temporal_attn_levels)))
@@ -50,10 +46,8 @@ class VideoUNet3D(nn.Module):
 
         self.time_embed = TimestepEmbedder(base_channels, emb_dim)
         self.encoder = ConditioningEncoder(channels, level_ch, self.context)
-        self.fusion = nn.ModuleList([EndpointFusion(c, self.context, M, emb_dim) for c in level_ch])
+        self.fusion = nn.ModuleList([EndpointFusion(c, self.context, self.middle_frames, emb_dim) for c in level_ch])
 
-        if direct_input not in DIRECT_INPUTS:
-            raise ValueError(f"unknown direct_input {direct_input!r}; expected one of {tuple(DIRECT_INPUTS)}")
         self.direct_input = direct_input
         blend, frames = DIRECT_INPUTS[direct_input]
         direct_ch = channels * (int(blend) + int(frames) * sum(self.context))
@@ -69,8 +63,7 @@ class VideoUNet3D(nn.Module):
         self.out_conv = zero_init(FrameConv(level_ch[0], channels))
 
     def _build_down(self, level_ch: list[int], res_blocks: int, block, attn) -> list[int]:
-        """Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the
-        bottom. Returns the channel count of every skip the up path will eat, in order."""
+        """Down path: per level `res_blocks` blocks (+ attention), then a downsample; returns the skips' widths."""
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_ch = [level_ch[0]]
         c = level_ch[0]
@@ -159,9 +152,8 @@ class VideoUNet3D(nn.Module):
         h = self.mid_attn(h, start_feats[-1], end_feats[-1])
         h = self.mid_block2(h, conds[-1])
 
-        n = len(self.up_blocks)
         for j, (blocks, attns) in enumerate(zip(self.up_blocks, self.up_attn)):
-            lv = n - 1 - j
+            lv = len(self.up_blocks) - 1 - j
             for i, block in enumerate(blocks):
                 h = block(torch.cat([h, skips.pop()], dim=1), conds[lv])
                 if len(attns):
