@@ -1,9 +1,6 @@
-"""One-file, atomic, weights_only-loadable checkpoints.
-
+"""One-file, atomic checkpoints of tensors and primitives only (`torch.load(weights_only=True)` reads them).
 Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream"}
-("stream": what the data stream depended on, evdm.data.resume; None outside the trainer).
-Only tensors and primitives: `torch.load(path, weights_only=True)` reads it, no pickled modules.
-"""
+("stream": what the data stream depended on, evdm.data.resume; None outside the trainer)."""
 
 from __future__ import annotations
 
@@ -37,10 +34,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """Write `payload` to `path` atomically: temporary name, fsync, rename.
-
-    A crash mid-write leaves the previous file at `path` intact.
-    """
+    """Write `payload` to `path` atomically (temporary name, fsync, rename): a crash leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -51,22 +45,13 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     atomic_write(path, write, fsync=True)
 
 
-def make_payload(
-    *, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
-    stream: dict | None = None,
-) -> dict:
+def make_payload(*, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
+                 optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+                 stream: dict | None = None) -> dict:
     """Everything needed to resume; `model`/`ema` must be the unwrapped (uncompiled, non-DDP) modules."""
-    return {
-        "step": step,
-        "config": to_dict(cfg),
-        "model": model.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-        "stream": stream,
-    }
+    state = lambda obj: None if obj is None else obj.state_dict()  # noqa: E731
+    return {"step": step, "config": to_dict(cfg), "model": model.state_dict(), "ema": state(ema),
+            "optimizer": state(optimizer), "scaler": state(scaler), "rng": rng_state(), "stream": stream}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -89,10 +74,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def _zip_problem(path: Path) -> str | None:
-    """What is wrong with the zip archive torch.save wrote, checked by each member's CRC-32; None when
-    intact (or not a zip: torch.load names those). torch.load itself checks no CRC: a flipped bit in a
-    tensor's bytes loads as a silently wrong weight. Reading the file once more cost 0.16 s for 400 MB
-    (0.4x torch.load's time), and leaves it in the page cache for torch.load."""
+    """What is wrong with the zip archive torch.save wrote, by each member's CRC-32 (torch.load checks
+    none: a flipped bit would load as a wrong weight); None when intact or not a zip."""
     if not zipfile.is_zipfile(path):
         return None
     try:

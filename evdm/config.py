@@ -1,11 +1,8 @@
-"""Typed, frozen run configuration loaded from TOML.
+"""Typed, frozen run configuration loaded from TOML. Torch-free.
 
-`load_config(path, overrides)` reads a TOML file, applies `--set section.key=value` overrides
-(values parsed as TOML), rejects unknown keys, wrong types and out-of-range values naming the key and
-the file, and checks the invariants between keys (T > observed frames, ...) once, when the config is
-built. Each field carries its type (a `Literal` lists the allowed words) and, where a number has a
-valid range, a `Range`. Keys of earlier versions: evdm.legacy. Torch-free.
-"""
+`load_config(path, overrides)` reads a TOML file, applies `--set section.key=value` overrides and
+refuses unknown keys, wrong types (a `Literal` lists the allowed words), values outside a field's
+`Range` and broken invariants between keys, naming the key and the file. Old keys: evdm.legacy."""
 
 from __future__ import annotations
 
@@ -27,8 +24,8 @@ class ConfigError(ValueError):
 
 
 class Context(NamedTuple):
-    """Observed frames at each end of a clip: the first `start` and the last `end` frames; the middle
-    between them is generated. TOML: `context = [start, end]` (or `endpoint_context = K` for both)."""
+    """Observed frames at each end of a clip; the middle between them is generated.
+    TOML: `context = [start, end]` (or `endpoint_context = K` for both)."""
 
     start: int
     end: int
@@ -37,9 +34,8 @@ class Context(NamedTuple):
         return T - self.start - self.end
 
     def split(self, clip: Any, axis: int = 2) -> tuple[Any, Any, Any]:
-        """(start frames, middle, end frames) of a clip along its time axis (2 for [B, C, T, H, W], 1 for
-        [B, T, H, W, C], 0 for [T, H, W, C]): views of any tensor or array. ValueError when the clip
-        leaves no middle."""
+        """(start frames, middle, end frames): views of a clip (any tensor or array) along its time axis
+        (2 for [B, C, T, H, W], 1 for [B, T, H, W, C], 0 for [T, H, W, C]). ValueError if no middle is left."""
         T = clip.shape[axis]
         if T <= self.start + self.end:
             raise ValueError(f"clip has T={T} frames, need T > {self.start} + {self.end} observed frames")
@@ -101,14 +97,11 @@ class ModelConfig:
     temporal_attn_levels: tuple[int, ...] = (1, 2)  # indices into channel_mults; bottleneck always
     attn_head_channels: int = ranged(32, AT_LEAST_1)
     dropout: float = ranged(0.0, FRACTION)
-    # The endpoints fed to the stem as extra channels beside the noisy middle (models/unet3d.py):
-    # "both" won docs/RECIPES.md's issue-20 study. A checkpoint stored without the key was a "none"
-    # model and is rebuilt as one (evdm.legacy.ADDED).
+    # The endpoints fed to the stem beside the noisy middle (models/unet3d.py); "both": docs/RECIPES.md.
     direct_input: Literal["none", "blend", "context", "both"] = "both"
 
 
-# The defaults are the recipe docs/RECIPES.md measured best (x0 prediction, blend residual, linear
-# schedule with model.direct_input "both", guidance 1.0); configs/*.toml spell them out.
+# The defaults are the recipe docs/RECIPES.md measured best; configs/*.toml spell them out.
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
     timesteps: int = ranged(1000, AT_LEAST_1)
@@ -135,8 +128,7 @@ class TrainConfig:
     weight_decay: float = ranged(0.0, NON_NEGATIVE)
     adam_betas: tuple[float, float] = ranged((0.9, 0.999), FRACTION)
     grad_clip: float = ranged(1.0, POSITIVE)
-    # A step whose gradients are not finite is skipped; this many in a row stop the run with an error.
-    max_nonfinite_steps: int = ranged(20, AT_LEAST_1)
+    max_nonfinite_steps: int = ranged(20, AT_LEAST_1)  # non-finite gradient steps in a row that stop the run
     # auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 adds a GradScaler
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA
@@ -159,10 +151,8 @@ class SampleConfig:
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = ranged(40, AT_LEAST_1)
     eta: float = ranged(0.0, NON_NEGATIVE)
-    # guidance 0 is the unconditional model, (0, 1) weaker conditioning: w cond + (1 - w) null is defined for w >= 0
-    guidance_scale: float = ranged(1.0, NON_NEGATIVE)
-    # Guide only at the noise levels t <= guidance_max_t * (timesteps - 1), the conditional branch alone
-    # above (guidance in a limited interval, Kynkaenniemi et al. 2024); 1.0: every step.
+    guidance_scale: float = ranged(1.0, NON_NEGATIVE)  # 0: the unconditional model; (0, 1): weaker conditioning
+    # Guide only at t <= guidance_max_t * (timesteps - 1) (Kynkaenniemi et al. 2024); 1.0: every step.
     guidance_max_t: float = ranged(1.0, UNIT)
     dynamic_threshold: float = ranged(0.0, UNIT)  # Imagen's dynamic thresholding at this percentile; 0: off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -211,8 +201,7 @@ def check_ranges(section: str, values: Any) -> None:
 
 
 def check_shapes(cfg: RunConfig) -> None:
-    """The invariants between keys: a middle frame to generate, attention levels that exist, a frame
-    size that every U-Net level halves evenly, no more sampler steps than timesteps."""
+    """The invariants between keys: a middle, attention levels that exist, sizes every level halves, steps."""
     d, m = cfg.data, cfg.model
     if cfg.middle_frames < 1:
         raise ConfigError(f"data.T must be greater than the observed frames at both ends to leave a middle to "
@@ -243,20 +232,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where} must be one of {typing.get_args(tp)}, got {value!r}")
         return value
-    if origin is tuple or tp is Context:
-        if not isinstance(value, (list, tuple)):
+    if origin in (tuple, list) or tp is Context:
+        if not isinstance(value, list if origin is list else (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = (int, int) if tp is Context else typing.get_args(tp)
-        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        item_types = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
         if len(item_types) != len(value):
             raise ConfigError(f"{where}: expected {len(item_types)} items, got {value!r}")
-        items = tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
-        return Context(*items) if tp is Context else items
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(tp)
-        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types))]
+        return items if origin is list else Context(*items) if tp is Context else tuple(items)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool):
@@ -267,9 +251,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
-    """Build a RunConfig from a nested dict; errors name `section.key` and `source`. Keys of earlier
-    versions are refused naming their replacement (a checkpoint's stored config is upgraded first:
-    evdm.legacy)."""
+    """Build a RunConfig from a nested dict; errors name `section.key` and `source` (old keys: evdm.legacy)."""
     hints = typing.get_type_hints(RunConfig)
     sections = {}
     for name, value in raw.items():
@@ -314,11 +296,9 @@ def with_sample(cfg: RunConfig, **values: Any) -> RunConfig:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=3e-4' -> (['train', 'lr'], 3e-4); the value is parsed as TOML, bare words as strings."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    dotted, raw = text.split("=", 1)
+    dotted, _, raw = text.partition("=")
     path = dotted.strip().split(".")
-    if len(path) != 2:
+    if "=" not in text or len(path) != 2:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
         value = tomli.loads(f"v = {raw}")["v"]

@@ -1,20 +1,7 @@
-"""The Denoiser: the network together with everything that gives its output a meaning.
-
-One object owns the U-Net (it builds it from the config), the noise schedule, the diffusion settings
-(prediction, residual, the loss's weights and its random draws), the context counts, and the device,
-layout and precision policy, as EDM's preconditioning wrapper owns its numerics. Training and
-validation call `loss(clip, generator)`; every sampler call (previews, sample.py, evaluate, the
-benchmarks) goes through `generate(start, end)`; both run the network through `_output`, the one
-place where precision and layout are applied:
-
-- layout: channels_last_3d for weights and activations, always (evdm.models.blocks says why);
-- precision: autocast to bf16 or fp16 around the network only, or none (fp32); the diffusion
-  arithmetic around it (schedule, loss, guidance, sampler updates) stays fp32.
-
-`Denoiser(cfg, device)` has fresh weights, `Denoiser.load(ckpt, device)` a checkpoint's. `compile(mode)`
-decides and applies torch.compile for training and sampling alike; `wrap_ddp()` runs the network
-under DistributedDataParallel.
-"""
+"""The Denoiser: the U-Net with its schedule, diffusion settings, context counts, and device, layout and
+precision policy (as EDM's preconditioning wrapper owns its numerics). `loss` and `generate` run the
+network through `_output`, the one place where the layout (channels_last_3d) and autocast (around the
+network only; the diffusion arithmetic stays fp32) are applied; `compile(mode)` decides torch.compile."""
 
 from __future__ import annotations
 
@@ -41,8 +28,7 @@ LAYOUT = torch.channels_last_3d
 
 
 def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" or None: this rank's GPU when CUDA is present, else the CPU; "cuda": cuda:local_rank.
-    A cuda device on a machine without CUDA is a ConfigError."""
+    """"auto"/None: this rank's GPU if any, else the CPU; "cuda": cuda:local_rank (ConfigError without CUDA)."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -53,8 +39,7 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The network's autocast dtype for a precision setting: "auto" is bf16 on CUDA and fp32 (None)
-    elsewhere (on a CPU, bf16 convolutions are slow); "bf16", "fp16"; "fp32" is None."""
+    """The network's autocast dtype: "auto" is bf16 on CUDA, else (bf16 is slow on a CPU) fp32, i.e. None."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -75,19 +60,14 @@ def to_layout(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C], rounded to nearest: the exact
-    bytes back for frames that came from uint8 as u / 127.5 - 1."""
+    """float [B, C, T, H, W] in [-1, 1] -> uint8 numpy [B, T, H, W, C], rounded: exact for u / 127.5 - 1."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 class Denoiser:
     """A video U-Net with its schedule, diffusion settings, context counts and numerics (module docstring).
-
-    cfg: the run's config (its model, data shape and diffusion sections; `generate`'s default sampler
-    settings are cfg.sample). precision: "auto", "bf16", "fp16" or "fp32" autocast for the network.
-    net: the network to wrap instead of a fresh one of cfg's shape (the EMA copy of another's).
-    `net` is the module checkpoints save, never a wrapper.
-    """
+    precision: "auto", "bf16", "fp16" or "fp32" autocast for the network. net: the network to wrap
+    instead of a fresh one of cfg's shape (an EMA copy); `.net` is what checkpoints save, never a wrapper."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, *, precision: str = "auto",
                  net: torch.nn.Module | None = None) -> None:
@@ -100,9 +80,8 @@ class Denoiser:
     @classmethod
     def load(cls, ckpt: str | Path, device: torch.device, *, use_ema: bool = True, color_mode: str | None = None,
              precision: str | None = None, compile: str | None = None) -> Denoiser:
-        """A checkpoint's denoiser in eval mode (EMA weights when it has them and use_ema), compiled per
-        its sample.compile (or `compile`); `.cfg` is its stored config. color_mode: when given, the
-        checkpoint must have been trained in it. CheckpointError names the file."""
+        """A checkpoint's denoiser in eval mode (EMA weights if any and use_ema), compiled per its sample.compile
+        (or `compile`), `.cfg` its stored config; CheckpointError if trained in another `color_mode`."""
         state = load_checkpoint(ckpt)
         cfg = with_sample(config_of(state, ckpt), precision=precision, compile=compile)
         if color_mode is not None and color_mode != cfg.data.color_mode:
@@ -114,11 +93,8 @@ class Denoiser:
         denoiser.compile(cfg.sample.compile)
         return denoiser.eval()
 
-    # ---- the network call: layout, precision, DDP and compile --------------------------------------
-
     def to_input(self, u8: torch.Tensor, hflip: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B, C, T, H, W] -> float [B, C, T, H, W] in [-1, 1] on the device, in the layout; with
-        `hflip` each clip is flipped left-right with probability 1/2 (on the device)."""
+        """uint8 [B, C, T, H, W] -> float in [-1, 1] on the device, in the layout; `hflip`: flips half the clips."""
         x = u8.to(self.device, non_blocking=True)
         if hflip is not None:
             flip = torch.rand(x.shape[0], generator=hflip, device=hflip.device).to(x.device) < 0.5
@@ -126,7 +102,7 @@ class Denoiser:
         return (x.float() / 127.5 - 1.0).contiguous(memory_format=LAYOUT)
 
     def _conditions(self, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What the network is conditioned on: (start, end, their linear blend at each middle frame)."""
+        """(start, end, their linear blend at each middle frame): what the network is conditioned on."""
         return start, end, linear_blend(start, end, self.net.middle_frames)
 
     def _output(self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...],
@@ -137,19 +113,16 @@ class Denoiser:
             return self._forward(x_t, t, start, end, blend, cond_drop).float()
 
     def wrap_ddp(self, device_ids: list[int] | None) -> None:
-        """Run the network under DistributedDataParallel (the process group must be up). The gradients
-        are views of DDP's buckets, so their strides are the channels-last parameters' own (no copy
-        into the buckets each step)."""
+        """Run the network under DDP (the group must be up); bucket-view gradients keep channels-last strides."""
         self._forward = DistributedDataParallel(self.net, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Under DDP, skip the gradient all-reduce (all micro-batches of an accumulation but the last)."""
-        return self._forward.no_sync() if isinstance(self._forward, DistributedDataParallel) else contextlib.nullcontext()
+        ddp = isinstance(self._forward, DistributedDataParallel)
+        return self._forward.no_sync() if ddp else contextlib.nullcontext()
 
     def compile(self, mode: str, *, cache_dir: Path | None = None) -> bool:
-        """torch.compile the network's blocks in place when `mode` asks for it on this device ("on"; "auto":
-        on CUDA only), caching in `cache_dir` when given (evdm.denoiser.cache_in). Returns whether it did.
-        The one place compile is decided, for training and sampling."""
+        """Compile the network's blocks when `mode` asks here (`wants_compile`), caching in `cache_dir`; did it?"""
         if not wants_compile(mode, self.device):
             return False
         if cache_dir is not None:
@@ -164,13 +137,10 @@ class Denoiser:
     def eval(self) -> Denoiser:
         return self.train(False)
 
-    # ---- training ----------------------------------------------------------------------------------
-
     def loss(self, clip: torch.Tensor, generator: torch.Generator, *,
              drop_conditions: bool = True) -> tuple[torch.Tensor, dict]:
-        """The diffusion loss of clips [B, C, T, H, W] in [-1, 1] (evdm.diffusion.diffusion_loss), with the
-        timesteps, noise and condition drops drawn from `generator` and the weights of cfg.diffusion.
-        drop_conditions: drop conditions at cfg.diffusion.cfg_drop_prob (training), or never (validation)."""
+        """The diffusion loss of clips [B, C, T, H, W] in [-1, 1] (evdm.diffusion.diffusion_loss), its draws from
+        `generator`. drop_conditions: at cfg.diffusion.cfg_drop_prob (training), or never (validation)."""
         d = self.cfg.diffusion
         start, middle, end = self.context.split(clip)
         draws = draw_training_noise(middle.shape, timesteps=d.timesteps, noise_offset=d.noise_offset,
@@ -185,22 +155,16 @@ class Denoiser:
         """What the diffused variable is relative to: the blend (diffusion.residual = "blend") or None."""
         return cond[2] if self.cfg.diffusion.residual == "blend" else None
 
-    # ---- sampling ----------------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(self, start: torch.Tensor, end: torch.Tensor, sample_cfg: SampleConfig | None = None, *,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] (in [-1, 1],
-        on the device) with sample_cfg's sampler, steps, eta, guidance and thresholding (default cfg.sample).
-
-        Returns clip [B, C, T, H, W]: the context frames bit for bit, the middle clamped to [-1, 1].
-        """
+        """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] in [-1, 1] per
+        sample_cfg (default cfg.sample): clip [B, C, T, H, W], the context bit for bit, the middle clamped."""
         sc = sample_cfg or self.cfg.sample
         cond = self._conditions(start, end)
         base = self._base(cond)
         base = torch.zeros((), device=start.device) if base is None else base
-        # Guidance in a limited interval: the noisier steps run the conditional branch alone (no null
-        # branch computed to be discarded).
+        # Guidance in a limited interval: the noisier steps run the conditional branch alone.
         max_t = sc.guidance_max_t * (self.schedule.timesteps - 1)
 
         def x0_fn(x: torch.Tensor, t: torch.Tensor, t_int: int) -> torch.Tensor:
@@ -208,7 +172,8 @@ class Denoiser:
             # Keep x0 in the data range (Imagen's dynamic thresholding when asked, else ADM's static
             # clipping to [-1, 1]), on the frames (x0 + base), not on the residual.
             frames = split_output(self.schedule, x, t, out, self.cfg.diffusion.prediction)[0] + base
-            frames = apply_dynamic_threshold(frames, sc.dynamic_threshold) if sc.dynamic_threshold else frames.clamp(-1, 1)
+            frames = (apply_dynamic_threshold(frames, sc.dynamic_threshold) if sc.dynamic_threshold
+                      else frames.clamp(-1, 1))
             return frames - base
 
         x_T = torch.randn(cond[2].shape, generator=generator, device=start.device)
@@ -227,30 +192,20 @@ class Denoiser:
         return out
 
 
-# The blocks compiled, one graph per kind, width and resolution (and training or not).
-REGIONS = (ResBlock3D, TemporalAttention, EncoderBlock, EndpointFusion)
-# Graphs Dynamo may keep per block class: the reference model has about 12 ResBlock shapes, each
-# for training and for inference (no_grad), and a batch of 1 is a graph of its own.
-RECOMPILE_LIMIT = 64
+REGIONS = (ResBlock3D, TemporalAttention, EncoderBlock, EndpointFusion)  # compiled: one graph per shape
+RECOMPILE_LIMIT = 64  # graphs per block class: ~12 ResBlock shapes, for training and no_grad, and batch 1
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def compile_regions(net: torch.nn.Module) -> int:
-    """Compile every REGIONS block of `net` in place (fullgraph, symbolic batch); returns how many.
-
-    In place: the state dict keeps its names (no `_orig_mod.`), DDP can wrap the net as usual, and an
-    uncompiled copy (the EMA) is unaffected. Sets torch._dynamo's recompile limit and turns off its
-    automatic dynamic shapes (which would make a second resolution's sizes symbolic) and duck shaping,
-    for the process. A compile that fails on this machine (an Inductor or Triton error, raised at a
-    block's first call) puts every block back to eager with one warning line (`uncompile`).
-    """
+    """Compile every REGIONS block of `net` in place (fullgraph, symbolic batch; names and the EMA copy kept);
+    returns how many. Sets Dynamo's options for the process; a compile that fails on this machine puts
+    every block back to eager with one warning line (`uncompile`)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    # Duck shaping gives equal sizes one symbol: a batch of 2 beside the 2 observed frames (a static
-    # size) would specialise the batch, and the next batch size would compile everything again.
+    torch._dynamo.config.automatic_dynamic_shapes = False  # a second resolution would become symbolic
+    # Duck shaping would give a batch of 2 the (static) symbol of 2 observed frames: every batch size recompiles.
     torch.fx.experimental._config.use_duck_shape = False
-    # The backward graph is lowered with the forward, so that its compile error too surfaces in the
-    # forward call, where the fallback catches it, rather than in loss.backward().
+    # Lower the backward with the forward: its compile error then surfaces where the fallback catches it.
     if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
         torch._functorch.config.force_non_lazy_backward_lowering = True
     regions = [module for module in net.modules() if isinstance(module, REGIONS)]
@@ -261,12 +216,8 @@ def compile_regions(net: torch.nn.Module) -> int:
 
 
 def batch_symbolic(compiled, eager, *, on_failure):
-    """`compiled` called with dim 0 (the batch) of its tensor arguments marked dynamic, the rest static.
-
-    Where `compiled` raises and `eager` (the same forward uncompiled) does not, the compile failed on
-    this machine: `on_failure(err)`, and eager's result. A genuine error (bad inputs) raises again from
-    eager; out of memory is not retried.
-    """
+    """`compiled` with dim 0 (the batch) of its tensor arguments dynamic; where it raises and `eager` does not
+    (a failed compile), `on_failure(err)` and eager's result. Bad inputs raise from eager; OOM is not retried."""
     def forward(*args):
         for a in args:
             if isinstance(a, torch.Tensor) and a.ndim:
@@ -284,8 +235,7 @@ def batch_symbolic(compiled, eager, *, on_failure):
 
 
 def uncompile(regions: list[torch.nn.Module], err: Exception) -> None:
-    """Every compiled block back to its class's eager forward, with one warning line naming `err`
-    (Dynamo wraps the backend's error: the inner one is named)."""
+    """Every compiled block back to its class's eager forward, with one warning line naming `err`'s inner error."""
     if not any("forward" in module.__dict__ for module in regions):
         return  # already uncompiled (by another block's failure)
     for module in regions:
@@ -296,9 +246,8 @@ def uncompile(regions: list[torch.nn.Module], err: Exception) -> None:
 
 
 def cache_in(folder: str | Path) -> Path:
-    """Keep Inductor's compile caches in `folder`, unless the user chose a folder with
-    TORCHINDUCTOR_CACHE_DIR (which wins). Importing torch._dynamo sets that variable to torch's
-    shared default, so a value equal to the default counts as unset. Returns the folder in use."""
+    """Keep Inductor's compile caches in `folder` unless the user set TORCHINDUCTOR_CACHE_DIR (torch's
+    default, which importing torch._dynamo sets, counts as unset). Returns the folder in use."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     chosen = os.environ.get(CACHE_ENV)

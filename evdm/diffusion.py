@@ -1,20 +1,9 @@
-"""Diffusion math, pure functions over tensors (torch only; randomness is always passed in): noise
-schedules, the forward process q(x_t | x0), the one eps / x0 / v converter, the residual, the training
-loss, and the DDPM / DDIM samplers with classifier-free guidance (k-diffusion style).
+"""Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one
+eps / x0 / v converter, the blend residual, the training loss, DDPM / DDIM sampling with guidance.
 
-Every per-timestep quantity is computed in float64 and stored float32 (`Schedule`), and read through
-one broadcast helper (`extract`). Index convention: t in [0, timesteps), t = 0 is the least noisy step.
-
-The residual (`diffusion.residual = "blend"`): the model denoises r = middle - blend(start, end) and
-sampling adds the blend back. The blend explains the static background and slow changes, so a small
-model spends its capacity on the motion (residual video diffusion, Yang et al. 2022, with the cheapest
-deterministic predictor); "none" diffuses the middle frames directly.
-
-`sample(x0_fn, s, x_T, ...)` runs a chain over any denoiser given as x0_fn(x_t, t, t_int) -> x0 (t_int:
-the step's timestep as a Python int, for choices made on the host without a sync);
-evdm.denoiser.Denoiser.generate builds that function and puts the context frames back. The step
-functions take (x_t, x0, eps) with eps re-derived from x0, so no sampler branches on the prediction.
-"""
+Per-timestep constants are computed in float64, stored float32; t in [0, timesteps), 0 the least noisy.
+The "blend" residual (middle - linear blend; residual video diffusion, Yang et al. 2022) leaves a small
+model's capacity to the motion. Steps take (x_t, x0, eps): no sampler branches on the prediction."""
 
 from __future__ import annotations
 
@@ -24,7 +13,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
 
 
@@ -63,32 +51,20 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> t
 
 
 def make_schedule(kind: str = "linear", timesteps: int = 1000) -> Schedule:
-    """Build a `Schedule`: kind in {"linear", "cosine"}, `timesteps` >= 1 training steps."""
+    """Build a `Schedule`: kind in {"linear", "cosine"}, `timesteps` >= 1 training steps (config-checked)."""
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
-    if timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
     betas = linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # DDPM eq. 7
-    f32 = lambda x: x.to(torch.float32)  # noqa: E731
-    return Schedule(
-        betas=f32(betas),
-        alphas_cumprod=f32(alphas_cumprod),
-        alphas_cumprod_prev=f32(alphas_cumprod_prev),
-        sqrt_alphas_cumprod=f32(alphas_cumprod.sqrt()),
-        sqrt_one_minus_alphas_cumprod=f32((1.0 - alphas_cumprod).sqrt()),
-        posterior_variance=f32(posterior_variance),
-    )
+    values = (betas, alphas_cumprod, alphas_cumprod_prev, alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt(),
+              posterior_variance)  # in the order of Schedule's fields
+    return Schedule(*(v.to(torch.float32) for v in values))
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """values[t] shaped [B, 1, ..., 1] (ndim dims) to broadcast against a [B, ...] tensor.
-
-    values: [timesteps] float32; t: int64 [B]. Negative t (the step "before" t = 0) reads as
-    alpha_bar = 1 only through `alpha_bar_at`, not here.
-    """
+    """values[t] shaped [B, 1, ..., 1] (ndim dims): values [timesteps], t int64 [B] in [0, timesteps)."""
     return values.to(t.device)[t].reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
@@ -99,10 +75,7 @@ def alpha_bar_at(s: Schedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def q_sample(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4).
-
-    x0, noise: [B, ...]; t: int64 [B] in [0, timesteps). Returns x_t: [B, ...] in x0's dtype.
-    """
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4): x0, noise [B, ...], in x0's dtype."""
     a = extract(s.sqrt_alphas_cumprod, t, x0.ndim)
     sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
     return (a * x0 + sigma * noise).to(x0.dtype)
@@ -115,27 +88,21 @@ def v_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     return a * noise - sigma * x0
 
 
-def training_target(
-    s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
-) -> torch.Tensor:
+def training_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    prediction: str) -> torch.Tensor:
     """What the network regresses: the noise ("eps"), v ("v") or the clean sample itself ("x0")."""
-    _check_prediction(prediction)
     if prediction == "x0":
         return x0
     return noise if prediction == "eps" else v_target(s, x0, t, noise)
 
 
-def split_output(
-    s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, prediction: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def split_output(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+                 prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """THE eps / x0 / v converter: network output -> (x0, eps), both float32 [B, ...].
-
-    t may contain -1 (alpha_bar = 1) only for prediction="v"; samplers never call it there.
     eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)           (DDPM eq. 15)
     v:   x0 = sqrt(ab) x_t - sqrt(1-ab) v;  eps = sqrt(1-ab) x_t + sqrt(ab) v   (Salimans & Ho, eq. 12)
     x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)                 (DDPM eq. 4 solved for eps)
     """
-    _check_prediction(prediction)
     x_t, out = x_t.float(), out.float()
     a = extract(s.sqrt_alphas_cumprod, t, x_t.ndim)
     sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
@@ -146,17 +113,9 @@ def split_output(
     return a * x_t - sigma * out, sigma * x_t + a * out
 
 
-def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-
-
 def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_frames: int) -> torch.Tensor:
-    """Pixel-wise linear interpolation in time from the last start frame to the first end frame.
-
-    start_context, end_context: [B, C, K, H, W] -> float32 [B, C, M, H, W]; middle frame i sits at
-    weight (i + 1) / (M + 1) between them, as if the frames were evenly spaced.
-    """
+    """Pixel-wise linear interpolation in time from the last start frame to the first end frame, middle
+    frame i at weight (i + 1) / (M + 1): start_context, end_context [B, C, K, H, W] -> float32 [B, C, M, H, W]."""
     M = middle_frames
     w = torch.arange(1, M + 1, dtype=torch.float32, device=start_context.device).div_(M + 1).view(1, 1, M, 1, 1)
     first, last = start_context[:, :, -1:].float(), end_context[:, :, :1].float()
@@ -171,22 +130,11 @@ class Draws(NamedTuple):
     cond_drop: torch.Tensor
 
 
-def draw_training_noise(
-    middle_shape: tuple[int, ...],
-    *,
-    timesteps: int,
-    cfg_drop_prob: float,
-    noise_offset: float,
-    generator: torch.Generator | None,
-    device: torch.device | str,
-) -> Draws:
-    """The randomness of one training step, drawn from `generator` (in this order: t, noise, offset, drop).
-
-    middle_shape: (B, C, M, H, W). t uniform in [0, timesteps); noise N(0, 1) plus `noise_offset` times
-    a per-(sample, channel) N(0, 1) constant (the "offset noise" trick, Guttenberg 2023, which lets the
-    model shift a frame's mean brightness); cond_drop True with probability `cfg_drop_prob`
-    (classifier-free guidance, Ho & Salimans 2022, sec. 3.2).
-    """
+def draw_training_noise(middle_shape: tuple[int, ...], *, timesteps: int, cfg_drop_prob: float, noise_offset: float,
+                        generator: torch.Generator | None, device: torch.device | str) -> Draws:
+    """The randomness of one training step from `generator`, in this order: t uniform in [0, timesteps);
+    noise [B, C, M, H, W] = N(0, 1) + `noise_offset` times a per-(sample, channel) N(0, 1) (offset noise,
+    Guttenberg 2023: lets the model shift a frame's brightness); cond_drop True at `cfg_drop_prob`."""
     B, C = middle_shape[0], middle_shape[1]
     t = torch.randint(0, timesteps, (B,), generator=generator, device=device)
     noise = torch.randn(middle_shape, generator=generator, device=device)
@@ -196,33 +144,15 @@ def draw_training_noise(
     return Draws(t, noise, cond_drop)
 
 
-def diffusion_loss(
-    output: Callable[..., torch.Tensor],
-    s: Schedule,
-    start: torch.Tensor,
-    middle: torch.Tensor,
-    end: torch.Tensor,
-    draws: Draws,
-    *,
-    base: torch.Tensor | None,
-    prediction: str,
-    temporal_loss_weight: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion loss on the middle frames of a clip, conditioned on its endpoints.
-
+def diffusion_loss(output: Callable[..., torch.Tensor], s: Schedule, start: torch.Tensor, middle: torch.Tensor,
+                   end: torch.Tensor, draws: Draws, *, base: torch.Tensor | None, prediction: str,
+                   temporal_loss_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion loss on the middle frames: (loss, {"mse", "temporal"} detached), float32 scalars.
     start [B, C, K_start, H, W], middle [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1];
-    output(x_t, t, cond_drop) -> the network's fp32 output for the noisy diffused variable, which is
-    the middle itself (base None) or middle - base (the residual: base = the linear blend, [B, C, M, H, W]).
-    loss = MSE(output, eps / v / x0 target) over the middle frames only
-         + temporal_loss_weight * temporal, where `temporal` is the MSE between the frame-to-frame
-           differences of [last start frame, predicted x0 middle, first end frame] and those of the
-           true clip over the same frames, so motion across both boundaries is penalised.
-    The temporal term is weighted per sample by alpha_bar_t: x0 recovered from an eps prediction
-    carries the eps error times sqrt((1-ab)/ab) (up to ~160x at t = 999, linear schedule), which
-    would otherwise let the noisiest steps dominate; at low noise the weight is ~1.
-    The temporal term always compares whole frames.
-    Returns (loss: float32 scalar, stats: {"mse", "temporal"} detached float32 scalars).
-    """
+    output(x_t, t, cond_drop) -> the network's fp32 output for the middle (base None) or middle - base.
+    loss = MSE(output, target) + temporal_loss_weight * the MSE between the frame differences of
+    [last start frame, predicted x0 middle, first end frame] and the true clip's, weighted by alpha_bar_t
+    so that the noisiest steps (x0 carries the eps error times sqrt((1-ab)/ab)) do not dominate."""
     t, noise, cond_drop = draws
     x0 = middle.float() if base is None else middle.float() - base
     x_t = q_sample(s, x0.to(middle.dtype), t, noise.to(middle.dtype))
@@ -239,9 +169,7 @@ def diffusion_loss(
     diff_err = (pred_path.diff(dim=2) - true_path.diff(dim=2)) ** 2
     weight = extract(s.alphas_cumprod, t, middle.ndim)
     temporal = torch.mean(weight * diff_err)
-
-    loss = mse + temporal_loss_weight * temporal
-    return loss, {"mse": mse.detach(), "temporal": temporal.detach()}
+    return mse + temporal_loss_weight * temporal, {"mse": mse.detach(), "temporal": temporal.detach()}
 
 
 SAMPLERS = ("ddim", "ddpm")
@@ -258,21 +186,17 @@ def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
 
 def apply_dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     """Imagen dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = max(1, the
-    `percentile` quantile of |x0|); clip x0 to [-s, s] and divide by s. x0: [B, ...] float."""
+    `percentile` quantile of |x0|); x0 [B, ...] clipped to [-s, s] and divided by s."""
     flat = x0.reshape(x0.shape[0], -1).abs()
     q = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
     q = q.reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, q), -q) / q
 
 
-def ddim_step(
-    s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-    x0: torch.Tensor, eps: torch.Tensor, eta: float, noise: torch.Tensor,
-) -> torch.Tensor:
+def ddim_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, x0: torch.Tensor,
+              eps: torch.Tensor, eta: float, noise: torch.Tensor) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12; sigma from eq. 16).
-
-    t, t_prev: int64 [B] (t_prev = -1 means the clean end, alpha_bar = 1); x0, eps, noise: [B, ...].
-    """
+    t, t_prev: int64 [B] (t_prev = -1: the clean end, alpha_bar = 1); x0, eps, noise: [B, ...]."""
     ab = alpha_bar_at(s, t, x_t.ndim)
     ab_prev = alpha_bar_at(s, t_prev, x_t.ndim)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()  # eq. 16
@@ -280,13 +204,10 @@ def ddim_step(
     return ab_prev.sqrt() * x0 + direction + sigma * noise
 
 
-def ddpm_step(
-    s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-    x0: torch.Tensor, noise: torch.Tensor,
-) -> torch.Tensor:
-    """One ancestral step: a draw from the posterior q(x_{t_prev} | x_t, x0) (DDPM eqs. 6-7),
-    with the betas of the respaced chain beta' = 1 - ab_t / ab_prev (Improved DDPM, sec. 4)
-    so any subsequence of timesteps works; with every timestep it is exactly DDPM."""
+def ddpm_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, x0: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:
+    """One ancestral step, a draw from q(x_{t_prev} | x_t, x0) (DDPM eqs. 6-7) with the respaced chain's
+    betas 1 - ab_t / ab_prev (Improved DDPM, sec. 4): any subsequence of timesteps works."""
     ab = alpha_bar_at(s, t, x_t.ndim)
     ab_prev = alpha_bar_at(s, t_prev, x_t.ndim)
     alpha = ab / ab_prev
@@ -296,16 +217,10 @@ def ddpm_step(
     return mean + var.clamp(min=0).sqrt() * noise
 
 
-def guided_output(
-    output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
-    cond: tuple[torch.Tensor, ...], guidance_scale: float,
-) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null).
-
-    output(x_t, t, cond, cond_drop); cond: the conditioning tensors, each [B, ...]. Both branches run
-    in one batched forward of 2B; guidance_scale == 1 runs the conditional branch alone. The
-    combination is linear, so it is the same in eps, v or x0 space.
-    """
+def guided_output(output: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+                  cond: tuple[torch.Tensor, ...], guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + w (cond - null), the same in eps, v or x0.
+    output(x_t, t, cond, cond_drop); cond: tensors [B, ...]. Both branches run as one batch of 2B (w = 1: one)."""
     B = x_t.shape[0]
     if guidance_scale == 1.0:
         return output(x_t, t, cond, torch.zeros(B, dtype=torch.bool, device=x_t.device))
@@ -316,34 +231,23 @@ def guided_output(
     return null + guidance_scale * (cond - null)
 
 
-def sample(
-    x0_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-    s: Schedule,
-    x_T: torch.Tensor,
-    *,
-    sampler: str = "ddim",
-    steps: int = 40,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Run the reverse chain from x_T [B, ...] over `steps` respaced timesteps; returns x_0 (not clamped).
-
-    x0_fn(x_t, t, t_int) -> the x0 estimate at x_t (t: int64 [B], all equal to t_int). sampler: "ddim" (eta = 0 is deterministic)
-    or "ddpm" (ancestral; steps = timesteps is the original chain). Fresh noise per step comes from
-    `generator`, after whatever drew x_T.
-    """
+def sample(x0_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], s: Schedule, x_T: torch.Tensor, *,
+           sampler: str = "ddim", steps: int = 40, eta: float = 0.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reverse chain from x_T [B, ...] over `steps` respaced timesteps ("ddim" or ancestral "ddpm"; noise
+    from `generator`) -> x_0, unclamped. x0_fn(x_t, t: int64 [B], t_int: the same as a Python int) -> x0."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     B, device = x_T.shape[0], x_T.device
     ts = sampling_timesteps(s.timesteps, steps)
     x = x_T
-    for i, t_int in enumerate(ts):
+    for t_int, prev in zip(ts, ts[1:] + [-1]):  # -1: the clean end
         t = torch.full((B,), t_int, dtype=torch.long, device=device)
-        t_prev = torch.full((B,), ts[i + 1] if i + 1 < len(ts) else -1, dtype=torch.long, device=device)
+        t_prev = torch.full((B,), prev, dtype=torch.long, device=device)
         x0 = x0_fn(x, t, t_int)
         eps = split_output(s, x, t, x0, "x0")[1]
-        last = i + 1 == len(ts)
-        noise = torch.zeros_like(x) if last or (sampler == "ddim" and eta == 0) else torch.randn(
+        noise = torch.zeros_like(x) if prev < 0 or (sampler == "ddim" and eta == 0) else torch.randn(
             x.shape, generator=generator, device=device)
-        x = ddim_step(s, x, t, t_prev, x0, eps, eta, noise) if sampler == "ddim" else ddpm_step(s, x, t, t_prev, x0, noise)
+        x = (ddim_step(s, x, t, t_prev, x0, eps, eta, noise) if sampler == "ddim"
+             else ddpm_step(s, x, t, t_prev, x0, noise))
     return x

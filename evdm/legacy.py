@@ -1,14 +1,6 @@
-"""What earlier evdm versions wrote, upgraded to today's form in one place. Torch-free.
-
-Each rule names the commit whose code no longer writes the old form, and tests/test_legacy.py reads a
-real file written before it (tests/fixtures/old/: by fb4df0c and by 25c5f3f). Upgraded here:
-- a checkpoint's stored config (`upgrade_checkpoint`): retired keys dropped, retyped values mapped,
-  keys added since filled with the value that rebuilds the old model, the old context keys joined;
-  the same keys in a config *file* are refused with their replacement named (`refuse_old_keys`);
-- a checkpoint's data-stream record, absent before 110d600 (`upgrade_checkpoint`);
-- weights and AdamW state of the Conv3d space-time form (`upgrade_weights`, `upgrade_optimizer_state`);
-- a preprocess progress record written before options existed (`upgrade_progress_identity`).
-"""
+"""What earlier evdm versions wrote (checkpoint configs and stream records, Conv3d weights and AdamW
+state, preprocess progress records), upgraded to today's form in one place; old keys in a config file
+are refused. Each rule names the commit that stopped writing the old form (tests/test_legacy.py). Torch-free."""
 
 from __future__ import annotations
 
@@ -31,8 +23,7 @@ RETYPED = {
     ("train", "compile"): ({True: "auto", False: "off"}, '"auto" | "on" | "off"'),  # a bool before fd07e8f
     ("sample", "dynamic_threshold"): ({True: 0.995, False: 0.0}, "a percentile in (0, 1], or 0 for off"),  # d93e26e
 }
-# Keys added after checkpoints were written, with the value that rebuilds those checkpoints' models
-# (not the dataclass default, which is what new runs should use).
+# Keys added since, with the value that rebuilds the old checkpoints' models (not today's default).
 ADDED = {("model", "direct_input"): "none"}  # 15ca32d
 # The context counts were data.endpoint_context (both ends; default 2) and, from fe93d46 to 6ab7df0,
 # data.context_start / context_end (0 meaning endpoint_context). Now data.context = [start, end], with
@@ -42,8 +33,7 @@ OLD_ENDPOINT_DEFAULT = 2
 # What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.stream.Stream).
 STREAM_CONFIG_KEYS = {"batch_size": "train", "grad_accum_steps": "train", "num_workers": "data",
                       "shuffle_buffer": "data"}
-# Options of preprocess.shard added in ba76329; a progress record without them was made by what their
-# values in today's defaults do (the inputs fingerprint still checks which videos were chosen).
+# Options of preprocess.shard added in ba76329; a progress record without them ran as today's defaults do.
 PREPROCESS_OPTIONS_ADDED = ("fps", "extensions", "split_lists", "split_column", "max_clips_per_video", "max_videos")
 
 
@@ -97,38 +87,29 @@ def upgrade_checkpoint(ckpt: dict) -> dict:
     return ckpt
 
 
-def _squeezed(shape: Any) -> list[int]:
-    return [d for d in shape if d != 1]
+def _reshaped(value: Any, shape: Any) -> Any:
+    """A tensor `value` reshaped to `shape` where the two differ only by singleton dimensions, else `value`."""
+    shape, squeezed = tuple(shape), lambda dims: [d for d in dims if d != 1]  # noqa: E731
+    if getattr(value, "ndim", 0) > 0 and tuple(value.shape) != shape and squeezed(value.shape) == squeezed(shape):
+        return value.reshape(shape)
+    return value
 
 
 def upgrade_weights(state: dict, expected: dict) -> dict:
-    """`state` with each tensor reshaped to `expected`'s (a model's state dict) where the two differ only
-    by singleton dimensions: the Conv3d (1,k,k) / (3,1,1) / 1x1x1 kernels of the space-time form written
-    before 6ab7df0 (the only form before 61faa91) against their Conv2d twins. Other mismatches are left
-    for evdm.checkpoint.load_weights to report."""
-    out = dict(state)
-    for key, value in state.items():
-        target = expected.get(key)
-        if (target is not None and hasattr(value, "reshape") and tuple(value.shape) != tuple(target.shape)
-                and _squeezed(value.shape) == _squeezed(target.shape)):
-            out[key] = value.reshape(target.shape)
-    return out
+    """`state` with the Conv3d kernels written before 6ab7df0 reshaped to their Conv2d twins in `expected`
+    (a model's state dict); other mismatches are left for evdm.checkpoint.load_weights to report."""
+    return {key: _reshaped(value, expected[key].shape) if key in expected else value for key, value in state.items()}
 
 
 def upgrade_optimizer_state(optimizer_state: dict, shapes: list) -> dict:
-    """An AdamW state dict (exp_avg, exp_avg_sq per parameter index) with its per-parameter tensors
-    reshaped as `upgrade_weights` does; `shapes`: the parameters' shapes in the optimizer's order."""
-    state = {}
-    for index, per_param in optimizer_state["state"].items():
-        shape = tuple(shapes[int(index)])
-        state[index] = {k: v.reshape(shape) if getattr(v, "ndim", 0) > 0 and tuple(v.shape) != shape
-                        and _squeezed(v.shape) == _squeezed(shape) else v for k, v in per_param.items()}
+    """An AdamW state dict with its tensors reshaped as `upgrade_weights` does (`shapes`: in the optimizer's order)."""
+    state = {index: {k: _reshaped(v, shapes[int(index)]) for k, v in per_param.items()}
+             for index, per_param in optimizer_state["state"].items()}
     return {**optimizer_state, "state": state}
 
 
 def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
-    """A preprocess progress record's identity with the options it predates filled in from `defaults`
-    (the values that do what the versions before them did), JSON-shaped as progress.json holds them."""
+    """A preprocess progress record's identity with the options it predates filled in from `defaults` (JSON-shaped)."""
     options = identity.get("options")
     if not isinstance(options, dict):
         return identity

@@ -1,11 +1,5 @@
-"""Frame metrics and interpolation baselines: pure torch functions.
-
-Range convention: metric inputs are float frames in [0, 1] (`to_unit` maps the model's [-1, 1]).
-PSNR and SSIM then equal the usual definitions with data range 1 (e.g. skimage's data_range=1).
-`hf_ratio` is the blur-blind one: PSNR and SSIM reward a blurred average of the plausible middles
-(the posterior mean), while a blurred frame holds less high-frequency energy than the truth.
-Baselines take a clip's start and end frames and return its predicted middle [B, C, M, H, W].
-"""
+"""Frame metrics on float frames in [0, 1] (PSNR and SSIM with data range 1; `hf_ratio`, which unlike
+them does not reward blur) and interpolation baselines (start, end, M) -> middle [B, C, M, H, W]."""
 
 from __future__ import annotations
 
@@ -52,20 +46,15 @@ def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM per frame (Wang et al. 2004): x, y [..., C, H, W] in [0, 1] -> [...].
-
-    Gaussian window 11, sigma 1.5, C1 = (0.01)^2, C2 = (0.03)^2, 'valid' filtering (no padding);
-    SSIM maps are averaged per channel, then over channels. Frames smaller than 11 px use the
-    largest odd window that fits (same sigma), so 1- and 3-channel 8-32 px frames all work.
-    """
+    """Mean SSIM per frame (Wang et al. 2004): x, y [..., C, H, W] in [0, 1] -> [...]. Gaussian window 11
+    (or the largest odd one that fits), sigma 1.5, 'valid' filtering, averaged per channel, then over channels."""
     if x.shape != y.shape:
         raise ValueError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     *lead, C, H, W = x.shape
     size = min(SSIM_WINDOW, H, W)
     size -= 1 - size % 2  # odd
     g = gaussian_window(size, SSIM_SIGMA).to(device=x.device, dtype=torch.float64)
-    a = x.reshape(-1, 1, H, W).double()
-    b = y.reshape(-1, 1, H, W).double()
+    a, b = (v.reshape(-1, 1, H, W).double() for v in (x, y))
     mu_a, mu_b = _blur(a, g), _blur(b, g)
     var_a = _blur(a * a, g) - mu_a**2
     var_b = _blur(b * b, g) - mu_b**2
@@ -81,9 +70,7 @@ HF_FLOOR = 1e-6  # a frame with (almost) no edges: its energy floored so the rat
 
 
 def hf_energy(x: torch.Tensor) -> torch.Tensor:
-    """High-frequency energy per frame: the mean squared 5-point Laplacian over the interior pixels
-    and the channels. x [..., C, H, W] in [0, 1] -> [...]. Blurring lowers it; shifting a frame by
-    whole pixels keeps it (up to what crosses the border)."""
+    """High-frequency energy per frame (mean squared Laplacian): x [..., C, H, W] in [0, 1] -> [...]; blur lowers it."""
     *lead, C, H, W = x.shape
     kernel = torch.tensor(LAPLACIAN, dtype=torch.float64, device=x.device).view(1, 1, 3, 3)
     lap = F.conv2d(x.reshape(-1, 1, H, W).double(), kernel)
@@ -91,13 +78,8 @@ def hf_energy(x: torch.Tensor) -> torch.Tensor:
 
 
 def hf_ratio(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x's high-frequency energy over y's (the truth's), per frame: x, y [..., C, H, W] in [0, 1] -> [...].
-
-    1 when x is as sharp as the truth, below 1 when blurred (an average of plausible frames, a
-    cross-fade's edges at partial contrast), above 1 when noisier. It does not reward blur as PSNR
-    does: a sharp frame shifted by a pixel scores about 1 here and poorly on PSNR. It says nothing
-    about where things are (a copied context frame scores about 1), so it is read beside PSNR.
-    """
+    """x's high-frequency energy over the truth y's per frame, x, y [..., C, H, W] in [0, 1] -> [...]: below 1
+    when x is blurred, above when noisier. Blind to where things are, so it is read beside PSNR."""
     if x.shape != y.shape:
         raise ValueError(f"hf_ratio: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     return hf_energy(x) / hf_energy(y).clamp(min=HF_FLOOR)
@@ -112,14 +94,8 @@ def frame_change(x: torch.Tensor) -> torch.Tensor:
 
 
 def flicker(x: torch.Tensor, truth: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """How much x changes from frame to frame over how much the truth does: x, truth [..., T, C, H, W] in
-    [0, 1] -> [...]; the mean of frame_change over the consecutive pairs (all, or the bool mask `pairs`
-    [T - 1]), x's over the truth's.
-
-    1 when x moves as much as the truth, above 1 when it flickers (a frame that jumps away from its
-    neighbours adds its jump on both sides), below 1 when it is stiller than the truth (a cross-fade
-    spreads a move over fading copies and changes less than the move).
-    """
+    """x's mean frame_change over the truth's (all consecutive pairs, or the mask `pairs` [T - 1]): x, truth
+    [..., T, C, H, W] in [0, 1] -> [...]. Above 1 when x flickers, below 1 when stiller (a cross-fade)."""
     if x.shape != truth.shape:
         raise ValueError(f"flicker: shapes differ {tuple(x.shape)} vs {tuple(truth.shape)}")
     change, truth_change = frame_change(x), frame_change(truth)
@@ -137,10 +113,7 @@ def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> tor
 
 
 def copy_nearest(start: torch.Tensor, end: torch.Tensor, middle_frames: int) -> torch.Tensor:
-    """Each middle frame copies the nearer of the last start / first end frame (ties: the start).
-
-    start [B, C, K_start, H, W], end [B, C, K_end, H, W] -> [B, C, M, H, W].
-    """
+    """Each middle frame [B, C, M, H, W] copies the nearer of the last start / first end frame (ties: the start)."""
     M = middle_frames
     nearer_start = [m + 1 <= M - m for m in range(M)]  # frame m is m + 1 after the start, M - m before the end
     return torch.cat([start[:, :, -1:] if s else end[:, :, :1] for s in nearer_start], dim=2)

@@ -1,5 +1,4 @@
-"""Every derived seed: one integer mixer, so that (seed, rank, step) or (seed, batch) give distinct,
-reproducible random streams. Torch-free."""
+"""Every derived seed, from one integer mixer: distinct, reproducible streams per (seed, rank, step). Torch-free."""
 
 SEED_MULTIPLIER = 1_000_003  # a prime a little over 10**6: distinct small parts give distinct seeds
 VAL_SEED = 1234  # fixed noise and timesteps for every validation
@@ -7,9 +6,7 @@ VAL_SEED = 1234  # fixed noise and timesteps for every validation
 
 def mix_seed(*parts: int) -> int:
     """Fold parts into one integer: mix_seed(a, b, c) == (a * M + b) * M + c with M = 1_000_003.
-
-    Not reduced: callers that need a bounded seed take it modulo what their generator accepts.
-    """
+    Not reduced: callers take it modulo what their generator accepts."""
     mixed = 0
     for part in parts:
         mixed = mixed * SEED_MULTIPLIER + part

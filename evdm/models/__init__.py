@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from evdm.config import RunConfig
@@ -12,15 +14,8 @@ __all__ = ["build_model", "VideoUNet3D", "ConditioningEncoder", "EndpointFusion"
 
 
 def build_model(cfg: RunConfig) -> VideoUNet3D:
-    """The VideoUNet3D described by cfg.data (channels, T, context, size) and cfg.model (whose shapes the
-    config checked when it was built)."""
-    m = cfg.model
-    return VideoUNet3D(
-        channels=cfg.channels, T=cfg.data.T, context=cfg.context, base_channels=m.base_channels,
-        channel_mults=tuple(m.channel_mults), res_blocks=m.res_blocks,
-        temporal_attn_levels=tuple(m.temporal_attn_levels), attn_head_channels=m.attn_head_channels,
-        dropout=m.dropout, direct_input=m.direct_input,
-    )
+    """The VideoUNet3D of cfg.data's frames and cfg.model's keys (its keyword arguments, checked by the config)."""
+    return VideoUNet3D(channels=cfg.channels, T=cfg.data.T, context=cfg.context, **dataclasses.asdict(cfg.model))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -1,31 +1,15 @@
 """The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal
 attention, timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling.
 
-Tensors are [B, C, T, H, W], kept channels_last_3d (memory [B, T, H, W, C]) by the Denoiser.
-- Convolutions: every one is per frame (k x k on each frame alone) or along time (3 taps at each
-  pixel). Both run as `F.conv2d` on free views of the same 5-D tensor: [B*M, C, H, W] per frame,
-  [B, C, M, H*W] with a (3, 1) kernel along time; in channels_last_3d both views are channels_last
-  4-D tensors, the layout cuDNN's bf16 tensor-core kernels are built for (as in diffusers' UNet3D).
-  On the 2-core CPU the demo ran in 6 min 20 s with this form against 7 min 55 s with Conv3d; on an
-  H200 the two trained equally fast (docs/BENCHMARKS.md), so it is the one form. Checkpoints of the
-  retired Conv3d form still load (`adapt_conv_weights` drops the singleton kernel dimensions).
-- Norms: under CUDA autocast `nn.GroupNorm`/`nn.LayerNorm` return fp32 and a contiguous tensor for
-  a channels_last_3d input (pytorch issue 111824), so every norm cost a dtype and a layout copy and
-  the next convolution copied back: 28% of an H200 training step. These norms take fp32 statistics
-  from the input and return its dtype in its layout, so torch.compile fuses each with the SiLU and
-  FiLM around it. Same parameters and maths as the torch modules.
-- Attention: the sequences are short (T = 8 frames) and very many (B x H x W). On an H200 cuDNN's
-  flash kernel spent 22% of a step on mostly-padding 64 x 128 tiles, and CUDA's SDPA fails from
-  65,536 sequences up. `short_attention` writes the maths with an fp32 softmax and no SDPA call:
-  compiled, a broadcast multiply-and-sum that Inductor fuses (5.6x SDPA's forward + backward at
-  level 2's shape on the H200; `q @ k.T` would be pattern-matched back into SDPA); eagerly, batched
-  matrix products. Neither has a sequence-count limit; the tests check both against SDPA.
-No layer branches on tensor values, so the model compiles with fullgraph=True.
-"""
+Tensors are [B, C, T, H, W] in channels_last_3d. Convolutions run as `F.conv2d` on free channels-last
+views (per frame [B*M, C, H, W]; along time [B, C, M, H*W]), norms keep their input's dtype and layout,
+attention avoids SDPA (why: docs/GUIDE.md, Design notes). No layer branches on tensor values, so the
+model compiles with fullgraph=True."""
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -39,28 +23,21 @@ def _affine(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: to
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm (Wu & He 2018) of x [B, C, ...] over each group of C / groups channels and all positions.
-
-    Statistics in fp32; returns x's dtype and memory layout (splitting dim 1 is a view in any layout).
-    """
+    """GroupNorm (Wu & He 2018) of x [B, C, ...]: fp32 statistics, x's dtype and memory layout back."""
     g = x.float().unflatten(1, (groups, x.shape[1] // groups))
     var, mean = torch.var_mean(g, dim=tuple(range(2, g.ndim)), correction=0, keepdim=True)
     return _affine(((g - mean) * torch.rsqrt(var + eps)).flatten(1, 2), weight, bias, x.dtype)
 
 
 def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the channels of x [B, C, ...] at every position (a token's features).
-
-    Statistics in fp32; returns x's dtype and memory layout.
-    """
+    """LayerNorm over the channels of x [B, C, ...] at every position: fp32 statistics, x's dtype and layout."""
     xf = x.float()
     var, mean = torch.var_mean(xf, dim=1, correction=0, keepdim=True)
     return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias, x.dtype)
 
 
-# Compiled, the functions above become one or two fused kernels. Run eagerly they would be several
-# passes each way (their backward is autograd's, op by op): 3x the CPU time of a demo training step.
-# Eager runs therefore use torch's own norm kernels, the same maths (tests/test_model.py).
+# The functions above pay off only when compiled (fused); eagerly they are several passes each way,
+# so eager runs use torch's own norm kernels, the same maths (tests/test_model.py).
 
 
 class GroupNorm(nn.GroupNorm):
@@ -73,8 +50,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class ChannelNorm(nn.LayerNorm):
-    """nn.LayerNorm(channels) along dim 1 of [B, C, ...]: `channel_norm` when compiled; eagerly torch's
-    kernel on the channels-last view (free for a channels-last x)."""
+    """nn.LayerNorm(channels) along dim 1 of [B, C, ...]: `channel_norm` compiled, torch's kernel eagerly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -102,11 +78,8 @@ def from_frames(y: torch.Tensor, B: int) -> torch.Tensor:
 
 
 class FrameConv(nn.Module):
-    """A k x k convolution applied to every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s].
-
-    `upsample` doubles H and W (nearest) before the convolution. The weight and bias live on this
-    module (`.weight`, `.bias`), initialised exactly as nn.Conv2d would.
-    """
+    """A k x k convolution of every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s].
+    `upsample` doubles H and W (nearest) first. `.weight`, `.bias` are initialised as nn.Conv2d's."""
 
     def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, upsample: bool = False) -> None:
         super().__init__()
@@ -144,13 +117,8 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) along dim 1, per position and head.
-
     q: [B, Lq, *P, heads, d]; k, v: [B, Lk, *P, heads, d] (P: any positions) -> [B, Lq, *P, heads, d].
-    The softmax runs in fp32, the output is in v's dtype. Compiled, the scores are a broadcast product
-    summed over d (`broadcast_attention`), which Inductor fuses; run eagerly, the same maths as batched
-    matrix products (`matmul_attention`): the broadcast form materialises a [.., Lq, Lk, d] product
-    per call, 10% of a CPU demo step.
-    """
+    fp32 softmax, v's dtype out. Compiled: `broadcast_attention` (Inductor fuses it); eagerly `matmul_attention`."""
     if torch.compiler.is_compiling():
         return broadcast_attention(q, k, v)
     return matmul_attention(q, k, v)
@@ -172,14 +140,9 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 class TemporalAttention(nn.Module):
-    """Multi-head self-attention along time at every spatial position; only the middle is updated.
-
-    Queries come from the M middle frames, keys and values from all T = K_start + M + K_end frames,
-    so the middle attends to the encoded endpoints. Tokens get LayerNorm (over channels) and a
-    learned frame-position embedding; the output projection is zero-initialised (identity at start).
-    h: [B, c, M, H, W]; start: [B, c, K_start, H, W], end: [B, c, K_end, H, W] encoder features
-    -> [B, c, M, H, W]. Parameters as nn.Linear / nn.LayerNorm (`q`, `kv`, `out`, `norm`, `pos`).
-    """
+    """Multi-head self-attention along time at every pixel: the M middle frames query all T frames.
+    Tokens get LayerNorm and a learned frame-position embedding; the output projection is zero-initialised.
+    h: [B, c, M, H, W]; start: [B, c, K_start, H, W], end: [B, c, K_end, H, W] features -> [B, c, M, H, W]."""
 
     def __init__(self, channels: int, head_channels: int, frames: int) -> None:
         super().__init__()
@@ -197,8 +160,7 @@ class TemporalAttention(nn.Module):
         pos = self.pos.t().to(dtype)[None, :, :, None, None]  # [1, c, T, 1, 1]
         parts = (start, h.to(dtype), end)
         bounds = (0, Ks, Ks + M, pos.shape[2])
-        # Each part is normalised on its own (LayerNorm is per token) so the middle's normed tokens
-        # are a tensor of their own: the query projection then reads them without a copy.
+        # Each part normed on its own (LayerNorm is per token): the query projection reads the middle's uncopied.
         normed = [self.norm(x) + pos[:, :, a:b] for x, a, b in zip(parts, bounds, bounds[1:])]
         tokens = torch.cat(normed, dim=2).movedim(1, -1)  # [B, T, H, W, c]
         q = self.q(normed[1].movedim(1, -1))  # [B, M, H, W, c]
@@ -209,10 +171,7 @@ class TemporalAttention(nn.Module):
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, sec. 3.5; as in DDPM).
-
-    t: int64 [B] -> float32 [B, dim].
-    """
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, sec. 3.5): int64 [B] -> float32 [B, dim]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
@@ -233,13 +192,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class SpatioTemporalConv(nn.Module):
-    """(2+1)D convolution: (1,3,3) spatial, SiLU, (3,1,1) temporal (R(2+1)D, Tran et al. 2018).
-
-    Replaces a (3,3,3) kernel at 12/27 of its weights and FLOPs, with one more nonlinearity.
-    The middle is only T - 2K frames (4 in the reference config), so a 3-tap temporal kernel
-    already spans most of it; longer-range time mixing and the link to the endpoints come from
-    temporal attention. [B, c_in, M, H, W] -> [B, c_out, M, H, W].
-    """
+    """(2+1)D convolution, 3x3 per frame, SiLU, 3 taps along time (R(2+1)D, Tran et al. 2018): 12/27 of a
+    (3,3,3) kernel's weights and FLOPs; attention does the longer-range time mixing. [B, c_in, M, H, W] -> c_out."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
@@ -251,12 +205,8 @@ class SpatioTemporalConv(nn.Module):
 
 
 class FiLM(nn.Module):
-    """Feature-wise linear modulation (Perez et al. 2018), per pixel and per frame:
-    h * (1 + gamma) + beta with (gamma, beta) = 1x1 conv of the conditioning map.
-
-    Zero-initialised, so gamma = beta = 0 (the identity) at the start of training.
-    h: [B, c, M, H, W]; cond: [B, c_cond, M, H, W] at the same resolution.
-    """
+    """FiLM (Perez et al. 2018) per pixel and frame: h * (1 + gamma) + beta, (gamma, beta) = 1x1 conv of cond.
+    Zero-initialised: the identity at the start. h: [B, c, M, H, W]; cond: [B, c_cond, M, H, W]."""
 
     def __init__(self, c_cond: int, channels: int) -> None:
         super().__init__()
@@ -268,11 +218,8 @@ class FiLM(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GroupNorm-SiLU-Conv, GroupNorm-FiLM-SiLU-Dropout-Conv, plus a (1x1) skip (ADM-style, with
-    the timestep entering through FiLM's conditioning map). Time length is kept.
-
-    x: [B, c_in, M, H, W], cond: [B, c_cond, M, H, W] -> [B, c_out, M, H, W].
-    """
+    """GroupNorm-SiLU-Conv, GroupNorm-FiLM-SiLU-Dropout-Conv, plus a 1x1 skip (ADM-style; the timestep
+    enters through FiLM's map). x: [B, c_in, M, H, W], cond: [B, c_cond, M, H, W] -> [B, c_out, M, H, W]."""
 
     def __init__(self, c_in: int, c_out: int, c_cond: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -292,23 +239,15 @@ class ResBlock3D(nn.Module):
         return self.skip(x) + h
 
 
-class Downsample(nn.Module):
+class Downsample(nn.Sequential):
     """Strided per-frame 3x3 conv: halves H and W, keeps time. [B, c_in, M, H, W] -> [B, c_out, M, H/2, W/2]."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv = FrameConv(c_in, c_out, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        super().__init__(OrderedDict(conv=FrameConv(c_in, c_out, stride=2)))
 
 
-class Upsample(nn.Module):
+class Upsample(nn.Sequential):
     """Nearest x2 in H and W, then a per-frame 3x3 conv. [B, c, M, H, W] -> [B, c, M, 2H, 2W]."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = FrameConv(channels, channels, upsample=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        super().__init__(OrderedDict(conv=FrameConv(channels, channels, upsample=True)))

@@ -1,9 +1,5 @@
-"""The shared endpoint encoder and the per-level, position-aware fusion of its features.
-
-One `ConditioningEncoder` (one parameter set) encodes both start_context and end_context, in a
-single batched pass, into a feature map per U-Net resolution. `EndpointFusion` turns the start and
-end features of one level into the conditioning map that drives every FiLM layer of that level.
-"""
+"""The shared endpoint encoder (one feature map per U-Net level for both ends, one parameter set) and
+`EndpointFusion`, which turns one level's start and end features into the map that drives its FiLMs."""
 
 from __future__ import annotations
 
@@ -30,12 +26,8 @@ class EncoderBlock(nn.Module):
 
 
 class ConditioningEncoder(nn.Module):
-    """Shared endpoint encoder: a small per-frame conv pyramid with one feature map per level.
-
-    Also owns the learned null conditioning of classifier-free guidance (Ho & Salimans 2022):
-    where cond_drop is True, every level's start and end features are replaced by learned
-    constants (torch.where, no Python branching).
-    """
+    """Shared endpoint encoder, a per-frame conv pyramid with one feature map per level; where cond_drop is True
+    the features are learned constants instead (guidance's null conditioning, Ho & Salimans 2022)."""
 
     def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int]) -> None:
         super().__init__()
@@ -66,32 +58,23 @@ class ConditioningEncoder(nn.Module):
     def forward(
         self, start_context: torch.Tensor, end_context: torch.Tensor, cond_drop: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Encode both endpoints with the same weights: one batched pass of 2B clips when both ends
-        hold as many frames, else one pass each (GroupNorm statistics stay per clip end either way).
-
+        """Encode both endpoints with the same weights, in one batch of 2B when both ends hold as many frames.
         start_context: [B, C, K_start, H, W], end_context: [B, C, K_end, H, W]; cond_drop: bool [B].
-        Returns (start_feats, end_feats), lists over levels of [B, c_l, K_start or K_end, H_l, W_l].
-        """
+        Returns (start_feats, end_feats), lists over levels of [B, c_l, K_start or K_end, H_l, W_l]."""
         B = start_context.shape[0]
         if start_context.shape == end_context.shape:
             pairs = [(f[:B], f[B:]) for f in self.encode(torch.cat([start_context, end_context], dim=0))]
         else:
             pairs = list(zip(self.encode(start_context), self.encode(end_context)))
         drop = cond_drop.reshape(B, 1, 1, 1, 1)
-        start_feats, end_feats = [], []
-        for (fs, fe), null_s, null_e in zip(pairs, self.null_start, self.null_end):
-            start_feats.append(torch.where(drop, null_s.to(fs.dtype), fs))
-            end_feats.append(torch.where(drop, null_e.to(fe.dtype), fe))
-        return start_feats, end_feats
+        nulled = lambda f, null: torch.where(drop, null.to(f.dtype), f)  # noqa: E731
+        return ([nulled(fs, null) for (fs, _), null in zip(pairs, self.null_start)],
+                [nulled(fe, null) for (_, fe), null in zip(pairs, self.null_end)])
 
 
 def project_frames(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A 1x1 projection of x's K frames stacked along channels (stacked channel ci * K + k, as
-    x.reshape(B, c * K, H, W) would order them): weight [c_out, c * K, ...] -> [B, c_out, 1, H, W].
-
-    Computed as a (K, 1) convolution over the [B, c, K, H*W] view of x, which is free for a
-    channels_last_3d x (stacking frames along channels would copy it).
-    """
+    """A 1x1 projection, weight [c_out, c * K, ...], of x [B, c, K, H, W]'s frames stacked along channels
+    (ci * K + k) -> [B, c_out, 1, H, W]: a (K, 1) conv over x's [B, c, K, H*W] view, which does not copy x."""
     B, c, K, H, W = x.shape
     out = F.conv2d(x.reshape(B, c, K, H * W), weight.reshape(-1, c, K, 1).to(x.dtype))
     return out.reshape(B, -1, 1, H, W)
@@ -99,17 +82,11 @@ def project_frames(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class EndpointFusion(nn.Module):
     """Fuse one level's start and end features into a position-aware conditioning map.
-
     For middle frame m of M, with w_m = (m + 1) / (M + 1) (its position between the endpoints):
         cond_m = SiLU( P [ (1 - w_m) S ; w_m E ] + pos_m + A emb )
-    where S, E are the K_start and K_end context frames' features stacked along channels, [;] is
-    channel concatenation, P the 1x1 projection, pos_m a learned frame-position embedding and
-    A emb the projected timestep embedding. So frame K+1 leans on the start, frame T-K-2 on the
-    end, and stacking the K frames lets P read the endpoints' velocity. P is linear, so it is
-    evaluated as (1 - w) P_S S + w P_E E with P's weight split in two (same result, M x cheaper), each
-    half as a (K, 1) Conv2d over the frames of the channels-last features (`project_frames`: no copy).
-    start: [B, c, K_start, H, W], end: [B, c, K_end, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W].
-    """
+    S, E: the context features stacked along channels (P reads the endpoints' velocity), P a 1x1 projection
+    (run as (1 - w) P_S S + w P_E E, `project_frames`), pos_m learned, A emb the projected timestep.
+    start: [B, c, K_start, H, W], end: [B, c, K_end, H, W]; emb: [B, emb_dim] -> [B, c, M, H, W]."""
 
     def __init__(self, channels: int, K: tuple[int, int], M: int, emb_dim: int) -> None:
         super().__init__()

@@ -1,17 +1,12 @@
 """VideoUNet3D: the pixel-space denoiser of the middle frames, conditioned on both endpoints.
 
     x_t [B, C, M, H, W] --stem+FiLM--> down levels (ResBlock3D + FiLM, temporal attention at
-    `temporal_attn_levels`, spatial downsampling) --> bottleneck (ResBlock, attention, ResBlock)
-    --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> eps or v.
+    `temporal_attn_levels`, downsampling) --> bottleneck (ResBlock, attention, ResBlock)
+    --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> the prediction.
 
-The endpoints go through one shared `ConditioningEncoder`; per level, `EndpointFusion` makes the
-position-aware map that feeds every FiLM of that level (with the timestep embedding), and the
-encoder features of the 2K context frames join the middle in every temporal attention.
-`direct_input` also hands the endpoints to the stem, pixel-aligned, as extra input channels of every
-middle frame (as MCVD and frame-interpolation networks feed theirs): "blend" the linear blend of the
-last start and first end frame at that frame's position (computed by the caller, which also uses it
-as the residual's base), "context" all 2K context frames, "both" the two; "none" none of them.
-"""
+One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for
+its FiLMs, and the context features join every temporal attention. `direct_input` also feeds the stem
+"blend" (the linear blend), "context" (all context frames), "both" or "none" as extra channels."""
 
 from __future__ import annotations
 
@@ -29,35 +24,20 @@ DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (Fal
 
 
 class VideoUNet3D(nn.Module):
-    """Endpoint-conditioned video U-Net; see the module docstring.
+    """Endpoint-conditioned video U-Net: forward(x_t, t, start_context, end_context, blend, cond_drop) -> out.
+    x_t, out: [B, C, M, H, W]; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
+    [B, C, K_end, H, W] in [-1, 1]; blend: [B, C, M, H, W] (evdm.diffusion.linear_blend), read when
+    direct_input has it; cond_drop: bool [B] (True: learned null conditioning). H and W must be
+    divisible by 2 ** (len(channel_mults) - 1)."""
 
-    forward(x_t, t, start_context, end_context, blend, cond_drop) -> out
-    x_t: [B, C, M, H, W] noisy middle; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
-    [B, C, K_end, H, W] in [-1, 1] (context = (K_start, K_end)); blend: [B, C, M, H, W], the linear
-    blend of the last start and first end frame (evdm.diffusion.linear_blend), read when direct_input
-    has it; cond_drop: bool [B] (True: learned null conditioning). out: [B, C, M, H, W]. H and W must be divisible by 2 ** (len(channel_mults) - 1); the
-    config checks its shapes when it loads (evdm.config.check_shapes).
-    """
-
-    def __init__(
-        self,
-        *,
-        channels: int,
-        T: int,
-        context: Context,
-        base_channels: int = 96,
-        channel_mults: tuple[int, ...] = (1, 2, 4),
-        res_blocks: int = 2,
-        temporal_attn_levels: tuple[int, ...] = (1, 2),
-        attn_head_channels: int = 32,
-        dropout: float = 0.0,
-        direct_input: str = "none",
-    ) -> None:
+    def __init__(self, *, channels: int, T: int, context: Context, base_channels: int = 96,
+                 channel_mults: tuple[int, ...] = (1, 2, 4), res_blocks: int = 2,
+                 temporal_attn_levels: tuple[int, ...] = (1, 2), attn_head_channels: int = 32,
+                 dropout: float = 0.0, direct_input: str = "none") -> None:
         super().__init__()
         self.context = Context(*context)
         self.channels, self.T, self.middle_frames = channels, T, self.context.middle_frames(T)
         self.downscale = 2 ** (len(channel_mults) - 1)
-        M = self.middle_frames
         level_ch = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.attn_levels = tuple(sorted(set(temporal_attn_levels)))
@@ -66,10 +46,8 @@ class VideoUNet3D(nn.Module):
 
         self.time_embed = TimestepEmbedder(base_channels, emb_dim)
         self.encoder = ConditioningEncoder(channels, level_ch, self.context)
-        self.fusion = nn.ModuleList([EndpointFusion(c, self.context, M, emb_dim) for c in level_ch])
+        self.fusion = nn.ModuleList([EndpointFusion(c, self.context, self.middle_frames, emb_dim) for c in level_ch])
 
-        if direct_input not in DIRECT_INPUTS:
-            raise ValueError(f"unknown direct_input {direct_input!r}; expected one of {tuple(DIRECT_INPUTS)}")
         self.direct_input = direct_input
         blend, frames = DIRECT_INPUTS[direct_input]
         direct_ch = channels * (int(blend) + int(frames) * sum(self.context))
@@ -85,8 +63,7 @@ class VideoUNet3D(nn.Module):
         self.out_conv = zero_init(FrameConv(level_ch[0], channels))
 
     def _build_down(self, level_ch: list[int], res_blocks: int, block, attn) -> list[int]:
-        """Down path: per level `res_blocks` blocks (+ attention), then a downsample except at the
-        bottom. Returns the channel count of every skip the up path will eat, in order."""
+        """Down path: per level `res_blocks` blocks (+ attention), then a downsample; returns the skips' widths."""
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_ch = [level_ch[0]]
         c = level_ch[0]
@@ -124,7 +101,7 @@ class VideoUNet3D(nn.Module):
                 self.upsample.append(Upsample(c))
 
     def _check_inputs(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
-        # Static shape checks: resolved at trace time, no data-dependent control flow.
+        """Static shape checks: resolved at trace time, no data-dependent control flow."""
         B, C, M, H, W = x_t.shape
         if (C, M) != (self.channels, self.middle_frames):
             raise ValueError(f"x_t {tuple(x_t.shape)}: expected C={self.channels} channels and "
@@ -152,15 +129,8 @@ class VideoUNet3D(nn.Module):
         extra = torch.where(cond_drop.reshape(B, 1, 1, 1, 1), 0.0, torch.cat(extra, dim=1))
         return torch.cat([x_t, extra], dim=1)
 
-    def forward(
-        self,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        start_context: torch.Tensor,
-        end_context: torch.Tensor,
-        blend: torch.Tensor,
-        cond_drop: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, start_context: torch.Tensor, end_context: torch.Tensor,
+                blend: torch.Tensor, cond_drop: torch.Tensor) -> torch.Tensor:
         self._check_inputs(x_t, start_context, end_context)
         emb = self.time_embed(t)
         start_feats, end_feats = self.encoder(start_context.to(x_t.dtype), end_context.to(x_t.dtype), cond_drop)
@@ -182,9 +152,8 @@ class VideoUNet3D(nn.Module):
         h = self.mid_attn(h, start_feats[-1], end_feats[-1])
         h = self.mid_block2(h, conds[-1])
 
-        n = len(self.up_blocks)
         for j, (blocks, attns) in enumerate(zip(self.up_blocks, self.up_attn)):
-            lv = n - 1 - j
+            lv = len(self.up_blocks) - 1 - j
             for i, block in enumerate(blocks):
                 h = block(torch.cat([h, skips.pop()], dim=1), conds[lv])
                 if len(attns):
