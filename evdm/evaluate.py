@@ -1,23 +1,12 @@
-"""Evaluate a checkpoint against simple baselines on shard clips: PSNR, SSIM (and LPIPS if available offline).
+"""Score a checkpoint against baselines on shard clips: PSNR, SSIM, HF ratio, flicker (and LPIPS offline).
 
     python -m evdm.evaluate --ckpt runs/bair/last.pt --shards 'shards/bair/val-*.tar' --num 256 \
-        [--steps 10 40] [--best_of 4] [--json eval.json]
+        [--steps 10 40] [--best_of 4] [--peer minterpolate] [--json eval.json] [--examples ex.png]
 
-Rows, all on the same clips: copy the nearest context frame; linear blend of the last start and
-first end frame; the model with DDIM at each --steps and at the checkpoint's sample.steps (what
-sample.py draws); optionally the best of N model samples per
-clip (chosen by mean PSNR over the middle; its SSIM/LPIPS are those of that sample: MCVD's protocol,
-Voleti et al. 2022). Metrics are computed on the generated middle frames only, in [0, 1] (float,
-before rounding to uint8), per middle position and averaged over clips and positions (the mean of
-per-frame PSNRs). Every row also gets `hf_ratio`, its high-frequency (Laplacian) energy over the
-truth's, per frame (evdm.metrics.hf_ratio): 1 is as sharp as the truth, below 1 blurred. PSNR and
-SSIM reward the blurred posterior mean that one DDIM step draws; this one does not. The summary gives
-the margins of the main row and of the sampled (sample.steps) row. The JSON states this protocol and
-carries a `comparable_row` to set beside a published one; --examples draws the worst and the best
-clip by PSNR. Every row also gets `flicker`, per clip (context and middle frames together) its mean
-change between consecutive frames over the truth's (evdm.metrics.flicker). --peer minterpolate adds
-ffmpeg's minterpolate on the same clips (evdm.peer): its blend mode and the best of a stated grid of
-motion-compensated settings (by mean PSNR on these clips), counted among the baselines.
+Rows on the same clips: the baselines (copy the nearest context frame, linear blend; --peer adds ffmpeg's
+minterpolate), the model with DDIM at each --steps and at the checkpoint's sample.steps, and with --best_of N
+the best of N samples per clip. Only the generated middle frames are scored, in [0, 1] before rounding; the
+JSON states the protocol and carries a `comparable_row` to set beside a published one.
 """
 
 from __future__ import annotations
@@ -35,11 +24,13 @@ import torch
 
 from evdm import peer, visualize
 from evdm.atomic import DiskFullError, atomic_write, output_problem
-from evdm.cli import add_speed_flags, input_files
-from evdm.config import Context, with_sample
+from evdm.checkpoint import CheckpointError
+from evdm.cli import add_speed_flags, input_files, one_line
+from evdm.config import ConfigError, Context, with_sample
 from evdm.denoiser import Denoiser, resolve_device, to_uint8
+from evdm.ffmpeg import FFmpegNotFound
 from evdm.metrics import BASELINES, flicker, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
-from evdm.sample_io import batched, iter_shard_clips, progress_bar
+from evdm.sample_io import SamplingError, batched, iter_shard_clips, progress_bar
 from evdm.seeds import mix_seed
 
 LINEAR_BLEND = "linear blend"
@@ -113,29 +104,21 @@ def evaluate(
     precision: str | None = None, compile: str | None = None, extremes: Extremes | None = None,
     main_steps: int | None = None, peer: str | None = None,
 ) -> dict:
-    """Metrics of the baselines and the model (DDIM at each of steps_list and at the checkpoint's
-    sample.steps) on the first `num` shard clips.
+    """The JSON-ready `report` of the baselines and the model (DDIM at each of steps_list and at the
+    checkpoint's sample.steps) on the first `num` shard clips.
 
-    guidance_scale None: the checkpoint's sample.guidance_scale. main_steps (default max(steps_list);
-    added to it if missing) is the step count of the main row: the summary, the best-of-N row (best_of
-    > 1), the examples and the comparable row; it is scored last, so it is the table's last model row.
-    precision / compile: None for the checkpoint's sample.precision / sample.compile.
-    extremes: filled with the worst and the best clip by the main row's PSNR (`write_examples` draws them).
-    peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`).
-    Returns a JSON-ready dict; result["summary"] compares the model's main row (and, under "sampled",
-    its sample.steps row) with the linear blend and with the best baseline on each metric,
-    result["protocol"] says how the numbers were made and
-    result["comparable_row"] is the main row in the shape of a published one.
+    main_steps (default max(steps_list)) is the main row's step count: the summary, the best-of-N row,
+    the examples and the comparable row; it is scored last. None for guidance_scale, precision or compile:
+    the checkpoint's sample settings. extremes: filled with the worst and the best clip by the main row's
+    PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`).
     """
     dev = resolve_device(device)
     denoiser = Denoiser.load(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
     cfg = with_sample(denoiser.cfg, sampler="ddim", guidance_scale=guidance_scale)
     main_steps = max(steps_list) if main_steps is None else main_steps
-    # The sampled row (what sample.py draws) is always scored; the main row last.
     steps_list = sorted((set(steps_list) | {cfg.sample.steps}) - {main_steps}) + [main_steps]
     lpips_fn, lpips_status = load_lpips(dev)
-    acc: dict = {}
-    peer_acc: dict = {}
+    acc, peer_acc = {}, {}
     extremes = Extremes() if extremes is None else extremes
     clips_seen = 0
     with progress_bar() as bar:
@@ -161,11 +144,12 @@ class Extremes:
     worst: tuple[float, list[np.ndarray]] | None = None
     best: tuple[float, list[np.ndarray]] | None = None
 
-    def update(self, psnr: torch.Tensor, truth_u8: np.ndarray, model_unit: torch.Tensor, blend_unit: torch.Tensor) -> None:
+    def update(self, psnr: torch.Tensor, truth_u8: np.ndarray, model_unit: torch.Tensor,
+               blend_unit: torch.Tensor) -> None:
         """psnr: [B]; truth_u8: [B, T, H, W, C]; model_unit, blend_unit: whole clips [B, C, T, H, W] in [0, 1]."""
-        for name, i, better in (("worst", int(psnr.argmin()), float.__lt__), ("best", int(psnr.argmax()), float.__gt__)):
-            current = getattr(self, name)
-            value = float(psnr[i])
+        for name, i, better in (("worst", int(psnr.argmin()), float.__lt__),
+                                ("best", int(psnr.argmax()), float.__gt__)):
+            current, value = getattr(self, name), float(psnr[i])
             if current is None or better(value, current[0]):
                 pictures = [truth_u8[i]] + [to_uint8(x[i : i + 1] * 2 - 1)[0] for x in (model_unit, blend_unit)]
                 setattr(self, name, (value, pictures))
@@ -183,25 +167,25 @@ def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: n
         return to_unit(denoiser.generate(x_start, x_end, dataclasses.replace(cfg.sample, steps=steps),
                                          generator=torch.Generator(device=dev).manual_seed(gen_seed)))
 
-    unit = u8_to_unit(u8.to(dev))
-    start, truth, end = K.split(unit)
+    start, truth, end = K.split(u8_to_unit(u8.to(dev)))
+    score = lambda middle: _frame_metrics(middle, truth, lpips_fn, context=(start, end))  # noqa: E731
     guesses = {name: baseline(start, end, truth.shape[2]) for name, baseline in BASELINES.items()}
     for name, middle in guesses.items():
-        _record(acc, name, _frame_metrics(middle, truth, lpips_fn, context=(start, end)))
+        _record(acc, name, score(middle))
     for steps in steps_list:
         sampled = model_clip(steps, batch_seed)
-        single = _frame_metrics(K.split(sampled)[1], truth, lpips_fn, context=(start, end))
+        single = score(K.split(sampled)[1])
         _record(acc, f"model ddim-{steps}", single)
     blend = torch.cat([start, guesses[LINEAR_BLEND], end], dim=2)
     extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
     if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
-        candidates = [single] + [_frame_metrics(K.split(model_clip(steps_list[-1], batch_seed * 131 + n))[1],
-                                                truth, lpips_fn, context=(start, end)) for n in range(1, best_of)]
+        candidates = [single] + [score(K.split(model_clip(steps_list[-1], batch_seed * 131 + n))[1])
+                                 for n in range(1, best_of)]
         _record(acc, f"model ddim-{steps_list[-1]} best-of-{best_of}", _best_of(candidates))
 
 
 def score_peer(acc: dict, clips: np.ndarray, cfg, lpips_fn) -> None:
-    """Score ffmpeg minterpolate's blend and each setting of its grid (evdm.peer) on uint8 clips [B, T, H, W, C]."""
+    """Score ffmpeg minterpolate's blend and each grid setting (evdm.peer) on uint8 clips [B, T, H, W, C]."""
     start, truth, end = cfg.context.split(u8_to_unit(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)))
     settings = [peer.BLEND, *peer.mci_grid(cfg.data.size)]
     for setting, middles in peer.interpolate_grid(clips, cfg.context, settings).items():
@@ -234,39 +218,39 @@ def write_examples(extremes: Extremes, K: Context, path: str | Path) -> None:
 
 def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: list[int], seed: int, best_of: int,
            use_ema: bool, lpips_status: str, peer_result: dict | None = None) -> dict:
-    """The JSON-ready result: settings, rows, the summary, the protocol and the comparable row (and with
-    `peer_result`, peer_rows' result: its rows after the baselines', counted among them, the rest under "peer")."""
+    """The JSON-ready result: settings, rows, the summary, the protocol and the comparable row. peer_result
+    (`peer_rows`): its rows follow the baselines' and count among them, the rest goes under "peer"."""
     rows = summarize(acc)
     baselines = list(BASELINES)
     if peer_result is not None:
         rows[len(BASELINES):len(BASELINES)] = peer_result["rows"]
         baselines += [r["method"] for r in peer_result["rows"]]
     by_name = {r["method"]: r for r in rows}
-    (Ks, Ke), M, sc = cfg.context, cfg.middle_frames, cfg.sample
+    (Ks, Ke), M, sc, size = cfg.context, cfg.middle_frames, cfg.sample, cfg.data.size
     main_row = f"model ddim-{steps_list[-1]}"
     headline = by_name[f"{main_row} best-of-{best_of}" if best_of > 1 else main_row]
+    guidance_until = f" at t <= {sc.guidance_max_t:g} x the timesteps" if sc.guidance_max_t < 1 else ""
     protocol = {
         "frames": f"{Ks} observed + {M} generated + {Ke} observed (T {cfg.data.T}), "
-                  f"{cfg.data.size}x{cfg.data.size} {cfg.data.color_mode}",
+                  f"{size}x{size} {cfg.data.color_mode}",
         "samples_per_clip": best_of,
-        "selection": (f"per clip, the best of {best_of} samples by mean PSNR over the generated frames "
-                      f"(MCVD's protocol); its SSIM and LPIPS are that sample's") if best_of > 1 else "one sample per clip",
+        "selection": f"per clip, the best of {best_of} samples by mean PSNR over the generated frames (MCVD's "
+                     f"protocol); its SSIM and LPIPS are that sample's" if best_of > 1 else "one sample per clip",
         "scored_frames": f"the {M} generated frames only, float in [0, 1] before rounding; context frames are exact",
         "flicker": "per clip, the mean change between consecutive frames (context and middle) over the truth's",
         "aggregation": f"per-frame PSNR and SSIM, averaged over the {M} generated frames and over {clips} clips "
                        f"(the first {clips} in sorted shard order)",
-        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}"
-                   + (f" at t <= {sc.guidance_max_t:g} x the timesteps" if sc.guidance_max_t < 1 else "") + f", EMA {use_ema}",
+        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}{guidance_until}, "
+                   f"EMA {use_ema}",
     }
     return {
         "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": cfg.data.T, "context_start": Ks,
-        "context_end": Ke, "M": M, "size": cfg.data.size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
+        "context_end": Ke, "M": M, "size": size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
         "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale,
-        "guidance_max_t": sc.guidance_max_t,
-        "seed": seed, "best_of": best_of,
-        "ema": use_ema, "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
+        "guidance_max_t": sc.guidance_max_t, "seed": seed, "best_of": best_of, "ema": use_ema,
+        "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
         "lpips": lpips_status, "rows": rows, "protocol": protocol,
-        "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": cfg.data.size,
+        "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": size,
                            "samples_per_clip": best_of, "clips": clips,
                            **{m: headline[m] for m in ("psnr", "ssim", "lpips") if m in headline}},
         "summary": summary(by_name, main_row, f"model ddim-{sc.steps}", baselines),
@@ -274,59 +258,63 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
     }
 
 
+MARGINS = {"psnr": "model_minus_best_baseline_db", "ssim": "model_minus_best_baseline_ssim"}
+
+
 def summary(by_name: dict[str, dict], main_row: str, sampled_row: str, baselines: list[str]) -> dict:
-    """The model's main row against the linear blend and against the best baseline on each metric
-    (PSNR and SSIM may be won by different baselines; the margin is over the stronger one each time);
-    under "sampled" the same margins of `sampled_row` (sample.steps: what users look at), which may be
-    the main row itself. hf_ratio: each row's high-frequency energy over the truth's (1 = as sharp)."""
-    model, blend = by_name[main_row], by_name[LINEAR_BLEND]
-    best = {m: max((by_name[name] for name in baselines), key=lambda r: r[m]) for m in ("psnr", "ssim")}
+    """The main row's margins over the linear blend and over the best baseline on each metric (PSNR and
+    SSIM may be won by different baselines); under "sampled", those of `sampled_row` (sample.steps: what
+    users look at), which may be the main row itself."""
+    best = {m: max((by_name[name] for name in baselines), key=lambda r: r[m]) for m in MARGINS}
 
-    def margins(row: dict) -> dict:
-        return {"model_minus_best_baseline_db": round(row["psnr"] - best["psnr"]["psnr"], 4),
-                "model_minus_best_baseline_ssim": round(row["ssim"] - best["ssim"]["ssim"], 4)}
+    def scores(row: dict) -> dict:
+        return {"psnr": row["psnr"], "ssim": row["ssim"], "hf_ratio": row["hf_ratio"],
+                **{key: round(row[m] - best[m][m], 4) for m, key in MARGINS.items()}}
 
-    sampled = by_name[sampled_row]
+    model, blend = scores(by_name[main_row]), by_name[LINEAR_BLEND]["psnr"]
     return {
-        "model": main_row, "model_psnr": model["psnr"], "model_ssim": model["ssim"],
-        "model_hf_ratio": model["hf_ratio"], "linear_blend_psnr": blend["psnr"],
-        "model_minus_linear_blend_db": round(model["psnr"] - blend["psnr"], 4),
-        "best_baseline_psnr": {"method": best["psnr"]["method"], "psnr": best["psnr"]["psnr"]},
-        "best_baseline_ssim": {"method": best["ssim"]["method"], "ssim": best["ssim"]["ssim"]},
-        **margins(model),
-        "sampled": {"model": sampled_row, "psnr": sampled["psnr"], "ssim": sampled["ssim"],
-                    "hf_ratio": sampled["hf_ratio"], **margins(sampled)},
+        "model": main_row, **{f"model_{m}": model[m] for m in ("psnr", "ssim", "hf_ratio")},
+        "linear_blend_psnr": blend, "model_minus_linear_blend_db": round(model["psnr"] - blend, 4),
+        **{f"best_baseline_{m}": {"method": best[m]["method"], m: best[m][m]} for m in MARGINS},
+        **{key: model[key] for key in MARGINS.values()},
+        "sampled": {"model": sampled_row, **scores(by_name[sampled_row])},
     }
 
 
 def margins_line(s: dict) -> str:
     """One line: the main and the sampled row's margins over the best baselines, and their HF ratios."""
-    rows = [(s["model"], s["model_minus_best_baseline_db"], s["model_minus_best_baseline_ssim"], s["model_hf_ratio"])]
-    if s["sampled"]["model"] != s["model"]:
-        d = s["sampled"]
-        rows.append((d["model"], d["model_minus_best_baseline_db"], d["model_minus_best_baseline_ssim"], d["hf_ratio"]))
+    rows = [{"model": s["model"], "hf_ratio": s["model_hf_ratio"], **{key: s[key] for key in MARGINS.values()}}]
+    rows += [s["sampled"]] if s["sampled"]["model"] != s["model"] else []
     return (f"margin over the best baselines ({s['best_baseline_psnr']['method']} on PSNR, "
             f"{s['best_baseline_ssim']['method']} on SSIM): "
-            + "; ".join(f"{name} {db:+.2f} dB, {dssim:+.4f} SSIM (HF ratio {hf:.2f})" for name, db, dssim, hf in rows))
+            + "; ".join(f"{r['model']} {r[MARGINS['psnr']]:+.2f} dB, {r[MARGINS['ssim']]:+.4f} SSIM "
+                        f"(HF ratio {r['hf_ratio']:.2f})" for r in rows))
+
+
+COLUMNS = (("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".4f"), ("HF ratio", "hf_ratio", ".2f"),
+           ("flicker", "flicker", ".2f"), ("LPIPS", "lpips", ".4f"))
+PER_POSITION = (("PSNR", "psnr", ".2f"), ("SSIM", "ssim", ".3f"), ("HF ratio", "hf_ratio", ".2f"))
 
 
 def print_table(result: dict) -> None:
+    """The rows (the best PSNR in bold green), the margins line and the protocol, on the terminal."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{result['checkpoint']}: {result['clips']} clips, middle frames {result['M']}, "
                         f"guidance {result['guidance_scale']}; LPIPS {result['lpips']}")
-    for col in ("method", "PSNR dB", "SSIM", "HF ratio", "flicker", "LPIPS", "PSNR per position", "SSIM per position",
-                "HF ratio per position"):
-        table.add_column(col, justify="left" if col == "method" or "position" in col else "right")
+    table.add_column("method")
+    for title, _, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for title, _, _ in PER_POSITION:
+        table.add_column(f"{title} per position")
     best_psnr = max(r["psnr"] for r in result["rows"])
     for r in result["rows"]:
-        mark = "bold green" if r["psnr"] == best_psnr else ""
-        table.add_row(r["method"], f"[{mark}]{r['psnr']:.2f}[/]" if mark else f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
-                      f"{r['hf_ratio']:.2f}", f"{r['flicker']:.2f}", f"{r['lpips']:.4f}" if "lpips" in r else "-",
-                      " ".join(f"{v:.2f}" for v in r["psnr_per_position"]),
-                      " ".join(f"{v:.3f}" for v in r["ssim_per_position"]),
-                      " ".join(f"{v:.2f}" for v in r["hf_ratio_per_position"]))
+        cells = [format(r[key], spec) if key in r else "-" for _, key, spec in COLUMNS]
+        if r["psnr"] == best_psnr:
+            cells[0] = f"[bold green]{cells[0]}[/]"
+        table.add_row(r["method"], *cells,
+                      *(" ".join(format(v, spec) for v in r[f"{key}_per_position"]) for _, key, spec in PER_POSITION))
     console = Console(width=220)
     console.print(table)
     console.print(margins_line(result["summary"]), highlight=False, soft_wrap=True)
@@ -341,12 +329,6 @@ def write_json(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evdm.checkpoint import CheckpointError
-    from evdm.cli import one_line
-    from evdm.config import ConfigError
-    from evdm.ffmpeg import FFmpegNotFound
-    from evdm.sample_io import SamplingError
-
     p = argparse.ArgumentParser(prog="python -m evdm.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
@@ -397,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
-
 
 
 if __name__ == "__main__":

@@ -1,24 +1,10 @@
 """ffmpeg's minterpolate filter as the interpolation peer evdm is scored against. Torch-free.
 
-minterpolate is what a user of ffmpeg already has for frame-rate conversion: motion-compensated
-interpolation with overlapped blocks (mi_mode=mci), or a cross-fade (mi_mode=blend). Here it fills
-the same frames the model does: the frames of a clip between its last start frame and its first end
-frame, at w = (m + 1) / (M + 1) of the way (`interpolate_clips`), or the N - 1 frames between each
-pair of a video's frames (`interpolate_video`).
-
-How the frames land where they should: the observed frames are fed with timestamps at their true
-instants (a clip's start frames at 0 .. Ks - 1, its end frames at Ks + M .. T - 1, a video's frame i
-at i) and the filter is asked for the rate that puts an output frame at every instant in between; at
-an observed instant it copies the observed frame. The filter holds a few frames (it outputs nothing
-until the frame after the pair it interpolates has arrived), so one copy of the last frame is fed
-after it. Scene-change detection is off (scd=none: a clip has no cut, and a detected one makes the
-filter repeat frames instead of interpolating).
-
-Pixels go through unconverted: RGB frames travel as the planes G, B, R labelled yuv444p (the filter
-works on planar YUV; a real RGB -> YUV conversion would round every pixel), so motion is estimated on
-the green plane, the closest of the three to luma, and mi_mode=blend reproduces the linear blend to
-within rounding. Many clips go through one ffmpeg process: a split of the input, one minterpolate
-instance per clip (no state crosses clips), a concat of the outputs.
+It fills the frames the model does: a clip's middle at w = (m + 1) / (M + 1) between its last start and
+first end frame (`interpolate_clips`), or the N - 1 frames between each pair of a video's frames
+(`interpolate_video`). The observed frames are fed at their true instants and the filter asked for the
+rate that puts an output frame at every instant between; RGB travels unconverted as the planes G, B, R
+labelled yuv444p. docs/GUIDE.md ("Design notes") says why.
 """
 
 from __future__ import annotations
@@ -52,7 +38,6 @@ class Setting:
     vsbmc: bool = False
 
     def options(self) -> str:
-        """The filter's options, as given to ffmpeg."""
         if self.mi_mode == "blend":
             return "mi_mode=blend:scd=none"
         return (f"mi_mode=mci:mc_mode={self.mc_mode}:me_mode={self.me_mode}:mb_size={self.mb_size}"
@@ -86,8 +71,7 @@ def to_planes(frames: np.ndarray) -> bytes:
 
 def from_planes(data: bytes, height: int, width: int, channels: int) -> np.ndarray:
     """The inverse of to_planes: planar bytes -> uint8 [n, H, W, C]."""
-    planes = np.frombuffer(data, np.uint8).reshape(-1, channels, height, width)
-    frames = np.moveaxis(planes, 1, -1)
+    frames = np.moveaxis(np.frombuffer(data, np.uint8).reshape(-1, channels, height, width), 1, -1)
     return np.ascontiguousarray(frames[..., [2, 0, 1]] if channels == 3 else frames)
 
 
@@ -110,14 +94,14 @@ def run_graph(frames: np.ndarray, graph: str, expected: int) -> np.ndarray:
 
 def interpolate_clips(clips: np.ndarray, context: tuple[int, int], setting: Setting) -> np.ndarray:
     """minterpolate's middles of clips uint8 [B, T, H, W, C] with `context` = (Ks, Ke) observed frames at
-    each end: uint8 [B, M, H, W, C], M = T - Ks - Ke, frame m at w = (m + 1) / (M + 1) between the last
-    start frame and the first end frame. Only the observed frames are read; one ffmpeg process."""
+    each end: uint8 [B, M, H, W, C], M = T - Ks - Ke. Only the observed frames are read; one ffmpeg process
+    for the batch (a split, one minterpolate per clip, a concat)."""
     (Ks, Ke), (B, T) = context, clips.shape[:2]
     M = T - Ks - Ke
     fed = np.concatenate([clips[:, :Ks], clips[:, T - Ke:], clips[:, -1:]], axis=1)  # + the last frame again
     n = fed.shape[1]
-    # Per clip: its frames, stamped at their instants (the end frames and the copy after them M later),
-    # one output a second, kept from Ks to Ks + M - 1.
+    # Per clip: its frames at their instants (the end frames and the copy after them M later), one output a
+    # second, kept from Ks to Ks + M - 1.
     branch = (f"trim=start_frame={{first}}:end_frame={{last}},setpts=(N+gte(N\\,{Ks})*{M})/TB,"
               f"minterpolate=fps=1:{setting.options()},select=between(t\\,{Ks - 0.5}\\,{Ks + M - 0.5})")
     graph = ";".join([f"[0:v]split={B}" + "".join(f"[i{b}]" for b in range(B)),
@@ -127,7 +111,8 @@ def interpolate_clips(clips: np.ndarray, context: tuple[int, int], setting: Sett
     return middles.reshape(B, M, *clips.shape[2:])
 
 
-def interpolate_grid(clips: np.ndarray, context: tuple[int, int], settings: list[Setting]) -> dict[Setting, np.ndarray]:
+def interpolate_grid(clips: np.ndarray, context: tuple[int, int],
+                     settings: list[Setting]) -> dict[Setting, np.ndarray]:
     """`interpolate_clips` for each setting, the ffmpeg processes running side by side (one per CPU)."""
     with ThreadPoolExecutor(max_workers=min(len(settings), os.cpu_count() or 1)) as pool:
         return dict(zip(settings, pool.map(lambda s: interpolate_clips(clips, context, s), settings)))

@@ -1,15 +1,12 @@
-"""The files of sample.py: endpoint images or shard clips in, sampled clips and pictures out.
+"""The files of sample.py: endpoint images or shard clips in, sampled clips (evdm.denoiser) and pictures out.
 
-The sampling itself is the Denoiser's (evdm.denoiser: Denoiser.load, generate); this module reads and
-writes files.
-
-Everything about the model (size, T, context counts, colour mode, schedule, prediction) comes from the
-checkpoint's stored config. Clips leave this module as uint8 [T, H, W, C] whose first K_start and last K_end
-frames are the input frames byte for byte.
+Size, T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose
+first K_start and last K_end frames are the input frames byte for byte.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evdm import visualize
 from evdm.atomic import atomic_write, folder_problem
-from evdm.config import ConfigError, Context, RunConfig
+from evdm.config import Context, RunConfig
 from evdm.data.loader import read_clips
 from evdm.data.shardset import ShardSet, expected_clip_shape
 from evdm.denoiser import Denoiser
@@ -30,9 +27,6 @@ from evdm.seeds import mix_seed
 
 class SamplingError(RuntimeError):
     """A user-facing problem with the inputs; the message names the file and what is wrong."""
-
-
-# ---- inputs -----------------------------------------------------------------------------------
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
@@ -56,13 +50,9 @@ def open_image(path: str | Path, color_mode: str) -> Image.Image:
 
 
 def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
-    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits;
-    SamplingError for pixels with no known white level.
-
-    PIL's own conversion of 16-bit grey (I;16, or I from a PNG) clips every value above 255 to white.
-    Palette, LA/RGBA (alpha is ignored: the stored colours are used), CMYK, YCbCr and 1-bit images
-    convert correctly as they are.
-    """
+    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits (PIL's
+    own conversion clips every value above 255 to white); SamplingError for pixels with no known white level.
+    Other modes (palette, LA/RGBA with alpha ignored, CMYK, YCbCr, 1-bit) convert correctly as they are."""
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
         wide = np.asarray(img).astype(np.uint32)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")  # round(v * 255 / 65535)
@@ -101,16 +91,13 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
 
 
 def iter_shard_clips(shards: str | list[str], cfg: RunConfig, num: int) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream the first `num` (key, uint8 [T, H, W, C]) clips of the shards in sorted order, one at a time
-    (evdm.data.loader: a damaged shard is skipped with one warning line, as the trainer does).
-
-    ConfigError when the clips are not what the checkpoint was trained on (naming the colour mode when
-    that is the difference); SamplingError when the shards hold no clip."""
+    """Stream the first `num` (key, uint8 [T, H, W, C]) clips of the shards in sorted order (a damaged shard
+    is skipped with one warning, as the trainer does). ConfigError when the clips are not what the checkpoint
+    was trained on; SamplingError when the shards hold no clip."""
     shard_set = ShardSet.open(shards, "--shards")
     shard_set.check(cfg, needed_by="the checkpoint", frame_stride=False)  # sampling other strides is the user's call
     count = 0
-    for key, clip in read_clips(shard_set, expected_clip_shape(cfg), num):
-        count += 1
+    for count, (key, clip) in enumerate(read_clips(shard_set, expected_clip_shape(cfg), num), 1):
         yield key, clip
     if count == 0:
         raise SamplingError(f"{shards}: the shards hold no clips")
@@ -118,17 +105,9 @@ def iter_shard_clips(shards: str | list[str], cfg: RunConfig, num: int) -> Itera
 
 def batched(items: Iterable, n: int) -> Iterator[list]:
     """Consecutive lists of up to n items."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
+    items = iter(items)
+    while batch := list(itertools.islice(items, n)):
         yield batch
-
-
-# ---- outputs ----------------------------------------------------------------------------------
 
 
 def safe_name(key: str) -> str:
@@ -138,11 +117,8 @@ def safe_name(key: str) -> str:
 def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
                        truth: np.ndarray | None = None) -> list[Path]:
     """{name}.mp4, {name}.png (strip), {name}.npy; with truth also {name}_truth.mp4/.png and {name}_compare.png.
-
-    clip, truth: uint8 [T, H, W, C]. Returns the paths written.
-    """
-    scale = visualize.video_scale(clip.shape[1])
-    s = visualize.strip_scale(clip.shape[1])
+    clip, truth: uint8 [T, H, W, C]. Returns the paths written."""
+    scale, s = visualize.video_scale(clip.shape[1]), visualize.strip_scale(clip.shape[1])
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.npy"]
     visualize.save_png(visualize.frame_strip(clip, K, scale=s), paths[0])
     atomic_write(paths[1], lambda tmp: np.save(tmp, clip), keep_extension=True)  # np.save wants a .npy name
@@ -167,11 +143,9 @@ def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray
                     denoiser: Denoiser, cfg: RunConfig, out_dir: str | Path, *, seed: int = 0, batch_size: int = 16,
                     keep_arrays: bool = True) -> list[dict]:
     """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth
-    [T, H, W, C] or None) with cfg.sample's settings and write its outputs.
-
+    [T, H, W, C] or None) with cfg.sample's settings and write its outputs, and grid_{i:03d}.gif per batch.
     Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth.
-    Writes grid_{i:03d}.gif per batch. `total` is the number of jobs, for the progress bar.
-    """
+    `total` is the number of jobs, for the progress bar."""
     out_dir = Path(out_dir)
     if problem := folder_problem(out_dir):
         raise SamplingError(f"--out_dir {out_dir} {problem}")

@@ -1,16 +1,9 @@
 """Whole videos at N times their frame rate with a context (1, 1), T = N + 1 checkpoint.
 
-Every pair of consecutive input frames is a window whose N - 1 middle frames the model generates, so
-F input frames become (F - 1) x N + 1 output frames, input frame i at output frame i x N, byte for
-byte (Denoiser.generate_u8 returns the context frames as given). Windows share only their input
-frames: each is sampled on its own, in batches on the device.
-
-Videos stream through two ffmpeg processes: the decoder (preprocess.video's command line, the same
-upright, crop, resize and colour chain the training shards were cut with) writes raw frames to a
-pipe, the encoder reads the output frames from another and copies the input's sound (if any)
-beside them. Only a batch of windows is held in memory. The window arithmetic is pure functions,
-and `upconvert_array` runs the same window code on frames in memory, for scoring against a known truth
-(`window_flicker`).
+Every pair of consecutive input frames is a window whose N - 1 middle frames the model generates: F input
+frames become (F - 1) x N + 1 output frames, input frame i at output frame i x N, byte for byte. Videos
+stream through two ffmpeg pipes (preprocess.video's decoder, an encoder that copies the sound); only a
+batch of windows is in memory. `upconvert_array` runs the same windows on frames in memory, for scoring.
 """
 
 from __future__ import annotations
@@ -45,9 +38,6 @@ class UpconvertError(RuntimeError):
     """A user-facing problem (checkpoint layout, input or output video); the message is one line."""
 
 
-# ---- the window arithmetic ---------------------------------------------------------------------
-
-
 def factor_of(cfg: RunConfig) -> int:
     """N, the frame-rate factor of a checkpoint: T - 1 for context (1, 1); UpconvertError otherwise."""
     (Ks, Ke), T = cfg.context, cfg.data.T
@@ -68,8 +58,8 @@ def input_positions(frames: int, factor: int) -> list[int]:
 
 
 def boundary_pairs(frames: int, factor: int) -> np.ndarray:
-    """bool [(F - 1) x N]: which consecutive output pairs (k, k + 1) touch an input frame two windows
-    share (input frames 1 .. F - 2): the pairs across window boundaries."""
+    """bool [(F - 1) x N]: the consecutive output pairs (k, k + 1) across window boundaries (touching one
+    of the input frames 1 .. F - 2, which two windows share)."""
     k = np.arange(output_frames(frames, factor) - 1)
     shared = lambda pos: (pos % factor == 0) & (pos > 0) & (pos < (frames - 1) * factor)  # noqa: E731
     return shared(k) | shared(k + 1)
@@ -93,14 +83,10 @@ def window_flicker(video: np.ndarray, truth: np.ndarray, factor: int) -> dict[st
             for name, mask in masks.items()}
 
 
-# ---- the windows, batched on the device -----------------------------------------------------------
-
-
 def upconvert_frames(frames: Iterable[np.ndarray], denoiser: Denoiser, sample_cfg: SampleConfig, *,
                      batch_size: int = 16, seed: int = 0) -> Iterator[np.ndarray]:
-    """The output frames, in order, of input frames uint8 [H, W, C] (any iterable, read as needed: at most
-    batch_size windows ahead of the output). The checkpoint's layout is context (1, 1) (`factor_of`).
-    Batch i of windows is sampled with the generator seeded mix_seed(seed, i)."""
+    """The output frames, in order, of input frames uint8 [H, W, C] (any iterable, read at most batch_size
+    windows ahead of the output). Batch i of windows is sampled with the generator seeded mix_seed(seed, i)."""
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -123,13 +109,9 @@ def upconvert_array(frames: np.ndarray, denoiser: Denoiser, sample_cfg: SampleCo
     return np.stack(list(upconvert_frames(frames, denoiser, sample_cfg, batch_size=batch_size, seed=seed)))
 
 
-# ---- videos through ffmpeg pipes ------------------------------------------------------------------
-
-
 def decoded_frames(path: str | Path, size: int, color_mode: str) -> Iterator[np.ndarray]:
-    """The frames of a video as preprocess decodes them for training (preprocess.video.decode_args, every
-    frame kept), uint8 [size, size, C], read from ffmpeg's pipe one at a time. After the last frame,
-    VideoError when ffmpeg reported an error (a damaged stream) or gave no frame."""
+    """The frames of a video as preprocess decodes them for training (every frame kept), uint8 [size, size, C],
+    one at a time. After the last frame, VideoError when ffmpeg reported an error or gave no frame."""
     from preprocess.video import VideoError, decode_args, error_lines, explain_failure
 
     channels = 1 if color_mode == "gray" else 3
@@ -200,12 +182,11 @@ def encode(frames: Iterable[np.ndarray], args: list[str], out: Path) -> int:
 
 def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg: RunConfig, *, batch_size: int = 16,
                     seed: int = 0, progress: bool = True) -> dict:
-    """Up-convert the video `source` into `out` (written under a temporary name, then renamed) with
-    cfg.sample's sampler settings; the output rate is N times the source's (`factor_of`).
+    """Up-convert the video `source` into `out` (atomically) at N times its rate with cfg.sample's settings.
 
-    .mkv output is lossless (FFV1: every input frame exact); other suffixes are H.264 (yuv420p, CRF 18,
-    what players expect). Returns a record: frames in and out, rates, seconds, output frames/s.
-    UpconvertError (one line, naming the file) for a missing, damaged, zero- or one-frame video.
+    .mkv output is lossless (FFV1); other suffixes are H.264 (yuv420p, CRF 18). Returns a record: frames in
+    and out, rates, seconds, output frames/s. UpconvertError (one line) for a missing, damaged, zero- or
+    one-frame video.
     """
     from preprocess.video import VideoError, probe, rate_arg
 
@@ -243,8 +224,8 @@ def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg
 
 @contextlib.contextmanager
 def rate_bar(show: bool) -> Iterator[Callable[[Iterable[np.ndarray]], Iterator[np.ndarray]]]:
-    """A progress line (rich) of the output frames written and frames per second; yields `counted`, which
-    passes frames through, counting them. Silent when show is False."""
+    """A progress line of the frames written and frames/s; yields `counted`, which passes frames through,
+    counting them. Silent when show is False."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("up-converting: {task.completed:.0f} frames, {task.fields[rate]} frames/s"),

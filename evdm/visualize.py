@@ -1,9 +1,7 @@
 """Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers.
 
-Pure numpy on uint8 frames [T, H, W, C] (C = 1 or 3); outputs are uint8 RGB. Every frame is
-enlarged with nearest-neighbour (`scale`) and framed by a coloured border: observed context
-frames in blue, generated frames in orange, ground-truth middle frames in green. A frame's pixels
-are copied unchanged, so `frame_at` reads the exact input frame back out of any picture.
+Numpy on uint8 frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed:
+context blue, generated orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back).
 """
 
 from __future__ import annotations
@@ -94,16 +92,13 @@ def comparison_strip(truth: np.ndarray, sample: np.ndarray, context: Context, *,
     """Two rows: the ground-truth clip (middle framed green) above the sample (middle orange)."""
     if truth.shape != sample.shape:
         raise ValueError(f"truth {truth.shape} and sample {sample.shape} differ in shape")
-    T = len(truth)
-    return grid([list(zip(truth, frame_colors(T, context, TRUTH_COLOR))), list(zip(sample, frame_colors(T, context, GENERATED_COLOR)))],
-                scale=scale)
+    return grid([list(zip(clip, frame_colors(len(clip), context, color)))
+                 for clip, color in ((truth, TRUTH_COLOR), (sample, GENERATED_COLOR))], scale=scale)
 
 
 def batch_grid_frames(clips: np.ndarray, context: Context, *, cols: int | None = None, scale: int = 2) -> np.ndarray:
-    """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3].
-
-    At time t every cell shows its clip's frame t, framed blue while t is a context frame.
-    """
+    """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3]; at time t every cell
+    shows its clip's frame t, framed blue while t is a context frame."""
     B, T = clips.shape[:2]
     cols = cols or int(np.ceil(np.sqrt(B)))
     frames = []
@@ -115,16 +110,14 @@ def batch_grid_frames(clips: np.ndarray, context: Context, *, cols: int | None =
 
 def save_png(img: np.ndarray, path: str | Path) -> None:
     """Write uint8 [H, W, 1|3] losslessly as PNG."""
-    path = Path(path)
-    atomic_write(path, lambda p: Image.fromarray(to_rgb(img)).save(p, format="PNG"), keep_extension=True)
+    atomic_write(Path(path), lambda p: Image.fromarray(to_rgb(img)).save(p, format="PNG"), keep_extension=True)
 
 
 def save_gif(frames: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
     """Write uint8 [T, H, W, 1|3] as a looping animated GIF (palette per frame)."""
     images = [Image.fromarray(f) for f in to_rgb(frames)]
-    duration_ms = int(round(1000 / fps))
     atomic_write(Path(path), lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
-                                                      duration=duration_ms, loop=0), keep_extension=True)
+                                                      duration=int(round(1000 / fps)), loop=0), keep_extension=True)
 
 
 def save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> None:
