@@ -13,7 +13,9 @@ import errno
 import fnmatch
 import io
 import os
+import pathlib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,8 @@ def full_disk(monkeypatch):
 
         monkeypatch.setattr(builtins, "open", open_)
         monkeypatch.setattr(io, "open", open_)
+        if sys.version_info < (3, 11):  # 3.10's pathlib took its own reference to io.open when imported
+            monkeypatch.setattr(pathlib._normal_accessor, "open", open_)
 
     return arm
 

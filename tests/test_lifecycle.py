@@ -8,6 +8,7 @@ files (metrics.jsonl records, config.toml) rather than for fixed times.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import signal
@@ -38,7 +39,9 @@ def start(shard_dir: Path, out: Path, *extra_args: str, env: dict | None = None,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         stdout=open(f"{logs}.out", "w"), stderr=open(f"{logs}.err", "w"),
         # A new session for one run; ranks share a process group in this session (setpgid cannot cross one).
-        start_new_session=env is None, process_group=None if env is None else int(env.get("PGID", 0)),
+        # setpgid through preexec_fn: Popen's process_group argument needs Python 3.11.
+        start_new_session=env is None,
+        preexec_fn=None if env is None else functools.partial(os.setpgid, 0, int(env.get("PGID", 0))),
     )
 
 

@@ -60,8 +60,11 @@ class ShardReader:
     def _verify(self, url: str) -> None:
         if self.digests is None or url in self.verified or url not in self.digests:
             return
-        with open(url, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        sha = hashlib.sha256()
+        with open(url, "rb") as f:  # chunk by chunk: hashlib.file_digest needs Python 3.11
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        digest = sha.hexdigest()
         if digest != self.digests[url]:
             raise ValueError(f"sha256 {digest[:12]}... differs from manifest.json's {self.digests[url][:12]}...")
         self.verified.add(url)
