@@ -1,16 +1,10 @@
 """NVIDIA DALI variant of the training loader (data.loader = "dali").
 
-Reads the same WebDataset shards with `fn.readers.webdataset` (no wds2idx index files: DALI infers the
-index from the tars at start-up), decodes each `clip.npy` with `fn.decoders.numpy` to uint8 [T, H, W, C],
-batches, and hands the trainer uint8 [B, C, T, H, W] batches already on the GPU -- a view of the
-[B, T, H, W, C] batch, i.e. the channels_last_3d layout, like the WebDataset loader. Ranks read
-disjoint parts of the dataset through the reader's shard_id / num_shards.
-
-`dali_batches(..., device_id=None)` runs the same pipeline in DALI's CPU-only mode (used by the
-equivalence test and the benchmark); only the final `.gpu()` transfer differs.
-
-Resume is not exact with DALI: its reader cannot be fast-forwarded, so a resumed run restarts the
-shard order (evdm.data warns in one line); damaged shards are left to DALI's reader, not skipped and counted.
+`fn.readers.webdataset` reads the same shards (index inferred at start-up), `fn.decoders.numpy` decodes
+each clip, and the trainer gets uint8 [B, C, T, H, W] batches on the GPU in the channels_last_3d layout;
+ranks read disjoint parts through shard_id / num_shards. `device_id=None` runs DALI's CPU-only mode
+(the equivalence test, the benchmark). No exact resume (the reader cannot fast-forward), and damaged
+shards are left to DALI's reader.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""A shard list and the manifest beside it, each read once: what the trainer, sample.py and evaluate know
-of the shards before reading a clip.
-
-`ShardSet.open(spec, key)` expands the pattern (a glob, a brace pattern, a list or pipe: / remote URLs)
-and reads manifest.json beside the first local shard. Everything else is answered from those two:
-does the set hold clips of the configured shape, which listed shards are missing or resized, how many
-clips it holds (the epoch column), their sha256s (data.verify_shards), the list's identity (resume).
+"""A shard list and the manifest beside its first local shard, each read once: what the trainer, sample.py
+and evaluate know of the shards before reading a clip (shape, missing shards, clip count, sha256s, identity).
 """
 
 from __future__ import annotations
@@ -126,17 +121,17 @@ class ShardSet:
     def digests(self) -> dict[str, str]:
         """url -> the manifest's sha256, for data.verify_shards; ConfigError when there is no manifest."""
         if self.manifest is None:
-            raise ConfigError(f"data.verify_shards = true needs manifest.json beside {self.urls[0]} (local shards only)")
+            raise ConfigError(f"data.verify_shards = true needs manifest.json beside {self.urls[0]} "
+                              "(local shards only)")
         return {u: e.sha256 for u in self.urls if (e := self._entry(u)) is not None and e.sha256}
 
     def identity(self) -> str:
-        """A short sha256 naming the list, to tell on --resume whether it is still the one trained on: of each
-        shard's manifest entry (name, clips, sha256) in order, or of the urls when there is no manifest.
-        Re-sharding (other clips, other contents) or another pattern changes it."""
-        if self.manifest is None:
-            items: list = self.urls
-        else:
-            items = [[Path(u).name, *((e.clips, e.sha256) if (e := self._entry(u)) else (None, None))] for u in self.urls]
+        """A short sha256 naming the list for --resume: of each shard's manifest entry (name, clips, sha256)
+        in order, or of the urls when there is no manifest. Re-sharding or another pattern changes it."""
+        items: list = self.urls
+        if self.manifest is not None:
+            items = [[Path(u).name, *((e.clips, e.sha256) if (e := self._entry(u)) else (None, None))]
+                     for u in self.urls]
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 

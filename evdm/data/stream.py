@@ -1,15 +1,9 @@
 """The resumable training stream: shard passes -> shuffle buffer -> batches, in one reader process.
 
-What a reader yields is a pure function of (shard list, partition seed, sample seed, rank, worker,
-batches consumed): the shard order of every pass, the shuffle buffer's draws and the batching are
-all replayed from those. A resumed run therefore fast-forwards by running the same pipeline over
-clip *references* (tar index entries) and skipping the pixel reads of the batches already trained
-on (`start_batch`); nothing per clip is added to normal streaming.
-
-A shard that cannot be read (not a tar, truncated, a damaged header, a wrong-size member, gone,
-or a sha256 that differs from manifest.json with data.verify_shards) is skipped whole, with one
-warning line, when it is indexed -- before any of its clips is batched -- so the verdict does not
-depend on where a run started and resume stays exact with damaged shards present.
+A reader's output is a pure function of (shard list, partition seed, sample seed, rank, worker, batches
+consumed), so a resume replays the pipeline over clip references and skips the pixel reads of batches
+already trained on (`start_batch`). A damaged shard is skipped whole, with one warning line, when it is
+indexed, so resume stays exact with damaged shards present (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -68,10 +62,10 @@ class ShardReader:
 
 
 class BatchPool:
-    """Recycles batch buffers the consumer has let go of: fresh 1 MB allocations cost an mmap and a
-    page fault per 4 KiB on every batch. Each tensor handed out holds a reference to its numpy
-    buffer until the last view of it dies, so a buffer whose refcount is back to the pool's own is free.
-    With CUDA, pinned buffers come from torch's caching host allocator instead.
+    """Recycles batch buffers the consumer has let go of (a fresh 1 MB allocation page-faults on every batch).
+
+    A tensor handed out holds its numpy buffer until its last view dies, so a buffer whose refcount is back
+    to the pool's own is free. With CUDA, pinned buffers come from torch's caching host allocator instead.
     """
 
     def __init__(self, shape: tuple[int, ...], *, pin: bool, size: int = 16) -> None:
@@ -99,10 +93,8 @@ class BatchRing:
 
     A worker reads `chunk` batches straight into its next free slots and hands over one small ticket
     (worker, first slot, count, skipped shards so far); the main process copies each slot out (into
-    pinned memory when CUDA is present) and frees it. Measured here: sending each batch through the
-    DataLoader as a tensor (a fresh shared-memory segment and file descriptor per batch) caps out near
-    560 batches/s with no work at all, and one DataLoader round trip per batch leaves workers idle
-    waiting for requests on a busy machine; chunked tickets amortise both.
+    pinned memory when CUDA is present) and frees it. Chunked tickets amortise the DataLoader's
+    per-item cost (docs/GUIDE.md, Design notes).
     """
 
     def __init__(self, num_workers: int, batch_shape: tuple[int, ...], *, prefetch: int, chunk_bytes: int) -> None:
@@ -245,14 +237,12 @@ class ShardClipStream(IterableDataset):
             worker, skip = worker_start(self.start_batch, info.id, num_workers, self.ring.chunk)
         reader = ShardReader(self.expected_shape, who=f"rank {self.rank} worker {worker}; counted in skipped_shards",
                              digests=self.digests)
-        batches = self._batches(reader, worker, num_workers, skip, in_worker=info is not None)
-        if info is None:
-            yield from batches
-            return
         try:
-            yield from batches
-        except ConfigError as err:  # one line for the trainer, not the DataLoader's wrapped traceback
-            yield str(err)
+            yield from self._batches(reader, worker, num_workers, skip, in_worker=info is not None)
+        except ConfigError as err:
+            if info is None:
+                raise
+            yield str(err)  # from a worker: one line for the trainer, not the DataLoader's wrapped traceback
 
     def _batches(self, reader: ShardReader, worker: int, num_workers: int, skip: int, *, in_worker: bool) -> Iterator:
         clips = self._clips(reader, worker, num_workers)
