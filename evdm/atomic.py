@@ -54,9 +54,8 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _is_disk_full(err: BaseException, path: Path) -> bool:
-    """Whether `err`, raised while writing `path`, means the disk is full: ENOSPC/EDQUOT anywhere in the
-    exception chain (torch.save turns the OSError into a RuntimeError), or a failed write with next to
-    no space left."""
+    """Whether `err` means the disk is full: ENOSPC/EDQUOT anywhere in the exception chain (torch.save wraps
+    the OSError), or a failed write with next to no space left."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
@@ -159,7 +158,7 @@ def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
 
 
 def _kept_as(path: Path, inputs: dict[tuple[int, int], str]) -> str | None:
-    """`path` as a noun ("a checkpoint") when it is an existing file no output replaces unasked, else None."""
+    """`path` as a noun ("a checkpoint") when it is a file no output replaces unasked, else None."""
     if not path.is_file():
         return None
     st = path.stat()

@@ -44,8 +44,7 @@ def lock_folder(folder: Path, label: str, error: type[Exception]) -> Iterator[No
 
 
 def _holder(lock_path: Path) -> str:
-    """The holder's "pid N on host H", waiting a moment for it: a run that took the lock an instant ago may
-    not have written it yet."""
+    """The holder's "pid N on host H", waiting a moment for a run that took the lock an instant ago."""
     for _ in range(20):
         with contextlib.suppress(OSError):
             if text := lock_path.read_text().strip():

@@ -26,8 +26,8 @@ def expected_clip_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
 
 
 def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> str:
-    """One line on clips of shape `found` at `where` that `needed_by` (a config key, "the checkpoint")
-    cannot use: the colour mode when the channels differ, else the shape with the keys that decide it."""
+    """One line on clips of shape `found` at `where` that `needed_by` cannot use: the colour mode when the
+    channels differ, else the shape with the keys that decide it."""
     expected = expected_clip_shape(cfg)
     modes = {c: m for m, c in COLOR_CHANNELS.items()}
     if len(found) == 4 and found[-1] != expected[-1]:
@@ -39,8 +39,7 @@ def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> s
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The shards `key` (e.g. "data.train_shards") names: urls in order, and the manifest beside them (None
-    for remote shards or a folder without one)."""
+    """The shards `key` (e.g. "data.train_shards") names: urls in order, and the manifest beside them, if any."""
 
     key: str
     spec: str | list[str]
@@ -62,9 +61,8 @@ class ShardSet:
                    folder=folder if has_manifest else None)
 
     def check(self, cfg: RunConfig, needed_by: str | None = None, *, frame_stride: bool = True) -> None:
-        """ConfigError unless the clips have cfg's shape (from the manifest, else the first readable shard)
-        and (frame_stride) the manifest's frame stride is data.frame_stride. needed_by: who needs that
-        shape, for the message (default: this set's key)."""
+        """ConfigError unless the clips have cfg's shape (per the manifest, else the first readable shard) and
+        (frame_stride) the manifest's frame stride is data.frame_stride; needed_by names who needs it."""
         if self.manifest is not None:
             where, found = str(self.folder / MANIFEST_NAME), tuple(self.manifest.clip_shape)
             stride = self.manifest.options.get("frame_stride")
@@ -100,8 +98,7 @@ class ShardSet:
                 if any(fnmatch.fnmatchcase(os.path.normpath(self.folder / s.name), p) for p in patterns)]
 
     def problems(self) -> list[str]:
-        """"name (what is wrong)" for each listed shard that is missing, empty or of another size than the
-        manifest records (older manifests record no size: existence only)."""
+        """"name (what is wrong)" for each listed shard that is missing, empty or of another size than recorded."""
         problems = []
         for entry in self.listed():
             path = self.folder / entry.name

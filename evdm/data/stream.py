@@ -24,11 +24,8 @@ from evdm.data.tar import DAMAGE, clip_refs, damage_reason, fill_batch
 
 
 class ShardReader:
-    """Indexes shards into clip refs for one reader process, skipping and counting damaged ones.
-
-    The verdict on a shard (damaged or not, sha256 checked or not) is cached for the process, so a
-    damaged shard is warned about once and its bytes are hashed at most once.
-    """
+    """Indexes shards into clip refs for one reader process, skipping and counting damaged ones; the verdict
+    is cached, so a damaged shard is warned about once and its bytes are hashed at most once."""
 
     def __init__(self, expected_shape: tuple[int, ...], *, who: str, digests: dict[str, str] | None = None) -> None:
         self.expected_shape = expected_shape
@@ -140,38 +137,27 @@ class BatchRing:
 def worker_start(start_batch: int, worker_id: int, num_workers: int, chunk: int) -> tuple[int, int]:
     """(logical worker, batches it skips) for DataLoader worker `worker_id` of a stream resumed at `start_batch`.
 
-    The DataLoader takes tickets round-robin from worker 0, so global batch n is in ticket
-    t = n // chunk, made by logical worker t % num_workers as its ticket t // num_workers. Renaming
-    workers by the resumed run's first ticket t0 (worker i plays logical worker (t0 + i) % W)
-    makes the new DataLoader's i-th ticket the straight run's ticket t0 + i; each logical worker
-    skips its whole earlier tickets, and the consumer drops start_batch % chunk batches of ticket t0.
+    Batch n is in ticket t = n // chunk, made by logical worker t % W (tickets are taken round-robin).
+    Worker i plays logical worker (t0 + i) % W, t0 the resumed run's first ticket, so the new loader's
+    i-th ticket is the straight run's t0 + i; the consumer drops start_batch % chunk batches of ticket t0.
     """
     t0 = start_batch // chunk
     return (t0 + worker_id) % num_workers, (t0 + worker_id) // num_workers * chunk
 
 
 class ShardClipStream(IterableDataset):
-    """Infinite stream of batches from this rank's and worker's shard slice, from batch `start_batch` on.
+    """Infinite stream of batches from this rank's and worker's shard slice, from batch `start_batch` on:
+    uint8 [B, C, T, H, W] tensors in the main process; in DataLoader workers, (worker, first slot, count,
+    skipped shards) tickets into `ring`, or one line of text (a ConfigError)."""
 
-    Yields uint8 [B, C, T, H, W] tensors in the main process; in DataLoader workers,
-    (worker, first slot, count, skipped shards) tickets into `ring`, or one line of text (a ConfigError).
-    """
-
-    def __init__(
-        self, urls: list[str], *, batch_size: int, expected_shape: tuple[int, ...], rank: int = 0,
-        world_size: int = 1, partition_seed: int = 0, sample_seed: int = 0, shuffle_buffer: int = 0,
-        ring: BatchRing | None = None, pin: bool = False, start_batch: int = 0,
-        digests: dict[str, str] | None = None,
-    ) -> None:
-        self.urls = list(urls)
-        self.batch_size = batch_size
-        self.expected_shape = tuple(expected_shape)
+    def __init__(self, urls: list[str], *, batch_size: int, expected_shape: tuple[int, ...], rank: int = 0,
+                 world_size: int = 1, partition_seed: int = 0, sample_seed: int = 0, shuffle_buffer: int = 0,
+                 ring: BatchRing | None = None, pin: bool = False, start_batch: int = 0,
+                 digests: dict[str, str] | None = None) -> None:
+        self.urls, self.batch_size, self.expected_shape = list(urls), batch_size, tuple(expected_shape)
         self.rank, self.world_size = rank, world_size
-        self.partition_seed, self.sample_seed = partition_seed, sample_seed
-        self.shuffle_buffer = shuffle_buffer
-        self.ring, self.pin = ring, pin
-        self.start_batch = start_batch
-        self.digests = digests
+        self.partition_seed, self.sample_seed, self.shuffle_buffer = partition_seed, sample_seed, shuffle_buffer
+        self.ring, self.pin, self.start_batch, self.digests = ring, pin, start_batch, digests
         self.skipped_shards = 0  # kept up to date when iterated in this process (no workers)
 
     def _clips(self, reader: ShardReader, worker: int, num_workers: int) -> Iterator:
@@ -202,7 +188,7 @@ class ShardClipStream(IterableDataset):
             epoch += 1
 
     def _check_readable(self, reader: ShardReader, urls: list[str], epoch: int, shuffle: bool) -> None:
-        """Raise ConfigError when a pass dealt this reader nothing to read and later passes cannot either."""
+        """ConfigError when a pass dealt this reader nothing to read and later passes cannot either."""
         damaged = [u for u in urls if u in reader.damaged]
         if damaged and all(reader.refs(u, count=False) is None for u in self.urls):
             first = damaged[0]

@@ -50,7 +50,7 @@ def setup_distributed() -> tuple[int, int, int]:
 
 @dataclass
 class Run:
-    """What setup built for one run; the stages below read it and update the trainer's state."""
+    """What setup built for one run."""
 
     cfg: RunConfig
     rank: int
@@ -205,16 +205,15 @@ def prepare_out_dir(cfg: RunConfig, step: int, *, fresh: bool) -> None:
 
 
 def prepare_denoiser(denoiser: Denoiser, cfg: RunConfig, local_rank: int) -> None:
-    """After the weights are loaded: compile (regionally, in place, caches under out_dir), then DDP
-    when a process group is up. Checkpoints save denoiser.net, never a wrapper."""
+    """After the weights are loaded: compile (caches under out_dir), then DDP when a process group is up."""
     denoiser.compile(cfg.train.compile, cache_dir=Path(cfg.train.out_dir) / COMPILE_CACHE)
     if dist.is_initialized():
         denoiser.wrap_ddp([local_rank] if denoiser.device.type == "cuda" else None)
 
 
 def check_finite(run: Run, result: StepResult, step: int, dashboard: Dashboard) -> None:
-    """Count the steps in a row whose gradients were not finite (train_step skipped them, one line each);
-    TrainingDiverged at train.max_nonfinite_steps. The ranks agree: the gradients are all-reduced."""
+    """Count the steps in a row whose gradients were not finite (skipped, one line each); TrainingDiverged
+    at train.max_nonfinite_steps (the ranks agree: the gradients are all-reduced)."""
     if result.finite:
         run.nonfinite = 0
         return
@@ -239,7 +238,7 @@ def validation_loss(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig) ->
     """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop; None when
     a stop request cuts it short (the step's record is written without it)."""
     gen = torch.Generator(device=denoiser.device).manual_seed(VAL_SEED)
-    total, count = 0.0, 0
+    total = 0.0
     was_training = denoiser.net.training
     denoiser.eval()
     for chunk in val_u8.split(cfg.train.batch_size):
@@ -247,14 +246,12 @@ def validation_loss(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig) ->
             return None
         loss, _ = denoiser.loss(denoiser.to_input(chunk), gen, drop_conditions=False)
         total += loss.item() * chunk.shape[0]
-        count += chunk.shape[0]
     denoiser.train(was_training)
-    return total / count
+    return total / val_u8.shape[0]
 
 
 def log_record(run: Run, step: int, lr: float, val_loss: float | None, window: Window) -> dict:
-    """The metrics.jsonl record of the window ending at `step` (all ranks: the loss is averaged over them);
-    resets the window."""
+    """The metrics.jsonl record of the window ending at `step`, its loss averaged over ranks; resets the window."""
     tc, device = run.cfg.train, run.trainer.denoiser.device
     if run.world_size > 1:
         dist.all_reduce(window.loss_sum)
@@ -294,16 +291,16 @@ def write_record(run: Run, record: dict, tensorboard: TensorBoardLog) -> None:
 
 
 def save(run: Run, step: int, path: Path) -> None:
-    """Rank 0 writes the checkpoint of `step` (denoiser.net: never the DDP wrapper's keys); never weights
-    that are not finite (TrainingDiverged instead: the checkpoint written before stays)."""
+    """Rank 0 writes the checkpoint of `step` (denoiser.net, never a wrapper); TrainingDiverged instead of
+    non-finite weights, so the checkpoint written before stays."""
     t = run.trainer
-    if not all_finite(t.denoiser.net, t.ema.net if t.ema is not None else None):  # every rank: they all stop
+    ema = t.ema.net if t.ema is not None else None
+    if not all_finite(t.denoiser.net, ema):  # every rank: they all stop
         raise TrainingDiverged(f"training diverged: the weights hold non-finite values at step {step}; {path} was "
                                f"not written (the checkpoint written before stays); lower train.lr and start over "
                                f"or --resume")
     if run.is_main:
-        save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net,
-                                           ema=t.ema.net if t.ema is not None else None,
+        save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net, ema=ema,
                                            optimizer=t.optimizer, scaler=t.scaler, stream=run.stream.as_dict()))
 
 

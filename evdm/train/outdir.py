@@ -24,8 +24,8 @@ RUN_FOLDERS = ("previews", "tensorboard")
 
 
 def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
-    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the checkpoint's config
-    (translated by evdm.legacy, defaults filled in for keys newer than it) and `cfg` differ."""
+    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the checkpoint's config and `cfg`
+    differ."""
     stored, current = to_dict(stored_cfg), to_dict(cfg)
     keys = []
     for spec in MODEL_KEYS:

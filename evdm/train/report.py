@@ -146,7 +146,7 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
 
 
 def check_tensorboard() -> None:
-    """ConfigError (one line, how to install) when train.tensorboard is on but tensorboard is missing."""
+    """ConfigError (how to install) when train.tensorboard is on but tensorboard is missing."""
     try:
         import torch.utils.tensorboard  # noqa: F401  (raises ImportError without the tensorboard package)
     except ImportError:
@@ -193,12 +193,9 @@ PREVIEW_SEED = 4321
 @torch.no_grad()
 def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_dir: str | Path,
                   step: int) -> list[Path]:
-    """Sample the first `train.preview_clips` val clips and write step_XXXXXXX.png / .mp4 under out_dir.
-
-    val_u8: uint8 [N, C, T, H, W] (the loader's layout). Sampled with cfg.sample's settings at
-    train.preview_steps steps and eta 0. The PNG stacks, per clip, a truth row over a sample row
-    (context framed blue); the MP4 plays truth | sample side by side for every clip. The PNG is always
-    written; the MP4 is skipped, with one warning, when ffmpeg is missing or fails. Returns the paths.
+    """Sample the first `train.preview_clips` val clips (cfg.sample at train.preview_steps steps, eta 0) and
+    write step_XXXXXXX.png (truth row over sample row per clip) and .mp4 (truth | sample) under out_dir;
+    the MP4 is skipped, with one warning, when ffmpeg fails. val_u8: uint8 [N, C, T, H, W]. Returns the paths.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +244,7 @@ def flops_per_sample(cfg: RunConfig) -> float:
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
-    """Dense bf16 peak TFLOP/s of `device`: `override` when > 0, else the data-sheet value of a
-    known GPU; None on CPU or an unknown GPU (MFU is then not reported)."""
+    """Dense bf16 peak TFLOP/s of `device`: `override` when > 0, else a known GPU's; None on CPU or unknown."""
     if override:
         return float(override)
     if device.type != "cuda":

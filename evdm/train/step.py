@@ -32,8 +32,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class Trainer:
-    """What a training step updates. denoiser.net is the module checkpoints save; ema (when
-    train.ema) is an fp32 copy of it in a denoiser of its own, used for validation and samples."""
+    """What a training step updates; ema (train.ema) is an fp32 copy of denoiser.net, used for validation
+    and samples."""
 
     cfg: RunConfig
     denoiser: Denoiser
@@ -47,8 +47,7 @@ class Trainer:
 
 
 def make_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
-    """Fresh weights from train.seed, the EMA copy, AdamW and the GradScaler (on for fp16 only: bf16 has
-    fp32's exponent range and needs no loss scaling)."""
+    """Fresh weights from train.seed, the EMA copy, AdamW and the GradScaler (on for fp16 only)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     denoiser = Denoiser(cfg, device, precision=tc.precision)
