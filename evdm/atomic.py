@@ -1,9 +1,5 @@
-"""Atomic file writes, torch-free: shared by checkpoints, run logs, previews, MP4s and the shard writers.
-
-Also what every writer needs around them: a full disk reported as one line (DiskFullError), and the
-check that an output path can be written at all, and replaces nothing that must not be replaced, made
-before the work that produces it.
-"""
+"""Atomic file writes (torch-free), a full disk reported as one line (DiskFullError), and the check, made
+before the work, that an output path can be written and replaces nothing that must not be replaced."""
 
 from __future__ import annotations
 
@@ -36,7 +32,7 @@ class DiskFullError(OSError):
     space left. An OSError, so callers that handle write errors in general still catch it."""
 
     def __init__(self, path: Path, free_bytes: int) -> None:
-        super().__init__(errno.ENOSPC, f"{path}: no space left on the device ({_mib(free_bytes)} free there)")
+        super().__init__(errno.ENOSPC, f"{path}: no space left on the device ({free_bytes / 2**20:.1f} MiB free there)")
         self.path, self.free_bytes = path, free_bytes
 
     def __str__(self) -> str:
@@ -46,14 +42,9 @@ class DiskFullError(OSError):
         return type(self), (self.path, self.free_bytes)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 def free_bytes(path: Path) -> int:
     """Bytes an unprivileged writer can still use on the filesystem holding `path` (or its nearest existing parent)."""
-    path = _existing_ancestor(Path(path))
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(_existing_ancestor(Path(path))).free
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -63,9 +54,8 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _is_disk_full(err: BaseException, path: Path) -> bool:
-    """Whether `err`, raised while writing `path`, means the disk is full: ENOSPC/EDQUOT anywhere in the
-    exception chain (torch.save turns the OSError into a RuntimeError), or a failed write with next to
-    no space left."""
+    """Whether `err` means the disk is full: ENOSPC/EDQUOT anywhere in the exception chain (torch.save wraps
+    the OSError), or a failed write with next to no space left."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
@@ -99,11 +89,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
                  keep_extension: bool = False) -> None:
     """Call write(tmp) for a temporary name beside `path`, optionally fsync it, then rename it to `path`.
 
-    Readers see the old file or the new one, never a half-written one; when `write` (or anything
-    after it) raises, the temporary file is removed and the old file is left as it was. A full disk
-    raises DiskFullError (one line: the path and the space left). fsync=True makes the new bytes
-    durable before the rename, for files a crash must not lose (checkpoints, shards).
-    keep_extension=True is for writers that pick the format from the file name (PIL, ffmpeg).
+    Readers see the old file or the new one; when anything raises, the temporary file is removed and the
+    old file stays. A full disk raises DiskFullError. fsync=True makes the bytes durable before the rename
+    (checkpoints, shards); keep_extension=True is for writers that pick the format from the name (PIL, ffmpeg).
     """
     path = Path(path)
     tmp = tmp_path(path, keep_extension=keep_extension)
@@ -116,8 +104,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
 
 
 def folder_problem(path: Path) -> str | None:
-    """Create `path` (and its parents) as a folder to write into; None when that worked, else what went
-    wrong, as words that follow the path in a one-line error ("X exists and is not a folder; ...")."""
+    """Create `path` (and its parents) as a folder; None when that worked, else what went wrong, as words
+    that follow the path in a one-line error."""
     if path.exists() and not path.is_dir():
         return "exists and is not a folder; choose a folder path"
     try:
@@ -130,15 +118,12 @@ def folder_problem(path: Path) -> str | None:
 def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[str | Path] = (),
                    names: Iterable[str] = ()) -> str | None:
     """Why `path` cannot be written later as a file (or, folder=True, as a folder to write into), as words
-    that follow the path in a one-line error; None when it can. Creates nothing: for checking an output
-    path before hours of work, not after.
+    that follow the path in a one-line error; None when it can. Creates nothing.
 
-    The nearest existing ancestor must be a folder that takes a new file (a probe, removed at once);
-    the folders below it are created by the writer. An output never replaces, unasked, one of the
-    command's `inputs` (the same file, links resolved, as os.path.samefile), a checkpoint (by its
-    content as well as by .pt / .pth), a shard (.tar) or a manifest.json: a file path that is one is
-    refused, and so is a folder holding one under a name that matches one of `names` (glob patterns of
-    the files the command writes there). An ordinary file (an earlier eval.json) is replaced as asked.
+    The nearest existing ancestor must take a new file (a probe, removed at once). An output never
+    replaces, unasked, one of the command's `inputs` (the same file, links resolved), a checkpoint (by
+    content or .pt / .pth), a shard (.tar) or a manifest.json: a file path that is one is refused, and so
+    is a folder holding one under a name matching `names` (globs of the files the command writes there).
     """
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
@@ -163,8 +148,7 @@ def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[s
 
 
 def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
-    """{(device, inode): path} of the existing files among `paths`: the same file under any name or link,
-    as os.path.samefile compares them (a missing input is the command's to name, later)."""
+    """{(device, inode): path} of the existing files among `paths` (a missing input is the command's to name)."""
     ids = {}
     for item in paths:
         with contextlib.suppress(OSError):
@@ -174,7 +158,7 @@ def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
 
 
 def _kept_as(path: Path, inputs: dict[tuple[int, int], str]) -> str | None:
-    """`path` as a noun ("a checkpoint") when it is an existing file no output replaces unasked, else None."""
+    """`path` as a noun ("a checkpoint") when it is a file no output replaces unasked, else None."""
     if not path.is_file():
         return None
     st = path.stat()
@@ -190,8 +174,7 @@ def _kept_as(path: Path, inputs: dict[tuple[int, int], str]) -> str | None:
 
 
 def _is_torch_file(path: Path) -> bool:
-    """Whether `path` starts as torch.save writes (a zip archive led by ARCHIVE/data.pkl, or the legacy
-    pickle); a truncated checkpoint counts, whatever its name."""
+    """Whether `path` starts as torch.save writes (a truncated checkpoint counts, whatever its name)."""
     try:
         with open(path, "rb") as f:
             head = f.read(512)

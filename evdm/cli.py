@@ -28,7 +28,8 @@ def add_speed_flags(parser) -> None:
     checkpoint's sample.precision and sample.compile."""
     hints = typing.get_type_hints(SampleConfig)
     parser.add_argument("--precision", choices=typing.get_args(hints["precision"]),
-                        help="model forward precision (default: the checkpoint's sample.precision; auto = bf16 on CUDA)")
+                        help="model forward precision (default: the checkpoint's sample.precision; "
+                             "auto = bf16 on CUDA)")
     parser.add_argument("--compile", choices=typing.get_args(hints["compile"]),
                         help="torch.compile the model (default: the checkpoint's sample.compile; auto = on CUDA)")
 

@@ -20,12 +20,8 @@ class FFmpegNotFound(RuntimeError):
 @functools.cache
 def ffmpeg_exe() -> str:
     """Path of ffmpeg: $EVDM_FFMPEG, else a system ffmpeg on PATH, else imageio-ffmpeg's bundled binary."""
-    explicit = os.environ.get("EVDM_FFMPEG")
-    if explicit:
-        return explicit
-    system = shutil.which("ffmpeg")
-    if system:
-        return system
+    if found := os.environ.get("EVDM_FFMPEG") or shutil.which("ffmpeg"):
+        return found
     try:
         import imageio_ffmpeg
 
@@ -38,15 +34,8 @@ def ffmpeg_exe() -> str:
         ) from err
 
 
-def write_mp4(
-    frames: np.ndarray,
-    path: str | Path,
-    fps: float = 4.0,
-    upscale: int = 1,
-    *,
-    crf: int = 18,
-    pix_fmt: str = "yuv420p",
-) -> None:
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: int = 1, *, crf: int = 18,
+              pix_fmt: str = "yuv420p") -> None:
     """Encode uint8 frames [T, H, W, C] (C = 1 or 3) as H.264 MP4, atomically (temp name, rename).
 
     `upscale` enlarges with nearest-neighbour so small frames stay crisp. A lower `crf` and
@@ -58,9 +47,7 @@ def write_mp4(
         frames = np.repeat(frames, 3, axis=-1)
     _, h, w, _ = frames.shape
     out_h, out_w = h * upscale, w * upscale
-    # yuv420p needs even dimensions
-    out_h += out_h % 2
-    out_w += out_w % 2
+    out_h, out_w = out_h + out_h % 2, out_w + out_w % 2  # yuv420p needs even dimensions
     path = Path(path)
 
     def encode(tmp: Path) -> None:

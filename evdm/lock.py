@@ -20,12 +20,10 @@ LOCK_NAME = ".lock"
 def lock_folder(folder: Path, label: str, error: type[Exception]) -> Iterator[None]:
     """Hold folder/.lock (an exclusive flock) while inside, creating the folder first if needed.
 
-    A folder that is taken (a second live run), cannot be created, or cannot be written (a read-only
-    mount, no permission) raises `error` with one line that starts with `label` and the folder, e.g.
-    "SHARD_DIR shards/x is in use by pid 12 on host h ...". The kernel drops a flock when its process
-    dies, so a crashed run's lock is never stale; the file says "pid N on host H" only to name the
-    holder, and is removed on the way out (with the folder itself when this call created it and nothing
-    else was written, so a refused command leaves no trace).
+    A folder that is taken, cannot be created or cannot be written raises `error` with one line starting
+    with `label` and the folder. The kernel drops a flock when its process dies, so a lock is never stale;
+    the file names the holder ("pid N on host H") and is removed on the way out, with the folder when this
+    call created it and nothing else was written there.
     """
     created = not folder.exists()
     if problem := folder_problem(folder):
@@ -46,8 +44,7 @@ def lock_folder(folder: Path, label: str, error: type[Exception]) -> Iterator[No
 
 
 def _holder(lock_path: Path) -> str:
-    """The holder's "pid N on host H", waiting a moment for it: a run that took the lock an instant ago may
-    not have written it yet."""
+    """The holder's "pid N on host H", waiting a moment for a run that took the lock an instant ago."""
     for _ in range(20):
         with contextlib.suppress(OSError):
             if text := lock_path.read_text().strip():

@@ -1,11 +1,9 @@
 """Preemption: SIGTERM and SIGINT become a stop request that the training loop reads between steps.
 
-Slurm, Kubernetes and `docker stop` signal the whole process group, DataLoader workers included. A
-worker that dies of the signal makes the main process raise ("DataLoader worker ... killed by
-signal") before it can save, so workers ignore both signals and leave when the main process shuts
-them down (or, if it dies, when torch's parent watchdog notices). The main process only sets a flag:
-raising inside arbitrary code (a checkpoint write, a collective) is what loses runs. Torch-free, so
-train.py can install the handlers before the slow torch import.
+Schedulers signal the whole process group; a DataLoader worker killed by it would make the main process
+raise before it can save, so workers ignore both signals. The main process only sets a flag: raising
+inside arbitrary code (a checkpoint write, a collective) is what loses runs. Torch-free, so train.py
+can install the handlers before the slow torch import.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-# Module state because a signal handler has nowhere else to write: the names of the signals received.
-_received: list[str] = []
+_received: list[str] = []  # the signals received: module state, a handler has nowhere else to write
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -43,11 +40,8 @@ def stop_requested() -> bool:
 
 
 def install_stop_handlers() -> None:
-    """From now on SIGINT/SIGTERM set the stop flag instead of raising (entry points: until the process ends).
-
-    Installing again keeps a request already received (train.py installs the handlers at start, and
-    train() again for library callers).
-    """
+    """From now on SIGINT/SIGTERM set the stop flag instead of raising; installing again keeps a request
+    already received (train.py installs them at start, and train() again for library callers)."""
     if signal.getsignal(signal.SIGINT) is not _on_signal:
         _received.clear()
     for sig in STOP_SIGNALS:
@@ -56,10 +50,8 @@ def install_stop_handlers() -> None:
 
 @contextlib.contextmanager
 def _handlers(handler: object) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` while inside, the previous handlers after.
-
-    Outside the main thread signals cannot be handled: a no-op there.
-    """
+    """SIGINT and SIGTERM go to `handler` while inside, the previous handlers after (a no-op outside the
+    main thread, where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -82,20 +74,16 @@ def stop_on_signals() -> contextlib.AbstractContextManager:
 
 
 def default_signals() -> contextlib.AbstractContextManager:
-    """SIGINT/SIGTERM end the process at once while inside (for waits in C++ that hold Python handlers back).
-
-    A rendezvous waits inside one C++ call for up to its timeout: a flag-setting handler would only run
-    after it, so a signal would seem ignored. Nothing is trained yet there, so nothing is lost.
-    """
+    """SIGINT/SIGTERM end the process at once while inside: a rendezvous waits inside one C++ call, after
+    which a flag-setting handler would run too late. Nothing is trained yet there, so nothing is lost."""
     return _handlers(signal.SIG_DFL)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """Ignore SIGINT/SIGTERM, then take the signals blocked at fork back.
 
-    DataLoader workers' worker_init_fn; and train.py once the run is over, because Python puts the
-    default handlers back while it shuts down, where a late Ctrl-C would turn exit 0 into 130. A
-    Python-level SIG_IGN survives that shutdown; a handler function does not.
+    DataLoader workers' worker_init_fn; and train.py once the run is over: Python's shutdown restores
+    default handlers (a late Ctrl-C would turn exit 0 into 130), but a SIG_IGN survives it.
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -105,11 +93,9 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 def kill_workers_at_exit() -> None:
     """SIGKILL the daemonic children (DataLoader workers) still alive when the process exits.
 
-    Workers ignore SIGTERM (ignore_stop_signals), and multiprocessing's own exit hook terminates
-    daemonic children with SIGTERM and then joins them with no timeout: one worker of a loader that
-    was never shut down (still referenced at exit, or blocked on a full batch ring) would keep the
-    process from ever exiting. Registered after multiprocessing's hook, so it runs first (atexit is
-    last in, first out). DataLoader's SIGCHLD handler goes first: it would report the kill as a failure.
+    Workers ignore SIGTERM, which multiprocessing's exit hook sends before joining them with no timeout:
+    a worker never shut down would keep the process from exiting. Registered after that hook, so it runs
+    first. DataLoader's SIGCHLD handler goes first: it would report the kill as a failure.
     """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
@@ -119,11 +105,8 @@ def kill_workers_at_exit() -> None:
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while DataLoader workers fork (and see that they die at exit).
-
-    A worker inherits the blocked mask, so a signal sent between its fork and its worker_init_fn
-    cannot kill it; the main process gets any held signal when the block ends.
-    """
+    """Hold SIGINT/SIGTERM back while DataLoader workers fork (and see that they die at exit): a signal
+    between a worker's fork and its worker_init_fn cannot kill it; the main process gets it after."""
     atexit.unregister(kill_workers_at_exit)  # registered once, and after multiprocessing's hook
     atexit.register(kill_workers_at_exit)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

@@ -1,16 +1,10 @@
 """NVIDIA DALI variant of the training loader (data.loader = "dali").
 
-Reads the same WebDataset shards with `fn.readers.webdataset` (no wds2idx index files: DALI infers the
-index from the tars at start-up), decodes each `clip.npy` with `fn.decoders.numpy` to uint8 [T, H, W, C],
-batches, and hands the trainer uint8 [B, C, T, H, W] batches already on the GPU -- a view of the
-[B, T, H, W, C] batch, i.e. the channels_last_3d layout, like the WebDataset loader. Ranks read
-disjoint parts of the dataset through the reader's shard_id / num_shards.
-
-`dali_batches(..., device_id=None)` runs the same pipeline in DALI's CPU-only mode (used by the
-equivalence test and the benchmark); only the final `.gpu()` transfer differs.
-
-Resume is not exact with DALI: its reader cannot be fast-forwarded, so a resumed run restarts the
-shard order (evdm.data warns in one line); damaged shards are left to DALI's reader, not skipped and counted.
+`fn.readers.webdataset` reads the same shards (index inferred at start-up), `fn.decoders.numpy` decodes
+each clip, and the trainer gets uint8 [B, C, T, H, W] batches on the GPU in the channels_last_3d layout;
+ranks read disjoint parts through shard_id / num_shards. `device_id=None` runs DALI's CPU-only mode
+(the equivalence test, the benchmark). No exact resume (the reader cannot fast-forward), and damaged
+shards are left to DALI's reader.
 """
 
 from __future__ import annotations
@@ -41,21 +35,17 @@ def _require_dali() -> None:
                           "or set data.loader = 'webdataset'")
 
 
-def build_pipeline(
-    urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
-    shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2,
-):
+def build_pipeline(urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
+                   shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2):
     """DALI pipeline: shards -> uint8 [T, H, W, C] clips, batched; on GPU `device_id` (None: CPU only)."""
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2)
     def clips_pipeline():
-        raw = fn.readers.webdataset(
-            paths=urls, ext=[CLIP_EXT], missing_component_behavior="error", name=READER_NAME,
-            shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle_buffer > 1,
-            initial_fill=max(shuffle_buffer, 1),
-        )
+        raw = fn.readers.webdataset(paths=urls, ext=[CLIP_EXT], missing_component_behavior="error",
+                                    name=READER_NAME, shard_id=shard_id, num_shards=num_shards,
+                                    random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1))
         clip = fn.decoders.numpy(raw)
         return clip.gpu() if device_id is not None else clip
 
@@ -64,10 +54,8 @@ def build_pipeline(
     return pipe
 
 
-def dali_batches(
-    urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
-    shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2,
-) -> Iterator[torch.Tensor]:
+def dali_batches(urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
+                 shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2) -> Iterator[torch.Tensor]:
     """Infinite uint8 [B, C, T, H, W] batches (a view of [B, T, H, W, C]); wraps around at the end of the data."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -82,16 +70,13 @@ def dali_batches(
         yield out[0]["clip"].permute(0, 4, 1, 2, 3)
 
 
-def make_dali_train_loader(
-    cfg: RunConfig, urls: list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0
-) -> Iterator[torch.Tensor]:
-    """The trainer's DALI loader: infinite uint8 [B, C, T, H, W] batches on this rank's GPU (LOCAL_RANK)."""
+def make_dali_train_loader(cfg: RunConfig, urls: list[str], *, rank: int = 0, world_size: int = 1,
+                           seed: int = 0) -> Iterator[torch.Tensor]:
+    """The trainer's DALI loader: infinite uint8 [B, C, T, H, W] batches on this rank's GPU."""
     _require_dali()
     if not torch.cuda.is_available():
         raise ConfigError("data.loader = 'dali' needs a CUDA GPU, and none is available here; "
                           "set data.loader = 'webdataset'")
-    return dali_batches(
-        urls, batch_size=cfg.train.batch_size,
-        device_id=int(os.environ.get("LOCAL_RANK", "0")), shard_id=rank, num_shards=world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer, seed=seed % 2**31, num_threads=max(cfg.data.num_workers, 1),
-    )
+    return dali_batches(urls, batch_size=cfg.train.batch_size, device_id=int(os.environ.get("LOCAL_RANK", "0")),
+                        shard_id=rank, num_shards=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                        seed=seed % 2**31, num_threads=max(cfg.data.num_workers, 1))

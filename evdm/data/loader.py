@@ -1,16 +1,9 @@
-"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches, and clips read in order (the
-trainer's fixed val subset, sample.py's and evaluate's inputs).
+"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches, and clips read in order (the trainer's
+fixed val subset, sample.py's and evaluate's inputs).
 
-Each (DDP rank, DataLoader worker) reads a disjoint slice of the shard list (evdm.data.schema),
-reshuffled each epoch-equivalent pass with a seed shared by all ranks, and cycles it forever. A
-worker indexes a shard's tar headers in one loop (evdm.data.tar): no tarfile, np.load or per-sample
-dicts. Clips go through a shuffle buffer and are read, one copy each, straight into shared-memory
-batch slots (`BatchRing`) that the main process copies out. Batches are [B, C, T, H, W] views of
-[B, T, H, W, C] buffers -- exactly the channels_last_3d layout -- so no one permutes bytes; float
-conversion, scaling to [-1, 1] and flips happen on the device (evdm.denoiser.Denoiser.to_input).
-The per-reader stream, its exact resume (`start_batch`) and the skipping of damaged shards live in
-evdm.data.stream; this module builds it for the trainer. Clips in order use the stream's policy for
-damaged shards: a shard that cannot be read whole is skipped with one warning line, never half used.
+Batches are [B, C, T, H, W] views of [B, T, H, W, C] buffers, the channels_last_3d layout, so no one
+permutes bytes; float conversion, scaling and flips happen on the device (Denoiser.to_input). The
+per-reader stream lives in evdm.data.stream; clips in order follow its damaged-shard policy.
 """
 
 from __future__ import annotations
@@ -34,8 +27,8 @@ _CHUNK_BYTES = 8 << 20  # batches per worker ticket: up to this many bytes, at m
 
 
 class TrainBatches:
-    """The trainer's infinite iterator of uint8 [B, C, T, H, W] batches, and `skipped_shards`: the skip
-    events of damaged shards in this rank's readers so far (a damaged shard counts once per pass that deals it)."""
+    """The trainer's infinite iterator of uint8 [B, C, T, H, W] batches, and `skipped_shards`: the damaged
+    shards this rank's readers skipped so far (once per pass that deals one)."""
 
     def __init__(self, dataset: ShardClipStream | None, batches: Iterator[torch.Tensor],
                  worker_skipped: dict[int, int] | None = None) -> None:
@@ -56,19 +49,13 @@ class TrainBatches:
         return next(self._batches)
 
 
-def make_train_loader(
-    cfg: RunConfig, train: ShardSet, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
-) -> TrainBatches:
-    """Infinite iterator of uint8 [B, C, T, H, W] batches (B = train.batch_size) of the `train` shards for this
-    rank, from batch `start_batch`.
+def make_train_loader(cfg: RunConfig, train: ShardSet, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                      start_batch: int = 0) -> TrainBatches:
+    """Infinite uint8 [B, C, T, H, W] batches (B = train.batch_size, pinned when CUDA is present) of the
+    `train` shards for this rank, from batch `start_batch` of the fresh stream (exact resume).
 
-    Batches are channels_last_3d views of [B, T, H, W, C] buffers, in pinned memory when CUDA is present.
-
-    `seed` drives the sample shuffle; the shard partition uses train.seed, equal on every rank, so
-    ranks stay disjoint even when `seed` differs per rank. The stream is a function of (train.seed,
-    seed, rank, worker, batches consumed): with `start_batch = s` it yields exactly batches s, s+1, ...
-    of a fresh stream with the same data.num_workers and world_size (evdm.data.stream). data.loader =
-    "dali" dispatches to DALI, whose resume restarts its reader instead.
+    `seed` drives the sample shuffle; the shard partition uses train.seed, equal on every rank, so ranks
+    stay disjoint. data.loader = "dali" dispatches to DALI, whose resume restarts its reader instead.
     """
     d = cfg.data
     if d.loader == "dali":
@@ -85,22 +72,20 @@ def make_train_loader(
              + ", ".join(problems))
     readers = world_size * max(d.num_workers, 1)
     if len(urls) < readers:
-        warnings.warn(
-            f"data.train_shards: {len(urls)} shard(s) for {world_size} rank(s) x {max(d.num_workers, 1)} "
-            f"worker(s); every reader will read every shard and keep 1 clip in {readers}. "
-            f"Write at least {readers} shards (preprocess.shard --shard-size) to read each shard once.",
-            stacklevel=2,
-        )
+        warnings.warn(f"data.train_shards: {len(urls)} shard(s) for {world_size} rank(s) x {max(d.num_workers, 1)} "
+                      f"worker(s); every reader will read every shard and keep 1 clip in {readers}. "
+                      f"Write at least {readers} shards (preprocess.shard --shard-size) to read each shard once.",
+                      stacklevel=2)
     pin = torch.cuda.is_available()
-    batch_shape = (cfg.train.batch_size, *expected_clip_shape(cfg))
+    clip_shape = expected_clip_shape(cfg)
+    batch_shape = (cfg.train.batch_size, *clip_shape)
     ring = None
     if d.num_workers > 0:
         ring = BatchRing(d.num_workers, batch_shape, prefetch=_PREFETCH_TICKETS, chunk_bytes=_CHUNK_BYTES)
-    dataset = ShardClipStream(
-        urls, batch_size=cfg.train.batch_size, expected_shape=expected_clip_shape(cfg), rank=rank,
-        world_size=world_size, partition_seed=cfg.train.seed, sample_seed=seed, shuffle_buffer=d.shuffle_buffer,
-        ring=ring, pin=pin, start_batch=start_batch, digests=train.digests() if d.verify_shards else None,
-    )
+    dataset = ShardClipStream(urls, batch_size=cfg.train.batch_size, expected_shape=clip_shape, rank=rank,
+                              world_size=world_size, partition_seed=cfg.train.seed, sample_seed=seed,
+                              shuffle_buffer=d.shuffle_buffer, ring=ring, pin=pin, start_batch=start_batch,
+                              digests=train.digests() if d.verify_shards else None)
     if ring is None:
         return TrainBatches(dataset, iter(dataset))
     loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=_PREFETCH_TICKETS,
@@ -110,9 +95,8 @@ def make_train_loader(
     return TrainBatches(dataset, batches, skipped)
 
 
-def _batches_from_ring(
-    loader: DataLoader, ring: BatchRing, pool: BatchPool, skipped: dict[int, int], *, drop: int
-) -> Iterator[torch.Tensor]:
+def _batches_from_ring(loader: DataLoader, ring: BatchRing, pool: BatchPool, skipped: dict[int, int], *,
+                       drop: int) -> Iterator[torch.Tensor]:
     """Batches out of the workers' tickets; `drop`: leading batches a resume has already trained on."""
     with stop_signals_blocked():  # the workers fork here (see evdm.preemption)
         tickets = iter(loader)
@@ -132,10 +116,8 @@ def _batches_from_ring(
 
 
 def read_clips(shards: ShardSet, shape: tuple[int, ...], limit: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(sample key, uint8 [T, H, W, C]) for the first `limit` clips (None: all) in sorted shard order.
-
-    Lazy: a shard is opened only when the clips before it did not reach `limit`.
-    """
+    """(sample key, uint8 [T, H, W, C]) for the first `limit` clips (None: all) in sorted shard order;
+    a shard is opened only when the clips before it did not reach `limit`."""
     reader = ShardReader(shape, who=shards.key)
     count = 0
     for url in sorted(shards.urls):

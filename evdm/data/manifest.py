@@ -1,14 +1,7 @@
-"""manifest.json, the description preprocess writes beside the shards, as one type. Torch-free.
+"""manifest.json, which preprocess writes beside the shards after the last one, as one type. Torch-free.
 
-preprocess (shard.py, bair.py) writes it last, after every shard; the trainer, sample.py, evaluate,
-preprocess.inspect and the demo read it through `Manifest.read` (once per start-up: evdm.data.shardset).
-
-    {"format": 1, "options": {...}, "clip_shape": [T, H, W, C], "dtype": "uint8",
-     "splits": {"train": {"videos": n, "clips": n, "shards": [{"name", "clips", "sha256", "bytes"}]}, "val": ...},
-     "skipped": [{"path", "reason"}],
-     "sources": [{"path", "split", "fps", ...}], "source_fps": {rate: videos}, "scan": {...}}   (optional)
-
-Manifests of earlier versions lack "bytes", "sources", "source_fps" and "scan": those read as None.
+The format is in docs/ARCHITECTURE.md ("Data"); manifests of earlier versions lack "bytes", "sources",
+"source_fps" and "scan": those read as None.
 """
 
 from __future__ import annotations
@@ -94,12 +87,13 @@ class Manifest:
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT}")
             splits = {name: Split(videos=int(s.get("videos", 0)), clips=int(s["clips"]),
-                                  shards=tuple(ShardEntry(name=e["name"], clips=int(e["clips"]), sha256=e.get("sha256"),
-                                                          bytes=e.get("bytes")) for e in s.get("shards", [])))
+                                  shards=tuple(ShardEntry(name=e["name"], clips=int(e["clips"]),
+                                                          sha256=e.get("sha256"), bytes=e.get("bytes"))
+                                               for e in s.get("shards", [])))
                       for name, s in raw["splits"].items()}
             return cls(options=dict(raw.get("options", {})), clip_shape=tuple(raw["clip_shape"]), splits=splits,
-                       skipped=list(raw.get("skipped", [])), sources=raw.get("sources"), source_fps=raw.get("source_fps"),
-                       scan=raw.get("scan"), dtype=raw.get("dtype", "uint8"))
+                       skipped=list(raw.get("skipped", [])), sources=raw.get("sources"),
+                       source_fps=raw.get("source_fps"), scan=raw.get("scan"), dtype=raw.get("dtype", "uint8"))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: not an evdm shard manifest ({type(err).__name__}: {err})") from None
 

@@ -1,17 +1,9 @@
 """Whether a resume can be exact: what the training stream depends on (`Stream`, stored in every
 checkpoint under "stream"), compared on --resume.
 
-The loader's stream is a pure function of the train shard list, data.num_workers, data.shuffle_buffer,
-train.batch_size, grad_accum_steps and the world size (evdm.data.stream); a resume at step s fast-forwards
-it by s x grad_accum_steps batches. What a difference costs decides what happens:
-- clips per step (batch_size x grad_accum_steps x world size) differ: refused. The fast-forward would
-  count batches of the new size, silently skipping or repeating clips, and max_steps would mean
-  another number of epochs. Keeping the product (e.g. more grad_accum_steps on fewer GPUs) resumes.
-- the shard list differs (re-sharded, another pattern): one warning; the stream starts over on the new
-  list, and the epoch column continues from where it was (passes over the old list, then the new),
-  so it never goes backwards.
-- the same clips per step split differently, data.num_workers or data.shuffle_buffer: one warning each;
-  the stream keeps its position (the epoch count is right) but is not the straight run's any more.
+Other clips per step (batch_size x grad_accum_steps x world size) are refused: the fast-forward would
+skip or repeat clips. Another shard list, split, data.num_workers or data.shuffle_buffer: one warning
+each, the position (and the epoch column) kept (docs/RELIABILITY.md, "Resume and damaged data").
 """
 
 from __future__ import annotations
@@ -71,7 +63,7 @@ def run_stream(ckpt: dict | None, cfg: RunConfig, train: ShardSet, world_size: i
                loud: bool = True) -> Stream:
     """The stream this run reads: a fresh run's, or the one a resume from `ckpt` (read from `path`) continues,
     with one warning line (when `loud`) per difference that costs exactness; ConfigError where the run
-    would skip or repeat clips unseen (module docstring)."""
+    would skip or repeat clips unseen."""
     now = current_stream(cfg, train, world_size)
     if ckpt is None:
         return now

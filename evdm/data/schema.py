@@ -1,11 +1,7 @@
 """The shard format, shared by the preprocessors and the loaders: samples, shard names and shard lists.
-Torch-free.
-
-A shard is a tar file; each sample is two members sharing one key:
+Torch-free. A shard is a tar file; each sample is two members sharing one key:
   {key}.clip.npy   uint8 numpy array [T, H, W, C], C = 3 (rgb) or 1 (gray)
   {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)
-A shard list is a URL pattern expanded to shard files; a pass over it is split into disjoint
-(rank, worker) parts.
 """
 
 from __future__ import annotations
@@ -62,9 +58,7 @@ def encode_sample(key: str, clip: np.ndarray, meta: dict) -> dict[str, bytes | s
 
 
 def clip_shape(T: int, size: int, color_mode: str) -> tuple[int, int, int, int]:
-    """The [T, H, W, C] shape of a clip for these settings."""
-    if color_mode not in COLOR_CHANNELS:
-        raise ValueError(f"color_mode must be one of {sorted(COLOR_CHANNELS)}, got {color_mode!r}")
+    """The [T, H, W, C] shape of a clip for these settings (color_mode: checked by the config and the CLIs)."""
     return (T, size, size, COLOR_CHANNELS[color_mode])
 
 

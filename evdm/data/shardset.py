@@ -1,10 +1,5 @@
-"""A shard list and the manifest beside it, each read once: what the trainer, sample.py and evaluate know
-of the shards before reading a clip.
-
-`ShardSet.open(spec, key)` expands the pattern (a glob, a brace pattern, a list or pipe: / remote URLs)
-and reads manifest.json beside the first local shard. Everything else is answered from those two:
-does the set hold clips of the configured shape, which listed shards are missing or resized, how many
-clips it holds (the epoch column), their sha256s (data.verify_shards), the list's identity (resume).
+"""A shard list and the manifest beside its first local shard, each read once: what the trainer, sample.py
+and evaluate know of the shards before reading a clip (shape, missing shards, clip count, sha256s, identity).
 """
 
 from __future__ import annotations
@@ -31,8 +26,8 @@ def expected_clip_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
 
 
 def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> str:
-    """One line on clips of shape `found` at `where` that `needed_by` (a config key, "the checkpoint")
-    cannot use: the colour mode when the channels differ, else the shape with the keys that decide it."""
+    """One line on clips of shape `found` at `where` that `needed_by` cannot use: the colour mode when the
+    channels differ, else the shape with the keys that decide it."""
     expected = expected_clip_shape(cfg)
     modes = {c: m for m, c in COLOR_CHANNELS.items()}
     if len(found) == 4 and found[-1] != expected[-1]:
@@ -44,8 +39,7 @@ def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> s
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The shards `key` (e.g. "data.train_shards") names: urls in order, and the manifest beside them (None
-    for remote shards or a folder without one)."""
+    """The shards `key` (e.g. "data.train_shards") names: urls in order, and the manifest beside them, if any."""
 
     key: str
     spec: str | list[str]
@@ -67,9 +61,8 @@ class ShardSet:
                    folder=folder if has_manifest else None)
 
     def check(self, cfg: RunConfig, needed_by: str | None = None, *, frame_stride: bool = True) -> None:
-        """ConfigError unless the clips have cfg's shape (from the manifest, else the first readable shard)
-        and (frame_stride) the manifest's frame stride is data.frame_stride. needed_by: who needs that
-        shape, for the message (default: this set's key)."""
+        """ConfigError unless the clips have cfg's shape (per the manifest, else the first readable shard) and
+        (frame_stride) the manifest's frame stride is data.frame_stride; needed_by names who needs it."""
         if self.manifest is not None:
             where, found = str(self.folder / MANIFEST_NAME), tuple(self.manifest.clip_shape)
             stride = self.manifest.options.get("frame_stride")
@@ -105,8 +98,7 @@ class ShardSet:
                 if any(fnmatch.fnmatchcase(os.path.normpath(self.folder / s.name), p) for p in patterns)]
 
     def problems(self) -> list[str]:
-        """"name (what is wrong)" for each listed shard that is missing, empty or of another size than the
-        manifest records (older manifests record no size: existence only)."""
+        """"name (what is wrong)" for each listed shard that is missing, empty or of another size than recorded."""
         problems = []
         for entry in self.listed():
             path = self.folder / entry.name
@@ -126,17 +118,17 @@ class ShardSet:
     def digests(self) -> dict[str, str]:
         """url -> the manifest's sha256, for data.verify_shards; ConfigError when there is no manifest."""
         if self.manifest is None:
-            raise ConfigError(f"data.verify_shards = true needs manifest.json beside {self.urls[0]} (local shards only)")
+            raise ConfigError(f"data.verify_shards = true needs manifest.json beside {self.urls[0]} "
+                              "(local shards only)")
         return {u: e.sha256 for u in self.urls if (e := self._entry(u)) is not None and e.sha256}
 
     def identity(self) -> str:
-        """A short sha256 naming the list, to tell on --resume whether it is still the one trained on: of each
-        shard's manifest entry (name, clips, sha256) in order, or of the urls when there is no manifest.
-        Re-sharding (other clips, other contents) or another pattern changes it."""
-        if self.manifest is None:
-            items: list = self.urls
-        else:
-            items = [[Path(u).name, *((e.clips, e.sha256) if (e := self._entry(u)) else (None, None))] for u in self.urls]
+        """A short sha256 naming the list for --resume: of each shard's manifest entry (name, clips, sha256)
+        in order, or of the urls when there is no manifest. Re-sharding or another pattern changes it."""
+        items: list = self.urls
+        if self.manifest is not None:
+            items = [[Path(u).name, *((e.clips, e.sha256) if (e := self._entry(u)) else (None, None))]
+                     for u in self.urls]
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 

@@ -1,15 +1,9 @@
 """The resumable training stream: shard passes -> shuffle buffer -> batches, in one reader process.
 
-What a reader yields is a pure function of (shard list, partition seed, sample seed, rank, worker,
-batches consumed): the shard order of every pass, the shuffle buffer's draws and the batching are
-all replayed from those. A resumed run therefore fast-forwards by running the same pipeline over
-clip *references* (tar index entries) and skipping the pixel reads of the batches already trained
-on (`start_batch`); nothing per clip is added to normal streaming.
-
-A shard that cannot be read (not a tar, truncated, a damaged header, a wrong-size member, gone,
-or a sha256 that differs from manifest.json with data.verify_shards) is skipped whole, with one
-warning line, when it is indexed -- before any of its clips is batched -- so the verdict does not
-depend on where a run started and resume stays exact with damaged shards present.
+A reader's output is a pure function of (shard list, partition seed, sample seed, rank, worker, batches
+consumed), so a resume replays the pipeline over clip references and skips the pixel reads of batches
+already trained on (`start_batch`). A damaged shard is skipped whole, with one warning line, when it is
+indexed, so resume stays exact with damaged shards present (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -30,11 +24,8 @@ from evdm.data.tar import DAMAGE, clip_refs, damage_reason, fill_batch
 
 
 class ShardReader:
-    """Indexes shards into clip refs for one reader process, skipping and counting damaged ones.
-
-    The verdict on a shard (damaged or not, sha256 checked or not) is cached for the process, so a
-    damaged shard is warned about once and its bytes are hashed at most once.
-    """
+    """Indexes shards into clip refs for one reader process, skipping and counting damaged ones; the verdict
+    is cached, so a damaged shard is warned about once and its bytes are hashed at most once."""
 
     def __init__(self, expected_shape: tuple[int, ...], *, who: str, digests: dict[str, str] | None = None) -> None:
         self.expected_shape = expected_shape
@@ -71,10 +62,10 @@ class ShardReader:
 
 
 class BatchPool:
-    """Recycles batch buffers the consumer has let go of: fresh 1 MB allocations cost an mmap and a
-    page fault per 4 KiB on every batch. Each tensor handed out holds a reference to its numpy
-    buffer until the last view of it dies, so a buffer whose refcount is back to the pool's own is free.
-    With CUDA, pinned buffers come from torch's caching host allocator instead.
+    """Recycles batch buffers the consumer has let go of (a fresh 1 MB allocation page-faults on every batch).
+
+    A tensor handed out holds its numpy buffer until its last view dies, so a buffer whose refcount is back
+    to the pool's own is free. With CUDA, pinned buffers come from torch's caching host allocator instead.
     """
 
     def __init__(self, shape: tuple[int, ...], *, pin: bool, size: int = 16) -> None:
@@ -102,10 +93,8 @@ class BatchRing:
 
     A worker reads `chunk` batches straight into its next free slots and hands over one small ticket
     (worker, first slot, count, skipped shards so far); the main process copies each slot out (into
-    pinned memory when CUDA is present) and frees it. Measured here: sending each batch through the
-    DataLoader as a tensor (a fresh shared-memory segment and file descriptor per batch) caps out near
-    560 batches/s with no work at all, and one DataLoader round trip per batch leaves workers idle
-    waiting for requests on a busy machine; chunked tickets amortise both.
+    pinned memory when CUDA is present) and frees it. Chunked tickets amortise the DataLoader's
+    per-item cost (docs/GUIDE.md, Design notes).
     """
 
     def __init__(self, num_workers: int, batch_shape: tuple[int, ...], *, prefetch: int, chunk_bytes: int) -> None:
@@ -151,38 +140,27 @@ class BatchRing:
 def worker_start(start_batch: int, worker_id: int, num_workers: int, chunk: int) -> tuple[int, int]:
     """(logical worker, batches it skips) for DataLoader worker `worker_id` of a stream resumed at `start_batch`.
 
-    The DataLoader takes tickets round-robin from worker 0, so global batch n is in ticket
-    t = n // chunk, made by logical worker t % num_workers as its ticket t // num_workers. Renaming
-    workers by the resumed run's first ticket t0 (worker i plays logical worker (t0 + i) % W)
-    makes the new DataLoader's i-th ticket the straight run's ticket t0 + i; each logical worker
-    skips its whole earlier tickets, and the consumer drops start_batch % chunk batches of ticket t0.
+    Batch n is in ticket t = n // chunk, made by logical worker t % W (tickets are taken round-robin).
+    Worker i plays logical worker (t0 + i) % W, t0 the resumed run's first ticket, so the new loader's
+    i-th ticket is the straight run's t0 + i; the consumer drops start_batch % chunk batches of ticket t0.
     """
     t0 = start_batch // chunk
     return (t0 + worker_id) % num_workers, (t0 + worker_id) // num_workers * chunk
 
 
 class ShardClipStream(IterableDataset):
-    """Infinite stream of batches from this rank's and worker's shard slice, from batch `start_batch` on.
+    """Infinite stream of batches from this rank's and worker's shard slice, from batch `start_batch` on:
+    uint8 [B, C, T, H, W] tensors in the main process; in DataLoader workers, (worker, first slot, count,
+    skipped shards) tickets into `ring`, or one line of text (a ConfigError)."""
 
-    Yields uint8 [B, C, T, H, W] tensors in the main process; in DataLoader workers,
-    (worker, first slot, count, skipped shards) tickets into `ring`, or one line of text (a ConfigError).
-    """
-
-    def __init__(
-        self, urls: list[str], *, batch_size: int, expected_shape: tuple[int, ...], rank: int = 0,
-        world_size: int = 1, partition_seed: int = 0, sample_seed: int = 0, shuffle_buffer: int = 0,
-        ring: BatchRing | None = None, pin: bool = False, start_batch: int = 0,
-        digests: dict[str, str] | None = None,
-    ) -> None:
-        self.urls = list(urls)
-        self.batch_size = batch_size
-        self.expected_shape = tuple(expected_shape)
+    def __init__(self, urls: list[str], *, batch_size: int, expected_shape: tuple[int, ...], rank: int = 0,
+                 world_size: int = 1, partition_seed: int = 0, sample_seed: int = 0, shuffle_buffer: int = 0,
+                 ring: BatchRing | None = None, pin: bool = False, start_batch: int = 0,
+                 digests: dict[str, str] | None = None) -> None:
+        self.urls, self.batch_size, self.expected_shape = list(urls), batch_size, tuple(expected_shape)
         self.rank, self.world_size = rank, world_size
-        self.partition_seed, self.sample_seed = partition_seed, sample_seed
-        self.shuffle_buffer = shuffle_buffer
-        self.ring, self.pin = ring, pin
-        self.start_batch = start_batch
-        self.digests = digests
+        self.partition_seed, self.sample_seed, self.shuffle_buffer = partition_seed, sample_seed, shuffle_buffer
+        self.ring, self.pin, self.start_batch, self.digests = ring, pin, start_batch, digests
         self.skipped_shards = 0  # kept up to date when iterated in this process (no workers)
 
     def _clips(self, reader: ShardReader, worker: int, num_workers: int) -> Iterator:
@@ -213,7 +191,7 @@ class ShardClipStream(IterableDataset):
             epoch += 1
 
     def _check_readable(self, reader: ShardReader, urls: list[str], epoch: int, shuffle: bool) -> None:
-        """Raise ConfigError when a pass dealt this reader nothing to read and later passes cannot either."""
+        """ConfigError when a pass dealt this reader nothing to read and later passes cannot either."""
         damaged = [u for u in urls if u in reader.damaged]
         if damaged and all(reader.refs(u, count=False) is None for u in self.urls):
             first = damaged[0]
@@ -248,14 +226,12 @@ class ShardClipStream(IterableDataset):
             worker, skip = worker_start(self.start_batch, info.id, num_workers, self.ring.chunk)
         reader = ShardReader(self.expected_shape, who=f"rank {self.rank} worker {worker}; counted in skipped_shards",
                              digests=self.digests)
-        batches = self._batches(reader, worker, num_workers, skip, in_worker=info is not None)
-        if info is None:
-            yield from batches
-            return
         try:
-            yield from batches
-        except ConfigError as err:  # one line for the trainer, not the DataLoader's wrapped traceback
-            yield str(err)
+            yield from self._batches(reader, worker, num_workers, skip, in_worker=info is not None)
+        except ConfigError as err:
+            if info is None:
+                raise
+            yield str(err)  # from a worker: one line for the trainer, not the DataLoader's wrapped traceback
 
     def _batches(self, reader: ShardReader, worker: int, num_workers: int, skip: int, *, in_worker: bool) -> Iterator:
         clips = self._clips(reader, worker, num_workers)

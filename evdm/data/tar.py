@@ -1,9 +1,5 @@
-"""Reading WebDataset shards: URL lists, the (rank, worker) shard partition, tar and .npy parsing.
-
-A shard is a plain tar of `{key}.clip.npy` + `{key}.meta.json` members (evdm.data.schema). Local shards
-are read with positioned reads (the tar headers walked in one loop, each .npy header parsed once);
-pipe: and remote URLs are read whole through webdataset's gopen.
-"""
+"""Reading shards (evdm.data.schema): tar and .npy parsing, clip references, damage detection. Local shards
+are read with positioned reads; pipe: and remote URLs are read whole through webdataset's gopen."""
 
 from __future__ import annotations
 
@@ -25,9 +21,6 @@ _READ_BUFFER_BYTES = 1 << 20
 _NPY_MAGIC = b"\x93NUMPY"
 # name, size, typeflag, magic ("ustar" + NUL or space), prefix: the ustar header fields used here
 _TAR_HEADER = struct.Struct("100s24x12s20xc100x5s3x80x155s12x")
-
-
-# ---- tar and .npy parsing ---------------------------------------------------------------------
 
 
 def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tuple[str, int, int]]:
@@ -149,12 +142,9 @@ def damage_reason(url: str, err: Exception) -> str:
 
 
 def clip_refs(url: str, expected_shape: tuple[int, ...], keys: list | None = None) -> list:
-    """Every clip of a shard as a reference for `fill_batch`: (file, offset, npy header) for local
-    shards, which are then read straight into the batch; the array itself for remote ones. With
-    `keys`, the clips' sample keys are appended to it, in the same order.
-
-    Raises ConfigError naming the shard when its clips are not `expected_shape`.
-    """
+    """Every clip of a shard as a reference for `fill_batch`: (file, offset, npy header) for local shards,
+    the array itself for remote ones; with `keys`, the clips' sample keys are appended to it, in order.
+    ConfigError naming the shard when its clips are not `expected_shape`."""
     read_at, size, f = _open_shard(url)
     suffix = "." + CLIP_EXT
     heads: list = []
@@ -168,9 +158,8 @@ def clip_refs(url: str, expected_shape: tuple[int, ...], keys: list | None = Non
         raise ConfigError(f"{url}: sample {name} has clip shape {shape}, "
                           f"config (data.T, data.size, data.color_mode) expects {tuple(expected_shape)}")
     want = len(prefix) + int(np.prod(shape))
-    # Every clip's size and .npy header are checked here, not when its pixels are read: a damaged
-    # shard is then rejected whole before any of its clips is batched, and a resumed run's
-    # fast-forward (which reads no pixels) reaches the same verdict as a straight run.
+    # Every clip's size and header are checked here, not when its pixels are read: a damaged shard is
+    # rejected whole before any clip is batched, and a resume's fast-forward reaches the same verdict.
     bad = [name for name, o, n, head in clips
            if n != want or (head[:len(prefix)] if len(prefix) <= len(head) else read_at(o, len(prefix))) != prefix]
     if bad:

@@ -1,8 +1,7 @@
-"""train(cfg): the one training loop. Single process or under torchrun (DDP: NCCL on GPU, gloo on CPU).
+"""train(cfg): the one training loop, single process or under torchrun (DDP: NCCL on GPU, gloo on CPU).
 
-`_train` reads top to bottom: setup -> resume -> loop -> final save. The step itself is
-evdm.train.step's; the named stages below are module-level functions over a `Run` (everything setup
-built) and `step`, the one progress counter.
+`_train` reads top to bottom: setup -> resume -> loop -> final save; its stages are functions of a `Run`
+(what setup built) and `step`, the one progress counter.
 """
 
 from __future__ import annotations
@@ -35,9 +34,8 @@ COMPILE_CACHE = "compile_cache"  # under out_dir: Inductor's caches, found again
 
 
 def setup_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises the process group when torchrun (or srun with
-    RANK / WORLD_SIZE / MASTER_ADDR) launched this process, even for one process, so that a one-GPU
-    run exercises the same DDP path as a larger one."""
+    """(rank, world_size, local_rank); initialises the process group when torchrun (or srun) launched this
+    process, even for one process, so a one-GPU run takes the same DDP path as a larger one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return 0, 1, 0
@@ -52,7 +50,7 @@ def setup_distributed() -> tuple[int, int, int]:
 
 @dataclass
 class Run:
-    """What setup built for one run; the stages below read it and update the trainer's state."""
+    """What setup built for one run."""
 
     cfg: RunConfig
     rank: int
@@ -60,10 +58,10 @@ class Run:
     trainer: Trainer
     loader: TrainBatches
     val_u8: torch.Tensor | None  # rank 0 only
-    stop_group: dist.ProcessGroup | None  # stop requests are OR-ed over ranks on a CPU group (stop_agreed)
-    flops: float  # per training sample, fwd + bwd, for the tflops / mfu columns
+    stop_group: dist.ProcessGroup | None  # a CPU group for stop_agreed under NCCL
+    flops: float  # per training sample, fwd + bwd
     peak: float | None  # the device's bf16 dense TFLOP/s; None when unknown (CPU)
-    stream: Stream  # what the loader's stream depends on: its start batch, the epoch column, checkpoints
+    stream: Stream
     nonfinite: int = 0  # steps in a row whose gradients were not finite (skipped)
 
     @property
@@ -92,7 +90,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
     """Train from `cfg`; returns the output directory holding last.pt, metrics.jsonl, loss.png, previews/.
 
     SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption).
-    Rank 0 holds out_dir/.lock for the whole run; out_dir checks: evdm.train.outdir.
+    Rank 0 holds out_dir/.lock for the whole run.
     """
     is_main = int(os.environ.get("RANK", "0")) == 0
     with stop_on_signals(), lock_out_dir(Path(cfg.train.out_dir)) if is_main else contextlib.nullcontext():
@@ -104,7 +102,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
     ckpt_path = out_dir / "last.pt"
     # --- setup: every check reads only; a refused run leaves out_dir as it was -----------------
     run, step = setup_run(cfg, resume=resume, overwrite=overwrite)
-    window = Window(torch.zeros((), device=run.trainer.denoiser.device), torch.zeros((), device=run.trainer.denoiser.device))
+    device = run.trainer.denoiser.device
+    window = Window(torch.zeros((), device=device), torch.zeros((), device=device))
     dashboard = Dashboard(tc.max_steps, step, enabled=run.is_main)
     # A resumed run's first new step is step + 1: the record of `step` itself was logged before the save.
     tensorboard = TensorBoardLog(out_dir / "tensorboard", enabled=tc.tensorboard and run.is_main,
@@ -161,23 +160,21 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     if tc.tensorboard and rank == 0:
         check_tensorboard()
     train_set, val_set = open_checked(cfg)
-    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite, loud=rank == 0)  # reads only; None for a fresh run
-    stream = run_stream(ckpt, cfg, train_set, world_size, Path(tc.out_dir) / "last.pt", loud=rank == 0)  # refuses inexact ones
+    ckpt_path = Path(tc.out_dir) / "last.pt"
+    ckpt = check_out_dir(cfg, resume=resume, overwrite=overwrite, loud=rank == 0)  # None for a fresh run
+    stream = run_stream(ckpt, cfg, train_set, world_size, ckpt_path, loud=rank == 0)
     trainer = make_trainer(cfg, device)
-    step = resume_from(trainer, ckpt, Path(tc.out_dir) / "last.pt") if ckpt is not None else 0
+    step = resume_from(trainer, ckpt, ckpt_path) if ckpt is not None else 0
     if rank == 0:
         prepare_out_dir(cfg, step, fresh=ckpt is None)
     prepare_denoiser(trainer.denoiser, cfg, local_rank)
-    # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them (stop_agreed).
+    # Stop requests are OR-ed over ranks on a CPU group: no GPU sync for them.
     stop_group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() == "nccl" else None
-    # The stream is a function of (seed, rank, worker, batches consumed): resume continues it, exactly when
-    # nothing else it depends on changed (evdm.data.resume).
     loader = make_train_loader(cfg, train_set, rank=rank, world_size=world_size, seed=step_seed(tc.seed, rank, 0),
-                                    start_batch=stream.start_batch(step))
+                               start_batch=stream.start_batch(step))
     run = Run(cfg=cfg, rank=rank, world_size=world_size, trainer=trainer, loader=loader,
               val_u8=load_val_clips(val_set, cfg) if rank == 0 else None, stop_group=stop_group,
-              flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops),
-              stream=stream)
+              flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops), stream=stream)
     return run, step
 
 
@@ -208,16 +205,15 @@ def prepare_out_dir(cfg: RunConfig, step: int, *, fresh: bool) -> None:
 
 
 def prepare_denoiser(denoiser: Denoiser, cfg: RunConfig, local_rank: int) -> None:
-    """After the weights are loaded: compile (regionally, in place, caches under out_dir), then DDP
-    when a process group is up. Checkpoints save denoiser.net, never a wrapper."""
+    """After the weights are loaded: compile (caches under out_dir), then DDP when a process group is up."""
     denoiser.compile(cfg.train.compile, cache_dir=Path(cfg.train.out_dir) / COMPILE_CACHE)
     if dist.is_initialized():
         denoiser.wrap_ddp([local_rank] if denoiser.device.type == "cuda" else None)
 
 
 def check_finite(run: Run, result: StepResult, step: int, dashboard: Dashboard) -> None:
-    """Count the steps in a row whose gradients were not finite (train_step skipped them, one line each);
-    TrainingDiverged at train.max_nonfinite_steps. The ranks agree: the gradients are all-reduced."""
+    """Count the steps in a row whose gradients were not finite (skipped, one line each); TrainingDiverged
+    at train.max_nonfinite_steps (the ranks agree: the gradients are all-reduced)."""
     if result.finite:
         run.nonfinite = 0
         return
@@ -239,12 +235,10 @@ def is_val_step(step: int, cfg: TrainConfig) -> bool:
 
 @torch.no_grad()
 def validation_loss(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig) -> float | None:
-    """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop.
-
-    None when a stop request (SIGINT/SIGTERM) cuts it short: the step's record is written without it.
-    """
+    """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop; None when
+    a stop request cuts it short (the step's record is written without it)."""
     gen = torch.Generator(device=denoiser.device).manual_seed(VAL_SEED)
-    total, count = 0.0, 0
+    total = 0.0
     was_training = denoiser.net.training
     denoiser.eval()
     for chunk in val_u8.split(cfg.train.batch_size):
@@ -252,14 +246,12 @@ def validation_loss(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig) ->
             return None
         loss, _ = denoiser.loss(denoiser.to_input(chunk), gen, drop_conditions=False)
         total += loss.item() * chunk.shape[0]
-        count += chunk.shape[0]
     denoiser.train(was_training)
-    return total / count
+    return total / val_u8.shape[0]
 
 
 def log_record(run: Run, step: int, lr: float, val_loss: float | None, window: Window) -> dict:
-    """The metrics.jsonl record of the window ending at `step` (all ranks: the loss is averaged over them);
-    resets the window."""
+    """The metrics.jsonl record of the window ending at `step`, its loss averaged over ranks; resets the window."""
     tc, device = run.cfg.train, run.trainer.denoiser.device
     if run.world_size > 1:
         dist.all_reduce(window.loss_sum)
@@ -299,24 +291,22 @@ def write_record(run: Run, record: dict, tensorboard: TensorBoardLog) -> None:
 
 
 def save(run: Run, step: int, path: Path) -> None:
-    """Rank 0 writes the checkpoint of `step` (denoiser.net: never the DDP wrapper's keys); never weights
-    that are not finite (TrainingDiverged instead: the checkpoint written before stays)."""
+    """Rank 0 writes the checkpoint of `step` (denoiser.net, never a wrapper); TrainingDiverged instead of
+    non-finite weights, so the checkpoint written before stays."""
     t = run.trainer
-    if not all_finite(t.denoiser.net, t.ema.net if t.ema is not None else None):  # every rank: they all stop
+    ema = t.ema.net if t.ema is not None else None
+    if not all_finite(t.denoiser.net, ema):  # every rank: they all stop
         raise TrainingDiverged(f"training diverged: the weights hold non-finite values at step {step}; {path} was "
                                f"not written (the checkpoint written before stays); lower train.lr and start over "
                                f"or --resume")
     if run.is_main:
-        save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net,
-                                           ema=t.ema.net if t.ema is not None else None,
+        save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net, ema=ema,
                                            optimizer=t.optimizer, scaler=t.scaler, stream=run.stream.as_dict()))
 
 
 def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -> bool:
-    """Any rank's stop request, seen by every rank at the same step (ranks get signals at different moments).
-
-    A one-float all_reduce on a CPU (gloo) group: a network round trip per step, never a device sync.
-    """
+    """Any rank's stop request, seen by every rank at the same step (ranks get signals at different moments):
+    a one-float all_reduce on a CPU (gloo) group, a network round trip per step, never a device sync."""
     if world_size == 1:
         return local
     flag = torch.tensor([1.0 if local else 0.0])

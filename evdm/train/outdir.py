@@ -1,8 +1,5 @@
 """out_dir protection: one live run per folder, no fresh run over a checkpoint, resume only into the same
-model from an intact checkpoint (whether the data stream resumes exactly: evdm.data.resume).
-
-Every check reads only; the trainer writes config.toml (and clears an old run's files) after all of them
-pass, so a refused command leaves out_dir exactly as it was.
+model from an intact checkpoint. Every check reads only, so a refused command leaves out_dir as it was.
 """
 
 from __future__ import annotations
@@ -26,18 +23,9 @@ RUN_FILES = ("last.pt", "last.pt.tmp", "step_*.pt", "step_*.pt.tmp", "metrics.js
 RUN_FOLDERS = ("previews", "tensorboard")
 
 
-def check_folder(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"train.out_dir {out_dir} exists and is not a folder")
-
-
-def checkpoints_in(out_dir: Path) -> list[Path]:
-    return sorted(p for pattern in ("last.pt", "step_*.pt") for p in out_dir.glob(pattern))
-
-
 def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
-    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the checkpoint's config
-    (translated by evdm.legacy, defaults filled in for keys newer than it) and `cfg` differ."""
+    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the checkpoint's config and `cfg`
+    differ."""
     stored, current = to_dict(stored_cfg), to_dict(cfg)
     keys = []
     for spec in MODEL_KEYS:
@@ -54,14 +42,14 @@ def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
 def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, loud: bool = True) -> dict | None:
     """Refuse what would lose or mix up a run; returns the checkpoint to resume from (on the CPU) or None.
 
-    Reads only. Raises ConfigError (fresh run over a checkpoint, out_dir not a folder, --resume without
-    a checkpoint) or CheckpointError (no intact checkpoint, model keys that differ from the config).
-    loud: print the warning line of a fallback from a damaged last.pt (rank 0).
+    ConfigError: a fresh run over a checkpoint, out_dir not a folder, --resume without a checkpoint;
+    CheckpointError: no intact checkpoint, model keys that differ. loud: warn of a fallback from last.pt.
     """
     out_dir = Path(cfg.train.out_dir)
-    check_folder(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir {out_dir} exists and is not a folder")
     if not resume:
-        found = checkpoints_in(out_dir) if out_dir.is_dir() else []
+        found = sorted(p for pattern in ("last.pt", "step_*.pt") for p in out_dir.glob(pattern))
         if found and not overwrite:
             raise ConfigError(
                 f"train.out_dir {out_dir} already holds a run ({', '.join(p.name for p in found)}): pass --resume "

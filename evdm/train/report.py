@@ -1,15 +1,7 @@
 """What a run reports: the live dashboard, metrics.jsonl, loss.png, TensorBoard events, previews, MFU.
 
-- Dashboard: a rich progress bar with stats on a terminal, plain log lines otherwise.
-- Run logs on disk: metrics.jsonl (one record per log step), loss.png (train/val curves) and, when
-  train.tensorboard is on, the same numbers and the preview strips as TensorBoard events.
-- Previews: a few val clips filled in by the (EMA) model, as a PNG strip and an MP4; the same clips,
-  noise and steps every time, so previews from different steps are comparable.
-- MFU = achieved model FLOP/s per GPU / the GPU's dense bf16 peak (PaLM, Chowdhery et al. 2022,
-  app. B; nanoGPT prints it). The FLOPs are counted, not estimated: FlopCounterMode runs the real
-  model's forward and backward once on the meta device (shapes only, no memory, no time), so the
-  count follows every config change. Convolutions, matmuls and attention are counted; elementwise
-  work (norms, activations) is not, as usual for MFU.
+MFU = achieved model FLOP/s per GPU / the GPU's dense bf16 peak. The FLOPs are counted on the meta
+device (FlopCounterMode over the real model's forward and backward), so they follow every config change.
 """
 
 from __future__ import annotations
@@ -37,28 +29,21 @@ from evdm.config import ConfigError, RunConfig
 from evdm.denoiser import Denoiser
 
 
+_STAT_FORMATS = {
+    "epoch": "{:.2f}", "loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
+    "samples_per_s": "{:.1f}", "tflops": "{:.1f} TFLOP/s", "mfu": "{:.1%} MFU", "data_wait": "{:.1%}",
+    "gpu_mem_gb": "{:.2f} GiB",
+}
+
+
 def format_stats(stats: dict) -> dict[str, str]:
     """Human-readable values for the known stats keys; missing keys are left out."""
-    fmt = {
-        "epoch": lambda v: f"{v:.2f}",
-        "loss": lambda v: f"{v:.4f}",
-        "val_loss": lambda v: f"{v:.4f}",
-        "lr": lambda v: f"{v:.2e}",
-        "grad_norm": lambda v: f"{v:.3f}",
-        "samples_per_s": lambda v: f"{v:.1f}",
-        "tflops": lambda v: f"{v:.1f} TFLOP/s",
-        "mfu": lambda v: f"{100 * v:.1f}% MFU",
-        "data_wait": lambda v: f"{100 * v:.1f}%",
-        "gpu_mem_gb": lambda v: f"{v:.2f} GiB",
-    }
-    return {k: f(stats[k]) for k, f in fmt.items() if stats.get(k) is not None}
+    return {k: f.format(stats[k]) for k, f in _STAT_FORMATS.items() if stats.get(k) is not None}
 
 
 class Dashboard:
-    """Shows step, ETA, samples/s, smoothed loss, val loss, lr, data-wait % and GPU memory.
-
-    Use as a context manager; `enabled=False` (non-zero ranks) makes every call a no-op.
-    """
+    """Shows step, ETA, samples/s, loss, val loss, lr, data-wait % and GPU memory: a rich progress bar
+    on a terminal, plain log lines otherwise. A context manager; `enabled=False` makes every call a no-op."""
 
     def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
@@ -114,8 +99,7 @@ class Dashboard:
 
 
 def append_metrics(path: str | Path, record: dict) -> None:
-    """Append one JSON line; flushed so a crash loses at most the line being written. On a full disk,
-    DiskFullError, and the file is cut back to its whole lines."""
+    """Append one JSON line, flushed; on a full disk, DiskFullError and the file cut back to its whole lines."""
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
     with disk_full_as_error(path, cleanup=lambda: os.truncate(path, size) if path.exists() else None):
@@ -144,8 +128,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 
 
 def plot_losses(records: list[dict], path: str | Path) -> None:
-    """Train and val loss against step on a log-scale y axis, with ticks, labels and a legend; written
-    atomically as PNG. Matplotlib's Agg canvas directly: no pyplot, so no GUI backend and no global state."""
+    """Train and val loss against step (log y axis) as a PNG, atomically. Agg canvas, no pyplot: no GUI backend."""
     fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="tight")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -163,7 +146,7 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
 
 
 def check_tensorboard() -> None:
-    """ConfigError (one line, how to install) when train.tensorboard is on but tensorboard is missing."""
+    """ConfigError (how to install) when train.tensorboard is on but tensorboard is missing."""
     try:
         import torch.utils.tensorboard  # noqa: F401  (raises ImportError without the tensorboard package)
     except ImportError:
@@ -172,11 +155,10 @@ def check_tensorboard() -> None:
 
 
 class TensorBoardLog:
-    """TensorBoard logs under `log_dir` (train.tensorboard): every number of a metrics.jsonl record as a
-    scalar of the same name, preview strips as images.
+    """TensorBoard logs under `log_dir`: each number of a metrics.jsonl record as a scalar, previews as images.
 
-    Use as a context manager; `enabled=False` (the default config, non-zero ranks) makes every call a no-op.
-    purge_step: a resumed run's first new step; events a crashed run logged from there on are hidden.
+    A context manager; `enabled=False` makes every call a no-op. purge_step: a resumed run's first new
+    step; events a crashed run logged from there on are hidden.
     """
 
     def __init__(self, log_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
@@ -211,12 +193,9 @@ PREVIEW_SEED = 4321
 @torch.no_grad()
 def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_dir: str | Path,
                   step: int) -> list[Path]:
-    """Sample the first `train.preview_clips` val clips and write step_XXXXXXX.png / .mp4 under out_dir.
-
-    val_u8: uint8 [N, C, T, H, W] (the loader's layout). Sampled with cfg.sample's settings at
-    train.preview_steps steps and eta 0. The PNG stacks, per clip, a truth row over a sample row
-    (context framed blue); the MP4 plays truth | sample side by side for every clip. The PNG is always
-    written; the MP4 is skipped, with one warning, when ffmpeg is missing or fails. Returns the paths.
+    """Sample the first `train.preview_clips` val clips (cfg.sample at train.preview_steps steps, eta 0) and
+    write step_XXXXXXX.png (truth row over sample row per clip) and .mp4 (truth | sample) under out_dir;
+    the MP4 is skipped, with one warning, when ffmpeg fails. val_u8: uint8 [N, C, T, H, W]. Returns the paths.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,39 +223,28 @@ def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s, from the vendors' data sheets; the first name
 # contained in torch.cuda.get_device_name() wins, so the more specific names come first.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),
-    ("H200", 989.4),
-    ("A100", 312.0),
-    ("L40S", 362.1),
-    ("RTX 4090", 165.2),
-)
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1),
+                    ("RTX 4090", 165.2))
 
 
 def flops_per_sample(cfg: RunConfig) -> float:
-    """Forward + backward FLOPs of the denoiser for one training sample at cfg's shapes.
-
-    The model is built on the meta device from cfg (same graph the trainer runs, at batch 1:
-    every layer's cost is linear in the batch)."""
+    """Forward + backward FLOPs of the denoiser for one training sample at cfg's shapes (the model built
+    on the meta device at batch 1: every layer's cost is linear in the batch)."""
     from evdm.models import build_model
 
-    d = cfg.data
-    (Ks, Ke), M, S = cfg.context, cfg.middle_frames, d.size
+    (Ks, Ke), M, S, C = cfg.context, cfg.middle_frames, cfg.data.size, cfg.channels
     with torch.device("meta"):
         model = build_model(cfg)
-        x_t, blend = torch.empty(1, cfg.channels, M, S, S), torch.empty(1, cfg.channels, M, S, S)
-        start, end = torch.empty(1, cfg.channels, Ks, S, S), torch.empty(1, cfg.channels, Ke, S, S)
-        t = torch.zeros(1, dtype=torch.long)
-        drop = torch.zeros(1, dtype=torch.bool)
+        x_t, blend = torch.empty(1, C, M, S, S), torch.empty(1, C, M, S, S)
+        start, end = torch.empty(1, C, Ks, S, S), torch.empty(1, C, Ke, S, S)
+        t, drop = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter:
         model(x_t, t, start, end, blend, drop).sum().backward()
     return float(counter.get_total_flops())
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
-    """Dense bf16 peak TFLOP/s of `device`: `override` when > 0, else the data-sheet value of a
-    known GPU; None on CPU or an unknown GPU (MFU is then not reported)."""
+    """Dense bf16 peak TFLOP/s of `device`: `override` when > 0, else a known GPU's; None on CPU or unknown."""
     if override:
         return float(override)
     if device.type != "cuda":

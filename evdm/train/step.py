@@ -1,9 +1,6 @@
-"""The training step: what it updates (`Trainer`) and the step itself (`train_step`).
+"""The training step: what it updates (`Trainer`) and the step itself (`train_step`), with the EMA.
 
-The one step of evdm: the training loop runs it, and so do the benchmarks (bench/train_step.py,
-bench/gpu_check_jobs.py), the tests' checkpoint makers and the overfit test, so what they time or
-train is what users train: the configured loss, prediction and residual, gradient accumulation and
-clipping, the AdamW update under the LR schedule, the EMA (fp32, a full module copy).
+The loop, the benchmarks and the tests all run this one step, so what they time or train is what users train.
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class Trainer:
-    """What a training step updates. denoiser.net is the module checkpoints save; ema (when
-    train.ema) is an fp32 copy of it in a denoiser of its own, used for validation and samples."""
+    """What a training step updates; ema (train.ema) is an fp32 copy of denoiser.net, used for validation
+    and samples."""
 
     cfg: RunConfig
     denoiser: Denoiser
@@ -50,8 +47,7 @@ class Trainer:
 
 
 def make_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
-    """Fresh weights from train.seed, the EMA copy, AdamW and the GradScaler (on for fp16 only: bf16 has
-    fp32's exponent range and needs no loss scaling)."""
+    """Fresh weights from train.seed, the EMA copy, AdamW and the GradScaler (on for fp16 only)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     denoiser = Denoiser(cfg, device, precision=tc.precision)
@@ -78,15 +74,12 @@ class StepResult:
 
 
 def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, rank: int = 0) -> StepResult:
-    """One optimizer step over train.grad_accum_steps uint8 batches [B, C, T, H, W] from `batches`,
-    then the EMA update. Noise, timesteps, cond drops and flips come from a generator seeded by
-    (train.seed, rank, step).
+    """One optimizer step over train.grad_accum_steps uint8 batches [B, C, T, H, W] from `batches`, then
+    the EMA update; noise, timesteps, cond drops and flips seeded by (train.seed, rank, step).
 
-    Each micro-batch's loss is divided by grad_accum_steps, so the summed gradients are those of the
-    mean loss over all micro-batches: accumulating N batches of B is one batch of N*B. Under DDP the
-    gradients are all-reduced on the last micro-batch only. A step whose gradients are not finite
-    (a NaN or inf anywhere: their norm is not finite) changes no weight, as the fp16 GradScaler
-    skips such steps; telling costs one device sync per step.
+    Accumulating N batches of B is one batch of N*B (each loss divided by N); under DDP the gradients
+    are all-reduced on the last micro-batch only. A step whose gradient norm is not finite changes no
+    weight, as the fp16 GradScaler skips such steps (one device sync per step).
     """
     cfg, tc, den = trainer.cfg, trainer.cfg.train, trainer.denoiser
     gen = torch.Generator(device=den.device).manual_seed(step_seed(tc.seed, rank, step))
@@ -117,11 +110,8 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    """Decay with warm-up: early averages forget fast so the EMA is not stuck at init.
-
-    Ramp (1 + step) / (10 + step), capped at `decay`, as in TF's ExponentialMovingAverage
-    with num_updates.
-    """
+    """Decay with warm-up, (1 + step) / (10 + step) capped at `decay` (TF's ExponentialMovingAverage with
+    num_updates): early averages forget fast so the EMA is not stuck at init."""
     if not warmup:
         return decay
     return min(decay, (1.0 + step) / (10.0 + step))
