@@ -109,9 +109,10 @@ def upgrade_optimizer_state(optimizer_state: dict, shapes: list) -> dict:
 
 
 def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
-    """A preprocess progress record's identity with the options it predates filled in from `defaults` (JSON-shaped)."""
+    """A preprocess progress record's identity with the options it predates filled in from `defaults` (JSON-shaped;
+    a writer without such an option, preprocess.bair, passes none)."""
     options = identity.get("options")
     if not isinstance(options, dict):
         return identity
-    missing = {k: json.loads(json.dumps(defaults[k])) for k in PREPROCESS_OPTIONS_ADDED if k not in options}
+    missing = {k: json.loads(json.dumps(defaults[k])) for k in PREPROCESS_OPTIONS_ADDED if k in defaults and k not in options}
     return {**identity, "options": {**options, **missing}}

@@ -187,7 +187,7 @@ def test_grad_accumulation_equals_one_big_batch(shard_dir, tmp_path, monkeypatch
     4 clips feed both (no shuffle buffer), with the same noise (patched draws)."""
     from evdm.train import train
 
-    monkeypatch.setattr("evdm.train.step.draw_training_noise", _same_draw_for_every_sample)
+    monkeypatch.setattr("evdm.denoiser.draw_training_noise", _same_draw_for_every_sample)
     # eps prediction: with the default x0 + blend recipe some output-bias gradients are ~0 at the start,
     # where Adam's update (m / sqrt(v)) turns rounding-level differences into +-lr steps.
     common = {"train.max_steps": 2, "train.log_every": 1, "train.val_every": 100, "train.preview_every": 100,
