@@ -47,9 +47,7 @@ class Dashboard:
         self.enabled = enabled
         self.console = console or Console()
         self.live_mode = enabled and self.console.is_terminal
-        self.total_steps = total_steps
-        self.start_time = time.perf_counter()
-        self.start_step = start_step
+        self.total_steps, self.start_step, self.start_time = total_steps, start_step, time.perf_counter()
         self.stats: dict = {}
         if self.live_mode:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -129,9 +127,7 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > 0]
         if points:
             ax.plot(*zip(*points), style, label=label, markersize=3)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (log scale)")
+    ax.set(yscale="log", xlabel="step", ylabel="loss (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend()
