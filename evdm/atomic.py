@@ -87,12 +87,9 @@ def tmp_path(path: Path, *, keep_extension: bool = False) -> Path:
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool = False,
                  keep_extension: bool = False) -> None:
-    """Call write(tmp) for a temporary name beside `path`, optionally fsync it, then rename it to `path`.
-
-    Readers see the old file or the new one; when anything raises, the temporary file is removed and the
-    old file stays. A full disk raises DiskFullError. fsync=True makes the bytes durable before the rename
-    (checkpoints, shards); keep_extension=True is for writers that pick the format from the name (PIL, ffmpeg).
-    """
+    """Call write(tmp) for a temporary name beside `path`, optionally fsync it, then rename it to `path`:
+    readers see the old file or the new one; when anything raises, the temporary file is removed. A full disk
+    raises DiskFullError. keep_extension=True: for writers that pick the format from the name (PIL, ffmpeg)."""
     path = Path(path)
     tmp = tmp_path(path, keep_extension=keep_extension)
     with disk_full_as_error(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
@@ -104,8 +101,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
 
 
 def folder_problem(path: Path) -> str | None:
-    """Create `path` (and its parents) as a folder; None when that worked, else what went wrong, as words
-    that follow the path in a one-line error."""
+    """Create `path` (and parents) as a folder; None when that worked, else what went wrong (follows the path)."""
     if path.exists() and not path.is_dir():
         return "exists and is not a folder; choose a folder path"
     try:
@@ -118,13 +114,10 @@ def folder_problem(path: Path) -> str | None:
 def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[str | Path] = (),
                    names: Iterable[str] = ()) -> str | None:
     """Why `path` cannot be written later as a file (or, folder=True, as a folder to write into), as words
-    that follow the path in a one-line error; None when it can. Creates nothing.
-
-    The nearest existing ancestor must take a new file (a probe, removed at once). An output never
-    replaces, unasked, one of the command's `inputs` (the same file, links resolved), a checkpoint (by
-    content or .pt / .pth), a shard (.tar) or a manifest.json: a file path that is one is refused, and so
-    is a folder holding one under a name matching `names` (globs of the files the command writes there).
-    """
+    that follow the path in a one-line error; None when it can. Creates nothing. The nearest existing ancestor
+    must take a new file (a probe). An output never replaces, unasked, one of the command's `inputs` (links
+    resolved), a checkpoint (by content or .pt / .pth), a shard (.tar) or a manifest.json: a file path that is
+    one is refused, and so is a folder holding one under a name matching `names` (globs of what it writes)."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         return "exists and is not a folder; choose a folder path" if folder else "is a folder; give a file name"
@@ -140,8 +133,7 @@ def output_problem(path: str | Path, *, folder: bool = False, inputs: Iterable[s
     if not base.is_dir():
         return f"cannot be written: {base} is not a folder"
     try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
+        tempfile.TemporaryFile(dir=base).close()
     except OSError as err:
         return f"cannot be written: {base} ({err.strerror or err})"
     return None

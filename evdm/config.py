@@ -1,8 +1,5 @@
-"""Typed, frozen run configuration loaded from TOML. Torch-free.
-
-`load_config(path, overrides)` reads a TOML file, applies `--set section.key=value` overrides and
-refuses unknown keys, wrong types (a `Literal` lists the allowed words), values outside a field's
-`Range` and broken invariants between keys, naming the key and the file. Old keys: evdm.legacy."""
+"""Typed, frozen run configuration loaded from TOML (torch-free): `load_config(path, overrides)` refuses
+unknown keys, wrong types, values outside a field's `Range` and broken invariants, naming the key and file."""
 
 from __future__ import annotations
 
@@ -34,8 +31,8 @@ class Context(NamedTuple):
         return T - self.start - self.end
 
     def split(self, clip: Any, axis: int = 2) -> tuple[Any, Any, Any]:
-        """(start frames, middle, end frames): views of a clip (any tensor or array) along its time axis
-        (2 for [B, C, T, H, W], 1 for [B, T, H, W, C], 0 for [T, H, W, C]). ValueError if no middle is left."""
+        """(start frames, middle, end frames): views of a clip (tensor or array) along its time axis (2 for
+        [B, C, T, H, W], 1 for [B, T, H, W, C], 0 for [T, H, W, C]). ValueError if no middle is left."""
         T = clip.shape[axis]
         if T <= self.start + self.end:
             raise ValueError(f"clip has T={T} frames, need T > {self.start} + {self.end} observed frames")
@@ -208,8 +205,7 @@ def check_shapes(cfg: RunConfig) -> None:
                           f"generate: T={d.T}, context={list(d.context)}")
     if not m.channel_mults:
         raise ConfigError("model.channel_mults must not be empty")
-    bad_levels = [lv for lv in m.temporal_attn_levels if not 0 <= lv < len(m.channel_mults)]
-    if bad_levels:
+    if bad_levels := [lv for lv in m.temporal_attn_levels if not 0 <= lv < len(m.channel_mults)]:
         raise ConfigError(f"model.temporal_attn_levels {bad_levels} out of range 0..{len(m.channel_mults) - 1}")
     factor = 2 ** (len(m.channel_mults) - 1)
     if d.size % factor:
@@ -265,8 +261,7 @@ def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
         field_types = typing.get_type_hints(hints[name], include_extras=False)
-        unknown = [key for key in value if key not in field_types]
-        if unknown:
+        if unknown := [key for key in value if key not in field_types]:
             raise ConfigError(f"{source}: unknown key {name}.{unknown[0]} (known: {', '.join(field_types)})")
         sections[name] = hints[name](**{key: _coerce(v, field_types[key], f"{source}: {name}.{key}")
                                          for key, v in value.items()})
@@ -357,9 +352,5 @@ def to_toml(cfg: RunConfig) -> str:
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)
 
-    lines = []
-    for section, values in to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {fmt(v)}" for k, v in values.items())
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(f"[{section}]\n" + "".join(f"{k} = {fmt(v)}\n" for k, v in values.items())
+                     for section, values in to_dict(cfg).items())

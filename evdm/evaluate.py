@@ -97,21 +97,16 @@ def summarize(acc: dict) -> list[dict]:
     return rows
 
 
-def evaluate(
-    ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, batch_size: int = 16,
-    steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
-    device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
-    precision: str | None = None, compile: str | None = None, extremes: Extremes | None = None,
-    main_steps: int | None = None, peer: str | None = None,
-) -> dict:
+def evaluate(ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, batch_size: int = 16,
+             steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
+             device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
+             precision: str | None = None, compile: str | None = None, extremes: Extremes | None = None,
+             main_steps: int | None = None, peer: str | None = None) -> dict:
     """The JSON-ready `report` of the baselines and the model (DDIM at each of steps_list and at the
-    checkpoint's sample.steps) on the first `num` shard clips.
-
-    main_steps (default max(steps_list)) is the main row's step count: the summary, the best-of-N row,
-    the examples and the comparable row; it is scored last. None for guidance_scale, precision or compile:
-    the checkpoint's sample settings. extremes: filled with the worst and the best clip by the main row's
-    PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`).
-    """
+    checkpoint's sample.steps) on the first `num` shard clips. main_steps (default max(steps_list)): the main
+    row's step count (summary, best-of-N row, examples, comparable row), scored last. None for guidance_scale,
+    precision or compile: the checkpoint's. extremes: filled with the worst and the best clip by the main
+    row's PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`)."""
     dev = resolve_device(device)
     denoiser = Denoiser.load(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
     cfg = with_sample(denoiser.cfg, sampler="ddim", guidance_scale=guidance_scale)
@@ -174,8 +169,7 @@ def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: n
         _record(acc, name, score(middle))
     for steps in steps_list:
         sampled = model_clip(steps, batch_seed)
-        single = score(K.split(sampled)[1])
-        _record(acc, f"model ddim-{steps}", single)
+        _record(acc, f"model ddim-{steps}", single := score(K.split(sampled)[1]))
     blend = torch.cat([start, guesses[LINEAR_BLEND], end], dim=2)
     extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
     if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
@@ -226,13 +220,12 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         rows[len(BASELINES):len(BASELINES)] = peer_result["rows"]
         baselines += [r["method"] for r in peer_result["rows"]]
     by_name = {r["method"]: r for r in rows}
-    (Ks, Ke), M, sc, size = cfg.context, cfg.middle_frames, cfg.sample, cfg.data.size
+    (Ks, Ke), M, sc, d, size = cfg.context, cfg.middle_frames, cfg.sample, cfg.data, cfg.data.size
     main_row = f"model ddim-{steps_list[-1]}"
     headline = by_name[f"{main_row} best-of-{best_of}" if best_of > 1 else main_row]
-    guidance_until = f" at t <= {sc.guidance_max_t:g} x the timesteps" if sc.guidance_max_t < 1 else ""
+    until = f" at t <= {sc.guidance_max_t:g} x the timesteps" if sc.guidance_max_t < 1 else ""
     protocol = {
-        "frames": f"{Ks} observed + {M} generated + {Ke} observed (T {cfg.data.T}), "
-                  f"{size}x{size} {cfg.data.color_mode}",
+        "frames": f"{Ks} observed + {M} generated + {Ke} observed (T {d.T}), {size}x{size} {d.color_mode}",
         "samples_per_clip": best_of,
         "selection": f"per clip, the best of {best_of} samples by mean PSNR over the generated frames (MCVD's "
                      f"protocol); its SSIM and LPIPS are that sample's" if best_of > 1 else "one sample per clip",
@@ -240,12 +233,11 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         "flicker": "per clip, the mean change between consecutive frames (context and middle) over the truth's",
         "aggregation": f"per-frame PSNR and SSIM, averaged over the {M} generated frames and over {clips} clips "
                        f"(the first {clips} in sorted shard order)",
-        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}{guidance_until}, "
-                   f"EMA {use_ema}",
+        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}{until}, EMA {use_ema}",
     }
     return {
-        "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": cfg.data.T, "context_start": Ks,
-        "context_end": Ke, "M": M, "size": size, "color_mode": cfg.data.color_mode, "sampler": "ddim",
+        "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": d.T, "context_start": Ks,
+        "context_end": Ke, "M": M, "size": size, "color_mode": d.color_mode, "sampler": "ddim",
         "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale,
         "guidance_max_t": sc.guidance_max_t, "seed": seed, "best_of": best_of, "ema": use_ema,
         "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",

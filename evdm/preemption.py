@@ -23,10 +23,8 @@ _received: list[str] = []  # the signals received: module state, a handler has n
 
 def _on_signal(signum: int, frame: object) -> None:
     name = signal.Signals(signum).name
-    if _received:
-        text = f"{name} again: already stopping, last.pt is being saved; wait a few seconds\n"
-    else:
-        text = f"{name}: stopping after the current step and saving last.pt\n"
+    text = (f"{name} again: already stopping, last.pt is being saved; wait a few seconds\n" if _received
+            else f"{name}: stopping after the current step and saving last.pt\n")
     _received.append(name)
     # os.write, not print: a handler that prints while the main code is inside print() on the same
     # buffered stream raises "reentrant call" -- a traceback on the second Ctrl-C.
@@ -80,23 +78,18 @@ def default_signals() -> contextlib.AbstractContextManager:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """Ignore SIGINT/SIGTERM, then take the signals blocked at fork back.
-
-    DataLoader workers' worker_init_fn; and train.py once the run is over: Python's shutdown restores
-    default handlers (a late Ctrl-C would turn exit 0 into 130), but a SIG_IGN survives it.
-    """
+    """Ignore SIGINT/SIGTERM, then take the signals blocked at fork back. DataLoader workers' worker_init_fn;
+    and train.py once the run is over: shutdown restores default handlers (a late Ctrl-C would turn exit 0
+    into 130), but a SIG_IGN survives it."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def kill_workers_at_exit() -> None:
-    """SIGKILL the daemonic children (DataLoader workers) still alive when the process exits.
-
-    Workers ignore SIGTERM, which multiprocessing's exit hook sends before joining them with no timeout:
-    a worker never shut down would keep the process from exiting. Registered after that hook, so it runs
-    first. DataLoader's SIGCHLD handler goes first: it would report the kill as a failure.
-    """
+    """SIGKILL the daemonic children (DataLoader workers) still alive when the process exits. Workers ignore
+    the SIGTERM multiprocessing's exit hook sends before joining them with no timeout; registered after that
+    hook, so it runs first. DataLoader's SIGCHLD handler goes first: it would report the kill as a failure."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:

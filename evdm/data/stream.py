@@ -62,11 +62,8 @@ class ShardReader:
 
 
 class BatchPool:
-    """Recycles batch buffers the consumer has let go of (a fresh 1 MB allocation page-faults on every batch).
-
-    A tensor handed out holds its numpy buffer until its last view dies, so a buffer whose refcount is back
-    to the pool's own is free. With CUDA, pinned buffers come from torch's caching host allocator instead.
-    """
+    """Recycles batch buffers the consumer has let go of (a fresh 1 MB allocation page-faults on every batch):
+    a buffer whose refcount is back to the pool's own is held by no tensor. Pinned ones come from torch's cache."""
 
     def __init__(self, shape: tuple[int, ...], *, pin: bool, size: int = 16) -> None:
         self.shape, self.pin, self.size = shape, pin, size
@@ -89,13 +86,10 @@ class BatchPool:
 
 
 class BatchRing:
-    """Shared-memory batch slots per DataLoader worker, created before the workers start.
-
-    A worker reads `chunk` batches straight into its next free slots and hands over one small ticket
-    (worker, first slot, count, skipped shards so far); the main process copies each slot out (into
-    pinned memory when CUDA is present) and frees it. Chunked tickets amortise the DataLoader's
-    per-item cost (docs/GUIDE.md, Design notes).
-    """
+    """Shared-memory batch slots per DataLoader worker, created before the workers start. A worker reads
+    `chunk` batches into its next free slots and hands over one ticket (worker, first slot, count, skipped
+    shards so far); the main process copies each slot out and frees it. Chunked tickets amortise the
+    DataLoader's per-item cost (docs/GUIDE.md, Design notes)."""
 
     def __init__(self, num_workers: int, batch_shape: tuple[int, ...], *, prefetch: int, chunk_bytes: int) -> None:
         batch_bytes = int(np.prod(batch_shape))
@@ -139,11 +133,9 @@ class BatchRing:
 
 def worker_start(start_batch: int, worker_id: int, num_workers: int, chunk: int) -> tuple[int, int]:
     """(logical worker, batches it skips) for DataLoader worker `worker_id` of a stream resumed at `start_batch`.
-
     Batch n is in ticket t = n // chunk, made by logical worker t % W (tickets are taken round-robin).
     Worker i plays logical worker (t0 + i) % W, t0 the resumed run's first ticket, so the new loader's
-    i-th ticket is the straight run's t0 + i; the consumer drops start_batch % chunk batches of ticket t0.
-    """
+    i-th ticket is the straight run's t0 + i; the consumer drops start_batch % chunk batches of ticket t0."""
     t0 = start_batch // chunk
     return (t0 + worker_id) % num_workers, (t0 + worker_id) // num_workers * chunk
 
@@ -171,21 +163,16 @@ class ShardClipStream(IterableDataset):
         shuffle = self.shuffle_buffer > 1
         epoch = 0
         while True:
-            if split_samples:
-                urls = shard_slice(self.urls, 0, 1, 0, 1, epoch, self.partition_seed, shuffle=shuffle)
-            else:
-                urls = shard_slice(self.urls, self.rank, self.world_size, worker, num_workers,
-                                   epoch, self.partition_seed, shuffle=shuffle)
+            part = (0, 1, 0, 1) if split_samples else (self.rank, self.world_size, worker, num_workers)
+            urls = shard_slice(self.urls, *part, epoch, self.partition_seed, shuffle=shuffle)
             seen = 0
             for url in urls:
                 refs = reader.refs(url)
                 self.skipped_shards = reader.skipped
-                if refs is None:
-                    continue
-                if split_samples:
-                    refs = refs[index::readers]
-                seen += len(refs)
-                yield from refs
+                if refs is not None:
+                    refs = refs[index::readers] if split_samples else refs
+                    seen += len(refs)
+                    yield from refs
             if not seen:
                 self._check_readable(reader, urls, epoch, shuffle)
             epoch += 1
@@ -194,9 +181,8 @@ class ShardClipStream(IterableDataset):
         """ConfigError when a pass dealt this reader nothing to read and later passes cannot either."""
         damaged = [u for u in urls if u in reader.damaged]
         if damaged and all(reader.refs(u, count=False) is None for u in self.urls):
-            first = damaged[0]
             raise ConfigError(f"data.train_shards: all {len(self.urls)} shards are unreadable "
-                              f"(e.g. {first}: {reader.damaged[first]})")
+                              f"(e.g. {damaged[0]}: {reader.damaged[damaged[0]]})")
         if damaged and shuffle:
             return  # the next pass deals this reader other shards
         raise ConfigError(f"data.train_shards: {reader.who}'s shards {urls} hold no readable clips in pass {epoch}")

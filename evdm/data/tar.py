@@ -24,12 +24,9 @@ _TAR_HEADER = struct.Struct("100s24x12s20xc100x5s3x80x155s12x")
 
 
 def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tuple[str, int, int]]:
-    """(member name, data offset, size) of each regular member of a tar of `end` bytes.
-
-    `read_at(pos, n)` returns n bytes at pos. A minimal ustar/GNU/pax header walk: no tarfile objects.
-    With `heads`, each header is read together with the block after it (one read either way), and
-    that block -- the first 512 bytes of each regular member's data -- is appended to `heads`.
-    """
+    """(member name, data offset, size) of each regular member of a tar of `end` bytes; `read_at(pos, n)` returns
+    n bytes at pos. A minimal ustar/GNU/pax header walk. With `heads`, each header is read with the block after
+    it (one read either way), and that block (a regular member's first 512 data bytes) is appended to `heads`."""
     if end < 512:  # even an empty tar is 1024 zero bytes
         raise OSError(f"{url}: " + ("empty file (0 bytes)" if end == 0 else f"not a tar file ({end} bytes)"))
     members: list[tuple[str, int, int]] = []

@@ -1,8 +1,7 @@
 """train(cfg): the one training loop, single process or under torchrun (DDP: NCCL on GPU, gloo on CPU).
 
 `_train` reads top to bottom: setup -> resume -> loop -> final save; its stages are functions of a `Run`
-(what setup built) and `step`, the one progress counter.
-"""
+(what setup built) and `step`, the one progress counter."""
 
 from __future__ import annotations
 
@@ -88,10 +87,7 @@ class Window:
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train from `cfg`; returns the output directory holding last.pt, metrics.jsonl, loss.png, previews/.
-
-    SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption).
-    Rank 0 holds out_dir/.lock for the whole run.
-    """
+    SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
     with stop_on_signals(), lock_out_dir(Path(cfg.train.out_dir)) if is_main else contextlib.nullcontext():
         return _train(cfg, resume=resume, overwrite=overwrite)
@@ -131,8 +127,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                     png = write_preview(run.trainer.eval_denoiser, run.val_u8, cfg, out_dir / "previews", step)[0]
                     tensorboard.image("preview", png, step)
                 if step % tc.log_every == 0 or is_val_step(step, tc):
-                    record = log_record(run, step, result.lr, val_loss, window)
-                    write_record(run, record, tensorboard)
+                    write_record(run, record := log_record(run, step, result.lr, val_loss, window), tensorboard)
                     dashboard.update(step, record)
                 if step % tc.ckpt_every == 0:
                     save(run, step, ckpt_path)
@@ -260,20 +255,13 @@ def log_record(run: Run, step: int, lr: float, val_loss: float | None, window: W
     samples_per_step = tc.batch_size * tc.grad_accum_steps * run.world_size
     samples_per_s = window.steps * samples_per_step / elapsed
     tflops, mfu = utilisation(samples_per_s / run.world_size, run.flops, run.peak)
-    record = {
-        "step": step,
-        "epoch": run.stream.epoch_at(step),
-        "loss": window.loss_sum.item() / window.steps,  # the one sync per log interval
-        "val_loss": val_loss,
-        "lr": lr,
-        "grad_norm": float(window.grad_norm),
-        "samples_per_s": samples_per_s,
-        "tflops": tflops,  # achieved model TFLOP/s per GPU
-        "mfu": mfu,  # tflops / the GPU's bf16 dense peak; None when unknown (CPU)
-        "data_wait": window.wait_s / elapsed,
-        "skipped_shards": run.loader.skipped_shards,
-        "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+    # tflops: achieved model TFLOP/s per GPU; mfu: tflops / the GPU's bf16 dense peak, None when unknown (CPU)
+    record = {"step": step, "epoch": run.stream.epoch_at(step),
+              "loss": window.loss_sum.item() / window.steps,  # the one sync per log interval
+              "val_loss": val_loss, "lr": lr, "grad_norm": float(window.grad_norm), "samples_per_s": samples_per_s,
+              "tflops": tflops, "mfu": mfu, "data_wait": window.wait_s / elapsed,
+              "skipped_shards": run.loader.skipped_shards,
+              "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     window.loss_sum.zero_()
     window.steps, window.wait_s, window.start = 0, 0.0, time.perf_counter()
     return record
@@ -309,6 +297,6 @@ def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -
     a one-float all_reduce on a CPU (gloo) group, a network round trip per step, never a device sync."""
     if world_size == 1:
         return local
-    flag = torch.tensor([1.0 if local else 0.0])
+    flag = torch.tensor([float(local)])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())

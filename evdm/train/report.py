@@ -29,11 +29,9 @@ from evdm.config import ConfigError, RunConfig
 from evdm.denoiser import Denoiser
 
 
-_STAT_FORMATS = {
-    "epoch": "{:.2f}", "loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
-    "samples_per_s": "{:.1f}", "tflops": "{:.1f} TFLOP/s", "mfu": "{:.1%} MFU", "data_wait": "{:.1%}",
-    "gpu_mem_gb": "{:.2f} GiB",
-}
+_STAT_FORMATS = {"epoch": "{:.2f}", "loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
+                 "samples_per_s": "{:.1f}", "tflops": "{:.1f} TFLOP/s", "mfu": "{:.1%} MFU", "data_wait": "{:.1%}",
+                 "gpu_mem_gb": "{:.2f} GiB"}
 
 
 def format_stats(stats: dict) -> dict[str, str]:
@@ -49,22 +47,18 @@ class Dashboard:
         self.enabled = enabled
         self.console = console or Console()
         self.live_mode = enabled and self.console.is_terminal
-        self.total_steps = total_steps
-        self.start_time = time.perf_counter()
-        self.start_step = start_step
+        self.total_steps, self.start_step, self.start_time = total_steps, start_step, time.perf_counter()
         self.stats: dict = {}
         if self.live_mode:
-            self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
-            )
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), console=self.console)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step)
             self.live = Live(self._render(), console=self.console, refresh_per_second=4)
 
     def _render(self) -> Group:
         table = Table.grid(padding=(0, 2))
-        shown = format_stats(self.stats)
-        table.add_row(*[f"[dim]{k}[/] {v}" for k, v in shown.items()] or ["[dim]waiting for the first log step[/]"])
+        shown = [f"[dim]{k}[/] {v}" for k, v in format_stats(self.stats).items()]
+        table.add_row(*shown or ["[dim]waiting for the first log step[/]"])
         return Group(self.progress, table)
 
     def __enter__(self) -> "Dashboard":
@@ -88,10 +82,8 @@ class Dashboard:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start_time
         eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
-        parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{k} {v}" for k, v in format_stats(self.stats).items()]
-        parts.append(f"eta {eta:.0f}s")
-        self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)
+        parts = [f"step {step}/{self.total_steps}", *(f"{k} {v}" for k, v in format_stats(self.stats).items())]
+        self.console.print(" | ".join(parts + [f"eta {eta:.0f}s"]), highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -109,11 +101,10 @@ def append_metrics(path: str | Path, record: dict) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -136,9 +127,7 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > 0]
         if points:
             ax.plot(*zip(*points), style, label=label, markersize=3)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (log scale)")
+    ax.set(yscale="log", xlabel="step", ylabel="loss (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend()
@@ -156,10 +145,8 @@ def check_tensorboard() -> None:
 
 class TensorBoardLog:
     """TensorBoard logs under `log_dir`: each number of a metrics.jsonl record as a scalar, previews as images.
-
     A context manager; `enabled=False` makes every call a no-op. purge_step: a resumed run's first new
-    step; events a crashed run logged from there on are hidden.
-    """
+    step; events a crashed run logged from there on are hidden."""
 
     def __init__(self, log_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
         self.writer = None
@@ -195,8 +182,7 @@ def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_
                   step: int) -> list[Path]:
     """Sample the first `train.preview_clips` val clips (cfg.sample at train.preview_steps steps, eta 0) and
     write step_XXXXXXX.png (truth row over sample row per clip) and .mp4 (truth | sample) under out_dir;
-    the MP4 is skipped, with one warning, when ffmpeg fails. val_u8: uint8 [N, C, T, H, W]. Returns the paths.
-    """
+    the MP4 is skipped, with one warning, when ffmpeg fails. val_u8: uint8 [N, C, T, H, W]. Returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = denoiser.net.training
@@ -207,7 +193,6 @@ def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_
     generator = torch.Generator(device=denoiser.device).manual_seed(PREVIEW_SEED)
     samples = denoiser.generate_u8(starts, ends, settings, generator=generator)
     denoiser.train(was_training)
-
     K, size = cfg.context, cfg.data.size
     strips = [visualize.comparison_strip(truth, sample, K, scale=visualize.strip_scale(size))
               for truth, sample in zip(clips, samples)]
