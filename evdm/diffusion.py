@@ -1,9 +1,7 @@
 """Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one
 eps / x0 / v converter, the blend residual, the training loss, DDPM / DDIM sampling with guidance.
-
-Per-timestep constants are computed in float64, stored float32; t in [0, timesteps), 0 the least noisy.
-The "blend" residual (middle - linear blend; residual video diffusion, Yang et al. 2022) leaves a small
-model's capacity to the motion. Steps take (x_t, x0, eps): no sampler branches on the prediction."""
+t in [0, timesteps), 0 the least noisy. The "blend" residual (middle - linear blend; Yang et al. 2022) leaves
+a small model's capacity to the motion. Steps take (x_t, x0, eps): no sampler branches on the prediction."""
 
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ SCHEDULES = ("linear", "cosine")
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-timestep constants, float32 1-D tensors of length `timesteps`."""
+    """Per-timestep constants, float32 1-D tensors of length `timesteps` (computed in float64)."""
 
     betas: torch.Tensor
     alphas_cumprod: torch.Tensor  # alpha_bar_t
@@ -38,8 +36,7 @@ class Schedule:
 
 def linear_betas(timesteps: int) -> torch.Tensor:
     """DDPM linear betas 1e-4 .. 0.02 at 1000 steps, scaled by 1000/timesteps (Improved DDPM, sec. 3)."""
-    scale = 1000.0 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return torch.linspace(1e-4 * 1000.0 / timesteps, 0.02 * 1000.0 / timesteps, timesteps, dtype=torch.float64)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -76,24 +73,18 @@ def alpha_bar_at(s: Schedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def q_sample(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4): x0, noise [B, ...], in x0's dtype."""
-    a = extract(s.sqrt_alphas_cumprod, t, x0.ndim)
-    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+    a, sigma = extract(s.sqrt_alphas_cumprod, t, x0.ndim), extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
     return (a * x0 + sigma * noise).to(x0.dtype)
-
-
-def v_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, sec. 4 / app. D)."""
-    a = extract(s.sqrt_alphas_cumprod, t, x0.ndim)
-    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
-    return a * noise - sigma * x0
 
 
 def training_target(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """What the network regresses: the noise ("eps"), v ("v") or the clean sample itself ("x0")."""
-    if prediction == "x0":
-        return x0
-    return noise if prediction == "eps" else v_target(s, x0, t, noise)
+    """What the network regresses: the noise ("eps"), the clean sample itself ("x0") or
+    v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 ("v"; Salimans & Ho 2022, sec. 4 / app. D)."""
+    if prediction in ("eps", "x0"):
+        return noise if prediction == "eps" else x0
+    a, sigma = extract(s.sqrt_alphas_cumprod, t, x0.ndim), extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+    return a * noise - sigma * x0
 
 
 def split_output(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
@@ -104,8 +95,7 @@ def split_output(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Ten
     x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)                 (DDPM eq. 4 solved for eps)
     """
     x_t, out = x_t.float(), out.float()
-    a = extract(s.sqrt_alphas_cumprod, t, x_t.ndim)
-    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+    a, sigma = extract(s.sqrt_alphas_cumprod, t, x_t.ndim), extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
     if prediction == "eps":
         return (x_t - sigma * out) / a, out
     if prediction == "x0":
@@ -147,19 +137,17 @@ def draw_training_noise(middle_shape: tuple[int, ...], *, timesteps: int, cfg_dr
 def diffusion_loss(output: Callable[..., torch.Tensor], s: Schedule, start: torch.Tensor, middle: torch.Tensor,
                    end: torch.Tensor, draws: Draws, *, base: torch.Tensor | None, prediction: str,
                    temporal_loss_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion loss on the middle frames: (loss, {"mse", "temporal"} detached), float32 scalars.
-    start [B, C, K_start, H, W], middle [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1];
-    output(x_t, t, cond_drop) -> the network's fp32 output for the middle (base None) or middle - base.
-    loss = MSE(output, target) + temporal_loss_weight * the MSE between the frame differences of
-    [last start frame, predicted x0 middle, first end frame] and the true clip's, weighted by alpha_bar_t
-    so that the noisiest steps (x0 carries the eps error times sqrt((1-ab)/ab)) do not dominate."""
+    """(loss, {"mse", "temporal"} detached), float32 scalars, on start [B, C, K_start, H, W], middle
+    [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1]; output(x_t, t, cond_drop): the network's fp32 output for
+    the middle (base None) or middle - base. loss = MSE(output, target) + temporal_loss_weight * the MSE between
+    the frame differences of [last start, predicted x0 middle, first end] and the true clip's, weighted by
+    alpha_bar_t so the noisiest steps (x0 carries the eps error times sqrt((1-ab)/ab)) do not dominate."""
     t, noise, cond_drop = draws
     x0 = middle.float() if base is None else middle.float() - base
     x_t = q_sample(s, x0.to(middle.dtype), t, noise.to(middle.dtype))
     out = output(x_t, t, cond_drop)
     target = training_target(s, x0, t, noise.float(), prediction)
     mse = torch.mean((out.float() - target) ** 2)
-
     x0_pred, _ = split_output(s, x_t, t, out, prediction)
     if base is not None:
         x0_pred = x0_pred + base
@@ -167,8 +155,7 @@ def diffusion_loss(output: Callable[..., torch.Tensor], s: Schedule, start: torc
     pred_path = torch.cat([first, x0_pred, last], dim=2)
     true_path = torch.cat([first, middle.float(), last], dim=2)
     diff_err = (pred_path.diff(dim=2) - true_path.diff(dim=2)) ** 2
-    weight = extract(s.alphas_cumprod, t, middle.ndim)
-    temporal = torch.mean(weight * diff_err)
+    temporal = torch.mean(extract(s.alphas_cumprod, t, middle.ndim) * diff_err)
     return mse + temporal_loss_weight * temporal, {"mse": mse.detach(), "temporal": temporal.detach()}
 
 
@@ -187,8 +174,7 @@ def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
 def apply_dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     """Imagen dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = max(1, the
     `percentile` quantile of |x0|); x0 [B, ...] clipped to [-s, s] and divided by s."""
-    flat = x0.reshape(x0.shape[0], -1).abs()
-    q = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
+    q = torch.quantile(x0.reshape(x0.shape[0], -1).abs(), percentile, dim=1).clamp(min=1.0)
     q = q.reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, q), -q) / q
 
@@ -197,8 +183,7 @@ def ddim_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Ten
               eps: torch.Tensor, eta: float, noise: torch.Tensor) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12; sigma from eq. 16).
     t, t_prev: int64 [B] (t_prev = -1: the clean end, alpha_bar = 1); x0, eps, noise: [B, ...]."""
-    ab = alpha_bar_at(s, t, x_t.ndim)
-    ab_prev = alpha_bar_at(s, t_prev, x_t.ndim)
+    ab, ab_prev = alpha_bar_at(s, t, x_t.ndim), alpha_bar_at(s, t_prev, x_t.ndim)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()  # eq. 16
     direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
     return ab_prev.sqrt() * x0 + direction + sigma * noise
@@ -208,10 +193,8 @@ def ddpm_step(s: Schedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Ten
               noise: torch.Tensor) -> torch.Tensor:
     """One ancestral step, a draw from q(x_{t_prev} | x_t, x0) (DDPM eqs. 6-7) with the respaced chain's
     betas 1 - ab_t / ab_prev (Improved DDPM, sec. 4): any subsequence of timesteps works."""
-    ab = alpha_bar_at(s, t, x_t.ndim)
-    ab_prev = alpha_bar_at(s, t_prev, x_t.ndim)
-    alpha = ab / ab_prev
-    beta = 1 - alpha
+    ab, ab_prev = alpha_bar_at(s, t, x_t.ndim), alpha_bar_at(s, t_prev, x_t.ndim)
+    alpha, beta = ab / ab_prev, 1 - ab / ab_prev
     mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + (alpha.sqrt() * (1 - ab_prev) / (1 - ab)) * x_t
     var = beta * (1 - ab_prev) / (1 - ab)  # beta~, DDPM eq. 7; 0 at the last step
     return mean + var.clamp(min=0).sqrt() * noise

@@ -41,8 +41,7 @@ def gaussian_window(size: int, sigma: float) -> torch.Tensor:
 
 def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Separable 'valid' Gaussian filter of x [N, 1, H, W] with the 1-D taps g."""
-    x = F.conv2d(x, g.view(1, 1, 1, -1))
-    return F.conv2d(x, g.view(1, 1, -1, 1))
+    return F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,13 +55,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     g = gaussian_window(size, SSIM_SIGMA).to(device=x.device, dtype=torch.float64)
     a, b = (v.reshape(-1, 1, H, W).double() for v in (x, y))
     mu_a, mu_b = _blur(a, g), _blur(b, g)
-    var_a = _blur(a * a, g) - mu_a**2
-    var_b = _blur(b * b, g) - mu_b**2
+    var_a, var_b = _blur(a * a, g) - mu_a**2, _blur(b * b, g) - mu_b**2
     cov = _blur(a * b, g) - mu_a * mu_b
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    per_channel = ssim_map.mean(dim=(-3, -2, -1)).view(*lead, C)
-    return per_channel.mean(dim=-1).float()
+    return ssim_map.mean(dim=(-3, -2, -1)).view(*lead, C).mean(dim=-1).float()
 
 
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # the 5-point discrete Laplacian
@@ -114,9 +111,8 @@ def middle_frames_metric(metric, pred: torch.Tensor, truth: torch.Tensor) -> tor
 
 def copy_nearest(start: torch.Tensor, end: torch.Tensor, middle_frames: int) -> torch.Tensor:
     """Each middle frame [B, C, M, H, W] copies the nearer of the last start / first end frame (ties: the start)."""
-    M = middle_frames
-    nearer_start = [m + 1 <= M - m for m in range(M)]  # frame m is m + 1 after the start, M - m before the end
-    return torch.cat([start[:, :, -1:] if s else end[:, :, :1] for s in nearer_start], dim=2)
+    M = middle_frames  # frame m is m + 1 after the start, M - m before the end
+    return torch.cat([start[:, :, -1:] if m + 1 <= M - m else end[:, :, :1] for m in range(M)], dim=2)
 
 
 BASELINES = {"copy nearest context": copy_nearest, "linear blend": linear_blend}

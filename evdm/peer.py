@@ -4,8 +4,7 @@ It fills the frames the model does: a clip's middle at w = (m + 1) / (M + 1) bet
 first end frame (`interpolate_clips`), or the N - 1 frames between each pair of a video's frames
 (`interpolate_video`). The observed frames are fed at their true instants and the filter asked for the
 rate that puts an output frame at every instant between; RGB travels unconverted as the planes G, B, R
-labelled yuv444p. docs/GUIDE.md ("Design notes") says why.
-"""
+labelled yuv444p. docs/GUIDE.md ("Design notes") says why."""
 
 from __future__ import annotations
 
@@ -107,12 +106,10 @@ def interpolate_clips(clips: np.ndarray, context: tuple[int, int], setting: Sett
     graph = ";".join([f"[0:v]split={B}" + "".join(f"[i{b}]" for b in range(B)),
                       *(f"[i{b}]" + branch.format(first=b * n, last=(b + 1) * n) + f"[o{b}]" for b in range(B)),
                       "".join(f"[o{b}]" for b in range(B)) + f"concat=n={B}:v=1:a=0[out]"])
-    middles = run_graph(fed.reshape(B * n, *clips.shape[2:]), graph, B * M)
-    return middles.reshape(B, M, *clips.shape[2:])
+    return run_graph(fed.reshape(B * n, *clips.shape[2:]), graph, B * M).reshape(B, M, *clips.shape[2:])
 
 
-def interpolate_grid(clips: np.ndarray, context: tuple[int, int],
-                     settings: list[Setting]) -> dict[Setting, np.ndarray]:
+def interpolate_grid(clips: np.ndarray, context: tuple[int, int], settings: list[Setting]) -> dict[Setting, np.ndarray]:
     """`interpolate_clips` for each setting, the ffmpeg processes running side by side (one per CPU)."""
     with ThreadPoolExecutor(max_workers=min(len(settings), os.cpu_count() or 1)) as pool:
         return dict(zip(settings, pool.map(lambda s: interpolate_clips(clips, context, s), settings)))

@@ -1,8 +1,7 @@
 """The files of sample.py: endpoint images or shard clips in, sampled clips (evdm.denoiser) and pictures out.
 
 Size, T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose
-first K_start and last K_end frames are the input frames byte for byte.
-"""
+first K_start and last K_end frames are the input frames byte for byte."""
 
 from __future__ import annotations
 
@@ -27,15 +26,6 @@ from evdm.seeds import mix_seed
 
 class SamplingError(RuntimeError):
     """A user-facing problem with the inputs; the message names the file and what is wrong."""
-
-
-def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
-    """Largest centred square, resized to size x size (bicubic; box filter when shrinking a lot)."""
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC,
-                                                                 reducing_gap=2.0)
 
 
 def open_image(path: str | Path, color_mode: str) -> Image.Image:
@@ -66,14 +56,18 @@ def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
 
 
 def to_array(img: Image.Image, size: int) -> np.ndarray:
-    """uint8 [size, size, C] (C = 3 rgb, 1 gray), centre-cropped and resized."""
-    arr = np.asarray(center_crop_resize(img, size), dtype=np.uint8)
+    """uint8 [size, size, C] (C = 3 rgb, 1 gray): the largest centred square, resized (bicubic; box filter when
+    shrinking a lot)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    arr = np.asarray(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
 def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The K_start start and K_end end images -> (start, end) uint8 [K_*, H, W, C] at the model's size
-    and colour mode."""
+    """The K_start start and K_end end images -> (start, end) uint8 [K_*, H, W, C] at the model's size and mode."""
     for flag, paths, K, end in (("--start_images", start_paths, cfg.context.start, "start"),
                                 ("--end_images", end_paths, cfg.context.end, "end")):
         if len(paths) != K:
@@ -110,10 +104,6 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip(".") or "clip"
-
-
 def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
                        truth: np.ndarray | None = None) -> list[Path]:
     """{name}.mp4, {name}.png (strip), {name}.npy; with truth also {name}_truth.mp4/.png and {name}_compare.png.
@@ -144,8 +134,8 @@ def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray
                     keep_arrays: bool = True) -> list[dict]:
     """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth
     [T, H, W, C] or None) with cfg.sample's settings and write its outputs, and grid_{i:03d}.gif per batch.
-    Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth.
-    `total` is the number of jobs, for the progress bar."""
+    Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth;
+    `total`: the number of jobs, for the progress bar."""
     out_dir = Path(out_dir)
     if problem := folder_problem(out_dir):
         raise SamplingError(f"--out_dir {out_dir} {problem}")
@@ -177,5 +167,6 @@ def shard_jobs(shards: str | list[str], cfg: RunConfig, num: int, num_samples: i
     for key, clip in iter_shard_clips(shards, cfg, num):
         clip = np.array(clip)  # own the bytes: the shard view is read-only
         start, _, end = cfg.context.split(clip, axis=0)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip(".") or "clip"
         for i in range(num_samples):
-            yield (safe_name(key) + (f"_s{i}" if num_samples > 1 else ""), start, end, clip)
+            yield (name + (f"_s{i}" if num_samples > 1 else ""), start, end, clip)

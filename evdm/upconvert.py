@@ -3,8 +3,7 @@
 Every pair of consecutive input frames is a window whose N - 1 middle frames the model generates: F input
 frames become (F - 1) x N + 1 output frames, input frame i at output frame i x N, byte for byte. Videos
 stream through two ffmpeg pipes (preprocess.video's decoder, an encoder that copies the sound); only a
-batch of windows is in memory. `upconvert_array` runs the same windows on frames in memory, for scoring.
-"""
+batch of windows is in memory. `upconvert_array` runs the same windows on frames in memory, for scoring."""
 
 from __future__ import annotations
 
@@ -58,8 +57,7 @@ def input_positions(frames: int, factor: int) -> list[int]:
 
 
 def boundary_pairs(frames: int, factor: int) -> np.ndarray:
-    """bool [(F - 1) x N]: the consecutive output pairs (k, k + 1) across window boundaries (touching one
-    of the input frames 1 .. F - 2, which two windows share)."""
+    """bool [(F - 1) x N]: the output pairs (k, k + 1) touching an input frame 1 .. F - 2 (two windows share it)."""
     k = np.arange(output_frames(frames, factor) - 1)
     shared = lambda pos: (pos % factor == 0) & (pos > 0) & (pos < (frames - 1) * factor)  # noqa: E731
     return shared(k) | shared(k + 1)
@@ -115,10 +113,9 @@ def decoded_frames(path: str | Path, size: int, color_mode: str) -> Iterator[np.
     from preprocess.video import VideoError, decode_args, error_lines, explain_failure
 
     channels = 1 if color_mode == "gray" else 3
-    frame_bytes = size * size * channels
+    frame_bytes, count = size * size * channels, 0
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a long log cannot stall the decoder
         proc = subprocess.Popen(decode_args(path, size, color_mode), stdout=subprocess.PIPE, stderr=log)
-        count = 0
         try:
             while chunk := proc.stdout.read(frame_bytes):
                 if len(chunk) < frame_bytes:
@@ -182,12 +179,9 @@ def encode(frames: Iterable[np.ndarray], args: list[str], out: Path) -> int:
 
 def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg: RunConfig, *, batch_size: int = 16,
                     seed: int = 0, progress: bool = True) -> dict:
-    """Up-convert the video `source` into `out` (atomically) at N times its rate with cfg.sample's settings.
-
-    .mkv output is lossless (FFV1); other suffixes are H.264 (yuv420p, CRF 18). Returns a record: frames in
-    and out, rates, seconds, output frames/s. UpconvertError (one line) for a missing, damaged, zero- or
-    one-frame video.
-    """
+    """Up-convert the video `source` into `out` (atomically) at N times its rate with cfg.sample's settings:
+    .mkv output is lossless (FFV1), other suffixes H.264 (yuv420p, CRF 18). Returns a record: frames in and out,
+    rates, seconds, output frames/s. UpconvertError (one line) for a missing, damaged, zero- or one-frame video."""
     from preprocess.video import VideoError, probe, rate_arg
 
     source, out, factor = Path(source), Path(out), factor_of(cfg)
@@ -224,8 +218,8 @@ def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg
 
 @contextlib.contextmanager
 def rate_bar(show: bool) -> Iterator[Callable[[Iterable[np.ndarray]], Iterator[np.ndarray]]]:
-    """A progress line of the frames written and frames/s; yields `counted`, which passes frames through,
-    counting them. Silent when show is False."""
+    """A progress line (silent unless `show`) of the frames written and frames/s; yields `counted`, which passes
+    frames through, counting them."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("up-converting: {task.completed:.0f} frames, {task.fields[rate]} frames/s"),

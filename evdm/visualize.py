@@ -1,8 +1,7 @@
 """Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers.
 
 Numpy on uint8 frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed:
-context blue, generated orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back).
-"""
+context blue, generated orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back)."""
 
 from __future__ import annotations
 
@@ -61,8 +60,7 @@ def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int =
     h, w = cells[0][0][0].shape[:2]
     rows, cols = len(cells), max(len(r) for r in cells)
     out_h, out_w = cell_origin(rows, cols, h, w, scale=scale, border=border, gap=gap)
-    img = np.empty((out_h - border, out_w - border, 3), np.uint8)
-    img[:] = BACKGROUND
+    img = np.full((out_h - border, out_w - border, 3), BACKGROUND, np.uint8)
     for r, row in enumerate(cells):
         for c, (frame, color) in enumerate(row):
             y, x = cell_origin(r, c, h, w, scale=scale, border=border, gap=gap)

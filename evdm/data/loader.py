@@ -3,8 +3,7 @@ fixed val subset, sample.py's and evaluate's inputs).
 
 Batches are [B, C, T, H, W] views of [B, T, H, W, C] buffers, the channels_last_3d layout, so no one
 permutes bytes; float conversion, scaling and flips happen on the device (Denoiser.to_input). The
-per-reader stream lives in evdm.data.stream; clips in order follow its damaged-shard policy.
-"""
+per-reader stream lives in evdm.data.stream; clips in order follow its damaged-shard policy."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ class TrainBatches:
     def __init__(self, dataset: ShardClipStream | None, batches: Iterator[torch.Tensor],
                  worker_skipped: dict[int, int] | None = None) -> None:
         self._dataset, self._batches = dataset, batches
-        # Filled from the workers' tickets as they arrive (the same dict object the ticket reader fills).
         self.worker_skipped = worker_skipped if worker_skipped is not None else {}
 
     @property
@@ -52,11 +50,9 @@ class TrainBatches:
 def make_train_loader(cfg: RunConfig, train: ShardSet, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                       start_batch: int = 0) -> TrainBatches:
     """Infinite uint8 [B, C, T, H, W] batches (B = train.batch_size, pinned when CUDA is present) of the
-    `train` shards for this rank, from batch `start_batch` of the fresh stream (exact resume).
-
-    `seed` drives the sample shuffle; the shard partition uses train.seed, equal on every rank, so ranks
-    stay disjoint. data.loader = "dali" dispatches to DALI, whose resume restarts its reader instead.
-    """
+    `train` shards for this rank, from batch `start_batch` of the fresh stream (exact resume). `seed` drives the
+    sample shuffle; the shard partition uses train.seed, equal on every rank, so ranks stay disjoint.
+    data.loader = "dali" dispatches to DALI, whose resume restarts its reader instead."""
     d = cfg.data
     if d.loader == "dali":
         from evdm.data.dali import make_dali_train_loader
@@ -66,8 +62,7 @@ def make_train_loader(cfg: RunConfig, train: ShardSet, *, rank: int = 0, world_s
                  "and sees other clips than a straight run would")
         return TrainBatches(None, make_dali_train_loader(cfg, train.urls, rank=rank, world_size=world_size, seed=seed))
     urls = train.urls
-    problems = train.problems()
-    if problems and rank == 0:
+    if (problems := train.problems()) and rank == 0:
         warn(f"manifest.json lists {len(problems)} train shard(s) that are missing or of the wrong size: "
              + ", ".join(problems))
     readers = world_size * max(d.num_workers, 1)
@@ -76,12 +71,10 @@ def make_train_loader(cfg: RunConfig, train: ShardSet, *, rank: int = 0, world_s
                       f"worker(s); every reader will read every shard and keep 1 clip in {readers}. "
                       f"Write at least {readers} shards (preprocess.shard --shard-size) to read each shard once.",
                       stacklevel=2)
-    pin = torch.cuda.is_available()
-    clip_shape = expected_clip_shape(cfg)
+    pin, clip_shape = torch.cuda.is_available(), expected_clip_shape(cfg)
     batch_shape = (cfg.train.batch_size, *clip_shape)
-    ring = None
-    if d.num_workers > 0:
-        ring = BatchRing(d.num_workers, batch_shape, prefetch=_PREFETCH_TICKETS, chunk_bytes=_CHUNK_BYTES)
+    ring = (BatchRing(d.num_workers, batch_shape, prefetch=_PREFETCH_TICKETS, chunk_bytes=_CHUNK_BYTES)
+            if d.num_workers > 0 else None)
     dataset = ShardClipStream(urls, batch_size=cfg.train.batch_size, expected_shape=clip_shape, rank=rank,
                               world_size=world_size, partition_seed=cfg.train.seed, sample_seed=seed,
                               shuffle_buffer=d.shuffle_buffer, ring=ring, pin=pin, start_batch=start_batch,
@@ -132,16 +125,12 @@ def read_clips(shards: ShardSet, shape: tuple[int, ...], limit: int | None = Non
             count += 1
 
 
-def stack_clips(clips: list[np.ndarray]) -> torch.Tensor:
-    """[T, H, W, C] uint8 arrays -> uint8 [B, C, T, H, W], a channels_last_3d view (one copy per clip)."""
-    out = torch.empty((len(clips), *clips[0].shape), dtype=torch.uint8)
-    np.stack(clips, out=out.numpy())
-    return out.permute(0, 4, 1, 2, 3)
-
-
 def load_val_clips(val: ShardSet, cfg: RunConfig) -> torch.Tensor:
-    """The fixed val subset: uint8 [N, C, T, H, W], the first N = min(data.val_clips, available) clips."""
+    """The fixed val subset: uint8 [N, C, T, H, W], the first N = min(data.val_clips, available) clips, a
+    channels_last_3d view (one copy per clip)."""
     clips = [clip for _, clip in read_clips(val, expected_clip_shape(cfg), cfg.data.val_clips)]
     if not clips:
         raise ConfigError(f"data.val_shards {val.spec!r}: the val shards hold no clips")
-    return stack_clips(clips)
+    out = torch.empty((len(clips), *clips[0].shape), dtype=torch.uint8)
+    np.stack(clips, out=out.numpy())
+    return out.permute(0, 4, 1, 2, 3)

@@ -3,8 +3,7 @@ checkpoint under "stream"), compared on --resume.
 
 Other clips per step (batch_size x grad_accum_steps x world size) are refused: the fast-forward would
 skip or repeat clips. Another shard list, split, data.num_workers or data.shuffle_buffer: one warning
-each, the position (and the epoch column) kept (docs/RELIABILITY.md, "Resume and damaged data").
-"""
+each, the position (and the epoch column) kept (docs/RELIABILITY.md, "Resume and damaged data")."""
 
 from __future__ import annotations
 
@@ -52,19 +51,14 @@ class Stream:
         return f"{self.batch_size} x {self.grad_accum_steps} x {self.world_size}"
 
 
-def current_stream(cfg: RunConfig, train: ShardSet, world_size: int) -> Stream:
-    """The stream a fresh run of `cfg` on the `train` shards and `world_size` ranks reads."""
-    return Stream(batch_size=cfg.train.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-                  num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, world_size=world_size,
-                  shard_list=train.identity(), train_clips=train.clip_count())
-
-
 def run_stream(ckpt: dict | None, cfg: RunConfig, train: ShardSet, world_size: int, path: Path, *,
                loud: bool = True) -> Stream:
     """The stream this run reads: a fresh run's, or the one a resume from `ckpt` (read from `path`) continues,
     with one warning line (when `loud`) per difference that costs exactness; ConfigError where the run
     would skip or repeat clips unseen."""
-    now = current_stream(cfg, train, world_size)
+    now = Stream(batch_size=cfg.train.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+                 num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, world_size=world_size,
+                 shard_list=train.identity(), train_clips=train.clip_count())
     if ckpt is None:
         return now
     step = ckpt["step"]
@@ -87,8 +81,7 @@ def run_stream(ckpt: dict | None, cfg: RunConfig, train: ShardSet, world_size: i
 
 
 def _recorded(ckpt: dict, now: Stream, path: Path) -> tuple[Stream, list[str]]:
-    """The checkpoint's Stream, with the world size and shard list taken to be the current ones (and a
-    note) where it does not know them."""
+    """The checkpoint's Stream, with the world size and shard list taken as the current ones (and a note) if unknown."""
     before = Stream(**ckpt["stream"])
     if before.world_size is not None and before.shard_list is not None:
         return before, []

@@ -1,6 +1,5 @@
 """A shard list and the manifest beside its first local shard, each read once: what the trainer, sample.py
-and evaluate know of the shards before reading a clip (shape, missing shards, clip count, sha256s, identity).
-"""
+and evaluate know of the shards before reading a clip (shape, missing shards, clip count, sha256s, identity)."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ from evdm.data.tar import DAMAGE, damage_reason, peek_clip_shape
 
 def expected_clip_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
     """The [T, H, W, C] shape of cfg's clips."""
-    d = cfg.data
-    return clip_shape(d.T, d.size, d.color_mode)
+    return clip_shape(cfg.data.T, cfg.data.size, cfg.data.color_mode)
 
 
 def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> str:
@@ -112,8 +110,7 @@ class ShardSet:
 
     def clip_count(self) -> int | None:
         """Clips in the set per the manifest (None when unknown: remote shards, no manifest)."""
-        entries = [self._entry(u) for u in self.urls]
-        return sum(e.clips for e in entries if e is not None) or None
+        return sum(e.clips for e in map(self._entry, self.urls) if e is not None) or None
 
     def digests(self) -> dict[str, str]:
         """url -> the manifest's sha256, for data.verify_shards; ConfigError when there is no manifest."""

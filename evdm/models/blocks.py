@@ -1,10 +1,8 @@
-"""The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal
-attention, timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling.
-
-Tensors are [B, C, T, H, W] in channels_last_3d. Convolutions run as `F.conv2d` on free channels-last
-views (per frame [B*M, C, H, W]; along time [B, C, M, H*W]), norms keep their input's dtype and layout,
-attention avoids SDPA (why: docs/GUIDE.md, Design notes). No layer branches on tensor values, so the
-model compiles with fullgraph=True."""
+"""The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal attention,
+timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling. Tensors are [B, C, T, H, W] in
+channels_last_3d; convolutions run as `F.conv2d` on free channels-last views (per frame [B*M, C, H, W]; along
+time [B, C, M, H*W]), norms keep their input's dtype and layout, attention avoids SDPA (why: docs/GUIDE.md,
+Design notes). No layer branches on tensor values, so the model compiles with fullgraph=True."""
 
 from __future__ import annotations
 
@@ -36,12 +34,9 @@ def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     return _affine((xf - mean) * torch.rsqrt(var + eps), weight, bias, x.dtype)
 
 
-# The functions above pay off only when compiled (fused); eagerly they are several passes each way,
-# so eager runs use torch's own norm kernels, the same maths (tests/test_model.py).
-
-
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` when compiled, torch's kernel eagerly."""
+    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` when compiled, torch's kernel eagerly
+    (the functions above pay off only fused; eagerly they are several passes each way)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -66,20 +61,10 @@ def make_group_norm(channels: int) -> GroupNorm:
     return GroupNorm(groups, channels, eps=1e-6)
 
 
-def to_frames(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, M, H, W] -> [B*M, C, H, W]; a view when x is channels_last_3d."""
-    B, C, M, H, W = x.shape
-    return x.transpose(1, 2).reshape(B * M, C, H, W)
-
-
-def from_frames(y: torch.Tensor, B: int) -> torch.Tensor:
-    """[B*M, C, H, W] -> [B, C, M, H, W]; channels_last in, channels_last_3d out, without a copy."""
-    return y.reshape(B, -1, *y.shape[1:]).transpose(1, 2)
-
-
 class FrameConv(nn.Module):
-    """A k x k convolution of every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s].
-    `upsample` doubles H and W (nearest) first. `.weight`, `.bias` are initialised as nn.Conv2d's."""
+    """A k x k convolution of every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s], run on the
+    [B*M, C, H, W] view of a channels_last_3d input (no copy either way). `upsample` doubles H and W (nearest)
+    first. `.weight`, `.bias` are initialised as nn.Conv2d's."""
 
     def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, upsample: bool = False) -> None:
         super().__init__()
@@ -88,11 +73,12 @@ class FrameConv(nn.Module):
         self.weight, self.bias = conv.weight, conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames = to_frames(x)
+        B, C, M, H, W = x.shape
+        frames = x.transpose(1, 2).reshape(B * M, C, H, W)
         if self.upsample:
             frames = F.interpolate(frames, scale_factor=2.0, mode="nearest")
-        return from_frames(F.conv2d(frames, self.weight, self.bias, stride=self.stride, padding=self.pad),
-                           x.shape[0])
+        y = F.conv2d(frames, self.weight, self.bias, stride=self.stride, padding=self.pad)
+        return y.reshape(B, M, *y.shape[1:]).transpose(1, 2)
 
 
 class TimeConv(nn.Module):
@@ -151,15 +137,13 @@ class TemporalAttention(nn.Module):
             raise ValueError(f"attention channels {channels} not divisible into {self.heads} heads")
         self.norm = ChannelNorm(channels)
         self.pos = nn.Parameter(torch.randn(frames, channels) * 0.02)
-        self.q = nn.Linear(channels, channels)
-        self.kv = nn.Linear(channels, 2 * channels)
+        self.q, self.kv = nn.Linear(channels, channels), nn.Linear(channels, 2 * channels)
         self.out = zero_init(nn.Linear(channels, channels))
 
     def forward(self, h: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         dtype, Ks, M = start.dtype, start.shape[2], h.shape[2]
         pos = self.pos.t().to(dtype)[None, :, :, None, None]  # [1, c, T, 1, 1]
-        parts = (start, h.to(dtype), end)
-        bounds = (0, Ks, Ks + M, pos.shape[2])
+        parts, bounds = (start, h.to(dtype), end), (0, Ks, Ks + M, pos.shape[2])
         # Each part normed on its own (LayerNorm is per token): the query projection reads the middle's uncopied.
         normed = [self.norm(x) + pos[:, :, a:b] for x, a, b in zip(parts, bounds, bounds[1:])]
         tokens = torch.cat(normed, dim=2).movedim(1, -1)  # [B, T, H, W, c]
@@ -175,8 +159,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-    return F.pad(emb, (0, dim % 2))
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=1), (0, dim % 2))
 
 
 class TimestepEmbedder(nn.Module):
@@ -197,8 +180,7 @@ class SpatioTemporalConv(nn.Module):
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
-        self.spatial = FrameConv(c_in, c_out)
-        self.temporal = TimeConv(c_out)
+        self.spatial, self.temporal = FrameConv(c_in, c_out), TimeConv(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.temporal(F.silu(self.spatial(x)))
@@ -223,12 +205,9 @@ class ResBlock3D(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, c_cond: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = make_group_norm(c_in)
-        self.conv1 = SpatioTemporalConv(c_in, c_out)
-        self.norm2 = make_group_norm(c_out)
-        self.film = FiLM(c_cond, c_out)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = SpatioTemporalConv(c_out, c_out)
+        self.norm1, self.conv1 = make_group_norm(c_in), SpatioTemporalConv(c_in, c_out)
+        self.norm2, self.film = make_group_norm(c_out), FiLM(c_cond, c_out)
+        self.dropout, self.conv2 = nn.Dropout(dropout), SpatioTemporalConv(c_out, c_out)
         zero_init(self.conv2.temporal)  # the residual branch starts at zero
         self.skip = nn.Identity() if c_in == c_out else FrameConv(c_in, c_out, kernel=1)
 

@@ -31,23 +31,19 @@ class ConditioningEncoder(nn.Module):
 
     def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int]) -> None:
         super().__init__()
-        self.stem = FrameConv(in_channels, level_channels[0])
-        self.blocks = nn.ModuleList()
-        self.downs = nn.ModuleList()
+        self.stem, self.blocks, self.downs = FrameConv(in_channels, level_channels[0]), nn.ModuleList(), nn.ModuleList()
         c_prev = level_channels[0]
         for i, c in enumerate(level_channels):
             self.blocks.append(EncoderBlock(c_prev, c))
             if i + 1 < len(level_channels):
                 self.downs.append(FrameConv(c, c, stride=2))
             c_prev = c
-        Ks, Ke = K
-        self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, Ks, 1, 1)) for c in level_channels])
-        self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, Ke, 1, 1)) for c in level_channels])
+        self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K[0], 1, 1)) for c in level_channels])
+        self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K[1], 1, 1)) for c in level_channels])
 
     def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
         """frames: [N, C, K, H, W] in [-1, 1] -> per level l: [N, c_l, K, H / 2^l, W / 2^l]."""
-        h = self.stem(frames)
-        feats = []
+        h, feats = self.stem(frames), []
         for i, block in enumerate(self.blocks):
             h = block(h)
             feats.append(h)
@@ -55,9 +51,8 @@ class ConditioningEncoder(nn.Module):
                 h = self.downs[i](h)
         return feats
 
-    def forward(
-        self, start_context: torch.Tensor, end_context: torch.Tensor, cond_drop: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, start_context: torch.Tensor, end_context: torch.Tensor,
+                cond_drop: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Encode both endpoints with the same weights, in one batch of 2B when both ends hold as many frames.
         start_context: [B, C, K_start, H, W], end_context: [B, C, K_end, H, W]; cond_drop: bool [B].
         Returns (start_feats, end_feats), lists over levels of [B, c_l, K_start or K_end, H_l, W_l]."""

@@ -4,9 +4,8 @@
     `temporal_attn_levels`, downsampling) --> bottleneck (ResBlock, attention, ResBlock)
     --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> the prediction.
 
-One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for
-its FiLMs, and the context features join every temporal attention. `direct_input` also feeds the stem
-"blend" (the linear blend), "context" (all context frames), "both" or "none" as extra channels."""
+One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for its FiLMs,
+and the context features join every temporal attention. `direct_input`: extra stem channels (DIRECT_INPUTS)."""
 
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ class VideoUNet3D(nn.Module):
         self.context = Context(*context)
         self.channels, self.T, self.middle_frames = channels, T, self.context.middle_frames(T)
         self.downscale = 2 ** (len(channel_mults) - 1)
-        level_ch = [base_channels * m for m in channel_mults]
-        emb_dim = 4 * base_channels
+        level_ch, emb_dim = [base_channels * m for m in channel_mults], 4 * base_channels
         self.attn_levels = tuple(sorted(set(temporal_attn_levels)))
         block = lambda c_in, c_out: ResBlock3D(c_in, c_out, c_out, dropout)  # noqa: E731
         attn = lambda c: TemporalAttention(c, attn_head_channels, T)  # noqa: E731
@@ -51,16 +49,12 @@ class VideoUNet3D(nn.Module):
         self.direct_input = direct_input
         blend, frames = DIRECT_INPUTS[direct_input]
         direct_ch = channels * (int(blend) + int(frames) * sum(self.context))
-        self.stem = FrameConv(channels + direct_ch, level_ch[0])
-        self.stem_film = FiLM(level_ch[0], level_ch[0])
+        self.stem, self.stem_film = FrameConv(channels + direct_ch, level_ch[0]), FiLM(level_ch[0], level_ch[0])
         skip_ch = self._build_down(level_ch, res_blocks, block, attn)
         c_mid = level_ch[-1]
-        self.mid_block1 = block(c_mid, c_mid)
-        self.mid_attn = attn(c_mid)
-        self.mid_block2 = block(c_mid, c_mid)
+        self.mid_block1, self.mid_attn, self.mid_block2 = block(c_mid, c_mid), attn(c_mid), block(c_mid, c_mid)
         self._build_up(level_ch, res_blocks, skip_ch, block, attn)
-        self.out_norm = make_group_norm(level_ch[0])
-        self.out_conv = zero_init(FrameConv(level_ch[0], channels))
+        self.out_norm, self.out_conv = make_group_norm(level_ch[0]), zero_init(FrameConv(level_ch[0], channels))
 
     def _build_down(self, level_ch: list[int], res_blocks: int, block, attn) -> list[int]:
         """Down path: per level `res_blocks` blocks (+ attention), then a downsample; returns the skips' widths."""

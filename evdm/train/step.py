@@ -1,7 +1,6 @@
 """The training step: what it updates (`Trainer`) and the step itself (`train_step`), with the EMA.
 
-The loop, the benchmarks and the tests all run this one step, so what they time or train is what users train.
-"""
+The loop, the benchmarks and the tests all run this one step, so what they time or train is what users train."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class Trainer:
-    """What a training step updates; ema (train.ema) is an fp32 copy of denoiser.net, used for validation
-    and samples."""
+    """What a training step updates; ema (train.ema): an fp32 copy of denoiser.net, for validation and samples."""
 
     cfg: RunConfig
     denoiser: Denoiser
@@ -79,8 +77,7 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
 
     Accumulating N batches of B is one batch of N*B (each loss divided by N); under DDP the gradients
     are all-reduced on the last micro-batch only. A step whose gradient norm is not finite changes no
-    weight, as the fp16 GradScaler skips such steps (one device sync per step).
-    """
+    weight, as the fp16 GradScaler skips such steps (one device sync per step)."""
     cfg, tc, den = trainer.cfg, trainer.cfg.train, trainer.denoiser
     gen = torch.Generator(device=den.device).manual_seed(step_seed(tc.seed, rank, step))
     lr = lr_at(step, tc)
@@ -112,16 +109,12 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """Decay with warm-up, (1 + step) / (10 + step) capped at `decay` (TF's ExponentialMovingAverage with
     num_updates): early averages forget fast so the EMA is not stuck at init."""
-    if not warmup:
-        return decay
-    return min(decay, (1.0 + step) / (10.0 + step))
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 def make_ema(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen fp32 copy of `model` in eval mode."""
-    ema = copy.deepcopy(model).float().eval()
-    ema.requires_grad_(False)
-    return ema
+    return copy.deepcopy(model).float().eval().requires_grad_(False)
 
 
 def all_finite(*modules: torch.nn.Module | None) -> bool:
@@ -133,8 +126,6 @@ def all_finite(*modules: torch.nn.Module | None) -> bool:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied."""
-    ema_params = list(ema.parameters())
-    model_params = [p.detach().float() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach().float() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
