@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--video and --out go together")
     if min(args.num, args.num_samples, args.batch_size) < 1:
         p.error("--num, --num_samples and --batch_size must be >= 1")
-    inputs = input_files(args.ckpt, *(args.start_images or []), *(args.end_images or []), *([args.video] if args.video else []),
+    inputs = input_files(args.ckpt, args.video, *(args.start_images or []), *(args.end_images or []),
                          shards=args.shards)
     # Before the checkpoint is even read: no output may replace an input or a checkpoint.
     if args.video:

@@ -30,7 +30,7 @@ ADDED = {("model", "direct_input"): "none"}  # 15ca32d
 # endpoint_context = K kept as the shorthand for [K, K] in files.
 SPLIT_CONTEXT_KEYS = ("context_start", "context_end")
 OLD_ENDPOINT_DEFAULT = 2
-# What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.stream.Stream).
+# What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.resume.Stream).
 STREAM_CONFIG_KEYS = {"batch_size": "train", "grad_accum_steps": "train", "num_workers": "data",
                       "shuffle_buffer": "data"}
 # Options of preprocess.shard added in ba76329; a progress record without them ran as today's defaults do.
@@ -114,5 +114,6 @@ def upgrade_progress_identity(identity: dict, defaults: dict) -> dict:
     options = identity.get("options")
     if not isinstance(options, dict):
         return identity
-    missing = {k: json.loads(json.dumps(defaults[k])) for k in PREPROCESS_OPTIONS_ADDED if k in defaults and k not in options}
+    missing = {k: json.loads(json.dumps(defaults[k])) for k in PREPROCESS_OPTIONS_ADDED
+               if k in defaults and k not in options}
     return {**identity, "options": {**options, **missing}}
