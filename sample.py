@@ -1,9 +1,9 @@
-"""Fill in the middle of clips with a trained checkpoint (EMA weights by default).
+"""Fill in the middle of clips with a trained checkpoint (EMA weights by default; a run folder: its best.pt).
 
-    python sample.py --ckpt out/last.pt --start_images s0.png s1.png --end_images e0.png e1.png \
+    python sample.py --ckpt out --start_images s0.png s1.png --end_images e0.png e1.png \
         --out_dir out/samples --steps 40 --eta 0.0 --guidance_scale 1.8 [--seed 0] [--num_samples N]
-    python sample.py --ckpt out/last.pt --shards 'shards/val-*.tar' --num 64 --batch_size 16 --out_dir out/samples
-    python sample.py --ckpt out/last.pt --video in.mp4 --out out.mp4 [--batch_size 16] [--steps 10]
+    python sample.py --ckpt out --shards 'shards/val-*.tar' --num 64 --batch_size 16 --out_dir out/samples
+    python sample.py --ckpt out --video in.mp4 --out out.mp4 [--batch_size 16] [--steps 10]
 
 Per clip: an MP4, a PNG strip (context frames framed blue, generated orange) and the uint8 .npy;
 from shards also the truth and a truth/sample comparison strip; per batch a grid GIF. --video: the
@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from evdm.atomic import DiskFullError, output_problem
-from evdm.cli import add_speed_flags, input_files, one_line
+from evdm.cli import add_checkpoint_flag, add_speed_flags, input_files, one_line
 
 
 def written_names(from_images: bool) -> tuple[str, ...]:
@@ -30,7 +30,7 @@ def written_names(from_images: bool) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint (e.g. runs/bair/last.pt)")
+    add_checkpoint_flag(p)
     p.add_argument("--start_images", nargs="+", metavar="IMG", help="the K first frames")
     p.add_argument("--end_images", nargs="+", metavar="IMG", help="the K last frames")
     p.add_argument("--shards", help="shard glob/brace pattern: take contexts (and truth) from its clips")

@@ -61,7 +61,7 @@ def _main(argv: list[str] | None) -> int:
 
 def run_outputs(out_dir: Path) -> list[str]:
     """The run's outputs that exist: a run stopped early may have no metrics, loss plot or previews yet."""
-    names = ("last.pt", "metrics.jsonl", "loss.png", "previews/", "tensorboard/")
+    names = ("last.pt", "best.pt", "metrics.jsonl", "loss.png", "previews/", "tensorboard/")
     paths = {name: out_dir / name for name in names}
     return [name for name, path in paths.items() if path.is_file() or (path.is_dir() and any(path.iterdir()))]
 

@@ -1,6 +1,7 @@
 """One-file, atomic checkpoints of tensors and primitives only (`torch.load(weights_only=True)` reads them).
-Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream"}
-("stream": what the data stream depended on, evdm.data.resume; None outside the trainer)."""
+Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer", "scaler", "rng", "stream", "best"}
+("stream": what the data stream depended on, evdm.data.resume; "best": the trainer's lowest validation loss
+yet, evdm.train.loop.Best; both None outside the trainer)."""
 
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 def make_payload(*, step: int, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module | None,
                  optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
-                 stream: dict | None = None) -> dict:
+                 stream: dict | None = None, best: dict | None = None) -> dict:
     """Everything needed to resume; `model`/`ema` must be the unwrapped (uncompiled, non-DDP) modules."""
     state = lambda obj: None if obj is None else obj.state_dict()  # noqa: E731
     return {"step": step, "config": to_dict(cfg), "model": model.state_dict(), "ema": state(ema),
-            "optimizer": state(optimizer), "scaler": state(scaler), "rng": rng_state(), "stream": stream}
+            "optimizer": state(optimizer), "scaler": state(scaler), "rng": rng_state(), "stream": stream, "best": best}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import typing
+from pathlib import Path
 
 from evdm.config import ConfigError, SampleConfig
 from evdm.data.schema import REMOTE_PREFIXES, expand_urls
@@ -21,6 +22,20 @@ def warn(line: str) -> None:
     """One warning line on stderr (DataLoader workers share it): no traceback, no source line."""
     sys.stderr.write(f"warning: {line}\n")
     sys.stderr.flush()
+
+
+def run_checkpoint(path: str) -> str:
+    """`path`, or for a run folder (train.out_dir) its best.pt, the lowest validation loss, else its last.pt."""
+    if not Path(path).is_dir():
+        return path
+    best = Path(path) / "best.pt"
+    return str(best if best.is_file() else Path(path) / "last.pt")
+
+
+def add_checkpoint_flag(parser) -> None:
+    """--ckpt for sample.py and evdm.evaluate: a checkpoint file or a run folder (`run_checkpoint`)."""
+    parser.add_argument("--ckpt", required=True, type=run_checkpoint,
+                        help="checkpoint, or a run folder: its best.pt (lowest validation loss), else last.pt")
 
 
 def add_speed_flags(parser) -> None:

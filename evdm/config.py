@@ -83,6 +83,7 @@ class DataConfig:
     shuffle_buffer: int = ranged(1000, NON_NEGATIVE)
     val_clips: int = ranged(64, AT_LEAST_1)  # fixed val subset size
     hflip: bool = False  # random horizontal flip, applied on the training device
+    time_reverse: bool = False  # play half the training clips backwards (the contexts trade places: start == end)
     verify_shards: bool = False  # check each shard's sha256 against manifest.json when a reader first opens it
 
 
@@ -137,6 +138,9 @@ class TrainConfig:
     preview_every: int = ranged(5000, AT_LEAST_1)  # previews (PNG strips, MP4 when ffmpeg works) every N steps
     ckpt_every: int = ranged(1000, AT_LEAST_1)  # out_dir/last.pt
     snapshot_every: int = ranged(10_000, AT_LEAST_1)  # out_dir/step_XXXXXXX.pt
+    # out_dir/best.pt: the lowest validation loss yet; the run stops after this many validations in a row
+    # without a lower one (0: never)
+    early_stop_patience: int = ranged(0, NON_NEGATIVE)
     preview_clips: int = ranged(4, AT_LEAST_1)
     preview_steps: int = ranged(20, AT_LEAST_1)
     peak_tflops: float = ranged(0.0, NON_NEGATIVE)  # per-GPU bf16 peak for the mfu column; 0: known GPUs by name
@@ -203,6 +207,9 @@ def check_shapes(cfg: RunConfig) -> None:
     if cfg.middle_frames < 1:
         raise ConfigError(f"data.T must be greater than the observed frames at both ends to leave a middle to "
                           f"generate: T={d.T}, context={list(d.context)}")
+    if d.time_reverse and d.context.start != d.context.end:
+        raise ConfigError(f"data.time_reverse needs as many observed frames at each end (a clip played backwards "
+                          f"trades its contexts), got context={list(d.context)}")
     if not m.channel_mults:
         raise ConfigError("model.channel_mults must not be empty")
     if bad_levels := [lv for lv in m.temporal_attn_levels if not 0 <= lv < len(m.channel_mults)]:

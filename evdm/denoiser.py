@@ -97,12 +97,14 @@ class Denoiser:
         denoiser.compile(cfg.sample.compile)
         return denoiser.eval()
 
-    def to_input(self, u8: torch.Tensor, hflip: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B, C, T, H, W] -> float in [-1, 1] on the device, in the layout; `hflip`: flips half the clips."""
+    def to_input(self, u8: torch.Tensor, augment: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 [B, C, T, H, W] -> float in [-1, 1] on the device, in the layout. `augment` (training) draws
+        which clips to flip left-right (data.hflip) and to play backwards (data.time_reverse), half of each."""
         x = u8.to(self.device, non_blocking=True)
-        if hflip is not None:
-            flip = torch.rand(x.shape[0], generator=hflip, device=hflip.device).to(x.device) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
+        for on, dim in ((self.cfg.data.hflip, -1), (self.cfg.data.time_reverse, 2)):
+            if on and augment is not None:
+                flip = torch.rand(x.shape[0], generator=augment, device=augment.device).to(x.device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(dim), x)
         return (x.float() / 127.5 - 1.0).contiguous(memory_format=LAYOUT)
 
     def _conditions(self, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, ...]:

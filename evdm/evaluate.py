@@ -1,6 +1,6 @@
 """Score a checkpoint against baselines on shard clips: PSNR, SSIM, HF ratio, flicker (and LPIPS offline).
 
-    python -m evdm.evaluate --ckpt runs/bair/last.pt --shards 'shards/bair/val-*.tar' --num 256 \
+    python -m evdm.evaluate --ckpt runs/bair --shards 'shards/bair/val-*.tar' --num 256 \
         [--steps 10 40] [--best_of 4] [--peer minterpolate] [--json eval.json] [--examples ex.png]
 
 Rows on the same clips: the baselines (copy the nearest context frame, linear blend; --peer adds ffmpeg's
@@ -25,7 +25,7 @@ import torch
 from evdm import peer, visualize
 from evdm.atomic import DiskFullError, atomic_write, output_problem
 from evdm.checkpoint import CheckpointError
-from evdm.cli import add_speed_flags, input_files, one_line
+from evdm.cli import add_checkpoint_flag, add_speed_flags, input_files, one_line
 from evdm.config import ConfigError, Context, with_sample
 from evdm.denoiser import Denoiser, resolve_device, to_uint8
 from evdm.ffmpeg import FFmpegNotFound
@@ -323,7 +323,7 @@ def write_json(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evdm.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
+    add_checkpoint_flag(p)
     p.add_argument("--shards", required=True, help="shard glob / brace pattern, e.g. 'shards/val-*.tar'")
     p.add_argument("--num", type=int, default=256, help="clips to evaluate (streamed, first in sorted order)")
     p.add_argument("--batch_size", type=int, default=16)

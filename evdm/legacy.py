@@ -80,6 +80,7 @@ def _stored_context(values: dict) -> dict:
 def upgrade_checkpoint(ckpt: dict) -> dict:
     """A loaded checkpoint with its stored config and stream record in today's form (in place; returned)."""
     ckpt["config"] = upgrade_config(ckpt["config"])
+    ckpt.setdefault("best", None)  # before best.pt: the run's best starts over at its next validation
     if ckpt.get("stream") is None:  # before the record: what the stored config says, the rest unknown
         cfg = ckpt["config"]
         ckpt["stream"] = {key: cfg.get(section, {}).get(key) for key, section in STREAM_CONFIG_KEYS.items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evdm.config import Context, DataConfig, RunConfig
+from evdm.config import ConfigError, Context, DataConfig, RunConfig
 from evdm.denoiser import Denoiser, autocast_dtype, wants_compile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +75,9 @@ def test_precision_and_compile_settings():
     assert wants_compile("on", cpu) and not wants_compile("off", cuda)
 
 
-def cpu_denoiser() -> Denoiser:
-    return Denoiser(RunConfig(data=DataConfig(size=8, T=4, context=Context(1, 1))), torch.device("cpu"), precision="fp32",
-                    net=torch.nn.Linear(2, 2))
+def cpu_denoiser(**data) -> Denoiser:
+    return Denoiser(RunConfig(data=DataConfig(size=8, T=4, context=Context(1, 1), **data)), torch.device("cpu"),
+                    precision="fp32", net=torch.nn.Linear(2, 2))
 
 
 def test_to_input_scales_and_lays_out():
@@ -88,14 +88,26 @@ def test_to_input_scales_and_lays_out():
     assert torch.equal(x, u8.float() / 127.5 - 1)  # the documented formula, bit for bit
 
 
-def test_hflip_is_per_sample_and_seeded():
-    den = cpu_denoiser()
+@pytest.mark.parametrize("option, dim", [("hflip", -1), ("time_reverse", 1)])  # dims of one clip [C, T, H, W]
+def test_augmentations_are_per_clip_and_seeded(option, dim):
+    den = cpu_denoiser(**{option: True})
     u8 = torch.randint(0, 256, (16, 3, 4, 8, 8), dtype=torch.uint8)
-    x = den.to_input(u8)
-    flipped = den.to_input(u8, hflip=torch.Generator().manual_seed(0))
-    again = den.to_input(u8, hflip=torch.Generator().manual_seed(0))
-    assert torch.equal(flipped, again)
+    x = den.to_input(u8)  # no generator: validation and sampling never augment
+    assert torch.equal(x, cpu_denoiser().to_input(u8))
+    flipped = den.to_input(u8, augment=torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, den.to_input(u8, augment=torch.Generator().manual_seed(0)))
     was_flipped = [not torch.equal(f, o) for f, o in zip(flipped, x)]
     assert 0 < sum(was_flipped) < 16
     for f, o, w in zip(flipped, x, was_flipped):
-        assert torch.equal(f, o.flip(-1) if w else o)
+        assert torch.equal(f, o.flip(dim) if w else o)
+
+
+def test_time_reverse_draws_after_hflip_and_needs_symmetric_contexts():
+    u8 = torch.randint(0, 256, (16, 3, 4, 8, 8), dtype=torch.uint8)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    both = cpu_denoiser(hflip=True, time_reverse=True).to_input(u8, augment=gen())
+    flipped = cpu_denoiser(hflip=True).to_input(u8, augment=gen())  # the same flips as without time_reverse
+    assert all(torch.equal(b, f) or torch.equal(b, f.flip(1)) for b, f in zip(both, flipped))
+    assert not torch.equal(both, flipped)
+    with pytest.raises(ConfigError, match="time_reverse"):
+        RunConfig(data=DataConfig(T=6, context=Context(2, 1), time_reverse=True))

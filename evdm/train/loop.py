@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,15 @@ def setup_distributed() -> tuple[int, int, int]:
 
 
 @dataclass
+class Best:
+    """The lowest validation loss yet (in best.pt) and the validations since; saved with every checkpoint."""
+
+    val_loss: float = math.inf
+    step: int = 0
+    stale: int = 0  # validations in a row without a lower loss
+
+
+@dataclass
 class Run:
     """What setup built for one run."""
 
@@ -62,6 +73,7 @@ class Run:
     peak: float | None  # the device's bf16 dense TFLOP/s; None when unknown (CPU)
     stream: Stream
     nonfinite: int = 0  # steps in a row whose gradients were not finite (skipped)
+    best: Best = field(default_factory=Best)
 
     @property
     def is_main(self) -> bool:
@@ -86,7 +98,8 @@ class Window:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train from `cfg`; returns the output directory holding last.pt, metrics.jsonl, loss.png, previews/.
+    """Train from `cfg`; returns the output directory holding last.pt, best.pt (the lowest validation loss),
+    metrics.jsonl, loss.png, previews/.
     SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
     with stop_on_signals(), lock_out_dir(Path(cfg.train.out_dir)) if is_main else contextlib.nullcontext():
@@ -123,6 +136,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                 val_loss = None
                 if is_val_step(step, tc) and run.is_main:
                     val_loss = validation_loss(run.trainer.eval_denoiser, run.val_u8, cfg)
+                    keep_best(run, step, val_loss)
                 if run.is_main and (step % tc.preview_every == 0 or step == tc.max_steps) and not stop_requested():
                     png = write_preview(run.trainer.eval_denoiser, run.val_u8, cfg, out_dir / "previews", step)[0]
                     tensorboard.image("preview", png, step)
@@ -133,6 +147,11 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                     save(run, step, ckpt_path)
                 if step % tc.snapshot_every == 0:
                     save(run, step, out_dir / f"step_{step:07d}.pt")
+                if is_val_step(step, tc) and stop_agreed(run.is_main and early_stop(run), run.world_size,
+                                                         run.stop_group):
+                    dashboard.message(f"early stop at step {step}: no lower validation loss in {run.best.stale} "
+                                      f"validations; best.pt holds step {run.best.step} ({run.best.val_loss:.4g})")
+                    break
     except KeyboardInterrupt:
         dashboard.message(f"interrupted at step {step}: saving {ckpt_path}")
     # --- final save ----------------------------------------------------------------------------
@@ -160,6 +179,7 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
     stream = run_stream(ckpt, cfg, train_set, world_size, ckpt_path, loud=rank == 0)
     trainer = make_trainer(cfg, device)
     step = resume_from(trainer, ckpt, ckpt_path) if ckpt is not None else 0
+    best = Best(**ckpt["best"]) if ckpt is not None and ckpt["best"] else Best()
     if rank == 0:
         prepare_out_dir(cfg, step, fresh=ckpt is None)
     prepare_denoiser(trainer.denoiser, cfg, local_rank)
@@ -169,7 +189,7 @@ def setup_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Run, in
                                start_batch=stream.start_batch(step))
     run = Run(cfg=cfg, rank=rank, world_size=world_size, trainer=trainer, loader=loader,
               val_u8=load_val_clips(val_set, cfg) if rank == 0 else None, stop_group=stop_group,
-              flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops), stream=stream)
+              flops=flops_per_sample(cfg), peak=peak_tflops(device, tc.peak_tflops), stream=stream, best=best)
     return run, step
 
 
@@ -222,6 +242,22 @@ def check_finite(run: Run, result: StepResult, step: int, dashboard: Dashboard) 
             f"training diverged: {limit} steps in a row up to step {step} had non-finite gradients; nothing was "
             f"saved after them ({kept} holds the last checkpoint written, if any); lower train.lr or raise "
             f"train.lr_warmup_steps, then --resume or start over")
+
+
+def keep_best(run: Run, step: int, val_loss: float | None) -> None:
+    """Rank 0: best.pt at a validation loss lower than any before (a stop request's None counts for nothing)."""
+    if val_loss is None:
+        return
+    if val_loss < run.best.val_loss:
+        run.best = Best(val_loss, step)
+        save(run, step, Path(run.cfg.train.out_dir) / "best.pt")
+    else:
+        run.best.stale += 1
+
+
+def early_stop(run: Run) -> bool:
+    patience = run.cfg.train.early_stop_patience
+    return patience > 0 and run.best.stale >= patience
 
 
 def is_val_step(step: int, cfg: TrainConfig) -> bool:
@@ -289,7 +325,8 @@ def save(run: Run, step: int, path: Path) -> None:
                                f"or --resume")
     if run.is_main:
         save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net, ema=ema,
-                                           optimizer=t.optimizer, scaler=t.scaler, stream=run.stream.as_dict()))
+                                           optimizer=t.optimizer, scaler=t.scaler, stream=run.stream.as_dict(),
+                                           best=dataclasses.asdict(run.best)))
 
 
 def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -> bool:

@@ -19,7 +19,8 @@ MODEL_KEYS = (
     "diffusion.prediction", "diffusion.residual", "diffusion.timesteps", "diffusion.schedule",
 )
 # Written by a run; removed before a fresh run (--overwrite, or an old run that left no checkpoint).
-RUN_FILES = ("last.pt", "last.pt.tmp", "step_*.pt", "step_*.pt.tmp", "metrics.jsonl", "loss.png", "config.toml")
+RUN_FILES = (*(f"{name}{tmp}" for name in ("last.pt", "best.pt", "step_*.pt") for tmp in ("", ".tmp")), "metrics.jsonl",
+             "loss.png", "config.toml")
 RUN_FOLDERS = ("previews", "tensorboard")
 
 

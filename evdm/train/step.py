@@ -73,12 +73,12 @@ class StepResult:
 
 def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, rank: int = 0) -> StepResult:
     """One optimizer step over train.grad_accum_steps uint8 batches [B, C, T, H, W] from `batches`, then
-    the EMA update; noise, timesteps, cond drops and flips seeded by (train.seed, rank, step).
+    the EMA update; noise, timesteps, cond drops and augmentations seeded by (train.seed, rank, step).
 
     Accumulating N batches of B is one batch of N*B (each loss divided by N); under DDP the gradients
     are all-reduced on the last micro-batch only. A step whose gradient norm is not finite changes no
     weight, as the fp16 GradScaler skips such steps (one device sync per step)."""
-    cfg, tc, den = trainer.cfg, trainer.cfg.train, trainer.denoiser
+    tc, den = trainer.cfg.train, trainer.denoiser
     gen = torch.Generator(device=den.device).manual_seed(step_seed(tc.seed, rank, step))
     lr = lr_at(step, tc)
     for group in trainer.optimizer.param_groups:
@@ -89,7 +89,7 @@ def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, 
         wait_start = time.perf_counter()
         u8 = next(batches)
         wait_s += time.perf_counter() - wait_start
-        x = den.to_input(u8, hflip=gen if cfg.data.hflip else None)
+        x = den.to_input(u8, augment=gen)
         with den.no_sync() if micro < tc.grad_accum_steps - 1 else contextlib.nullcontext():
             loss, _ = den.loss(x, gen)
             trainer.scaler.scale(loss / tc.grad_accum_steps).backward()
