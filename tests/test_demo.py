@@ -4,13 +4,18 @@ and closing line are what the README promises."""
 import json
 import re
 import signal
+import subprocess
+
+import numpy as np
 
 import pytest
 import torch
 
 import demo
+import demo_upsample
 from conftest import signal_during_step
 from evdm.config import load_config, to_toml
+from evdm.ffmpeg import ffmpeg_exe
 
 
 @pytest.mark.timeout(300)
@@ -39,7 +44,7 @@ def test_demo_runs_every_stage_and_reports_both_margins(tmp_path, monkeypatch, c
     assert [r["method"] for r in result["rows"]][-2:] == ["model ddim-2", "model ddim-1"]  # main row last
     assert len([p for p in (out / "samples").glob("*.mp4") if not p.stem.endswith("_truth")]) == 2
     last = capsys.readouterr().out.strip().splitlines()
-    line = next(x for x in last if x.startswith("evdm demo (orbit) finished"))
+    line = last[next(i for i, x in enumerate(last) if x.startswith("evdm demo (clip, orbit) finished")) + 1]
     s = result["summary"]
     assert f"margin {s['sampled']['model_minus_best_baseline_db']:+.2f} dB" in line
     assert f"margin {s['model_minus_best_baseline_db']:+.2f} dB" in line
@@ -54,7 +59,7 @@ def test_a_stop_during_the_training_ends_the_demo_after_the_save(shard_dir, tmp_
     config = tmp_path / "demo_tiny.toml"
     config.write_text(to_toml(cfg))
     monkeypatch.setattr(demo, "CONFIG", str(config))
-    monkeypatch.setattr(demo, "make_shards", lambda out, motion: shard_dir)
+    monkeypatch.setattr(demo, "make_shards", lambda out, motion, T: shard_dir)
     signal_during_step(monkeypatch, 3, signal.SIGTERM)
     out = tmp_path / "demo"
 
@@ -66,3 +71,47 @@ def test_a_stop_during_the_training_ends_the_demo_after_the_save(shard_dir, tmp_
     assert "=== evaluate" not in printed and "finished" not in printed
     assert f"python train.py {out / 'run' / 'config.toml'} --resume" in printed
     assert f"python demo.py {out}" in printed and (out / "run" / "config.toml").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_the_upsample_demo_scores_every_method_on_whole_videos(tmp_path, monkeypatch, capsys):
+    cfg = load_config(demo.UPSAMPLE_CONFIG, ["data.size=16", "train.max_steps=3", "train.lr_warmup_steps=1",
+                                             "train.val_every=3", "train.ckpt_every=3", "train.preview_every=3",
+                                             "data.val_clips=4", "train.preview_clips=2", "train.preview_steps=2",
+                                             "sample.steps=2", "data.shuffle_buffer=10"])
+    config = tmp_path / "upsample_tiny.toml"
+    config.write_text(to_toml(cfg))
+    for module, name, value in ((demo, "UPSAMPLE_CONFIG", str(config)), (demo, "VIDEOS", 8), (demo, "SIZE", 16),
+                                (demo_upsample, "HELD_OUT_VIDEOS", 2), (demo_upsample, "INPUT_FRAMES", 3)):
+        monkeypatch.setattr(module, name, value)
+    out = tmp_path / "up"
+
+    assert demo.main([str(out), "--task", "upsample"]) == 0
+
+    assert json.loads((out / "shards" / "manifest.json").read_text())["clip_shape"] == [5, 16, 16, 3]
+    result = json.loads((out / "upsample.json").read_text())
+    assert result["checkpoint"] == str(out / "run" / "best.pt") and result["videos"] == 2
+    names = list(result["rows"])
+    assert names[:2] == ["linear blend", "ffmpeg minterpolate blend"] and "mci" in names[2]
+    assert names[3] == "evdm (2 DDIM steps)" and len(result["minterpolate_grid"]) == 9  # blend + 8 mci at 16 px
+    for row in result["rows"].values():
+        assert 0 < row["psnr"] <= 100 and 0 < row["ssim"] <= 1 and row["flicker_boundary"] > 0
+    grid = result["minterpolate_grid"]
+    assert grid[names[2]]["psnr"] == max(r["psnr"] for n, r in grid.items() if "mci" in n)  # the best mci setting
+    height, width = demo_upsample.LABEL_PX + 64, 5 * 64  # 5 panels of 16 px x 4
+    raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(out / "upsample_side_by_side.mp4"), "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    assert len(raw) == 2 * 9 * height * width * 3  # 2 videos of 9 frames
+    assert "4x up-conversion of 2 held-out videos" in capsys.readouterr().out
+
+
+def test_up_conversion_helpers_keep_the_input_frames():
+    frames = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    blend, held = demo_upsample.blend_video(frames, 4), demo_upsample.held_video(frames, 4)
+    assert blend.shape == held.shape == (9, 4, 4, 3)
+    assert np.array_equal(blend[::4], frames) and np.array_equal(held[::4], frames)
+    assert np.array_equal(held[1:4], frames[[0, 0, 0]])
+    mid = np.rint((frames[0].astype(float) + frames[1]) / 2)  # numpy rounds half to even, as np.rint
+    assert np.array_equal(blend[2], mid.astype(np.uint8))
+    truth = blend.copy()
+    assert demo_upsample.score(blend[None], truth[None], 4)["psnr"] == 100.0  # capped: identical
