@@ -14,6 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from evdm.metrics import flicker, hf_ratio, psnr, ssim, u8_to_unit
 
 FACTOR = 4
 INPUT_FRAMES = 8
@@ -45,13 +48,38 @@ def held_video(frames: np.ndarray, factor: int) -> np.ndarray:
     return np.concatenate([np.repeat(frames[:-1], factor, axis=0), frames[-1:]])
 
 
+def output_frames(frames: int, factor: int) -> int:
+    """Output frames of F input frames at `factor` times the rate: (F - 1) x N + 1 (0 for none)."""
+    return (frames - 1) * factor + 1 if frames else 0
+
+
+def boundary_pairs(frames: int, factor: int) -> np.ndarray:
+    """bool [(F - 1) x N]: the output pairs (k, k + 1) touching an input frame 1 .. F - 2 (two windows share it)."""
+    k = np.arange(output_frames(frames, factor) - 1)
+    shared = lambda pos: (pos % factor == 0) & (pos > 0) & (pos < (frames - 1) * factor)  # noqa: E731
+    return shared(k) | shared(k + 1)
+
+
+def within_pairs(frames: int, factor: int) -> np.ndarray:
+    """bool [(F - 1) x N]: the consecutive output pairs of two generated frames of one window."""
+    k = np.arange(output_frames(frames, factor) - 1)
+    return (k % factor != 0) & ((k + 1) % factor != 0)
+
+
+def window_flicker(video: np.ndarray, truth: np.ndarray, factor: int) -> dict[str, float | None]:
+    """evdm.metrics.flicker of an up-converted video against the truth, uint8 [(F - 1) x N + 1, H, W, C]
+    each: over all consecutive pairs, over the pairs across window boundaries and over those within
+    windows (None where there are none: N = 2 has no pair of two generated frames)."""
+    F = (len(video) - 1) // factor + 1
+    x, y = (u8_to_unit(torch.from_numpy(np.ascontiguousarray(v))).permute(0, 3, 1, 2) for v in (video, truth))
+    masks = {"overall": None, "boundary": torch.from_numpy(boundary_pairs(F, factor)),
+             "within": torch.from_numpy(within_pairs(F, factor))}
+    return {name: None if mask is not None and not mask.any() else round(float(flicker(x, y, mask)), 4)
+            for name, mask in masks.items()}
+
+
 def score(videos: np.ndarray, truth: np.ndarray, factor: int) -> dict:
     """PSNR, SSIM and HF ratio over the generated frames, flicker over whole videos: uint8 [V, T, H, W, C] each."""
-    import torch
-
-    from evdm.metrics import hf_ratio, psnr, ssim, u8_to_unit
-    from evdm.upconvert import window_flicker
-
     generated = np.arange(truth.shape[1]) % factor != 0
     x, y = (u8_to_unit(torch.from_numpy(v[:, generated])).permute(0, 1, 4, 2, 3) for v in (videos, truth))
     flick = [window_flicker(v, t, factor) for v, t in zip(videos, truth)]

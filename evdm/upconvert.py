@@ -25,7 +25,6 @@ from evdm.cli import warn
 from evdm.config import RunConfig, SampleConfig
 from evdm.denoiser import Denoiser
 from evdm.ffmpeg import ffmpeg_exe
-from evdm.metrics import flicker, u8_to_unit
 from evdm.seeds import mix_seed
 
 FALLBACK_FPS = 25.0  # a source that states no frame rate (raw streams)
@@ -44,41 +43,6 @@ def factor_of(cfg: RunConfig) -> int:
         raise UpconvertError(f"up-conversion needs a checkpoint with context (1, 1) and T = N + 1 (one observed "
                              f"frame at each end, N - 1 generated between); this one has context ({Ks}, {Ke}), T {T}")
     return T - 1
-
-
-def output_frames(frames: int, factor: int) -> int:
-    """Output frames of F input frames at `factor` times the rate: (F - 1) x N + 1 (0 for none)."""
-    return (frames - 1) * factor + 1 if frames else 0
-
-
-def input_positions(frames: int, factor: int) -> list[int]:
-    """The output frame of each input frame: i x N."""
-    return [i * factor for i in range(frames)]
-
-
-def boundary_pairs(frames: int, factor: int) -> np.ndarray:
-    """bool [(F - 1) x N]: the output pairs (k, k + 1) touching an input frame 1 .. F - 2 (two windows share it)."""
-    k = np.arange(output_frames(frames, factor) - 1)
-    shared = lambda pos: (pos % factor == 0) & (pos > 0) & (pos < (frames - 1) * factor)  # noqa: E731
-    return shared(k) | shared(k + 1)
-
-
-def within_pairs(frames: int, factor: int) -> np.ndarray:
-    """bool [(F - 1) x N]: the consecutive output pairs of two generated frames of one window."""
-    k = np.arange(output_frames(frames, factor) - 1)
-    return (k % factor != 0) & ((k + 1) % factor != 0)
-
-
-def window_flicker(video: np.ndarray, truth: np.ndarray, factor: int) -> dict[str, float | None]:
-    """evdm.metrics.flicker of an up-converted video against the truth, uint8 [(F - 1) x N + 1, H, W, C]
-    each: over all consecutive pairs, over the pairs across window boundaries and over those within
-    windows (None where there are none: N = 2 has no pair of two generated frames)."""
-    F = (len(video) - 1) // factor + 1
-    x, y = (u8_to_unit(torch.from_numpy(np.ascontiguousarray(v))).permute(0, 3, 1, 2) for v in (video, truth))
-    masks = {"overall": None, "boundary": torch.from_numpy(boundary_pairs(F, factor)),
-             "within": torch.from_numpy(within_pairs(F, factor))}
-    return {name: None if mask is not None and not mask.any() else round(float(flicker(x, y, mask)), 4)
-            for name, mask in masks.items()}
 
 
 def upconvert_frames(frames: Iterable[np.ndarray], denoiser: Denoiser, sample_cfg: SampleConfig, *,

@@ -115,3 +115,11 @@ def test_up_conversion_helpers_keep_the_input_frames():
     assert np.array_equal(blend[2], mid.astype(np.uint8))
     truth = blend.copy()
     assert demo_upsample.score(blend[None], truth[None], 4)["psnr"] == 100.0  # capped: identical
+
+
+def test_window_pairs():
+    # F = 3, N = 3: output 0 1 2 [3] 4 5 6; input frame 1 (output 3) is shared by the two windows.
+    assert [demo_upsample.output_frames(F, 4) for F in (0, 1, 2, 5)] == [0, 1, 5, 17]
+    assert demo_upsample.boundary_pairs(3, 3).tolist() == [False, False, True, True, False, False]
+    assert demo_upsample.within_pairs(3, 3).tolist() == [False, True, False, False, True, False]
+    assert not demo_upsample.within_pairs(4, 2).any()  # N = 2: every pair touches an input frame

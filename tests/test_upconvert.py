@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import demo_upsample
 from conftest import moving_square, run_cli, tiny_config
 from evdm import upconvert as up
 from evdm.checkpoint import make_payload, save_checkpoint
@@ -89,15 +90,6 @@ def run_sample(args, capsys) -> tuple[int, str]:
 # ---- the window arithmetic ----------------------------------------------------------------------
 
 
-def test_window_arithmetic():
-    assert [up.output_frames(F, 4) for F in (0, 1, 2, 5)] == [0, 1, 5, 17]
-    assert up.input_positions(4, 3) == [0, 3, 6, 9]
-    # F = 3, N = 3: output 0 1 2 [3] 4 5 6; input frame 1 (output 3) is shared by the two windows.
-    assert up.boundary_pairs(3, 3).tolist() == [False, False, True, True, False, False]
-    assert up.within_pairs(3, 3).tolist() == [False, True, False, False, True, False]
-    assert not up.within_pairs(4, 2).any()  # N = 2: every pair touches an input frame
-
-
 def test_factor_refuses_other_context_layouts():
     assert up.factor_of(config4x()) == N
     with pytest.raises(up.UpconvertError, match=r"context \(1, 1\) and T = N \+ 1.*context \(2, 2\), T 6"):
@@ -109,8 +101,8 @@ def test_upconvert_array_puts_every_window_in_place(batch_size):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)  # 5 windows: batches of 2 leave one short
     out = up.upconvert_array(frames, BlendDenoiser(N + 1), config4x().sample, batch_size=batch_size)
-    assert out.shape == (up.output_frames(6, N), SIZE, SIZE, 3) == (21, SIZE, SIZE, 3)
-    assert np.array_equal(out[up.input_positions(6, N)], frames)
+    assert out.shape == ((6 - 1) * N + 1, SIZE, SIZE, 3) == (21, SIZE, SIZE, 3)
+    assert np.array_equal(out[::N], frames)
     for i in range(5):  # window i's middle between input frames i and i + 1, in order
         assert np.array_equal(out[i * N: (i + 1) * N + 1], BlendDenoiser(N + 1).generate_u8(
             frames[None, i:i + 1], frames[None, i + 1:i + 2], None)[0])
@@ -122,7 +114,7 @@ def test_upconvert_with_the_model_keeps_the_input_frames_exactly(ckpt4x):
     frames = moving_square(np.random.default_rng(0), 4, SIZE)
     sc = dataclasses.replace(cfg.sample, steps=1, guidance_scale=1.0)
     out = up.upconvert_array(frames, denoiser, sc, batch_size=2)
-    assert out.shape == (up.output_frames(4, N), SIZE, SIZE, 3)
+    assert out.shape == ((4 - 1) * N + 1, SIZE, SIZE, 3)
     assert np.array_equal(out[up.input_positions(4, N)], frames)
     generated = np.delete(out, up.input_positions(4, N), axis=0)
     assert not any(np.array_equal(g, f) for g in generated for f in frames)  # the model made them
@@ -270,13 +262,13 @@ def test_flicker_of_the_truth_is_one_and_a_jittered_frame_scores_worse():
 
 def test_window_flicker_sees_a_jump_at_a_window_boundary():
     truth = glide(9)  # F = 3 input frames at N = 4: windows 0-4 and 4-8, input frame 1 at output 4
-    smooth = up.window_flicker(truth, truth, 4)
+    smooth = demo_upsample.window_flicker(truth, truth, 4)
     assert smooth == {"overall": 1.0, "boundary": 1.0, "within": 1.0}
     jumpy = truth.copy()
     jumpy[5] = np.roll(truth[5], 3, axis=0)  # the first generated frame after the shared input frame
-    scores = up.window_flicker(jumpy, truth, 4)
+    scores = demo_upsample.window_flicker(jumpy, truth, 4)
     assert scores["boundary"] > 1.3 and scores["boundary"] > scores["within"] > 1.0 and scores["overall"] > 1.0
-    assert up.window_flicker(truth[:5], truth[:5], 2)["within"] is None
+    assert demo_upsample.window_flicker(truth[:5], truth[:5], 2)["within"] is None
 
 
 # ---- the benchmarks' rows -------------------------------------------------------------------------
