@@ -1,7 +1,6 @@
-"""The files of sample.py: endpoint images or shard clips in, sampled clips (evdm.denoiser) and pictures out.
-
-Size, T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose
-first K_start and last K_end frames are the input frames byte for byte."""
+"""The files of sample.py: endpoint images or shard clips in, sampled clips (evdm.denoiser) and pictures out. Size,
+T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose first K_start
+and last K_end frames are the input frames byte for byte."""
 
 from __future__ import annotations
 
@@ -124,11 +123,6 @@ def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
     return paths
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn())
-
-
 def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int,
                     denoiser: Denoiser, cfg: RunConfig, out_dir: str | Path, *, seed: int = 0, batch_size: int = 16,
                     keep_arrays: bool = True) -> list[dict]:
@@ -141,7 +135,8 @@ def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray
         raise SamplingError(f"--out_dir {out_dir} {problem}")
     sc, K = cfg.sample, cfg.context
     results = []
-    with progress_bar() as progress:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn()) as progress:
         task = progress.add_task(f"{sc.sampler}-{sc.steps}", total=-(-total // batch_size), clips=0)
         for index, batch in enumerate(batched(jobs, batch_size)):
             generator = torch.Generator(device=denoiser.device).manual_seed(mix_seed(seed, index))
