@@ -53,10 +53,8 @@ def upgrade_config(raw: dict) -> dict:
     """A stored config (a checkpoint's, as a plain dict) in today's keys; `raw` is not changed."""
     out = {}
     for section, values in raw.items():
-        values = dict(values) if isinstance(values, dict) else values
         if isinstance(values, dict):
-            for key in [k for k in values if (section, k) in RETIRED]:
-                del values[key]
+            values = {key: value for key, value in values.items() if (section, key) not in RETIRED}
             for (sec, key), (old_to_new, _) in RETYPED.items():
                 if sec == section and isinstance(values.get(key), bool):
                     values[key] = old_to_new[values[key]]

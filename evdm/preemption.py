@@ -45,8 +45,7 @@ def install_stop_handlers() -> None:
 
 @contextlib.contextmanager
 def _handlers(handler: object) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` while inside, the previous handlers after (a no-op outside the
-    main thread, where signals cannot be handled)."""
+    """SIGINT and SIGTERM go to `handler` while inside (a no-op outside the main thread, which alone gets signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -55,8 +55,7 @@ def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
 
 
 def to_array(img: Image.Image, size: int) -> np.ndarray:
-    """uint8 [size, size, C] (C = 3 rgb, 1 gray): the largest centred square, resized (bicubic; box filter when
-    shrinking a lot)."""
+    """uint8 [size, size, C] (C = 3 rgb, 1 gray): the largest centred square, resized (bicubic)."""
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -126,10 +125,9 @@ def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
 def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int,
                     denoiser: Denoiser, cfg: RunConfig, out_dir: str | Path, *, seed: int = 0, batch_size: int = 16,
                     keep_arrays: bool = True) -> list[dict]:
-    """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth
-    [T, H, W, C] or None) with cfg.sample's settings and write its outputs, and grid_{i:03d}.gif per batch.
-    Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth;
-    `total`: the number of jobs, for the progress bar."""
+    """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth [T, H, W, C] or
+    None; `total` of them) with cfg.sample's settings, writing its outputs and grid_{i:03d}.gif per batch. Returns
+    one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth."""
     out_dir = Path(out_dir)
     if problem := folder_problem(out_dir):
         raise SamplingError(f"--out_dir {out_dir} {problem}")

@@ -1,7 +1,6 @@
-"""Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers.
-
-Numpy on uint8 frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed:
-context blue, generated orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back)."""
+"""Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers. Numpy on uint8
+frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed: context blue, generated
+orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back)."""
 
 from __future__ import annotations
 
@@ -51,8 +50,7 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
 
 def cell_origin(row: int, col: int, h: int, w: int, *, scale: int, border: int, gap: int) -> tuple[int, int]:
     """(y, x) of the top-left frame pixel of cell (row, col) in a `grid` picture."""
-    return (gap + row * (h * scale + 2 * border + gap) + border,
-            gap + col * (w * scale + 2 * border + gap) + border)
+    return gap + row * (h * scale + 2 * border + gap) + border, gap + col * (w * scale + 2 * border + gap) + border
 
 
 def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int = 2) -> np.ndarray:

@@ -24,8 +24,7 @@ def dali_available() -> bool:
 
 def dali_batches(urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
                  shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2) -> Iterator[torch.Tensor]:
-    """Infinite uint8 [B, C, T, H, W] batches (a view of [B, T, H, W, C]) on GPU `device_id` (None: CPU only);
-    wraps around at the end of the data."""
+    """Infinite uint8 [B, C, T, H, W] batches (views of [B, T, H, W, C]) on GPU `device_id` (None: the CPU)."""
     from nvidia.dali import fn, pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 

@@ -1,8 +1,7 @@
 """The shard format, shared by the preprocessors and the loaders: samples, shard names and shard lists.
 Torch-free. A shard is a tar file; each sample is two members sharing one key:
   {key}.clip.npy   uint8 numpy array [T, H, W, C], C = 3 (rgb) or 1 (gray)
-  {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)
-"""
+  {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)"""
 
 from __future__ import annotations
 

@@ -100,10 +100,9 @@ class ShardSet:
         problems = []
         for entry in self.listed():
             path = self.folder / entry.name
-            size = path.stat().st_size if path.is_file() else None
-            if size is None:
+            if not path.is_file():
                 problems.append(f"{entry.name} (missing)")
-            elif size == 0 or (entry.bytes is not None and entry.bytes != size):
+            elif (size := path.stat().st_size) == 0 or (entry.bytes is not None and entry.bytes != size):
                 want = f", manifest says {entry.bytes}" if entry.bytes is not None else ""
                 problems.append(f"{entry.name} ({size} bytes{want})")
         return problems

@@ -4,6 +4,7 @@ are read with positioned reads; pipe: and remote URLs are read whole through web
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import os
 import struct
@@ -59,7 +60,7 @@ def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tu
                 name, long_name = long_name, None
             else:
                 name = name.rstrip(b"\0")
-                if magic == b"ustar" and prefix[:1] != b"\0":
+                if prefix[:1] != b"\0":
                     name = prefix.rstrip(b"\0") + b"/" + name
             members.append((name.decode(), data, size))
             if heads is not None:
@@ -75,9 +76,8 @@ def npy_layout(data: bytes | memoryview, where: str) -> tuple[bytes, tuple[int, 
     """(.npy header bytes, shape) of uint8 .npy data; raises ValueError naming `where` otherwise."""
     if len(data) < 10 or data[:6] != _NPY_MAGIC:
         raise ValueError(f"{where}: not a .npy file")
-    start, hlen = (10, int.from_bytes(data[8:10], "little")) if data[6] == 1 else \
-        (12, int.from_bytes(data[8:12], "little"))
-    prefix = bytes(data[: start + hlen])
+    start = 10 if data[6] == 1 else 12  # format 1.0: a 2-byte header length, later ones 4
+    prefix = bytes(data[: start + int.from_bytes(data[8:start], "little")])
     try:
         return prefix, _npy_shape(prefix[start:])
     except ValueError as err:
@@ -111,16 +111,13 @@ def _open_shard(url: str):
 def iter_clips(url: str) -> Iterator[tuple[str, np.ndarray]]:
     """(sample key, uint8 [T, H, W, C] read-only array) for each clip in the shard at `url`."""
     read_at, size, f = _open_shard(url)
-    try:
+    with f or contextlib.nullcontext():  # f: None for a remote shard
         suffix = "." + CLIP_EXT
         for name, offset, n in index_tar(read_at, size, url):
             if name.endswith(suffix):
                 data = read_at(offset, n)
                 prefix, shape = npy_layout(data, f"{url}: {name}")
                 yield name[: -len(suffix)], np.frombuffer(data, np.uint8, offset=len(prefix)).reshape(shape)
-    finally:
-        if f is not None:
-            f.close()
 
 
 def peek_clip_shape(url: str) -> tuple[int, ...]:

@@ -1,8 +1,7 @@
 """The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal attention,
 timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling. Tensors are [B, C, T, H, W] in
-channels_last_3d; convolutions run as `F.conv2d` on free channels-last views (per frame [B*M, C, H, W]; along
-time [B, C, M, H*W]), norms keep their input's dtype and layout, attention avoids SDPA (why: docs/GUIDE.md,
-Design notes). No layer branches on tensor values, so the model compiles with fullgraph=True."""
+channels_last_3d; convolutions run as `F.conv2d` on free channels-last views, norms keep their input's dtype and
+layout, attention avoids SDPA (why: docs/GUIDE.md, Design notes). No layer branches on tensor values (fullgraph)."""
 
 from __future__ import annotations
 

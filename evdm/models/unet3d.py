@@ -1,9 +1,6 @@
-"""VideoUNet3D: the pixel-space denoiser of the middle frames, conditioned on both endpoints.
-
-    x_t [B, C, M, H, W] --stem+FiLM--> down levels (ResBlock3D + FiLM, temporal attention at
-    `temporal_attn_levels`, downsampling) --> bottleneck (ResBlock, attention, ResBlock)
-    --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> the prediction.
-
+"""VideoUNet3D: the pixel-space denoiser of the middle frames, conditioned on both endpoints: x_t [B, C, M, H, W]
+-> stem + FiLM -> down levels (ResBlock3D + FiLM, temporal attention at `temporal_attn_levels`, downsampling) ->
+bottleneck (ResBlock, attention, ResBlock) -> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling).
 One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for its FiLMs,
 and the context features join every temporal attention. `direct_input`: extra stem channels (DIRECT_INPUTS)."""
 

@@ -201,8 +201,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A1
 
 
 def flops_per_sample(cfg: RunConfig) -> float:
-    """Forward + backward FLOPs of the denoiser for one training sample at cfg's shapes (at batch 1, on the meta
-    device: every layer's cost is linear in the batch)."""
+    """Forward + backward FLOPs of one training sample at cfg's shapes (meta device, batch 1: costs are linear in B)."""
     from evdm.models import build_model
 
     (Ks, Ke), M, S, C = cfg.context, cfg.middle_frames, cfg.data.size, cfg.channels
