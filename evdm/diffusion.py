@@ -1,7 +1,6 @@
-"""Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one
-eps / x0 / v converter, the blend residual, the training loss, DDPM / DDIM sampling with guidance.
-t in [0, timesteps), 0 the least noisy. The "blend" residual (middle - linear blend; Yang et al. 2022) leaves
-a small model's capacity to the motion. Steps take (x_t, x0, eps): no sampler branches on the prediction."""
+"""Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one eps / x0 / v
+converter, the "blend" residual (middle - linear blend; Yang et al. 2022), the training loss, DDPM / DDIM sampling
+with guidance. t in [0, timesteps), 0 the least noisy. Steps take (x_t, x0, eps): no sampler reads the prediction."""
 
 from __future__ import annotations
 

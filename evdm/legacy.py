@@ -67,8 +67,7 @@ def upgrade_config(raw: dict) -> dict:
 
 def _stored_context(values: dict) -> dict:
     """data.context from a stored config's context_start / context_end, whichever spelling it has."""
-    split = [k for k in SPLIT_CONTEXT_KEYS if k in values]
-    if not split or "context" in values:
+    if "context" in values or not any(k in values for k in SPLIT_CONTEXT_KEYS):
         return values
     K = values.pop("endpoint_context", OLD_ENDPOINT_DEFAULT)
     values["context"] = [values.pop(k) or K for k in SPLIT_CONTEXT_KEYS]  # 0 meant endpoint_context

@@ -1,7 +1,6 @@
-"""Preemption: SIGTERM and SIGINT become a stop request that the training loop reads between steps. Schedulers
-signal the whole process group; a DataLoader worker killed by it would make the main process raise before it can
-save, so workers ignore both signals. The main process only sets a flag: raising inside arbitrary code (a
-checkpoint write, a collective) is what loses runs. Torch-free: train.py installs the handlers before torch."""
+"""Preemption: SIGTERM and SIGINT become a stop request that the training loop reads between steps (DataLoader
+workers ignore both: docs/GUIDE.md, Design notes). The main process only sets a flag: raising inside arbitrary
+code (a checkpoint write, a collective) is what loses runs. Torch-free: train.py installs the handlers first."""
 
 from __future__ import annotations
 

@@ -39,9 +39,8 @@ def open_image(path: str | Path, color_mode: str) -> Image.Image:
 
 
 def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
-    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits (PIL's
-    own conversion clips every value above 255 to white); SamplingError for pixels with no known white level.
-    Other modes (palette, LA/RGBA with alpha ignored, CMYK, YCbCr, 1-bit) convert correctly as they are."""
+    """`img` in a mode whose RGB/L conversion keeps its brightness (16-bit grey scaled to 8 bits: docs/GUIDE.md,
+    Design notes); SamplingError for pixels with no known white level. Other modes convert correctly as they are."""
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
         wide = np.asarray(img).astype(np.uint32)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")  # round(v * 255 / 65535)
@@ -72,8 +71,7 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
             raise SamplingError(f"{flag}: got {len(paths)} image(s) ({' '.join(map(str, paths))}), "
                                 f"but the checkpoint observes {K} frame(s) at the {end} (data.context)")
     images = {p: open_image(p, cfg.data.color_mode) for p in [*start_paths, *end_paths]}
-    # Frames of one clip share a camera: images of different sizes are different shots or crops, and
-    # resizing them to one size would silently stretch one against the other.
+    # Frames of one clip share a camera: different sizes are different shots or crops (Design notes).
     sizes = {img.size for img in images.values()}
     if len(sizes) > 1:
         listed = ", ".join(f"{p} {img.size[0]}x{img.size[1]}" for p, img in images.items())

@@ -93,8 +93,7 @@ def comparison_strip(truth: np.ndarray, sample: np.ndarray, context: Context, *,
 
 
 def batch_grid_frames(clips: np.ndarray, context: Context, *, cols: int | None = None, scale: int = 2) -> np.ndarray:
-    """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3]; at time t every cell
-    shows its clip's frame t, framed blue while t is a context frame."""
+    """Grid video frames of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3], cell b showing clip b's frame t."""
     B, T = clips.shape[:2]
     cols = cols or int(np.ceil(np.sqrt(B)))
     frames = []

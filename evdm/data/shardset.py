@@ -24,8 +24,7 @@ def expected_clip_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
 
 
 def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> str:
-    """One line on clips of shape `found` at `where` that `needed_by` cannot use: the colour mode when the
-    channels differ, else the shape with the keys that decide it."""
+    """The one-line error for clips of shape `found` at `where`: their colour mode if C differs, else their shape."""
     expected = expected_clip_shape(cfg)
     modes = {c: m for m, c in COLOR_CHANNELS.items()}
     if len(found) == 4 and found[-1] != expected[-1]:

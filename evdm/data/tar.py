@@ -33,10 +33,9 @@ def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tu
     members: list[tuple[str, int, int]] = []
     long_name: bytes | None = None
     pos = 0
-    unpack = _TAR_HEADER.unpack_from
     while pos + 512 <= end:
         block = read_at(pos, 1024 if heads is not None else 512)
-        name, size_field, kind, magic, prefix = unpack(block)
+        name, size_field, kind, magic, prefix = _TAR_HEADER.unpack_from(block)
         if not name[:1].strip(b"\0"):  # end-of-archive zero block
             break
         try:

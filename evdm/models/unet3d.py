@@ -112,10 +112,9 @@ class VideoUNet3D(nn.Module):
         if not (with_blend or context):
             return x_t
         B, C, M, H, W = x_t.shape
-        start, end = start.to(x_t.dtype), end.to(x_t.dtype)
         extra = [blend.to(x_t.dtype)] if with_blend else []
         if context:  # every context frame, stacked along channels, beside every middle frame
-            frames = torch.cat([start, end], dim=2)
+            frames = torch.cat([start, end], dim=2).to(x_t.dtype)
             extra.append(frames.reshape(B, -1, 1, H, W).expand(-1, -1, M, -1, -1))
         extra = torch.where(cond_drop.reshape(B, 1, 1, 1, 1), 0.0, torch.cat(extra, dim=1))
         return torch.cat([x_t, extra], dim=1)

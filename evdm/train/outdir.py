@@ -81,6 +81,5 @@ def clear_run(out_dir: Path) -> None:
 
 
 def lock_out_dir(out_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold out_dir/.lock while inside (evdm.lock): a second live run on out_dir, or an out_dir that cannot be
-    created or written, is a ConfigError naming the holder or the reason."""
+    """Hold out_dir/.lock while inside (evdm.lock): a live run there or an unwritable out_dir is a ConfigError."""
     return lock_folder(out_dir, "train.out_dir", ConfigError)

@@ -1,5 +1,5 @@
 """What a run reports: the live dashboard, metrics.jsonl, loss.png, TensorBoard events, previews, and MFU (model
-FLOP/s per GPU over its dense bf16 peak; the FLOPs counted on the meta device, so they follow every config change)."""
+FLOP/s per GPU over its dense bf16 peak; the FLOPs counted, not estimated: docs/GUIDE.md, Design notes)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from evdm.atomic import atomic_write, disk_full_as_error
 from evdm.config import ConfigError, RunConfig
 from evdm.denoiser import Denoiser
 
-
 _STAT_FORMATS = {"epoch": "{:.2f}", "loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
                  "samples_per_s": "{:.1f}", "tflops": "{:.1f} TFLOP/s", "mfu": "{:.1%} MFU", "data_wait": "{:.1%}",
                  "gpu_mem_gb": "{:.2f} GiB"}
@@ -47,6 +46,7 @@ class Dashboard:
         self.live_mode = enabled and self.console.is_terminal
         self.total_steps, self.start_step, self.start_time = total_steps, start_step, time.perf_counter()
         self.stats: dict = {}
+        self.live: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.live_mode:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                      TextColumn("eta"), TimeRemainingColumn(), console=self.console)
@@ -60,13 +60,11 @@ class Dashboard:
         return Group(self.progress, table)
 
     def __enter__(self) -> "Dashboard":
-        if self.live_mode:
-            self.live.__enter__()
+        self.live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.live_mode:
-            self.live.__exit__(*exc)
+        self.live.__exit__(*exc)
 
     def update(self, step: int, stats: dict) -> None:
         """Called at log time with the latest reduced stats."""
