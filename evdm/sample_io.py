@@ -72,8 +72,7 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
                                 f"but the checkpoint observes {K} frame(s) at the {end} (data.context)")
     images = {p: open_image(p, cfg.data.color_mode) for p in [*start_paths, *end_paths]}
     # Frames of one clip share a camera: different sizes are different shots or crops (Design notes).
-    sizes = {img.size for img in images.values()}
-    if len(sizes) > 1:
+    if len({img.size for img in images.values()}) > 1:
         listed = ", ".join(f"{p} {img.size[0]}x{img.size[1]}" for p, img in images.items())
         raise SamplingError(f"start and end images must all have the same size: {listed}")
     load = lambda p: to_array(images[p], cfg.data.size)  # noqa: E731

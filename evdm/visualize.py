@@ -43,11 +43,6 @@ def to_rgb(frames: np.ndarray) -> np.ndarray:
     return np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
 
 
-def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
-    """Nearest-neighbour enlargement of [..., H, W, C] by an integer factor."""
-    return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
-
-
 def cell_origin(row: int, col: int, h: int, w: int, *, scale: int, border: int, gap: int) -> tuple[int, int]:
     """(y, x) of the top-left frame pixel of cell (row, col) in a `grid` picture."""
     return gap + row * (h * scale + 2 * border + gap) + border, gap + col * (w * scale + 2 * border + gap) + border
@@ -63,7 +58,7 @@ def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int =
         for c, (frame, color) in enumerate(row):
             y, x = cell_origin(r, c, h, w, scale=scale, border=border, gap=gap)
             img[y - border : y + h * scale + border, x - border : x + w * scale + border] = color
-            img[y : y + h * scale, x : x + w * scale] = upscale(to_rgb(frame), scale)
+            img[y : y + h * scale, x : x + w * scale] = to_rgb(frame).repeat(scale, axis=0).repeat(scale, axis=1)
     return img
 
 

@@ -61,8 +61,7 @@ def make_group_norm(channels: int) -> GroupNorm:
 
 class FrameConv(nn.Module):
     """A k x k convolution of every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s], run on the
-    [B*M, C, H, W] view of a channels_last_3d input (no copy either way). `upsample` doubles H and W (nearest)
-    first. `.weight`, `.bias` are initialised as nn.Conv2d's."""
+    [B*M, C, H, W] view of a channels_last_3d input (no copy either way); `upsample`: nearest x2 first."""
 
     def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, upsample: bool = False) -> None:
         super().__init__()

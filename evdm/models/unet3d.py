@@ -21,10 +21,9 @@ DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (Fal
 
 class VideoUNet3D(nn.Module):
     """Endpoint-conditioned video U-Net: forward(x_t, t, start_context, end_context, blend, cond_drop) -> out.
-    x_t, out: [B, C, M, H, W]; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
-    [B, C, K_end, H, W] in [-1, 1]; blend: [B, C, M, H, W] (evdm.diffusion.linear_blend), read when
-    direct_input has it; cond_drop: bool [B] (True: learned null conditioning). H and W must be
-    divisible by 2 ** (len(channel_mults) - 1)."""
+    x_t, out: [B, C, M, H, W]; t: int64 [B]; start_context [B, C, K_start, H, W], end_context [B, C, K_end, H, W]
+    in [-1, 1]; blend: [B, C, M, H, W] (evdm.diffusion.linear_blend), read when direct_input has it; cond_drop:
+    bool [B] (True: learned null conditioning). H and W must be divisible by 2 ** (len(channel_mults) - 1)."""
 
     def __init__(self, *, channels: int, T: int, context: Context, base_channels: int = 96,
                  channel_mults: tuple[int, ...] = (1, 2, 4), res_blocks: int = 2,

@@ -136,9 +136,8 @@ def check_tensorboard() -> None:
 
 
 class TensorBoardLog:
-    """TensorBoard logs under `log_dir`: each number of a metrics.jsonl record as a scalar, previews as images.
-    A context manager; `enabled=False` makes every call a no-op. purge_step: a resumed run's first new
-    step; events a crashed run logged from there on are hidden."""
+    """TensorBoard logs under `log_dir`: metrics.jsonl's numbers as scalars, previews as images; `enabled=False`:
+    no-ops. purge_step: a resumed run's first new step; events a crashed run logged from there on are hidden."""
 
     def __init__(self, log_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
         self.writer = None
