@@ -119,6 +119,11 @@ def write_clip_outputs(out_dir: Path, name: str, clip: np.ndarray, K: Context,
     return paths
 
 
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn())
+
+
 def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int,
                     denoiser: Denoiser, cfg: RunConfig, out_dir: str | Path, *, seed: int = 0, batch_size: int = 16,
                     keep_arrays: bool = True) -> list[dict]:
@@ -130,8 +135,7 @@ def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray
         raise SamplingError(f"--out_dir {out_dir} {problem}")
     sc, K = cfg.sample, cfg.context
     results = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[clips]} clips"), TimeElapsedColumn()) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"{sc.sampler}-{sc.steps}", total=-(-total // batch_size), clips=0)
         for index, batch in enumerate(batched(jobs, batch_size)):
             generator = torch.Generator(device=denoiser.device).manual_seed(mix_seed(seed, index))
