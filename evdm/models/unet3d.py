@@ -56,21 +56,18 @@ class VideoUNet3D(nn.Module):
         """Down path: per level `res_blocks` blocks (+ attention), then a downsample; returns the skips' widths."""
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_ch = [level_ch[0]]
-        c = level_ch[0]
-        for lv, c_out in enumerate(level_ch):
+        for lv, c in enumerate(level_ch):  # the stem and each downsample already give the level's width
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(res_blocks):
-                blocks.append(block(c, c_out))
+                blocks.append(block(c, c))
                 if lv in self.attn_levels:
-                    attns.append(attn(c_out))
-                c = c_out
-                skip_ch.append(c)
+                    attns.append(attn(c))
             self.down_blocks.append(blocks)
             self.down_attn.append(attns)
+            skip_ch += [c] * res_blocks
             if lv + 1 < len(level_ch):
                 self.downsample.append(Downsample(c, level_ch[lv + 1]))
-                c = level_ch[lv + 1]
-                skip_ch.append(c)
+                skip_ch.append(level_ch[lv + 1])
         return skip_ch
 
     def _build_up(self, level_ch: list[int], res_blocks: int, skip_ch: list[int], block, attn) -> None:

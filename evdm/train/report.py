@@ -25,6 +25,7 @@ from evdm import visualize
 from evdm.atomic import atomic_write, disk_full_as_error
 from evdm.config import ConfigError, RunConfig
 from evdm.denoiser import Denoiser
+from evdm.models import build_model
 
 _STAT_FORMATS = {"epoch": "{:.2f}", "loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
                  "samples_per_s": "{:.1f}", "tflops": "{:.1f} TFLOP/s", "mfu": "{:.1%} MFU", "data_wait": "{:.1%}",
@@ -199,8 +200,6 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A1
 
 def flops_per_sample(cfg: RunConfig) -> float:
     """Forward + backward FLOPs of one training sample at cfg's shapes (meta device, batch 1: costs are linear in B)."""
-    from evdm.models import build_model
-
     (Ks, Ke), M, S, C = cfg.context, cfg.middle_frames, cfg.data.size, cfg.channels
     with torch.device("meta"):
         model = build_model(cfg)
