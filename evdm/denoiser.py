@@ -106,8 +106,8 @@ class Denoiser:
         return (x.float() / 127.5 - 1.0).contiguous(memory_format=LAYOUT)
 
     def _conditions(self, start: torch.Tensor, end: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """((start, end, their linear blend at each middle frame): what the network is conditioned on, the base the
-        diffused variable is relative to: the blend for diffusion.residual = "blend", else 0)."""
+        """(cond, base): cond = (start, end, their linear blend at each middle frame), what the network sees; base,
+        what the diffused variable is relative to: the blend (diffusion.residual = "blend"), else 0."""
         blend = linear_blend(start, end, self.net.middle_frames)
         base = blend if self.cfg.diffusion.residual == "blend" else torch.zeros((), device=start.device)
         return (start, end, blend), base

@@ -14,6 +14,7 @@ import torch
 from evdm.config import ConfigError, RunConfig
 from evdm.data.schema import CLIP_EXT
 
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401

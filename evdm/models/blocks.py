@@ -1,7 +1,7 @@
 """The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal attention,
 timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling. Tensors are [B, C, T, H, W] in
 channels_last_3d; convolutions run as `F.conv2d` on free channels-last views, norms keep their input's dtype and
-layout, attention avoids SDPA (why: docs/GUIDE.md, Design notes). No layer branches on tensor values (fullgraph)."""
+layout, attention avoids SDPA (docs/GUIDE.md, Design notes). Fullgraph-compilable: no branch on tensor values."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` compiled, torch's kernel eagerly (faster)."""
+    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` compiled (fused), torch's kernel eagerly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -102,9 +102,7 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) along dim 1, per position and head.
     q: [B, Lq, *P, heads, d]; k, v: [B, Lk, *P, heads, d] (P: any positions) -> [B, Lq, *P, heads, d].
     fp32 softmax, v's dtype out. Compiled: `broadcast_attention` (Inductor fuses it); eagerly `matmul_attention`."""
-    if torch.compiler.is_compiling():
-        return broadcast_attention(q, k, v)
-    return matmul_attention(q, k, v)
+    return broadcast_attention(q, k, v) if torch.compiler.is_compiling() else matmul_attention(q, k, v)
 
 
 def broadcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

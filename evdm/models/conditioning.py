@@ -33,7 +33,7 @@ class ConditioningEncoder(nn.Module):
         super().__init__()
         self.stem, self.blocks, self.downs = FrameConv(in_channels, level_channels[0]), nn.ModuleList(), nn.ModuleList()
         for i, c in enumerate(level_channels):
-            self.blocks.append(EncoderBlock(level_channels[max(i - 1, 0)], c))  # from the level above's width
+            self.blocks.append(EncoderBlock(level_channels[max(i - 1, 0)], c))  # from the previous level's width
             if i + 1 < len(level_channels):
                 self.downs.append(FrameConv(c, c, stride=2))
         self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K[0], 1, 1)) for c in level_channels])
