@@ -54,12 +54,11 @@ def to_layout(module: torch.nn.Module) -> torch.nn.Module:
     """Every conv weight in the channels-last layout of its rank, in place (5-D: channels_last_3d). A Conv2d
     kernel gets the layout's own strides even on size-1 dimensions (a 1x1 kernel is "contiguous" in both
     layouts): the strides its gradient comes with, so DDP copies no gradient into its buckets."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim == 4:
-                p.data = torch.empty_like(p.data, memory_format=torch.channels_last).copy_(p.data)
-            elif p.ndim == 5:
-                p.data = p.data.contiguous(memory_format=LAYOUT)
+    for p in module.parameters():  # .data: no autograd history either way
+        if p.ndim == 4:
+            p.data = torch.empty_like(p.data, memory_format=torch.channels_last).copy_(p.data)
+        elif p.ndim == 5:
+            p.data = p.data.contiguous(memory_format=LAYOUT)
     return module
 
 
