@@ -130,8 +130,7 @@ def damage_reason(url: str, err: Exception) -> str:
     """What is wrong with shard `url`, without repeating its name."""
     if isinstance(err, OSError) and err.strerror:  # FileNotFoundError and friends
         return err.strerror
-    text = str(err)
-    return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
+    return str(err).removeprefix(f"{url}: ")
 
 
 def clip_refs(url: str, expected_shape: tuple[int, ...], keys: list | None = None) -> list:
