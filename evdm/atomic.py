@@ -54,8 +54,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _is_disk_full(err: BaseException, path: Path) -> bool:
-    """Whether `err` means the disk is full: ENOSPC/EDQUOT anywhere in the exception chain (torch.save wraps
-    the OSError), or a failed write with next to no space left."""
+    """ENOSPC/EDQUOT anywhere in `err`'s chain (torch.save wraps the OSError), or a write failed with no space left."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:

@@ -39,8 +39,7 @@ def add_checkpoint_flag(parser) -> None:
 
 
 def add_speed_flags(parser) -> None:
-    """--precision and --compile for sample.py and evdm.evaluate: per-run overrides of the
-    checkpoint's sample.precision and sample.compile."""
+    """--precision and --compile for sample.py and evdm.evaluate: overriding the checkpoint's sample settings."""
     hints = typing.get_type_hints(SampleConfig)
     parser.add_argument("--precision", choices=typing.get_args(hints["precision"]),
                         help="model forward precision (default: the checkpoint's sample.precision; "

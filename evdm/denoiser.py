@@ -54,12 +54,11 @@ def to_layout(module: torch.nn.Module) -> torch.nn.Module:
     """Every conv weight in the channels-last layout of its rank, in place (5-D: channels_last_3d). A Conv2d
     kernel gets the layout's own strides even on size-1 dimensions (a 1x1 kernel is "contiguous" in both
     layouts): the strides its gradient comes with, so DDP copies no gradient into its buckets."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim == 4:
-                p.data = torch.empty_like(p.data, memory_format=torch.channels_last).copy_(p.data)
-            elif p.ndim == 5:
-                p.data = p.data.contiguous(memory_format=LAYOUT)
+    for p in module.parameters():  # .data: no autograd history either way
+        if p.ndim == 4:
+            p.data = torch.empty_like(p.data, memory_format=torch.channels_last).copy_(p.data)
+        elif p.ndim == 5:
+            p.data = p.data.contiguous(memory_format=LAYOUT)
     return module
 
 
@@ -107,9 +106,12 @@ class Denoiser:
                 x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(dim), x)
         return (x.float() / 127.5 - 1.0).contiguous(memory_format=LAYOUT)
 
-    def _conditions(self, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(start, end, their linear blend at each middle frame): what the network is conditioned on."""
-        return start, end, linear_blend(start, end, self.net.middle_frames)
+    def _conditions(self, start: torch.Tensor, end: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(cond, base): cond = (start, end, their linear blend at each middle frame), what the network sees; base,
+        what the diffused variable is relative to: the blend (diffusion.residual = "blend"), else 0."""
+        blend = linear_blend(start, end, self.net.middle_frames)
+        base = blend if self.cfg.diffusion.residual == "blend" else torch.zeros((), device=start.device)
+        return (start, end, blend), base
 
     def _output(self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...],
                 cond_drop: torch.Tensor) -> torch.Tensor:
@@ -152,14 +154,9 @@ class Denoiser:
         draws = draw_training_noise(middle.shape, timesteps=d.timesteps, noise_offset=d.noise_offset,
                                     cfg_drop_prob=d.cfg_drop_prob if drop_conditions else 0.0,
                                     generator=generator, device=clip.device)
-        cond = self._conditions(start, end)
+        cond, base = self._conditions(start, end)
         return diffusion_loss(lambda x_t, t, drop: self._output(x_t, t, cond, drop), self.schedule, start, middle, end,
-                              draws, base=self._base(cond), prediction=d.prediction,
-                              temporal_loss_weight=d.temporal_loss_weight)
-
-    def _base(self, cond: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """What the diffused variable is relative to: the blend (diffusion.residual = "blend") or None."""
-        return cond[2] if self.cfg.diffusion.residual == "blend" else None
+                              draws, base=base, prediction=d.prediction, temporal_loss_weight=d.temporal_loss_weight)
 
     @torch.no_grad()
     def generate(self, start: torch.Tensor, end: torch.Tensor, sample_cfg: SampleConfig | None = None, *,
@@ -167,9 +164,7 @@ class Denoiser:
         """Fill in the middle between start [B, C, K_start, H, W] and end [B, C, K_end, H, W] in [-1, 1] per
         sample_cfg (default cfg.sample): clip [B, C, T, H, W], the context bit for bit, the middle clamped."""
         sc = sample_cfg or self.cfg.sample
-        cond = self._conditions(start, end)
-        base = self._base(cond)
-        base = torch.zeros((), device=start.device) if base is None else base
+        cond, base = self._conditions(start, end)
         # Guidance in a limited interval: the noisier steps run the conditional branch alone.
         max_t = sc.guidance_max_t * (self.schedule.timesteps - 1)
 

@@ -1,7 +1,6 @@
-"""Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one
-eps / x0 / v converter, the blend residual, the training loss, DDPM / DDIM sampling with guidance.
-t in [0, timesteps), 0 the least noisy. The "blend" residual (middle - linear blend; Yang et al. 2022) leaves
-a small model's capacity to the motion. Steps take (x_t, x0, eps): no sampler branches on the prediction."""
+"""Diffusion math, pure functions over tensors (randomness passed in): schedules, q(x_t | x0), the one eps / x0 / v
+converter, the "blend" residual (middle - linear blend; Yang et al. 2022), the training loss, DDPM / DDIM sampling
+with guidance. t in [0, timesteps), 0 the least noisy. Steps take (x_t, x0, eps): no sampler reads the prediction."""
 
 from __future__ import annotations
 
@@ -140,17 +139,15 @@ def diffusion_loss(output: Callable[..., torch.Tensor], s: Schedule, start: torc
     """(loss, {"mse", "temporal"} detached), float32 scalars, on start [B, C, K_start, H, W], middle
     [B, C, M, H, W], end [B, C, K_end, H, W] in [-1, 1]; output(x_t, t, cond_drop): the network's fp32 output for
     the middle (base None) or middle - base. loss = MSE(output, target) + temporal_loss_weight * the MSE between
-    the frame differences of [last start, predicted x0 middle, first end] and the true clip's, weighted by
-    alpha_bar_t so the noisiest steps (x0 carries the eps error times sqrt((1-ab)/ab)) do not dominate."""
+    the frame differences of [last start, predicted x0 middle, first end] and the true clip's, times alpha_bar_t."""
     t, noise, cond_drop = draws
-    x0 = middle.float() if base is None else middle.float() - base
+    base = 0.0 if base is None else base
+    x0 = middle.float() - base
     x_t = q_sample(s, x0.to(middle.dtype), t, noise.to(middle.dtype))
     out = output(x_t, t, cond_drop)
     target = training_target(s, x0, t, noise.float(), prediction)
     mse = torch.mean((out.float() - target) ** 2)
-    x0_pred, _ = split_output(s, x_t, t, out, prediction)
-    if base is not None:
-        x0_pred = x0_pred + base
+    x0_pred = split_output(s, x_t, t, out, prediction)[0] + base
     first, last = start[:, :, -1:].float(), end[:, :, :1].float()
     pred_path = torch.cat([first, x0_pred, last], dim=2)
     true_path = torch.cat([first, middle.float(), last], dim=2)

@@ -14,7 +14,7 @@ from evdm.atomic import atomic_write
 
 
 class FFmpegNotFound(RuntimeError):
-    pass
+    """No ffmpeg binary could be found (the message says how to get one)."""
 
 
 @functools.cache
@@ -27,20 +27,15 @@ def ffmpeg_exe() -> str:
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as err:  # the package raises RuntimeError or ImportError
-        raise FFmpegNotFound(
-            "no ffmpeg found: install one with `pip install imageio-ffmpeg` (bundled binary) "
-            "or your system's package manager (e.g. `apt-get install ffmpeg`), "
-            "or point EVDM_FFMPEG at a binary"
-        ) from err
+        raise FFmpegNotFound("no ffmpeg found: install one with `pip install imageio-ffmpeg` (bundled binary) "
+                             "or your system's package manager (e.g. `apt-get install ffmpeg`), "
+                             "or point EVDM_FFMPEG at a binary") from err
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: int = 1, *, crf: int = 18,
               pix_fmt: str = "yuv420p") -> None:
-    """Encode uint8 frames [T, H, W, C] (C = 1 or 3) as H.264 MP4, atomically (temp name, rename).
-
-    `upscale` enlarges with nearest-neighbour so small frames stay crisp. A lower `crf` and
-    pix_fmt="yuv444p" keep decoded frames closer to the input (used by the synthetic dataset).
-    """
+    """Encode uint8 frames [T, H, W, C] (C = 1 or 3) as H.264 MP4, atomically. `upscale` enlarges (nearest) so
+    small frames stay crisp; a lower `crf` and pix_fmt="yuv444p" keep decoded frames closer to the input."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
         raise ValueError(f"frames must be uint8 [T, H, W, 1|3], got {frames.dtype} {frames.shape}")
     if frames.shape[-1] == 1:
@@ -51,12 +46,10 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: i
     path = Path(path)
 
     def encode(tmp: Path) -> None:
-        cmd = [
-            ffmpeg_exe(), "-y", "-loglevel", "error",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:",
-            "-vf", f"scale={out_w}:{out_h}:flags=neighbor",
-            "-c:v", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf), "-f", "mp4", str(tmp),
-        ]
+        cmd = [ffmpeg_exe(), "-y", "-loglevel", "error",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:",
+               "-vf", f"scale={out_w}:{out_h}:flags=neighbor",
+               "-c:v", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf), "-f", "mp4", str(tmp)]
         proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")

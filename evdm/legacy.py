@@ -53,10 +53,8 @@ def upgrade_config(raw: dict) -> dict:
     """A stored config (a checkpoint's, as a plain dict) in today's keys; `raw` is not changed."""
     out = {}
     for section, values in raw.items():
-        values = dict(values) if isinstance(values, dict) else values
         if isinstance(values, dict):
-            for key in [k for k in values if (section, k) in RETIRED]:
-                del values[key]
+            values = {key: value for key, value in values.items() if (section, key) not in RETIRED}
             for (sec, key), (old_to_new, _) in RETYPED.items():
                 if sec == section and isinstance(values.get(key), bool):
                     values[key] = old_to_new[values[key]]
@@ -69,8 +67,7 @@ def upgrade_config(raw: dict) -> dict:
 
 def _stored_context(values: dict) -> dict:
     """data.context from a stored config's context_start / context_end, whichever spelling it has."""
-    split = [k for k in SPLIT_CONTEXT_KEYS if k in values]
-    if not split or "context" in values:
+    if "context" in values or not any(k in values for k in SPLIT_CONTEXT_KEYS):
         return values
     K = values.pop("endpoint_context", OLD_ENDPOINT_DEFAULT)
     values["context"] = [values.pop(k) or K for k in SPLIT_CONTEXT_KEYS]  # 0 meant endpoint_context

@@ -18,13 +18,10 @@ LOCK_NAME = ".lock"
 
 @contextlib.contextmanager
 def lock_folder(folder: Path, label: str, error: type[Exception]) -> Iterator[None]:
-    """Hold folder/.lock (an exclusive flock) while inside, creating the folder first if needed.
-
-    A folder that is taken, cannot be created or cannot be written raises `error` with one line starting
-    with `label` and the folder. The kernel drops a flock when its process dies, so a lock is never stale;
-    the file names the holder ("pid N on host H") and is removed on the way out, with the folder when this
-    call created it and nothing else was written there.
-    """
+    """Hold folder/.lock (an exclusive flock) while inside, creating the folder first if needed. A folder that
+    is taken, cannot be created or cannot be written raises `error`, one line starting with `label` and the folder.
+    The kernel drops a flock when its process dies, so a lock is never stale; the file names the holder ("pid N
+    on host H") and is removed on the way out, with the folder when this call created it and it is empty."""
     created = not folder.exists()
     if problem := folder_problem(folder):
         raise error(f"{label} {folder} {problem}")

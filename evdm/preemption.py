@@ -1,10 +1,6 @@
-"""Preemption: SIGTERM and SIGINT become a stop request that the training loop reads between steps.
-
-Schedulers signal the whole process group; a DataLoader worker killed by it would make the main process
-raise before it can save, so workers ignore both signals. The main process only sets a flag: raising
-inside arbitrary code (a checkpoint write, a collective) is what loses runs. Torch-free, so train.py
-can install the handlers before the slow torch import.
-"""
+"""Preemption: SIGTERM and SIGINT become a stop request that the training loop reads between steps (DataLoader
+workers ignore both: docs/GUIDE.md, Design notes). The main process only sets a flag: raising inside arbitrary
+code (a checkpoint write, a collective) is what loses runs. Torch-free: train.py installs the handlers first."""
 
 from __future__ import annotations
 
@@ -48,8 +44,7 @@ def install_stop_handlers() -> None:
 
 @contextlib.contextmanager
 def _handlers(handler: object) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` while inside, the previous handlers after (a no-op outside the
-    main thread, where signals cannot be handled)."""
+    """SIGINT and SIGTERM go to `handler` while inside (a no-op outside the main thread, which alone gets signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

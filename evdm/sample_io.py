@@ -1,7 +1,6 @@
-"""The files of sample.py: endpoint images or shard clips in, sampled clips (evdm.denoiser) and pictures out.
-
-Size, T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose
-first K_start and last K_end frames are the input frames byte for byte."""
+"""The files of sample.py: endpoint images or shard clips in, sampled clips (evdm.denoiser) and pictures out. Size,
+T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose first K_start
+and last K_end frames are the input frames byte for byte."""
 
 from __future__ import annotations
 
@@ -40,9 +39,8 @@ def open_image(path: str | Path, color_mode: str) -> Image.Image:
 
 
 def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
-    """`img` in a mode whose RGB/L conversion keeps its brightness: 16-bit grey scaled to 8 bits (PIL's
-    own conversion clips every value above 255 to white); SamplingError for pixels with no known white level.
-    Other modes (palette, LA/RGBA with alpha ignored, CMYK, YCbCr, 1-bit) convert correctly as they are."""
+    """`img` in a mode whose RGB/L conversion keeps its brightness (16-bit grey scaled to 8 bits: docs/GUIDE.md,
+    Design notes); SamplingError for pixels with no known white level. Other modes convert correctly as they are."""
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
         wide = np.asarray(img).astype(np.uint32)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")  # round(v * 255 / 65535)
@@ -56,8 +54,7 @@ def eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
 
 
 def to_array(img: Image.Image, size: int) -> np.ndarray:
-    """uint8 [size, size, C] (C = 3 rgb, 1 gray): the largest centred square, resized (bicubic; box filter when
-    shrinking a lot)."""
+    """uint8 [size, size, C] (C = 3 rgb, 1 gray): the largest centred square, resized (bicubic)."""
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -74,10 +71,8 @@ def load_endpoints(start_paths: list[str], end_paths: list[str], cfg: RunConfig)
             raise SamplingError(f"{flag}: got {len(paths)} image(s) ({' '.join(map(str, paths))}), "
                                 f"but the checkpoint observes {K} frame(s) at the {end} (data.context)")
     images = {p: open_image(p, cfg.data.color_mode) for p in [*start_paths, *end_paths]}
-    # Frames of one clip share a camera: images of different sizes are different shots or crops, and
-    # resizing them to one size would silently stretch one against the other.
-    sizes = {img.size for img in images.values()}
-    if len(sizes) > 1:
+    # Frames of one clip share a camera: different sizes are different shots or crops (Design notes).
+    if len({img.size for img in images.values()}) > 1:
         listed = ", ".join(f"{p} {img.size[0]}x{img.size[1]}" for p, img in images.items())
         raise SamplingError(f"start and end images must all have the same size: {listed}")
     load = lambda p: to_array(images[p], cfg.data.size)  # noqa: E731
@@ -132,10 +127,9 @@ def progress_bar() -> Progress:
 def sample_to_files(jobs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], total: int,
                     denoiser: Denoiser, cfg: RunConfig, out_dir: str | Path, *, seed: int = 0, batch_size: int = 16,
                     keep_arrays: bool = True) -> list[dict]:
-    """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth
-    [T, H, W, C] or None) with cfg.sample's settings and write its outputs, and grid_{i:03d}.gif per batch.
-    Returns one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth;
-    `total`: the number of jobs, for the progress bar."""
+    """Sample every job (name, start uint8 [K_start, H, W, C], end uint8 [K_end, H, W, C], truth [T, H, W, C] or
+    None; `total` of them) with cfg.sample's settings, writing its outputs and grid_{i:03d}.gif per batch. Returns
+    one dict per clip: name, paths and, with keep_arrays, sample (uint8 [T, H, W, C]) and truth."""
     out_dir = Path(out_dir)
     if problem := folder_problem(out_dir):
         raise SamplingError(f"--out_dir {out_dir} {problem}")

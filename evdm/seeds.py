@@ -5,8 +5,7 @@ VAL_SEED = 1234  # fixed noise and timesteps for every validation
 
 
 def mix_seed(*parts: int) -> int:
-    """Fold parts into one integer: mix_seed(a, b, c) == (a * M + b) * M + c with M = 1_000_003.
-    Not reduced: callers take it modulo what their generator accepts."""
+    """mix_seed(a, b, c) == (a * M + b) * M + c, M = SEED_MULTIPLIER; callers reduce it for their generator."""
     mixed = 0
     for part in parts:
         mixed = mixed * SEED_MULTIPLIER + part

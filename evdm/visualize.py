@@ -1,7 +1,6 @@
-"""Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers.
-
-Numpy on uint8 frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed:
-context blue, generated orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back)."""
+"""Pictures of clips: frame strips, truth/sample comparisons, batch grids, PNG / GIF / MP4 writers. Numpy on uint8
+frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed: context blue, generated
+orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back)."""
 
 from __future__ import annotations
 
@@ -44,15 +43,9 @@ def to_rgb(frames: np.ndarray) -> np.ndarray:
     return np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
 
 
-def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
-    """Nearest-neighbour enlargement of [..., H, W, C] by an integer factor."""
-    return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
-
-
 def cell_origin(row: int, col: int, h: int, w: int, *, scale: int, border: int, gap: int) -> tuple[int, int]:
     """(y, x) of the top-left frame pixel of cell (row, col) in a `grid` picture."""
-    return (gap + row * (h * scale + 2 * border + gap) + border,
-            gap + col * (w * scale + 2 * border + gap) + border)
+    return gap + row * (h * scale + 2 * border + gap) + border, gap + col * (w * scale + 2 * border + gap) + border
 
 
 def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int = 2) -> np.ndarray:
@@ -65,7 +58,7 @@ def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int =
         for c, (frame, color) in enumerate(row):
             y, x = cell_origin(r, c, h, w, scale=scale, border=border, gap=gap)
             img[y - border : y + h * scale + border, x - border : x + w * scale + border] = color
-            img[y : y + h * scale, x : x + w * scale] = upscale(to_rgb(frame), scale)
+            img[y : y + h * scale, x : x + w * scale] = to_rgb(frame).repeat(scale, axis=0).repeat(scale, axis=1)
     return img
 
 
@@ -95,8 +88,7 @@ def comparison_strip(truth: np.ndarray, sample: np.ndarray, context: Context, *,
 
 
 def batch_grid_frames(clips: np.ndarray, context: Context, *, cols: int | None = None, scale: int = 2) -> np.ndarray:
-    """Frames of a grid video of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3]; at time t every cell
-    shows its clip's frame t, framed blue while t is a context frame."""
+    """Grid video frames of a batch: clips [B, T, H, W, C] -> uint8 [T, GH, GW, 3], cell b showing clip b's frame t."""
     B, T = clips.shape[:2]
     cols = cols or int(np.ceil(np.sqrt(B)))
     frames = []

@@ -1,11 +1,8 @@
-"""NVIDIA DALI variant of the training loader (data.loader = "dali").
-
-`fn.readers.webdataset` reads the same shards (index inferred at start-up), `fn.decoders.numpy` decodes
-each clip, and the trainer gets uint8 [B, C, T, H, W] batches on the GPU in the channels_last_3d layout;
-ranks read disjoint parts through shard_id / num_shards. `device_id=None` runs DALI's CPU-only mode
-(the equivalence test, the benchmark). No exact resume (the reader cannot fast-forward), and damaged
-shards are left to DALI's reader.
-"""
+"""NVIDIA DALI variant of the training loader (data.loader = "dali"): `fn.readers.webdataset` reads the same
+shards (index inferred at start-up), `fn.decoders.numpy` decodes each clip, and the trainer gets uint8
+[B, C, T, H, W] batches on the GPU; ranks read disjoint parts through shard_id / num_shards. `device_id=None`
+runs DALI's CPU-only mode (the equivalence test, the benchmark). No exact resume (the reader cannot
+fast-forward); damaged shards are left to DALI's reader."""
 
 from __future__ import annotations
 
@@ -17,9 +14,6 @@ import torch
 from evdm.config import ConfigError, RunConfig
 from evdm.data.schema import CLIP_EXT
 
-INSTALL_HINT = "pip install 'evdm[dali]' (the nvidia-dali-cuda120 package)"
-READER_NAME = "shards"
-
 
 def dali_available() -> bool:
     try:
@@ -29,42 +23,27 @@ def dali_available() -> bool:
     return True
 
 
-def _require_dali() -> None:
-    if not dali_available():
-        raise ConfigError(f"data.loader = 'dali' needs NVIDIA DALI, which is not installed: {INSTALL_HINT}, "
-                          "or set data.loader = 'webdataset'")
-
-
-def build_pipeline(urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
-                   shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2):
-    """DALI pipeline: shards -> uint8 [T, H, W, C] clips, batched; on GPU `device_id` (None: CPU only)."""
+def dali_batches(urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
+                 shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2) -> Iterator[torch.Tensor]:
+    """Infinite uint8 [B, C, T, H, W] batches (views of [B, T, H, W, C]) on GPU `device_id` (None: the CPU)."""
     from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    if remote := [u for u in urls if "://" in u or u.startswith("pipe:")]:
+        raise ConfigError(f"data.loader = 'dali' reads local shard files only, got {remote[0]!r}; "
+                          "use data.loader = 'webdataset' for pipe: or remote URLs")
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2)
     def clips_pipeline():
         raw = fn.readers.webdataset(paths=urls, ext=[CLIP_EXT], missing_component_behavior="error",
-                                    name=READER_NAME, shard_id=shard_id, num_shards=num_shards,
+                                    name="shards", shard_id=shard_id, num_shards=num_shards,
                                     random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1))
         clip = fn.decoders.numpy(raw)
         return clip.gpu() if device_id is not None else clip
 
     pipe = clips_pipeline()
     pipe.build()
-    return pipe
-
-
-def dali_batches(urls: list[str], *, batch_size: int, device_id: int | None, shard_id: int = 0, num_shards: int = 1,
-                 shuffle_buffer: int = 0, seed: int = 0, num_threads: int = 2) -> Iterator[torch.Tensor]:
-    """Infinite uint8 [B, C, T, H, W] batches (a view of [B, T, H, W, C]); wraps around at the end of the data."""
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
-    if remote:
-        raise ConfigError(f"data.loader = 'dali' reads local shard files only, got {remote[0]!r}; "
-                          "use data.loader = 'webdataset' for pipe: or remote URLs")
-    pipe = build_pipeline(urls, batch_size=batch_size, device_id=device_id, shard_id=shard_id,
-                          num_shards=num_shards, shuffle_buffer=shuffle_buffer, seed=seed, num_threads=num_threads)
     # size=-1 and no reader_name: the iterator never ends; the reader wraps around its shard.
     for out in DALIGenericIterator([pipe], ["clip"]):
         yield out[0]["clip"].permute(0, 4, 1, 2, 3)
@@ -73,7 +52,9 @@ def dali_batches(urls: list[str], *, batch_size: int, device_id: int | None, sha
 def make_dali_train_loader(cfg: RunConfig, urls: list[str], *, rank: int = 0, world_size: int = 1,
                            seed: int = 0) -> Iterator[torch.Tensor]:
     """The trainer's DALI loader: infinite uint8 [B, C, T, H, W] batches on this rank's GPU."""
-    _require_dali()
+    if not dali_available():
+        raise ConfigError("data.loader = 'dali' needs NVIDIA DALI, which is not installed: pip install 'evdm[dali]' "
+                          "(the nvidia-dali-cuda120 package), or set data.loader = 'webdataset'")
     if not torch.cuda.is_available():
         raise ConfigError("data.loader = 'dali' needs a CUDA GPU, and none is available here; "
                           "set data.loader = 'webdataset'")

@@ -1,15 +1,11 @@
-"""manifest.json, which preprocess writes beside the shards after the last one, as one type. Torch-free.
-
-The format is in docs/ARCHITECTURE.md ("Data"); manifests of earlier versions lack "bytes", "sources",
-"source_fps" and "scan": those read as None.
-"""
+"""manifest.json, which preprocess writes beside the shards after the last one, as one type. Torch-free. The format
+is in docs/ARCHITECTURE.md ("Data"); "bytes", "sources", "source_fps" and "scan" absent (earlier versions) are None."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from evdm.atomic import atomic_write
 from evdm.config import ConfigError
@@ -65,13 +61,10 @@ class Manifest:
         return next((s for s in self.shards() if s.name == name), None)
 
     def as_dict(self) -> dict:
-        out: dict[str, Any] = {"format": FORMAT, "options": self.options, "clip_shape": list(self.clip_shape),
-                               "dtype": self.dtype, "splits": {k: v.as_dict() for k, v in self.splits.items()},
-                               "skipped": self.skipped}
-        for key in ("sources", "source_fps", "scan"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
+        optional = {key: getattr(self, key) for key in ("sources", "source_fps", "scan")}
+        return {"format": FORMAT, "options": self.options, "clip_shape": list(self.clip_shape), "dtype": self.dtype,
+                "splits": {k: v.as_dict() for k, v in self.splits.items()}, "skipped": self.skipped,
+                **{key: value for key, value in optional.items() if value is not None}}
 
     def write(self, folder: str | Path) -> Path:
         """folder/manifest.json, atomically (temporary name, fsync, rename)."""

@@ -1,9 +1,7 @@
-"""Whether a resume can be exact: what the training stream depends on (`Stream`, stored in every
-checkpoint under "stream"), compared on --resume.
-
-Other clips per step (batch_size x grad_accum_steps x world size) are refused: the fast-forward would
-skip or repeat clips. Another shard list, split, data.num_workers or data.shuffle_buffer: one warning
-each, the position (and the epoch column) kept (docs/RELIABILITY.md, "Resume and damaged data")."""
+"""Whether a resume can be exact: what the training stream depends on (`Stream`, stored in every checkpoint under
+"stream"), compared on --resume. Other clips per step (batch_size x grad_accum_steps x world size) are refused:
+the fast-forward would skip or repeat clips. Another shard list, split, data.num_workers or data.shuffle_buffer:
+one warning each, the position (and the epoch column) kept (docs/RELIABILITY.md, "Resume and damaged data")."""
 
 from __future__ import annotations
 

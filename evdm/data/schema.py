@@ -1,8 +1,7 @@
 """The shard format, shared by the preprocessors and the loaders: samples, shard names and shard lists.
 Torch-free. A shard is a tar file; each sample is two members sharing one key:
   {key}.clip.npy   uint8 numpy array [T, H, W, C], C = 3 (rgb) or 1 (gray)
-  {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)
-"""
+  {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)"""
 
 from __future__ import annotations
 
@@ -44,17 +43,14 @@ def decode_clip(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def encode_meta(meta: dict) -> bytes:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-
-
 def decode_meta(data: bytes) -> dict:
     return json.loads(data)
 
 
 def encode_sample(key: str, clip: np.ndarray, meta: dict) -> dict[str, bytes | str]:
     """One WebDataset sample: {"__key__", "clip.npy", "meta.json"}."""
-    return {"__key__": key, CLIP_EXT: encode_clip(clip), META_EXT: encode_meta(meta)}
+    return {"__key__": key, CLIP_EXT: encode_clip(clip),
+            META_EXT: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
 
 
 def clip_shape(T: int, size: int, color_mode: str) -> tuple[int, int, int, int]:
@@ -66,11 +62,8 @@ REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Shard URLs from a glob, a brace pattern ("train-{000000..000009}.tar"), a list, or pipe: URLs.
-
-    Local globs are sorted; a local pattern that matches nothing raises ConfigError naming it.
-    Remote URLs (pipe:, http(s)://, s3://, gs://) are brace-expanded only.
-    """
+    """Shard URLs from a glob, a brace pattern ("train-{000000..000009}.tar"), a list, or pipe: URLs. Local globs
+    are sorted, a local pattern that matches nothing is a ConfigError naming it; remote URLs are brace-expanded only."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
@@ -92,15 +85,10 @@ def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return urls
 
 
-def shard_slice(
-    urls: list[str], rank: int, world_size: int, worker: int, num_workers: int,
-    epoch: int, seed: int, *, shuffle: bool = True,
-) -> list[str]:
-    """The shards that (rank, worker) reads in pass `epoch`: disjoint across all ranks and workers.
-
-    The list is permuted with (seed, epoch) -- the same on every rank -- when `shuffle`, then dealt
-    round-robin over the world_size * num_workers readers, so one pass reads every shard exactly once.
-    """
+def shard_slice(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int, epoch: int, seed: int,
+                *, shuffle: bool = True) -> list[str]:
+    """The shards that (rank, worker) reads in pass `epoch`: the list permuted with (seed, epoch), the same on
+    every rank, when `shuffle`, then dealt round-robin over the world_size * num_workers readers (each once)."""
     order = list(urls)
     if shuffle:
         perm = np.random.default_rng([seed, epoch]).permutation(len(order))

@@ -24,8 +24,7 @@ def expected_clip_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
 
 
 def shape_problem(where: str, found: tuple, cfg: RunConfig, needed_by: str) -> str:
-    """One line on clips of shape `found` at `where` that `needed_by` cannot use: the colour mode when the
-    channels differ, else the shape with the keys that decide it."""
+    """The one-line error for clips of shape `found` at `where`: their colour mode if C differs, else their shape."""
     expected = expected_clip_shape(cfg)
     modes = {c: m for m, c in COLOR_CHANNELS.items()}
     if len(found) == 4 and found[-1] != expected[-1]:
@@ -100,10 +99,9 @@ class ShardSet:
         problems = []
         for entry in self.listed():
             path = self.folder / entry.name
-            size = path.stat().st_size if path.is_file() else None
-            if size is None:
+            if not path.is_file():
                 problems.append(f"{entry.name} (missing)")
-            elif size == 0 or (entry.bytes is not None and entry.bytes != size):
+            elif (size := path.stat().st_size) == 0 or (entry.bytes is not None and entry.bytes != size):
                 want = f", manifest says {entry.bytes}" if entry.bytes is not None else ""
                 problems.append(f"{entry.name} ({size} bytes{want})")
         return problems

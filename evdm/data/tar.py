@@ -4,6 +4,7 @@ are read with positioned reads; pipe: and remote URLs are read whole through web
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import os
 import struct
@@ -32,10 +33,9 @@ def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tu
     members: list[tuple[str, int, int]] = []
     long_name: bytes | None = None
     pos = 0
-    unpack = _TAR_HEADER.unpack_from
     while pos + 512 <= end:
         block = read_at(pos, 1024 if heads is not None else 512)
-        name, size_field, kind, magic, prefix = unpack(block)
+        name, size_field, kind, magic, prefix = _TAR_HEADER.unpack_from(block)
         if not name[:1].strip(b"\0"):  # end-of-archive zero block
             break
         try:
@@ -59,7 +59,7 @@ def index_tar(read_at, end: int, url: str, heads: list | None = None) -> list[tu
                 name, long_name = long_name, None
             else:
                 name = name.rstrip(b"\0")
-                if magic == b"ustar" and prefix[:1] != b"\0":
+                if prefix[:1] != b"\0":
                     name = prefix.rstrip(b"\0") + b"/" + name
             members.append((name.decode(), data, size))
             if heads is not None:
@@ -75,9 +75,8 @@ def npy_layout(data: bytes | memoryview, where: str) -> tuple[bytes, tuple[int, 
     """(.npy header bytes, shape) of uint8 .npy data; raises ValueError naming `where` otherwise."""
     if len(data) < 10 or data[:6] != _NPY_MAGIC:
         raise ValueError(f"{where}: not a .npy file")
-    start, hlen = (10, int.from_bytes(data[8:10], "little")) if data[6] == 1 else \
-        (12, int.from_bytes(data[8:12], "little"))
-    prefix = bytes(data[: start + hlen])
+    start = 10 if data[6] == 1 else 12  # format 1.0: a 2-byte header length, later ones 4
+    prefix = bytes(data[: start + int.from_bytes(data[8:start], "little")])
     try:
         return prefix, _npy_shape(prefix[start:])
     except ValueError as err:
@@ -111,16 +110,13 @@ def _open_shard(url: str):
 def iter_clips(url: str) -> Iterator[tuple[str, np.ndarray]]:
     """(sample key, uint8 [T, H, W, C] read-only array) for each clip in the shard at `url`."""
     read_at, size, f = _open_shard(url)
-    try:
+    with f or contextlib.nullcontext():  # f: None for a remote shard
         suffix = "." + CLIP_EXT
         for name, offset, n in index_tar(read_at, size, url):
             if name.endswith(suffix):
                 data = read_at(offset, n)
                 prefix, shape = npy_layout(data, f"{url}: {name}")
                 yield name[: -len(suffix)], np.frombuffer(data, np.uint8, offset=len(prefix)).reshape(shape)
-    finally:
-        if f is not None:
-            f.close()
 
 
 def peek_clip_shape(url: str) -> tuple[int, ...]:
@@ -134,8 +130,7 @@ def damage_reason(url: str, err: Exception) -> str:
     """What is wrong with shard `url`, without repeating its name."""
     if isinstance(err, OSError) and err.strerror:  # FileNotFoundError and friends
         return err.strerror
-    text = str(err)
-    return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
+    return str(err).removeprefix(f"{url}: ")
 
 
 def clip_refs(url: str, expected_shape: tuple[int, ...], keys: list | None = None) -> list:

@@ -1,8 +1,7 @@
 """The video U-Net's layers: per-frame and temporal convolutions, layout-keeping norms, temporal attention,
 timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling. Tensors are [B, C, T, H, W] in
-channels_last_3d; convolutions run as `F.conv2d` on free channels-last views (per frame [B*M, C, H, W]; along
-time [B, C, M, H*W]), norms keep their input's dtype and layout, attention avoids SDPA (why: docs/GUIDE.md,
-Design notes). No layer branches on tensor values, so the model compiles with fullgraph=True."""
+channels_last_3d; convolutions run as `F.conv2d` on free channels-last views, norms keep their input's dtype and
+layout, attention avoids SDPA (docs/GUIDE.md, Design notes). Fullgraph-compilable: no branch on tensor values."""
 
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` when compiled, torch's kernel eagerly
-    (the functions above pay off only fused; eagerly they are several passes each way)."""
+    """nn.GroupNorm's parameters, state-dict keys and maths: `group_norm` compiled (fused), torch's kernel eagerly."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -63,8 +61,7 @@ def make_group_norm(channels: int) -> GroupNorm:
 
 class FrameConv(nn.Module):
     """A k x k convolution of every frame alone: [B, c_in, M, H, W] -> [B, c_out, M, H/s, W/s], run on the
-    [B*M, C, H, W] view of a channels_last_3d input (no copy either way). `upsample` doubles H and W (nearest)
-    first. `.weight`, `.bias` are initialised as nn.Conv2d's."""
+    [B*M, C, H, W] view of a channels_last_3d input (no copy either way); `upsample`: nearest x2 first."""
 
     def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, upsample: bool = False) -> None:
         super().__init__()
@@ -105,9 +102,7 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) along dim 1, per position and head.
     q: [B, Lq, *P, heads, d]; k, v: [B, Lk, *P, heads, d] (P: any positions) -> [B, Lq, *P, heads, d].
     fp32 softmax, v's dtype out. Compiled: `broadcast_attention` (Inductor fuses it); eagerly `matmul_attention`."""
-    if torch.compiler.is_compiling():
-        return broadcast_attention(q, k, v)
-    return matmul_attention(q, k, v)
+    return broadcast_attention(q, k, v) if torch.compiler.is_compiling() else matmul_attention(q, k, v)
 
 
 def broadcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,10 @@ class ConditioningEncoder(nn.Module):
     def __init__(self, in_channels: int, level_channels: list[int], K: tuple[int, int]) -> None:
         super().__init__()
         self.stem, self.blocks, self.downs = FrameConv(in_channels, level_channels[0]), nn.ModuleList(), nn.ModuleList()
-        c_prev = level_channels[0]
         for i, c in enumerate(level_channels):
-            self.blocks.append(EncoderBlock(c_prev, c))
+            self.blocks.append(EncoderBlock(level_channels[max(i - 1, 0)], c))  # from the previous level's width
             if i + 1 < len(level_channels):
                 self.downs.append(FrameConv(c, c, stride=2))
-            c_prev = c
         self.null_start = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K[0], 1, 1)) for c in level_channels])
         self.null_end = nn.ParameterList([nn.Parameter(torch.zeros(1, c, K[1], 1, 1)) for c in level_channels])
 

@@ -1,9 +1,6 @@
-"""VideoUNet3D: the pixel-space denoiser of the middle frames, conditioned on both endpoints.
-
-    x_t [B, C, M, H, W] --stem+FiLM--> down levels (ResBlock3D + FiLM, temporal attention at
-    `temporal_attn_levels`, downsampling) --> bottleneck (ResBlock, attention, ResBlock)
-    --> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling) --> the prediction.
-
+"""VideoUNet3D: the pixel-space denoiser of the middle frames, conditioned on both endpoints: x_t [B, C, M, H, W]
+-> stem + FiLM -> down levels (ResBlock3D + FiLM, temporal attention at `temporal_attn_levels`, downsampling) ->
+bottleneck (ResBlock, attention, ResBlock) -> up levels (skip concat, ResBlock3D + FiLM, attention, upsampling).
 One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for its FiLMs,
 and the context features join every temporal attention. `direct_input`: extra stem channels (DIRECT_INPUTS)."""
 
@@ -24,10 +21,9 @@ DIRECT_INPUTS = {"none": (False, False), "blend": (True, False), "context": (Fal
 
 class VideoUNet3D(nn.Module):
     """Endpoint-conditioned video U-Net: forward(x_t, t, start_context, end_context, blend, cond_drop) -> out.
-    x_t, out: [B, C, M, H, W]; t: int64 [B]; start_context [B, C, K_start, H, W], end_context
-    [B, C, K_end, H, W] in [-1, 1]; blend: [B, C, M, H, W] (evdm.diffusion.linear_blend), read when
-    direct_input has it; cond_drop: bool [B] (True: learned null conditioning). H and W must be
-    divisible by 2 ** (len(channel_mults) - 1)."""
+    x_t, out: [B, C, M, H, W]; t: int64 [B]; start_context [B, C, K_start, H, W], end_context [B, C, K_end, H, W]
+    in [-1, 1]; blend: [B, C, M, H, W] (evdm.diffusion.linear_blend), read when direct_input has it; cond_drop:
+    bool [B] (True: learned null conditioning). H and W must be divisible by 2 ** (len(channel_mults) - 1)."""
 
     def __init__(self, *, channels: int, T: int, context: Context, base_channels: int = 96,
                  channel_mults: tuple[int, ...] = (1, 2, 4), res_blocks: int = 2,
@@ -60,21 +56,18 @@ class VideoUNet3D(nn.Module):
         """Down path: per level `res_blocks` blocks (+ attention), then a downsample; returns the skips' widths."""
         self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_ch = [level_ch[0]]
-        c = level_ch[0]
-        for lv, c_out in enumerate(level_ch):
+        for lv, c in enumerate(level_ch):  # the stem and each downsample already give the level's width
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(res_blocks):
-                blocks.append(block(c, c_out))
+                blocks.append(block(c, c))
                 if lv in self.attn_levels:
-                    attns.append(attn(c_out))
-                c = c_out
-                skip_ch.append(c)
+                    attns.append(attn(c))
             self.down_blocks.append(blocks)
             self.down_attn.append(attns)
+            skip_ch += [c] * res_blocks
             if lv + 1 < len(level_ch):
                 self.downsample.append(Downsample(c, level_ch[lv + 1]))
-                c = level_ch[lv + 1]
-                skip_ch.append(c)
+                skip_ch.append(level_ch[lv + 1])
         return skip_ch
 
     def _build_up(self, level_ch: list[int], res_blocks: int, skip_ch: list[int], block, attn) -> None:
@@ -115,10 +108,9 @@ class VideoUNet3D(nn.Module):
         if not (with_blend or context):
             return x_t
         B, C, M, H, W = x_t.shape
-        start, end = start.to(x_t.dtype), end.to(x_t.dtype)
         extra = [blend.to(x_t.dtype)] if with_blend else []
         if context:  # every context frame, stacked along channels, beside every middle frame
-            frames = torch.cat([start, end], dim=2)
+            frames = torch.cat([start, end], dim=2).to(x_t.dtype)
             extra.append(frames.reshape(B, -1, 1, H, W).expand(-1, -1, M, -1, -1))
         extra = torch.where(cond_drop.reshape(B, 1, 1, 1, 1), 0.0, torch.cat(extra, dim=1))
         return torch.cat([x_t, extra], dim=1)

@@ -1,6 +1,5 @@
 """out_dir protection: one live run per folder, no fresh run over a checkpoint, resume only into the same
-model from an intact checkpoint. Every check reads only, so a refused command leaves out_dir as it was.
-"""
+model from an intact checkpoint. Every check reads only, so a refused command leaves out_dir as it was."""
 
 from __future__ import annotations
 
@@ -14,10 +13,8 @@ from evdm.config import ConfigError, RunConfig, to_dict
 from evdm.lock import lock_folder
 
 # The keys that decide the weights' shapes or what they mean: a resume must not change them.
-MODEL_KEYS = (
-    "data.T", "data.size", "data.context", "data.color_mode", "model.*",
-    "diffusion.prediction", "diffusion.residual", "diffusion.timesteps", "diffusion.schedule",
-)
+MODEL_KEYS = ("data.T", "data.size", "data.context", "data.color_mode", "model.*",
+              "diffusion.prediction", "diffusion.residual", "diffusion.timesteps", "diffusion.schedule")
 # Written by a run; removed before a fresh run (--overwrite, or an old run that left no checkpoint).
 RUN_FILES = (*(f"{name}{tmp}" for name in ("last.pt", "best.pt", "step_*.pt") for tmp in ("", ".tmp")), "metrics.jsonl",
              "loss.png", "config.toml")
@@ -25,48 +22,38 @@ RUN_FOLDERS = ("previews", "tensorboard")
 
 
 def model_key_differences(stored_cfg: RunConfig, cfg: RunConfig) -> list[str]:
-    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the checkpoint's config and `cfg`
-    differ."""
+    """'section.key (checkpoint A, config B)' for each MODEL_KEYS entry where the stored config and `cfg` differ."""
     stored, current = to_dict(stored_cfg), to_dict(cfg)
-    keys = []
+    differences = []
     for spec in MODEL_KEYS:
         section, key = spec.split(".")
-        names = sorted(set(current[section]) | set(stored.get(section, {}))) if key == "*" else [key]
-        keys += [(section, name) for name in names]
-    return [
-        f"{section}.{name} (checkpoint {stored.get(section, {}).get(name)!r}, config {current[section].get(name)!r})"
-        for section, name in keys
-        if stored.get(section, {}).get(name) != current[section].get(name)
-    ]
+        old, new = stored.get(section, {}), current[section]
+        for name in sorted(set(new) | set(old)) if key == "*" else [key]:
+            if old.get(name) != new.get(name):
+                differences.append(f"{section}.{name} (checkpoint {old.get(name)!r}, config {new.get(name)!r})")
+    return differences
 
 
 def check_out_dir(cfg: RunConfig, *, resume: bool, overwrite: bool, loud: bool = True) -> dict | None:
     """Refuse what would lose or mix up a run; returns the checkpoint to resume from (on the CPU) or None.
-
     ConfigError: a fresh run over a checkpoint, out_dir not a folder, --resume without a checkpoint;
-    CheckpointError: no intact checkpoint, model keys that differ. loud: warn of a fallback from last.pt.
-    """
+    CheckpointError: no intact checkpoint, model keys that differ. loud: warn of a fallback from last.pt."""
     out_dir = Path(cfg.train.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"train.out_dir {out_dir} exists and is not a folder")
     if not resume:
         found = sorted(p for pattern in ("last.pt", "step_*.pt") for p in out_dir.glob(pattern))
         if found and not overwrite:
-            raise ConfigError(
-                f"train.out_dir {out_dir} already holds a run ({', '.join(p.name for p in found)}): pass --resume "
-                f"to continue it, --overwrite to start over, or choose another out_dir"
-            )
+            raise ConfigError(f"train.out_dir {out_dir} already holds a run ({', '.join(p.name for p in found)}): "
+                              f"pass --resume to continue it, --overwrite to start over, or choose another out_dir")
         return None
     ckpt_path = out_dir / "last.pt"
     if not ckpt_path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = intact_checkpoint(ckpt_path, loud=loud)
-    differences = model_key_differences(config_of(ckpt, ckpt_path), cfg)
-    if differences:
-        raise CheckpointError(
-            f"{ckpt_path}: --resume with a different model: {'; '.join(differences)}; "
-            f"use the checkpoint's values or another out_dir"
-        )
+    if differences := model_key_differences(config_of(ckpt, ckpt_path), cfg):
+        raise CheckpointError(f"{ckpt_path}: --resume with a different model: {'; '.join(differences)}; "
+                              f"use the checkpoint's values or another out_dir")
     return ckpt
 
 
@@ -95,6 +82,5 @@ def clear_run(out_dir: Path) -> None:
 
 
 def lock_out_dir(out_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold out_dir/.lock while inside (evdm.lock): a second live run on out_dir, or an out_dir that cannot be
-    created or written, is a ConfigError naming the holder or the reason."""
+    """Hold out_dir/.lock while inside (evdm.lock): a live run there or an unwritable out_dir is a ConfigError."""
     return lock_folder(out_dir, "train.out_dir", ConfigError)

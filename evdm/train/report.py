@@ -1,11 +1,9 @@
-"""What a run reports: the live dashboard, metrics.jsonl, loss.png, TensorBoard events, previews, MFU.
-
-MFU = achieved model FLOP/s per GPU / the GPU's dense bf16 peak. The FLOPs are counted on the meta
-device (FlopCounterMode over the real model's forward and backward), so they follow every config change.
-"""
+"""What a run reports: the live dashboard, metrics.jsonl, loss.png, TensorBoard events, previews, and MFU (model
+FLOP/s per GPU over its dense bf16 peak; the FLOPs counted, not estimated: docs/GUIDE.md, Design notes)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +25,7 @@ from evdm import visualize
 from evdm.atomic import atomic_write, disk_full_as_error
 from evdm.config import ConfigError, RunConfig
 from evdm.denoiser import Denoiser
-
+from evdm.models import build_model
 
 _STAT_FORMATS = {"epoch": "{:.2f}", "loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
                  "samples_per_s": "{:.1f}", "tflops": "{:.1f} TFLOP/s", "mfu": "{:.1%} MFU", "data_wait": "{:.1%}",
@@ -49,6 +47,7 @@ class Dashboard:
         self.live_mode = enabled and self.console.is_terminal
         self.total_steps, self.start_step, self.start_time = total_steps, start_step, time.perf_counter()
         self.stats: dict = {}
+        self.live: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.live_mode:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                      TextColumn("eta"), TimeRemainingColumn(), console=self.console)
@@ -62,13 +61,11 @@ class Dashboard:
         return Group(self.progress, table)
 
     def __enter__(self) -> "Dashboard":
-        if self.live_mode:
-            self.live.__enter__()
+        self.live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.live_mode:
-            self.live.__exit__(*exc)
+        self.live.__exit__(*exc)
 
     def update(self, step: int, stats: dict) -> None:
         """Called at log time with the latest reduced stats."""
@@ -101,14 +98,10 @@ def append_metrics(path: str | Path, record: dict) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
     records = []
-    for line in Path(path).read_text().splitlines():
-        try:
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else ():
+        with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line after a crash
     return records
 
 
@@ -144,9 +137,8 @@ def check_tensorboard() -> None:
 
 
 class TensorBoardLog:
-    """TensorBoard logs under `log_dir`: each number of a metrics.jsonl record as a scalar, previews as images.
-    A context manager; `enabled=False` makes every call a no-op. purge_step: a resumed run's first new
-    step; events a crashed run logged from there on are hidden."""
+    """TensorBoard logs under `log_dir`: metrics.jsonl's numbers as scalars, previews as images; `enabled=False`:
+    no-ops. purge_step: a resumed run's first new step; events a crashed run logged from there on are hidden."""
 
     def __init__(self, log_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
         self.writer = None
@@ -163,9 +155,7 @@ class TensorBoardLog:
             self.writer.close()
 
     def scalars(self, record: dict) -> None:
-        if self.writer is None:
-            return
-        for key, value in record.items():
+        for key, value in record.items() if self.writer is not None else ():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, record["step"])
 
@@ -193,17 +183,13 @@ def write_preview(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig, out_
     generator = torch.Generator(device=denoiser.device).manual_seed(PREVIEW_SEED)
     samples = denoiser.generate_u8(starts, ends, settings, generator=generator)
     denoiser.train(was_training)
-    K, size = cfg.context, cfg.data.size
-    strips = [visualize.comparison_strip(truth, sample, K, scale=visualize.strip_scale(size))
-              for truth, sample in zip(clips, samples)]
-    png = out_dir / f"step_{step:07d}.png"
+    png, mp4 = (out_dir / f"step_{step:07d}.{ext}" for ext in ("png", "mp4"))
+    strip, video, K = visualize.strip_scale(cfg.data.size), visualize.video_scale(cfg.data.size), cfg.context
+    strips = [visualize.comparison_strip(truth, sample, K, scale=strip) for truth, sample in zip(clips, samples)]
     visualize.save_png(np.concatenate(strips, axis=0), png)
     # Video frame t: each clip's truth frame t next to its sample frame t, clips stacked vertically.
-    pairs = np.concatenate([clips, samples], axis=3)  # [B, T, H, 2W, C]
-    frames = np.concatenate(list(pairs), axis=1)  # [T, B*H, 2W, C]
-    mp4 = out_dir / f"step_{step:07d}.mp4"
-    scale = visualize.video_scale(size)
-    return [png, mp4] if visualize.try_save_video(frames, mp4, fps=visualize.FPS, scale=scale) else [png]
+    frames = np.concatenate(list(np.concatenate([clips, samples], axis=3)), axis=1)  # [T, B*H, 2W, C]
+    return [png, mp4] if visualize.try_save_video(frames, mp4, fps=visualize.FPS, scale=video) else [png]
 
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s, from the vendors' data sheets; the first name
@@ -213,10 +199,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A1
 
 
 def flops_per_sample(cfg: RunConfig) -> float:
-    """Forward + backward FLOPs of the denoiser for one training sample at cfg's shapes (the model built
-    on the meta device at batch 1: every layer's cost is linear in the batch)."""
-    from evdm.models import build_model
-
+    """Forward + backward FLOPs of one training sample at cfg's shapes (meta device, batch 1: costs are linear in B)."""
     (Ks, Ke), M, S, C = cfg.context, cfg.middle_frames, cfg.data.size, cfg.channels
     with torch.device("meta"):
         model = build_model(cfg)

@@ -1,6 +1,5 @@
-"""The training step: what it updates (`Trainer`) and the step itself (`train_step`), with the EMA.
-
-The loop, the benchmarks and the tests all run this one step, so what they time or train is what users train."""
+"""The training step: what it updates (`Trainer`) and the step itself (`train_step`), with the EMA. The loop,
+the benchmarks and the tests all run this one step, so what they time or train is what users train."""
 
 from __future__ import annotations
 
@@ -72,12 +71,10 @@ class StepResult:
 
 
 def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int, *, rank: int = 0) -> StepResult:
-    """One optimizer step over train.grad_accum_steps uint8 batches [B, C, T, H, W] from `batches`, then
-    the EMA update; noise, timesteps, cond drops and augmentations seeded by (train.seed, rank, step).
-
-    Accumulating N batches of B is one batch of N*B (each loss divided by N); under DDP the gradients
-    are all-reduced on the last micro-batch only. A step whose gradient norm is not finite changes no
-    weight, as the fp16 GradScaler skips such steps (one device sync per step)."""
+    """One optimizer step over train.grad_accum_steps uint8 batches [B, C, T, H, W] from `batches`, then the EMA
+    update; noise, timesteps, cond drops and augmentations seeded by (train.seed, rank, step). N batches of B are
+    one batch of N*B (each loss divided by N), all-reduced under DDP on the last micro-batch only. A step whose
+    gradient norm is not finite changes no weight, as the fp16 GradScaler skips such steps (one device sync)."""
     tc, den = trainer.cfg.train, trainer.denoiser
     gen = torch.Generator(device=den.device).manual_seed(step_seed(tc.seed, rank, step))
     lr = lr_at(step, tc)
