@@ -1,8 +1,6 @@
 """Atomic file writes (torch-free), a full disk reported as one line (DiskFullError), and the check, made
 before the work, that an output path can be written and replaces nothing that must not be replaced."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import fnmatch

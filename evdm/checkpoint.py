@@ -3,8 +3,6 @@ Layout: {"format": 1, "step", "config" (plain dict), "model", "ema", "optimizer"
 ("stream": what the data stream depended on, evdm.data.resume; "best": the trainer's lowest validation loss
 yet, evdm.train.loop.Best; both None outside the trainer)."""
 
-from __future__ import annotations
-
 import zipfile
 from pathlib import Path
 

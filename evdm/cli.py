@@ -1,8 +1,6 @@
 """One-line messages (errors, warnings) and the flags the command-line entry points share. Torch-free,
 so `--help` and argument errors stay instant."""
 
-from __future__ import annotations
-
 import contextlib
 import sys
 import typing

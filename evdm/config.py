@@ -1,8 +1,6 @@
 """Typed, frozen run configuration loaded from TOML (torch-free): `load_config(path, overrides)` refuses
 unknown keys, wrong types, values outside a field's `Range` and broken invariants, naming the key and file."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import types

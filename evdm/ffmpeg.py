@@ -1,7 +1,5 @@
 """Locating an ffmpeg binary and encoding uint8 frames to MP4. Torch-free."""
 
-from __future__ import annotations
-
 import functools
 import os
 import shutil

@@ -2,8 +2,6 @@
 state, preprocess progress records), upgraded to today's form in one place; old keys in a config file
 are refused. Each rule names the commit that stopped writing the old form (tests/test_legacy.py). Torch-free."""
 
-from __future__ import annotations
-
 import json
 from typing import Any
 

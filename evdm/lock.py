@@ -1,8 +1,6 @@
 """One writer per folder, torch-free: an flock on FOLDER/.lock, held by the trainer on out_dir and by the shard
 writers (preprocess.shard, preprocess.bair) on SHARD_DIR for a whole run."""
 
-from __future__ import annotations
-
 import contextlib
 import fcntl
 import os

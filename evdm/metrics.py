@@ -1,8 +1,6 @@
 """Frame metrics on float frames in [0, 1] (PSNR and SSIM with data range 1; `hf_ratio`, which unlike
 them does not reward blur) and interpolation baselines (start, end, M) -> middle [B, C, M, H, W]."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

@@ -6,8 +6,6 @@ first end frame (`interpolate_clips`), or the N - 1 frames between each pair of 
 rate that puts an output frame at every instant between; RGB travels unconverted as the planes G, B, R
 labelled yuv444p. docs/GUIDE.md ("Design notes") says why."""
 
-from __future__ import annotations
-
 import itertools
 import os
 import subprocess

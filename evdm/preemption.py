@@ -2,8 +2,6 @@
 workers ignore both: docs/GUIDE.md, Design notes). The main process only sets a flag: raising inside arbitrary
 code (a checkpoint write, a collective) is what loses runs. Torch-free: train.py installs the handlers first."""
 
-from __future__ import annotations
-
 import atexit
 import contextlib
 import multiprocessing

@@ -2,8 +2,6 @@
 T, context and colour mode come from the checkpoint's config. Clips leave as uint8 [T, H, W, C] whose first K_start
 and last K_end frames are the input frames byte for byte."""
 
-from __future__ import annotations
-
 import itertools
 import re
 from collections.abc import Iterable, Iterator

@@ -5,8 +5,6 @@ frames become (F - 1) x N + 1 output frames, input frame i at output frame i x N
 stream through two ffmpeg pipes (preprocess.video's decoder, an encoder that copies the sound); only a
 batch of windows is in memory. `upconvert_array` runs the same windows on frames in memory, for scoring."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import itertools

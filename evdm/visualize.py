@@ -2,8 +2,6 @@
 frames [T, H, W, C] (C = 1 or 3) -> uint8 RGB, each frame enlarged (nearest) and framed: context blue, generated
 orange, true middle green. Pixels are copied unchanged (`frame_at` reads them back)."""
 
-from __future__ import annotations
-
 import warnings
 from pathlib import Path
 

@@ -4,8 +4,6 @@ shards (index inferred at start-up), `fn.decoders.numpy` decodes each clip, and 
 runs DALI's CPU-only mode (the equivalence test, the benchmark). No exact resume (the reader cannot
 fast-forward); damaged shards are left to DALI's reader."""
 
-from __future__ import annotations
-
 import os
 from typing import Iterator
 

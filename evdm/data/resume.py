@@ -3,8 +3,6 @@
 the fast-forward would skip or repeat clips. Another shard list, split, data.num_workers or data.shuffle_buffer:
 one warning each, the position (and the epoch column) kept (docs/RELIABILITY.md, "Resume and damaged data")."""
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,8 +3,6 @@ Torch-free. A shard is a tar file; each sample is two members sharing one key:
   {key}.clip.npy   uint8 numpy array [T, H, W, C], C = 3 (rgb) or 1 (gray)
   {key}.meta.json  source path, start frame, frame stride, fps, split (+ extras)"""
 
-from __future__ import annotations
-
 import glob
 import io
 import json

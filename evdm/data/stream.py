@@ -6,8 +6,6 @@ already trained on (`start_batch`). A damaged shard is skipped whole, with one w
 indexed, so resume stays exact with damaged shards present (docs/RELIABILITY.md).
 """
 
-from __future__ import annotations
-
 import hashlib
 import sys
 import time

@@ -1,8 +1,6 @@
 """Reading shards (evdm.data.schema): tar and .npy parsing, clip references, damage detection. Local shards
 are read with positioned reads; pipe: and remote URLs are read whole through webdataset's gopen."""
 
-from __future__ import annotations
-
 import ast
 import contextlib
 import functools

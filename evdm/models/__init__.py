@@ -1,7 +1,5 @@
 """The denoiser network: `build_model(cfg)` -> VideoUNet3D (see docs/ARCHITECTURE.md for the contract)."""
 
-from __future__ import annotations
-
 import dataclasses
 
 import torch

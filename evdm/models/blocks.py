@@ -3,8 +3,6 @@ timestep embedding, (2+1)D residual blocks with FiLM, down/upsampling. Tensors a
 channels_last_3d; convolutions run as `F.conv2d` on free channels-last views, norms keep their input's dtype and
 layout, attention avoids SDPA (docs/GUIDE.md, Design notes). Fullgraph-compilable: no branch on tensor values."""
 
-from __future__ import annotations
-
 import math
 from collections import OrderedDict
 

@@ -1,8 +1,6 @@
 """The shared endpoint encoder (one feature map per U-Net level for both ends, one parameter set) and
 `EndpointFusion`, which turns one level's start and end features into the map that drives its FiLMs."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

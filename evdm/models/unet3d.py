@@ -4,8 +4,6 @@ bottleneck (ResBlock, attention, ResBlock) -> up levels (skip concat, ResBlock3D
 One shared `ConditioningEncoder` encodes the endpoints; per level, `EndpointFusion` makes the map for its FiLMs,
 and the context features join every temporal attention. `direct_input`: extra stem channels (DIRECT_INPUTS)."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

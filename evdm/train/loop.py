@@ -3,8 +3,6 @@
 `_train` reads top to bottom: setup -> resume -> loop -> final save; its stages are functions of a `Run`
 (what setup built) and `step`, the one progress counter."""
 
-from __future__ import annotations
-
 import contextlib
 import math
 import os

@@ -1,8 +1,6 @@
 """out_dir protection: one live run per folder, no fresh run over a checkpoint, resume only into the same
 model from an intact checkpoint. Every check reads only, so a refused command leaves out_dir as it was."""
 
-from __future__ import annotations
-
 import contextlib
 import shutil
 from pathlib import Path

@@ -1,8 +1,6 @@
 """What a run reports: the live dashboard, metrics.jsonl, loss.png, TensorBoard events, previews, and MFU (model
 FLOP/s per GPU over its dense bf16 peak; the FLOPs counted, not estimated: docs/GUIDE.md, Design notes)."""
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import json

@@ -1,8 +1,6 @@
 """The training step: what it updates (`Trainer`) and the step itself (`train_step`), with the EMA. The loop,
 the benchmarks and the tests all run this one step, so what they time or train is what users train."""
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import math
