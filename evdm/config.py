@@ -19,8 +19,7 @@ class ConfigError(ValueError):
 
 
 class Context(NamedTuple):
-    """Observed frames at each end of a clip; the middle between them is generated.
-    TOML: `context = [start, end]` (or `endpoint_context = K` for both)."""
+    """Observed frames at each end of a clip (TOML: `context = [start, end]`, or `endpoint_context = K`)."""
 
     start: int
     end: int
@@ -136,9 +135,7 @@ class TrainConfig:
     preview_every: int = ranged(5000, AT_LEAST_1)  # previews (PNG strips, MP4 when ffmpeg works) every N steps
     ckpt_every: int = ranged(1000, AT_LEAST_1)  # out_dir/last.pt
     snapshot_every: int = ranged(10_000, AT_LEAST_1)  # out_dir/step_XXXXXXX.pt
-    # out_dir/best.pt: the lowest validation loss yet; the run stops after this many validations in a row
-    # without a lower one (0: never)
-    early_stop_patience: int = ranged(0, NON_NEGATIVE)
+    early_stop_patience: int = ranged(0, NON_NEGATIVE)  # stop after N validations without a new best.pt; 0: never
     preview_clips: int = ranged(4, AT_LEAST_1)
     preview_steps: int = ranged(20, AT_LEAST_1)
     peak_tflops: float = ranged(0.0, NON_NEGATIVE)  # per-GPU bf16 peak for the mfu column; 0: known GPUs by name

@@ -66,8 +66,7 @@ def _record(acc: dict, name: str, per_frame: dict[str, torch.Tensor]) -> None:
 
 def _frame_metrics(pred: torch.Tensor, truth: torch.Tensor, lpips_fn, *,
                    context: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """pred, truth: middles [B, C, M, H, W] in [0, 1]; context: (start, end) frames -> {metric: [B, M]},
-    and "flicker": [B] over the whole clips."""
+    """Middles pred, truth [B, C, M, H, W] in [0, 1] -> {metric: [B, M]}, "flicker": [B] over whole clips."""
     clip = lambda middle: torch.cat([context[0], middle, context[1]], dim=2).transpose(1, 2)  # noqa: E731
     out = {"psnr": middle_frames_metric(psnr, pred, truth), "ssim": middle_frames_metric(ssim, pred, truth),
            "hf_ratio": middle_frames_metric(hf_ratio, pred, truth), "flicker": flicker(clip(pred), clip(truth))}

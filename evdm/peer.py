@@ -1,10 +1,10 @@
 """ffmpeg's minterpolate filter as the interpolation peer evdm is scored against. Torch-free.
 
 It fills the frames the model does: a clip's middle at w = (m + 1) / (M + 1) between its last start and
-first end frame (`interpolate_clips`), or the N - 1 frames between each pair of a video's frames
-(`interpolate_video`). The observed frames are fed at their true instants and the filter asked for the
-rate that puts an output frame at every instant between; RGB travels unconverted as the planes G, B, R
-labelled yuv444p. docs/GUIDE.md ("Design notes") says why."""
+first end frame (`interpolate_clips`; `run_graph` also runs one pass over a whole video). The observed
+frames are fed at their true instants and the filter asked for the rate that puts an output frame at every
+instant between; RGB travels unconverted as the planes G, B, R labelled yuv444p. docs/GUIDE.md ("Design
+notes") says why."""
 
 import itertools
 import os
@@ -54,8 +54,7 @@ BLEND = Setting(mi_mode="blend")
 
 
 def mci_grid(size: int) -> list[Setting]:
-    """The mci settings tried at a frame size: mb_size 4, 8, 16 (those at most size / 2) x me_mode
-    bidir, bilat x (obmc; aobmc with vsbmc)."""
+    """The mci settings for a frame size: mb_size 4, 8, 16 (<= size / 2) x bidir, bilat x (obmc; aobmc + vsbmc)."""
     return [Setting(mb_size=mb, me_mode=me, mc_mode=mc, vsbmc=mc == "aobmc")
             for mb, me, mc in itertools.product(GRID_MB_SIZES, GRID_ME_MODES, ("obmc", "aobmc")) if mb <= size // 2]
 
@@ -111,14 +110,6 @@ def interpolate_grid(clips: np.ndarray, context: tuple[int, int], settings: list
     """`interpolate_clips` for each setting, the ffmpeg processes running side by side (one per CPU)."""
     with ThreadPoolExecutor(max_workers=min(len(settings), os.cpu_count() or 1)) as pool:
         return dict(zip(settings, pool.map(lambda s: interpolate_clips(clips, context, s), settings)))
-
-
-def interpolate_video(frames: np.ndarray, factor: int, setting: Setting) -> np.ndarray:
-    """A video uint8 [F, H, W, C] at `factor` times its frame rate, as one minterpolate pass over it (as
-    a user runs it): uint8 [(F - 1) x factor + 1, H, W, C], frame i of the input at i x factor."""
-    out = (len(frames) - 1) * factor + 1
-    graph = f"[0:v]minterpolate=fps={factor}:{setting.options()},trim=end_frame={out}[out]"
-    return run_graph(np.concatenate([frames, frames[-1:]]), graph, out)
 
 
 def version() -> str:

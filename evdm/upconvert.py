@@ -180,8 +180,7 @@ def upconvert_video(source: str | Path, out: str | Path, denoiser: Denoiser, cfg
 
 @contextlib.contextmanager
 def rate_bar(show: bool) -> Iterator[Callable[[Iterable[np.ndarray]], Iterator[np.ndarray]]]:
-    """A progress line (silent unless `show`) of the frames written and frames/s; yields `counted`, which passes
-    frames through, counting them."""
+    """A frames and frames/s progress line (unless not `show`); yields `counted`, which counts frames through."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("up-converting: {task.completed:.0f} frames, {task.fields[rate]} frames/s"),

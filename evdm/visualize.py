@@ -60,13 +60,6 @@ def grid(cells: list[list[Cell]], *, scale: int = 4, border: int = 2, gap: int =
     return img
 
 
-def frame_at(img: np.ndarray, row: int, col: int, h: int, w: int, *, scale: int = 4, border: int = 2,
-             gap: int = 2) -> np.ndarray:
-    """The [h, w, 3] frame drawn at cell (row, col) of a `grid` picture (inverse of the layout)."""
-    y, x = cell_origin(row, col, h, w, scale=scale, border=border, gap=gap)
-    return img[y : y + h * scale : scale, x : x + w * scale : scale]
-
-
 def frame_colors(T: int, context: Context, middle: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     """Frame border colours: context blue for the first context.start and last context.end frames."""
     return [CONTEXT_COLOR if t < context.start or t >= T - context.end else middle for t in range(T)]

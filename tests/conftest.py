@@ -249,3 +249,12 @@ def signal_during_step(monkeypatch, stop_step: int, sig: int) -> None:
         return train_step(trainer, batches, step, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", signalling_step)
+
+
+def frame_at(img: np.ndarray, row: int, col: int, h: int, w: int, *, scale: int = 4, border: int = 2,
+             gap: int = 2) -> np.ndarray:
+    """The [h, w, 3] frame drawn at cell (row, col) of a `grid` picture (inverse of the layout)."""
+    from evdm import visualize
+
+    y, x = visualize.cell_origin(row, col, h, w, scale=scale, border=border, gap=gap)
+    return img[y : y + h * scale : scale, x : x + w * scale : scale]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import K, SIZE, T, make_checkpoint, write_shards, write_square_shards
+from conftest import K, SIZE, T, frame_at, make_checkpoint, write_shards, write_square_shards
 from evdm import evaluate as ev
 from evdm import visualize
 from evdm.config import Context
@@ -78,7 +78,7 @@ def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
     img = np.asarray(Image.open(tmp_path / "ex.png"))
     scale = visualize.strip_scale(SIZE)
     truths = [np.array(c) for url in sorted(glob.glob(shards)) for _, c in iter_clips(url)]
-    shown = [np.stack([visualize.frame_at(img, row, t, SIZE, SIZE, scale=scale) for t in range(T)]) for row in (0, 3)]
+    shown = [np.stack([frame_at(img, row, t, SIZE, SIZE, scale=scale) for t in range(T)]) for row in (0, 3)]
     assert all(any(np.array_equal(clip, truth) for truth in truths) for clip in shown)
     assert not np.array_equal(shown[0], shown[1])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import K, SIZE, T, make_checkpoint, tiny_config, write_square_shards
+from conftest import K, SIZE, T, frame_at, make_checkpoint, tiny_config, write_square_shards
 from evdm import sample_io as sampling, visualize
 from evdm.config import with_sample
 from evdm.denoiser import Denoiser, to_uint8
@@ -79,7 +79,7 @@ def test_sampling_from_images_keeps_the_exact_context_frames(ckpt, images, tmp_p
             assert p.stat().st_size > 0
         strip = np.asarray(Image.open(tmp_path / f"{r['name']}.png"))
         for t in range(T):
-            assert np.array_equal(visualize.frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), r["sample"][t])
+            assert np.array_equal(frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), r["sample"][t])
         assert np.array_equal(np.load(tmp_path / f"{r['name']}.npy"), r["sample"])
 
 
@@ -117,7 +117,7 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
         strip = np.asarray(Image.open(out / f"{name}.png"))
         for t, path in zip([0, 1, T - 2, T - 1], images):
             expected = load_image(path, SIZE, "rgb")
-            assert np.array_equal(visualize.frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), expected)
+            assert np.array_equal(frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE), expected)
     assert (out / "grid_000.gif").is_file()
 
 
@@ -135,8 +135,8 @@ def test_sampling_from_shards_writes_truth_and_keeps_context(ckpt, val_shards, t
         assert np.array_equal(r["truth"], truth)
         assert np.array_equal(r["sample"][:K], truth[:K]) and np.array_equal(r["sample"][T - K :], truth[T - K :])
         compare = np.asarray(Image.open(tmp_path / f"{r['name']}_compare.png"))
-        assert np.array_equal(visualize.frame_at(compare, 0, 2, SIZE, SIZE, scale=SCALE), truth[2])
-        assert np.array_equal(visualize.frame_at(compare, 1, 2, SIZE, SIZE, scale=SCALE), r["sample"][2])
+        assert np.array_equal(frame_at(compare, 0, 2, SIZE, SIZE, scale=SCALE), truth[2])
+        assert np.array_equal(frame_at(compare, 1, 2, SIZE, SIZE, scale=SCALE), r["sample"][2])
         assert (tmp_path / f"{r['name']}_truth.mp4").is_file() and (tmp_path / f"{r['name']}_truth.png").is_file()
 
 

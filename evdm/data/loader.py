@@ -126,8 +126,7 @@ def read_clips(shards: ShardSet, shape: tuple[int, ...], limit: int | None = Non
 
 
 def load_val_clips(val: ShardSet, cfg: RunConfig) -> torch.Tensor:
-    """The fixed val subset: uint8 [N, C, T, H, W], the first N = min(data.val_clips, available) clips, a
-    channels_last_3d view (one copy per clip)."""
+    """The first min(data.val_clips, available) val clips: uint8 [N, C, T, H, W], a channels_last_3d view."""
     clips = [clip for _, clip in read_clips(val, expected_clip_shape(cfg), cfg.data.val_clips)]
     if not clips:
         raise ConfigError(f"data.val_shards {val.spec!r}: the val shards hold no clips")

@@ -34,8 +34,7 @@ class ShardReader:
         self.skipped = 0  # skip events: a damaged shard counts once per pass that deals it here
 
     def refs(self, url: str, *, count: bool = True, keys: list | None = None) -> list | None:
-        """The shard's clip refs, or None (counted, warned about once) when it cannot be read; with `keys`,
-        the clips' sample keys are appended to it."""
+        """The shard's clip refs (their sample keys appended to `keys`), or None (counted, warned once) if damaged."""
         if url not in self.damaged:
             try:
                 self._verify(url)

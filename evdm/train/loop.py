@@ -96,9 +96,8 @@ class Window:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train from `cfg`; returns the output directory holding last.pt, best.pt (the lowest validation loss),
-    metrics.jsonl, loss.png, previews/.
-    SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption)."""
+    """Train from `cfg`; returns out_dir (last.pt, best.pt: the lowest validation loss, metrics.jsonl, loss.png,
+    previews/). SIGINT/SIGTERM stop the run after the current step, save last.pt and return (evdm.preemption)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
     with stop_on_signals(), lock_out_dir(Path(cfg.train.out_dir)) if is_main else contextlib.nullcontext():
         return _train(cfg, resume=resume, overwrite=overwrite)
@@ -145,8 +144,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                     save(run, step, ckpt_path)
                 if step % tc.snapshot_every == 0:
                     save(run, step, out_dir / f"step_{step:07d}.pt")
-                if is_val_step(step, tc) and stop_agreed(run.is_main and early_stop(run), run.world_size,
-                                                         run.stop_group):
+                stale = run.is_main and run.best.stale >= tc.early_stop_patience > 0
+                if is_val_step(step, tc) and stop_agreed(stale, run.world_size, run.stop_group):
                     dashboard.message(f"early stop at step {step}: no lower validation loss in {run.best.stale} "
                                       f"validations; best.pt holds step {run.best.step} ({run.best.val_loss:.4g})")
                     break
@@ -251,11 +250,6 @@ def keep_best(run: Run, step: int, val_loss: float | None) -> None:
         save(run, step, Path(run.cfg.train.out_dir) / "best.pt")
     else:
         run.best.stale += 1
-
-
-def early_stop(run: Run) -> bool:
-    patience = run.cfg.train.early_stop_patience
-    return patience > 0 and run.best.stale >= patience
 
 
 def is_val_step(step: int, cfg: TrainConfig) -> bool:
