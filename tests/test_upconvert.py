@@ -115,8 +115,8 @@ def test_upconvert_with_the_model_keeps_the_input_frames_exactly(ckpt4x):
     sc = dataclasses.replace(cfg.sample, steps=1, guidance_scale=1.0)
     out = up.upconvert_array(frames, denoiser, sc, batch_size=2)
     assert out.shape == ((4 - 1) * N + 1, SIZE, SIZE, 3)
-    assert np.array_equal(out[up.input_positions(4, N)], frames)
-    generated = np.delete(out, up.input_positions(4, N), axis=0)
+    assert np.array_equal(out[::N], frames)
+    generated = np.delete(out, np.arange(0, len(out), N), axis=0)
     assert not any(np.array_equal(g, f) for g in generated for f in frames)  # the model made them
 
 
@@ -135,7 +135,7 @@ def test_upconvert_reads_the_input_as_it_goes():
     for index, _ in enumerate(up.upconvert_frames(source(), denoiser, cfg.sample, batch_size=4)):
         needed = index // N + 1  # input frames the output so far contains
         ahead.append(len(read) - needed)
-    assert len(read) == 40 and index + 1 == up.output_frames(40, N)
+    assert len(read) == 40 and index + 1 == (40 - 1) * N + 1
     assert max(ahead) <= 4  # one batch of 4 windows
 
 
@@ -149,8 +149,8 @@ def test_sample_py_video_lossless_keeps_frames_rate_and_sound(ckpt4x, tmp_path, 
     assert rc == 0, err
     frames, info, _ = decode_ffmpeg(out, SIZE)  # already SIZE px: the chain is a no-op on it
     source, _, _ = decode_ffmpeg(src, SIZE)  # the training shards' preprocessing of the input
-    assert len(source) == 10 and frames.shape == (up.output_frames(10, N), SIZE, SIZE, 3)
-    assert np.array_equal(frames[up.input_positions(10, N)], source)  # the crop, resize and colour of training
+    assert len(source) == 10 and frames.shape == ((10 - 1) * N + 1, SIZE, SIZE, 3)
+    assert np.array_equal(frames[::N], source)  # the crop, resize and colour of training
     assert info.fps == 32  # N times the input's 8 fps
     assert re.search(r"Audio: aac", streams_of(out))  # copied, not re-encoded
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mkv"]  # no temporary file left
@@ -167,7 +167,7 @@ def test_sample_py_video_mp4_without_sound(ckpt4x, tmp_path, capsys):
     source, _, _ = decode_ffmpeg(src, SIZE)
     assert frames.shape[0] == 17 and info.fps == 40 and "Audio:" not in streams_of(out)
     # H.264 4:2:0 is lossy: the input frames are there up to its rounding.
-    assert np.abs(frames[up.input_positions(5, N)].astype(int) - source).mean() < 4
+    assert np.abs(frames[::N].astype(int) - source).mean() < 4
 
 
 MEMORY_BUDGET = 400 * 1024  # bytes Python may hold at its peak while up-converting, batch 8 at 16 px
@@ -187,7 +187,7 @@ def test_streaming_a_video_longer_than_the_memory_budget(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert record["frames_in"] == 1200 and record["frames_out"] == up.output_frames(1200, N)
+    assert record["frames_in"] == 1200 and record["frames_out"] == (1200 - 1) * N + 1
     assert peak < MEMORY_BUDGET < 1200 * SIZE * SIZE * 3, peak
 
 
