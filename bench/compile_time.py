@@ -6,7 +6,7 @@
 Every row runs evdm's own training step (bench/train_step.py prepare: the loss, clipping, AdamW, EMA)
 in a fresh process, so "first step s" holds the whole compile:
 - eager: no compile (the baseline's first step and steady ms);
-- whole, cold: torch.compile(net, fullgraph=True), as evdm compiled before issue 18, with an empty
+- whole, cold: torch.compile(net, fullgraph=True), as evdm compiled before its regional compile, with an empty
   Inductor cache; then a batch change (its first step: the re-trace);
 - regional, cold: evdm.denoiser (each block in place, the batch dimension symbolic), empty cache; then
   the batch change;

@@ -192,7 +192,7 @@ def sample_body(r: dict) -> list[str]:
 
 def compile_intro(r: dict) -> str:
     return ("What torch.compile costs before the first training step on this CPU (Inductor's C++ backend): evdm's "
-            "own step compiled as a whole model (fullgraph, as before issue 18) and regionally (evdm.denoiser), with "
+            "own step compiled as a whole model (fullgraph, as evdm did before its regional compile) and regionally (evdm.denoiser), with "
             "an empty Inductor cache and again in a new process on the filled one (what a resumed run pays), and the "
             "first step after a batch change. Each row is a fresh process; CPU seconds say nothing of a GPU's "
             "compile (bench/gpu_check.py measures that), but the ratios show what regional compilation and the "
@@ -249,7 +249,7 @@ GPU_CHECK_INTRO = (
     "batch 64 with guidance 1.8 in fp32 and bf16 + compile (clips/s, |bf16 - fp32|), `train.py` fed by the shard "
     "loader with compile, and the same under `torchrun` over NCCL. Rows run in priority order under a time budget; "
     "`bench/gpu_check.py`'s docstring lists them.")
-OLD_GPU_CHECK = ("An earlier check, of the code before issue 18 (main at fb4df0c: SDPA attention, autocast norms, two "
+OLD_GPU_CHECK = ("An earlier check, of the code before the regional compile (main at fb4df0c: SDPA attention, autocast norms, two "
                  "space-time forms `2d` / `3d`, layouts `cl` / `contig`); its raw files, a kernel profile and the "
                  "commands are in `shared/measurements/` of the workplace.")
 
