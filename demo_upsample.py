@@ -178,4 +178,4 @@ def print_table(result: dict) -> None:
     for name, r in result["rows"].items():
         table.add_row(name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['hf_ratio']:.2f}", f"{r['flicker']:.3f}",
                       f"{r['flicker_boundary']:.3f}", f"{r['flicker_within']:.3f}")
-    Console().print(table)
+    Console(width=120).print(table)
