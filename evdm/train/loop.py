@@ -4,10 +4,10 @@
 (what setup built) and `step`, the one progress counter."""
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
