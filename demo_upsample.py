@@ -6,17 +6,28 @@ trained on the demo's videos; `evdm.upconvert`, the code behind `sample.py --vid
 ffmpeg minterpolate (its blend and the best of its mci grid by PSNR, `evdm.peer`). The generated frames (3 of
 every 4) are scored against the truth with evaluate's metrics (PSNR, SSIM, HF ratio), and each whole video's
 flicker against the truth's, overall, across window boundaries (the pairs touching a shared input frame) and
-within windows. bench/real_footage.py scores the same way on real videos.
+within windows. (bench/real_footage.py scores real footage clip by clip, with evdm.evaluate.)
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.table import Table
 
+from evdm import peer
+from evdm.atomic import atomic_write
+from evdm.denoiser import Denoiser, resolve_device
+from evdm.ffmpeg import write_mp4
 from evdm.metrics import flicker, hf_ratio, psnr, ssim, u8_to_unit
+from evdm.upconvert import factor_of, upconvert_array
+from evdm.visualize import save_png
+from preprocess.synth import SYNTH_FPS, render_video, video_seed
 
 FACTOR = 4
 INPUT_FRAMES = 8
@@ -28,8 +39,6 @@ LABEL_PX = 14
 def held_out_truth(motion: str, size: int, videos: int, seed: int = 0) -> np.ndarray:
     """uint8 [V, (INPUT_FRAMES - 1) x FACTOR + 1, H, W, 3]: the demo's first val videos (never trained on), the
     same scenes rendered at FACTOR times the input's frame rate."""
-    from preprocess.synth import render_video, video_seed
-
     frames = (INPUT_FRAMES - 1) * FACTOR + 1
     return np.stack([render_video(video_seed(seed, "val", i), frames, size, motion) for i in range(videos)])
 
@@ -92,25 +101,19 @@ def score(videos: np.ndarray, truth: np.ndarray, factor: int) -> dict:
 def interpolate_video(frames: np.ndarray, factor: int, setting) -> np.ndarray:
     """ffmpeg minterpolate at `setting` (evdm.peer.Setting) over a video uint8 [F, H, W, C] at `factor` times its
     frame rate, one pass as a user runs it: uint8 [(F - 1) x factor + 1, H, W, C], input frame i at i x factor."""
-    from evdm.peer import run_graph
-
     out = (len(frames) - 1) * factor + 1
     graph = f"[0:v]minterpolate=fps={factor}:{setting.options()},trim=end_frame={out}[out]"
-    return run_graph(np.concatenate([frames, frames[-1:]]), graph, out)
+    return peer.run_graph(np.concatenate([frames, frames[-1:]]), graph, out)
 
 
 def minterpolate_videos(inputs: np.ndarray, factor: int) -> dict[str, np.ndarray]:
     """ffmpeg minterpolate's blend and every setting of its mci grid: {setting name: [V, T, H, W, C]}."""
-    from evdm import peer
-
     settings = [peer.BLEND, *peer.mci_grid(inputs.shape[2])]
     return {s.name: np.stack([interpolate_video(v, factor, s) for v in inputs]) for s in settings}
 
 
 def label_band(names: list[str], width: int) -> np.ndarray:
     """uint8 [LABEL_PX, len(names) x width, 3]: each name over its panel."""
-    from PIL import Image, ImageDraw
-
     band = Image.new("RGB", (len(names) * width, LABEL_PX), (24, 24, 24))
     draw = ImageDraw.Draw(band)
     for i, name in enumerate(names):
@@ -131,15 +134,6 @@ def side_by_side(panels: dict[str, np.ndarray]) -> np.ndarray:
 def run(ckpt: str | Path, out: Path, motion: str, size: int) -> dict:
     """Up-convert the held-out videos with every method, score them, write OUT/upsample.json and
     OUT/upsample_side_by_side.mp4 (and its middle frame as a PNG); returns the result."""
-    import json
-
-    from evdm.atomic import atomic_write
-    from evdm.denoiser import Denoiser, resolve_device
-    from evdm.ffmpeg import write_mp4
-    from evdm.upconvert import factor_of, upconvert_array
-    from evdm.visualize import save_png
-    from preprocess.synth import SYNTH_FPS
-
     truth = held_out_truth(motion, size, HELD_OUT_VIDEOS)
     inputs = truth[:, ::FACTOR]
     denoiser = Denoiser.load(ckpt, resolve_device(None))
@@ -168,9 +162,6 @@ def run(ckpt: str | Path, out: Path, motion: str, size: int) -> dict:
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"{result['factor']}x up-conversion of {result['videos']} held-out videos "
                         f"({result['input_frames']} -> {(result['input_frames'] - 1) * result['factor'] + 1} frames)")
     for column in ("method", "PSNR dB", "SSIM", "HF ratio", "flicker", "at boundaries", "within windows"):
