@@ -243,7 +243,7 @@ def test_compiled_training_keeps_its_caches_in_the_run(shard_dir, tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "configs/smoke.toml", *set_args(overrides)], cwd=ROOT,
                           env={**env, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "warning" not in proc.stderr  # no fallback to eager
+    assert "warning: torch.compile failed" not in proc.stderr  # no fallback to eager (torch may warn of its own)
     assert any((tmp_path / "run" / "compile_cache").rglob("*.py")), "Inductor's generated code is not in the run"
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["step"] == 1 and not any("_orig_mod" in k for k in ckpt["model"])
