@@ -237,7 +237,7 @@ def convert(source_dir: Path, shard_dir: Path, opts: Options, *, workers: int = 
         records, todo = resume_plans(shard_dir, plans, state)
         tasks = [(root, shard_dir, plan, opts) for plan in todo]
         with Progress("records", len(refs), done=sum(len(p.items) for p in plans if p.name in records)) as progress, \
-                worker_map(write_record_shard, tasks, workers) as results:
+                worker_map(write_record_shard, tasks, workers, tmp_dir=shard_dir) as results:
             for plan, record in zip(todo, results):
                 record_shard(shard_dir, state, records, plan, record)
                 progress.advance(len(plan.items))

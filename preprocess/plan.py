@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from evdm.atomic import TMP_SUFFIX
 from evdm.data.schema import MANIFEST_NAME, SHARD_PATTERN
 from preprocess.state import save_state, still_valid
 from preprocess.writer import SPLITS, split_entries, write_manifest, write_shard
@@ -59,15 +60,22 @@ def inputs_digest(root: Path, paths: Iterable[str]) -> str:
 
 
 @contextlib.contextmanager
-def worker_map(fn: Callable, tasks: list, workers: int) -> Iterator[Iterator]:
-    """fn over tasks, results in task order: in `workers` processes, or here when one suffices."""
+def worker_map(fn: Callable, tasks: list, workers: int, *, tmp_dir: Path | None = None) -> Iterator[Iterator]:
+    """fn over tasks, results in task order: in `workers` processes, or here when one suffices. When the
+    caller stops on an error, the workers are terminated mid-task, before their atomic writes can remove
+    their temporary files: those left in `tmp_dir` (the caller's locked output folder) are removed then."""
     # One worker runs in this process: no pickling, and a fair single-core measurement.
     if workers <= 1 or len(tasks) <= 1:
         yield map(fn, tasks)
         return
-    # spawn, not fork: the progress display runs a thread, and forking a threaded process is unsafe.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving terminates the workers
-        yield pool.imap(fn, tasks)
+    try:
+        # spawn, not fork: the progress display runs a thread, and forking a threaded process is unsafe.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving terminates the workers
+            yield pool.imap(fn, tasks)
+    except BaseException:
+        for leftover in tmp_dir.glob(f"*{TMP_SUFFIX}") if tmp_dir is not None else ():
+            leftover.unlink(missing_ok=True)
+        raise
 
 
 def write_planned_shard(shard_dir: Path, plan: ShardPlan, seed: int, items: list, encode: Callable[[Any], dict],
