@@ -23,6 +23,7 @@ from rich.table import Table
 from evdm import peer
 from evdm.atomic import atomic_write
 from evdm.denoiser import Denoiser, resolve_device
+from evdm.diffusion import linear_blend
 from evdm.ffmpeg import write_mp4
 from evdm.metrics import flicker, hf_ratio, psnr, ssim, u8_to_unit
 from evdm.upconvert import factor_of, upconvert_array
@@ -44,11 +45,11 @@ def held_out_truth(motion: str, size: int, videos: int, seed: int = 0) -> np.nda
 
 
 def blend_video(frames: np.ndarray, factor: int) -> np.ndarray:
-    """The linear blend between consecutive frames uint8 [F, H, W, C] -> [(F - 1) x factor + 1, H, W, C]
-    (evaluate's "linear blend" row, rounded to uint8)."""
-    a, b = frames[:-1, None].astype(np.float32), frames[1:, None].astype(np.float32)
-    w = (np.arange(factor, dtype=np.float32) / factor)[None, :, None, None, None]
-    steps = np.rint(a + (b - a) * w).astype(np.uint8).reshape(-1, *frames.shape[1:])
+    """The linear blend between consecutive frames uint8 [F, H, W, C] -> [(F - 1) x factor + 1, H, W, C]:
+    evaluate's "linear blend" row (`evdm.diffusion.linear_blend`) on every window, rounded to uint8."""
+    ends = torch.from_numpy(frames).permute(0, 3, 1, 2).unsqueeze(2).float()  # [F, C, 1, H, W]
+    middles = linear_blend(ends[:-1], ends[1:], factor - 1).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    steps = np.concatenate([frames[:-1, None], middles], axis=1).reshape(-1, *frames.shape[1:])
     return np.concatenate([steps, frames[-1:]])
 
 
