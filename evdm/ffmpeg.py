@@ -33,7 +33,7 @@ def ffmpeg_exe() -> str:
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: int = 1, *, crf: int = 18,
               pix_fmt: str = "yuv420p") -> None:
     """Encode uint8 frames [T, H, W, C] (C = 1 or 3) as H.264 MP4, atomically. `upscale` enlarges (nearest) so
-    small frames stay crisp; a lower `crf` and pix_fmt="yuv444p" keep decoded frames closer to the input."""
+    small frames stay crisp; pix_fmt "yuv444p" and a low `crf` decode closer to the input, "rgb24" at crf 0 exactly."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
         raise ValueError(f"frames must be uint8 [T, H, W, 1|3], got {frames.dtype} {frames.shape}")
     if frames.shape[-1] == 1:
@@ -46,8 +46,8 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 4.0, upscale: i
     def encode(tmp: Path) -> None:
         cmd = [ffmpeg_exe(), "-y", "-loglevel", "error",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:",
-               "-vf", f"scale={out_w}:{out_h}:flags=neighbor",
-               "-c:v", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf), "-f", "mp4", str(tmp)]
+               "-vf", f"scale={out_w}:{out_h}:flags=neighbor", "-c:v", "libx264" + "rgb" * (pix_fmt == "rgb24"),
+               "-pix_fmt", pix_fmt, "-crf", str(crf), "-f", "mp4", str(tmp)]
         proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
