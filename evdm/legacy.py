@@ -31,8 +31,9 @@ OLD_ENDPOINT_DEFAULT = 2
 # What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.resume.Stream).
 STREAM_CONFIG_KEYS = {"batch_size": "train", "grad_accum_steps": "train", "num_workers": "data",
                       "shuffle_buffer": "data"}
-# Options of preprocess.shard added in ba76329; a progress record without them ran as today's defaults do.
-PREPROCESS_OPTIONS_ADDED = ("fps", "extensions", "split_lists", "split_column", "max_clips_per_video", "max_videos")
+# Options of preprocess.shard added since ba76329; a progress record without them ran as today's defaults do.
+PREPROCESS_OPTIONS_ADDED = ("fps", "extensions", "split_lists", "split_column", "max_clips_per_video", "max_videos",
+                            "scene_cut")
 
 
 def refuse_old_keys(section: str, values: dict) -> None:

@@ -39,7 +39,7 @@ from preprocess.writer import SPLITS
 # The options evdm.legacy.PREPROCESS_OPTIONS_ADDED lists, at the values that do what the versions before
 # them did: such a folder still resumes (the inputs fingerprint covers which videos the extensions pick).
 ADDED_OPTIONS = {"fps": None, "extensions": VIDEO_EXTENSIONS, "split_lists": (), "split_column": "path",
-                 "max_clips_per_video": None, "max_videos": None}
+                 "max_clips_per_video": None, "max_videos": None, "scene_cut": None}
 CALIBRATION_VIDEOS = 8  # decoded up front to estimate clips per video (hence videos per shard)
 
 
@@ -55,6 +55,7 @@ class Options(ShardOptions):
     split_column: str = "path"  # the column of a CSV split list that names the videos
     max_clips_per_video: int | None = None  # spread evenly over the video
     max_videos: int | None = None
+    scene_cut: float | None = None  # leave out clips whose frames change by more than this (0-1) from one to the next
 
 
 @dataclass
@@ -110,7 +111,7 @@ def process_video(data_dir: Path, relpath: str, opts: Options) -> VideoResult:
                                                                      opts.fps)
         result.frames = len(frames)
         result.starts, result.clips = cut_all_clips(frames, opts.T, opts.frame_stride, opts.clip_stride,
-                                                    opts.max_clips_per_video)
+                                                    opts.max_clips_per_video, opts.scene_cut)
     except VideoError as err:
         result.reason = str(err)
     result.task_s = time.perf_counter() - started
@@ -310,6 +311,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                    help="at most N clips per video, spread evenly over it")
     p.add_argument("--max-videos", type=int, default=None, metavar="N",
                    help="use only N videos (a seeded, reproducible choice), for quick runs")
+    p.add_argument("--scene-cut", type=float, default=None, metavar="CHANGE",
+                   help="leave out clips that span a scene cut: two consecutive frames whose mean absolute change "
+                        "(0-1, at --size) exceeds CHANGE, e.g. 0.15; interpolation cannot learn across a cut")
     args = p.parse_args(argv)
     for name in ("size", "T", "frame_stride", "shard_size", "workers"):
         if getattr(args, name) < 1:
@@ -318,6 +322,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
         p.error("--clip-stride must be >= 1")
     if not 0.0 <= args.val_fraction <= 1.0:
         p.error("--val-fraction must be in [0, 1]")
+    if args.scene_cut is not None and not 0.0 < args.scene_cut < 1.0:
+        p.error("--scene-cut must be in (0, 1)")
     for name in ("max_clips_per_video", "max_videos"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -327,7 +333,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     opts = Options(**shard_options(args), val_fraction=args.val_fraction, decoder=args.decoder, fps=args.fps,
                    extensions=extensions, split_lists=tuple(parse_split_list(p, v) for v in args.split_list),
                    split_column=args.split_column, max_clips_per_video=args.max_clips_per_video,
-                   max_videos=args.max_videos)
+                   max_videos=args.max_videos, scene_cut=args.scene_cut)
     return args, opts
 
 

@@ -289,13 +289,26 @@ def spread(n: int, k: int | None) -> list[int]:
     return [(2 * i + 1) * n // (2 * k) for i in range(k)]
 
 
+def frame_changes(frames: np.ndarray) -> np.ndarray:
+    """float [N - 1]: the mean absolute change (0-1) from each frame of uint8 [N, H, W, C] to the next."""
+    return np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3)) / 255.0
+
+
 def cut_all_clips(frames: np.ndarray, T: int, frame_stride: int, clip_stride: int,
-                  max_clips: int | None = None) -> tuple[list[int], np.ndarray]:
+                  max_clips: int | None = None, scene_cut: float | None = None) -> tuple[list[int], np.ndarray]:
     """The whole clips of frames [N, H, W, C], at most max_clips spread evenly over the video:
-    (start frames, clips [n, T, H, W, C]); VideoError if none fits."""
+    (start frames, clips [n, T, H, W, C]); VideoError if none fits. With `scene_cut`, a clip in which two
+    consecutive source frames change by more than it (frame_changes) spans a scene cut and is left out: its
+    middle cannot be interpolated from its ends, and the few such clips would dominate an interpolation loss."""
     starts = clip_starts(len(frames), T, frame_stride, clip_stride)
     if not starts:
         raise VideoError(f"too short: {len(frames)} frames, one clip needs {clip_span(T, frame_stride)}")
+    if scene_cut is not None:
+        cuts = np.concatenate([[0], np.cumsum(frame_changes(frames) > scene_cut)])  # cuts before each frame
+        span = clip_span(T, frame_stride) - 1
+        starts = [s for s in starts if cuts[s + span] == cuts[s]]
+        if not starts:
+            raise VideoError(f"every clip spans a scene cut (a change of more than {scene_cut:g} between frames)")
     starts = [starts[i] for i in spread(len(starts), max_clips)]
     return starts, cut_clips(frames, starts, T, frame_stride)
 

@@ -364,6 +364,7 @@ def test_kill_9_and_rerun_is_byte_identical(mixed, tmp_path):
     (["--max-videos", "0"], "--max-videos must be >= 1"),
     (["--max-clips-per-video", "-1"], "--max-clips-per-video must be >= 1"),
     (["--ext", ",."], "--ext names no extension"),
+    (["--scene-cut", "1"], "--scene-cut must be in (0, 1)"),
 ])
 def test_bad_flags_are_one_usage_error(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -373,6 +374,7 @@ def test_bad_flags_are_one_usage_error(flags, message, capsys):
 
 def test_flags_become_options():
     _, opts = parse_args(["data", "shards", "--fps", "30000/1001", "--ext", "AVI", "--ext", ".mkv,webm",
-                          "--split-list", "test=t.txt", "--max-clips-per-video", "4"])
+                          "--split-list", "test=t.txt", "--max-clips-per-video", "4", "--scene-cut", "0.2"])
     assert opts.fps == 30000 / 1001 and opts.extensions == (".avi", ".mkv", ".webm")
     assert opts.split_lists == (("test", "t.txt"),) and opts.max_clips_per_video == 4 and opts.max_videos is None
+    assert opts.scene_cut == 0.2 and parse_args(["data", "shards"])[1].scene_cut is None

@@ -327,3 +327,19 @@ def test_inspect_prints_summary_and_writes_a_contact_sheet(sharded, tmp_path, ca
     printed = capsys.readouterr().out
     assert "train: 6 videos" in printed and png.stat().st_size > 0
     assert Image.open(png).size == (2 * (4 * 18 - 2), 2 * (3 * 18 - 2))
+
+
+def test_scene_cut_drops_the_clips_across_a_cut_and_is_recorded(tmp_path):
+    data = tmp_path / "data"
+    scenes = [render_video((seed, 0), 40, 16)[:9] for seed in (1, 2)]  # 9 slow frames each; a cut between
+    for name, frames in (("videos_train/cut.mp4", np.concatenate(scenes)), ("videos_val/one.mp4", scenes[0])):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        write_mp4(frames, data / name, fps=10, crf=0, pix_fmt="rgb24")
+    opts = Options(T=5, frame_stride=1, clip_stride=1, size=16, shard_size=50, scene_cut=0.1)
+    summary = run(data, tmp_path / "shards", opts, workers=1)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["options"]["scene_cut"] == 0.1
+    assert manifest["splits"]["train"]["clips"] == 10  # 14 windows of 5 in 18 frames, less the 4 across the cut
+    assert manifest["splits"]["val"]["clips"] == 5 and summary.clips == 15
+    train = read_samples(next((tmp_path / "shards").glob("train-*.tar")))
+    assert sorted(s["meta"]["start_frame"] for s in train.values()) == [0, 1, 2, 3, 4, 9, 10, 11, 12, 13]

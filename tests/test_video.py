@@ -8,8 +8,8 @@ import pytest
 from evdm.ffmpeg import ffmpeg_exe, write_mp4
 from preprocess.synth import render_video
 from preprocess.video import (
-    VideoError, clip_starts, cut_all_clips, cut_clips, decode_ffmpeg, filter_chain, logged_rate, orient_filters,
-    parse_stream_info, probe, rate_arg, rotation_degrees, spread,
+    VideoError, clip_starts, cut_all_clips, cut_clips, decode_ffmpeg, filter_chain, frame_changes, logged_rate,
+    orient_filters, parse_stream_info, probe, rate_arg, rotation_degrees, spread,
 )
 
 LOG = """\
@@ -145,6 +145,28 @@ def test_max_clips_keeps_evenly_spread_clips():
     frames = np.arange(50, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
     starts, clips = cut_all_clips(frames, T=4, frame_stride=1, clip_stride=4, max_clips=3)
     assert starts == [8, 24, 40] and clips[:, 0, 0, 0, 0].tolist() == [8, 24, 40]
+
+
+def two_scenes(first: int, second: int, size: int = 8) -> np.ndarray:
+    """uint8 [first + second, size, size, 3]: the start of one synthetic scene, then a cut to another's."""
+    return np.concatenate([render_video((1, 0), 40, size)[:first], render_video((2, 0), 40, size)[:second]])
+
+
+def test_scene_cut_leaves_out_the_clips_that_span_it():
+    frames = two_scenes(9, 8)  # the cut lies between frames 8 and 9
+    changes = frame_changes(frames)
+    dark_to_light = np.array([0, 255], np.uint8).repeat(4).reshape(2, 1, 2, 2)
+    assert frame_changes(dark_to_light).tolist() == frame_changes(dark_to_light[::-1]).tolist() == [1.0]
+    assert changes.argmax() == 8 and changes[8] > 0.15 > np.delete(changes, 8).max()
+    starts, clips = cut_all_clips(frames, T=5, frame_stride=1, clip_stride=1, scene_cut=0.15)
+    assert starts == [0, 1, 2, 3, 4, 9, 10, 11, 12]  # 5, 6, 7, 8 would span it
+    assert np.array_equal(clips[5], frames[9:14])
+    assert cut_all_clips(frames, T=5, frame_stride=1, clip_stride=1)[0] == list(range(13))  # off: every clip
+    # With a frame stride the cut counts between the sampled frames too: start 7 takes frames 7 and 9 only.
+    assert cut_all_clips(frames, T=2, frame_stride=2, clip_stride=1, scene_cut=0.15)[0] == [0, 1, 2, 3, 4, 5, 6,
+                                                                                           9, 10, 11, 12, 13, 14]
+    with pytest.raises(VideoError, match="every clip spans a scene cut"):
+        cut_all_clips(two_scenes(3, 3), T=5, frame_stride=1, clip_stride=1, scene_cut=0.15)
 
 
 def test_probe(videos):
