@@ -6,9 +6,8 @@ can learn to fill in the middle frames on a CPU. Two kinds of object motion (`--
 - "orbit": objects circle around their own centres with angular acceleration, so they speed up,
   turn, and pass over and behind one another (drawn in depth order): the middle of a clip is not a
   straight line between its ends, and what the ends hide can reappear in between.
-Rendered with vectorised numpy, encoded losslessly with ffmpeg (H.264 in RGB, libx264rgb at crf 0): the
-decoded frames are the rendered ones, so no codec noise lies in the targets a model learns and is scored on.
-Writes OUT_DIR/videos_train/*.mp4 and OUT_DIR/videos_val/*.mp4.
+Rendered with vectorised numpy, encoded with ffmpeg (H.264, crf 10, yuv444p) so decoded frames stay
+close to the rendered ones. Writes OUT_DIR/videos_train/*.mp4 and OUT_DIR/videos_val/*.mp4.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from evdm.ffmpeg import FFmpegNotFound, ffmpeg_exe, write_mp4
 SPLIT_DIRS = {"train": "videos_train", "val": "videos_val"}
 MOTIONS = ("glide", "orbit")
 SYNTH_FPS = 10.0  # BAIR's frame rate
-SYNTH_CRF = 0
+SYNTH_CRF = 10
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -181,7 +180,7 @@ def generate(
     def make(job: tuple[str, int, Path]) -> Path:
         split, i, path = job
         frames_u8 = render_video(video_seed(seed, split, i), frames, size, motion)
-        write_mp4(frames_u8, path, fps=SYNTH_FPS, crf=SYNTH_CRF, pix_fmt="rgb24")
+        write_mp4(frames_u8, path, fps=SYNTH_FPS, crf=SYNTH_CRF, pix_fmt="yuv444p")
         return path
 
     # Threads suffice: numpy and the ffmpeg subprocess both release the GIL.

@@ -55,8 +55,9 @@ def test_cli_honours_options_and_encodes_faithfully(tmp_path):
     assert len(train) == 1 and len(val) == 1
     decoded = _decode(train[0], 24)
     assert decoded.shape == (7, 24, 24, 3)
-    # Lossless (libx264rgb, crf 0): the decoded frames are the rendered ones.
-    np.testing.assert_array_equal(decoded, render_video((3, 0, 0), frames=7, size=24))
+    # crf 10 yuv444p: decoded frames stay close to the rendered ones.
+    rendered = render_video((3, 0, 0), frames=7, size=24)
+    assert np.abs(decoded.astype(int) - rendered).mean() < 3.0
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys):

@@ -228,3 +228,11 @@ def test_pyav_rejects_bad_videos(videos, name, reason):
     decode_av = pytest.importorskip("preprocess.decode_av", reason="PyAV (av) is not installed")
     with pytest.raises(VideoError):
         decode_av.decode_pyav(videos / name, 16)
+
+
+def test_write_mp4_in_rgb24_at_crf_0_is_lossless(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)  # noise: the hardest case
+    write_mp4(frames, tmp_path / "exact.mp4", fps=10, crf=0, pix_fmt="rgb24")
+    raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / "exact.mp4"), "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "pipe:"], capture_output=True, check=True).stdout
+    assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(frames.shape), frames)
