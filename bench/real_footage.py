@@ -120,16 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     shards = make_shards(args.out / f"data{suffix}", args.out / f"shards{suffix}")
     clips = Manifest.read(shards).splits["val"].clips
     extra = dict(change.split("=", 1) for change in args.changes)
+    train_shards = {}  # with --scene-cut: train on the cut shards, validate and score on every val clip
     if args.scene_cut is not None:
-        train_shards = make_shards(args.out / f"data{suffix}", args.out / f"shards{suffix}-cut{args.scene_cut:g}",
-                                   args.scene_cut)
-        extra = {"data.train_shards": f'"{train_shards / "train-*.tar"}"', **extra}
+        cut = make_shards(args.out / f"data{suffix}", args.out / f"shards{suffix}-cut{args.scene_cut:g}",
+                          args.scene_cut)
+        train_shards = {"data.train_shards": f'"{cut / "train-*.tar"}"'}
     rows: dict[str, dict] = {}
+    baselines: set[str] = set()
     for variant in args.variants:
-        changes = {**VARIANTS[variant], **extra}
+        changes = {**VARIANTS[variant], **train_shards, **extra}
         named = ["crops"] * args.crops + [f"cut{args.scene_cut:g}"] * (args.scene_cut is not None) + [variant]
-        named += [f"{k.split('.')[-1]}={v}" for k, v in sorted(extra.items()) if k != "data.train_shards"]
-        run = args.out / "-".join(named)
+        run = args.out / "-".join(named + [f"{k.split('.')[-1]}={v}" for k, v in sorted(extra.items())])
         if not trained(run, args.steps):
             demo.train_model(run, shards, {"train.max_steps": str(args.steps), "train.val_every": "100",
                                            **changes}, config=demo.UPSAMPLE_CONFIG)
@@ -138,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             step = torch.load(run / name, weights_only=True)["step"]
             label = f"{run.name} {name} (step {step})" + ("" if guidance is None else f" guidance {guidance:g}")
             for row in demo.stage(f"score {label}", score, run / name, shards, clips, not rows, guidance):
-                method = row["method"]
-                key = method if not method.startswith("model") else f"{label} {method[6:]}"
+                method, is_model = row["method"], row["method"].startswith("model")
+                key = f"{label} {method[6:]}" if is_model else method
+                if not is_model:
+                    baselines.add(key)
                 rows.setdefault(key, {k: row[k] for k in ("psnr", "ssim", "hf_ratio")})
-    baselines = [k for k in rows if not any(v in k.split()[0].split("-") for v in args.variants)]
     best = max(baselines, key=lambda k: rows[k]["psnr"])
     print(f"\n{clips} val clips of {len(frames)} real videos held out in time ({frames} frames), {SIZE} px, "
           f"context 1 + 1, T {T}, {args.steps} steps; margin over the best baseline ({best})\n")
