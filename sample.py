@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's)")
     p.add_argument("--guidance_scale", type=float, help="classifier-free guidance (default: the checkpoint's)")
+    p.add_argument("--residual_floor", type=float, metavar="LEVELS",
+                   help="keep the model's change to the linear blend only above this many gray levels, 0: off "
+                        "(default: the checkpoint's sample.residual_floor)")
     p.add_argument("--device", help="cuda | cpu | cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1, help="samples per endpoint set / shard clip")
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         denoiser = Denoiser.load(args.ckpt, resolve_device(args.device), use_ema=not args.no_ema,
                                  color_mode=args.color_mode, precision=args.precision, compile=args.compile)
-        flags = {"steps": args.steps, "eta": args.eta, "guidance_scale": args.guidance_scale}
+        flags = {"steps": args.steps, "eta": args.eta, "guidance_scale": args.guidance_scale,
+                 "residual_floor": args.residual_floor}
         try:
             cfg = with_sample(denoiser.cfg, **flags)
         except ConfigError as err:  # name the flags, not the config keys

@@ -151,6 +151,7 @@ class SampleConfig:
     # Guide only at t <= guidance_max_t * (timesteps - 1) (Kynkaenniemi et al. 2024); 1.0: every step.
     guidance_max_t: float = ranged(1.0, UNIT)
     dynamic_threshold: float = ranged(0.0, UNIT)  # Imagen's dynamic thresholding at this percentile; 0: off
+    residual_floor: float = ranged(0.0, NON_NEGATIVE)  # gray levels (of 255): diffusion.floor_residual; 0: off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA
 

@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from evdm.checkpoint import CheckpointError, config_of, load_checkpoint, load_weights
 from evdm.cli import one_line, warn
 from evdm.config import ConfigError, RunConfig, SampleConfig, with_sample
-from evdm.diffusion import (apply_dynamic_threshold, diffusion_loss, draw_training_noise, guided_output, linear_blend,
-                            make_schedule, sample, split_output)
+from evdm.diffusion import (apply_dynamic_threshold, diffusion_loss, draw_training_noise, floor_residual, guided_output,
+                            linear_blend, make_schedule, sample, split_output)
 from evdm.models import build_model
 from evdm.models.blocks import ResBlock3D, TemporalAttention
 from evdm.models.conditioning import EncoderBlock, EndpointFusion
@@ -179,7 +179,7 @@ class Denoiser:
 
         x_T = torch.randn(cond[2].shape, generator=generator, device=start.device)
         x = sample(x0_fn, self.schedule, x_T, sampler=sc.sampler, steps=sc.steps, eta=sc.eta, generator=generator)
-        middle = (x + base).clamp(-1, 1).to(start.dtype)
+        middle = floor_residual((x + base).clamp(-1, 1), cond[2], sc.residual_floor).to(start.dtype)
         return torch.cat([start, middle, end], dim=2)
 
     def generate_u8(self, starts: np.ndarray, ends: np.ndarray, sample_cfg: SampleConfig | None = None, *,

@@ -111,6 +111,11 @@ def linear_blend(start_context: torch.Tensor, end_context: torch.Tensor, middle_
     return torch.lerp(first, last, w)
 
 
+def floor_residual(middle: torch.Tensor, blend: torch.Tensor, floor: float) -> torch.Tensor:
+    """middle where it differs from the blend by more than `floor` gray levels (of 255), else the blend."""
+    return torch.where((middle - blend).abs() > floor * 2 / 255, middle, blend) if floor > 0 else middle
+
+
 class Draws(NamedTuple):
     """All the randomness of one training step: t int64 [B], noise float32 [B, C, M, H, W], cond_drop bool [B]."""
 

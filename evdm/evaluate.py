@@ -6,8 +6,7 @@
 Rows on the same clips: the baselines (copy the nearest context frame, linear blend; --peer adds ffmpeg's
 minterpolate), the model with DDIM at each --steps and at the checkpoint's sample.steps, and with --best_of N
 the best of N samples per clip. Only the generated middle frames are scored, in [0, 1] before rounding; the
-JSON states the protocol and carries a `comparable_row` to set beside a published one.
-"""
+JSON states the protocol and carries a `comparable_row` to set beside a published one."""
 
 from __future__ import annotations
 
@@ -68,11 +67,9 @@ def _frame_metrics(pred: torch.Tensor, truth: torch.Tensor, lpips_fn, *,
                    context: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Middles pred, truth [B, C, M, H, W] in [0, 1] -> {metric: [B, M]}, "flicker": [B] over whole clips."""
     clip = lambda middle: torch.cat([context[0], middle, context[1]], dim=2).transpose(1, 2)  # noqa: E731
-    out = {"psnr": middle_frames_metric(psnr, pred, truth), "ssim": middle_frames_metric(ssim, pred, truth),
-           "hf_ratio": middle_frames_metric(hf_ratio, pred, truth), "flicker": flicker(clip(pred), clip(truth))}
-    if lpips_fn is not None:
-        out["lpips"] = middle_frames_metric(lpips_fn, pred, truth)
-    return out
+    per_frame = {"psnr": psnr, "ssim": ssim, "hf_ratio": hf_ratio, **({"lpips": lpips_fn} if lpips_fn else {})}
+    return {**{m: middle_frames_metric(fn, pred, truth) for m, fn in per_frame.items()},
+            "flicker": flicker(clip(pred), clip(truth))}
 
 
 def _best_of(candidates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -98,17 +95,17 @@ def summarize(acc: dict) -> list[dict]:
 
 def evaluate(ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, batch_size: int = 16,
              steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
-             device: str | None = None, seed: int = 0, best_of: int = 1, use_ema: bool = True, progress: bool = True,
-             precision: str | None = None, compile: str | None = None, extremes: Extremes | None = None,
-             main_steps: int | None = None, peer: str | None = None) -> dict:
+             residual_floor: float | None = None, device: str | None = None, seed: int = 0, best_of: int = 1,
+             use_ema: bool = True, progress: bool = True, precision: str | None = None, compile: str | None = None,
+             extremes: Extremes | None = None, main_steps: int | None = None, peer: str | None = None) -> dict:
     """The JSON-ready `report` of the baselines and the model (DDIM at each of steps_list and at the
     checkpoint's sample.steps) on the first `num` shard clips. main_steps (default max(steps_list)): the main
     row's step count (summary, best-of-N row, examples, comparable row), scored last. None for guidance_scale,
-    precision or compile: the checkpoint's. extremes: filled with the worst and the best clip by the main
-    row's PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`)."""
+    residual_floor, precision or compile: the checkpoint's. extremes: filled with the worst and the best clip
+    by the main row's PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`)."""
     dev = resolve_device(device)
     denoiser = Denoiser.load(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
-    cfg = with_sample(denoiser.cfg, sampler="ddim", guidance_scale=guidance_scale)
+    cfg = with_sample(denoiser.cfg, sampler="ddim", guidance_scale=guidance_scale, residual_floor=residual_floor)
     main_steps = max(steps_list) if main_steps is None else main_steps
     steps_list = sorted((set(steps_list) | {cfg.sample.steps}) - {main_steps}) + [main_steps]
     lpips_fn, lpips_status = load_lpips(dev)
@@ -232,14 +229,14 @@ def report(acc: dict, cfg, *, checkpoint: str, shards, clips: int, steps_list: l
         "flicker": "per clip, the mean change between consecutive frames (context and middle) over the truth's",
         "aggregation": f"per-frame PSNR and SSIM, averaged over the {M} generated frames and over {clips} clips "
                        f"(the first {clips} in sorted shard order)",
-        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}{until}, EMA {use_ema}",
+        "sampler": f"DDIM {steps_list[-1]} steps, eta {sc.eta}, guidance {sc.guidance_scale}{until}, residual floor "
+                   f"{sc.residual_floor:g} gray levels, EMA {use_ema}",
     }
     return {
         "checkpoint": checkpoint, "shards": shards, "clips": clips, "T": d.T, "context_start": Ks,
-        "context_end": Ke, "M": M, "size": size, "color_mode": d.color_mode, "sampler": "ddim",
-        "steps_list": steps_list, "main_steps": steps_list[-1], "eta": sc.eta, "guidance_scale": sc.guidance_scale,
-        "guidance_max_t": sc.guidance_max_t, "seed": seed, "best_of": best_of, "ema": use_ema,
-        "precision": sc.precision, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
+        "context_end": Ke, "M": M, "size": size, "color_mode": d.color_mode, "steps_list": steps_list,
+        "main_steps": steps_list[-1], "sample": dataclasses.asdict(sc), "seed": seed, "best_of": best_of,
+        "ema": use_ema, "metric_range": "[0, 1] float, PSNR capped at 100 dB",
         "lpips": lpips_status, "rows": rows, "protocol": protocol,
         "comparable_row": {"method": "evdm " + headline["method"], "context": [Ks, M, Ke], "size": size,
                            "samples_per_clip": best_of, "clips": clips,
@@ -293,7 +290,7 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result['checkpoint']}: {result['clips']} clips, middle frames {result['M']}, "
-                        f"guidance {result['guidance_scale']}; LPIPS {result['lpips']}")
+                        f"guidance {result['sample']['guidance_scale']}; LPIPS {result['lpips']}")
     table.add_column("method")
     for title, _, _ in COLUMNS:
         table.add_column(title, justify="right")
@@ -328,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="DDIM step counts, one row each")
     p.add_argument("--guidance_scale", type=float, help="default: the checkpoint's sample.guidance_scale")
+    p.add_argument("--residual_floor", type=float, help="default: the checkpoint's sample.residual_floor")
     p.add_argument("--main_steps", type=int,
                    help="the step count of the summary (and best-of) row; default: the largest --steps")
     p.add_argument("--best_of", type=int, default=1, help="N > 1 adds a best-of-N row at the main step count")
@@ -351,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     extremes = Extremes()
     try:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
-                          guidance_scale=args.guidance_scale, device=args.device, seed=args.seed,
-                          best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
+                          guidance_scale=args.guidance_scale, residual_floor=args.residual_floor, device=args.device,
+                          seed=args.seed, best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
                           compile=args.compile, extremes=extremes, main_steps=args.main_steps, peer=args.peer)
     except (SamplingError, CheckpointError, ConfigError, peer.PeerError, FFmpegNotFound) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

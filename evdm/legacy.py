@@ -23,9 +23,8 @@ RETYPED = {
 }
 # Keys added since, with the value that rebuilds the old checkpoints' models (not today's default).
 ADDED = {("model", "direct_input"): "none"}  # 15ca32d
-# The context counts were data.endpoint_context (both ends; default 2) and, from fe93d46 to 6ab7df0,
-# data.context_start / context_end (0 meaning endpoint_context). Now data.context = [start, end], with
-# endpoint_context = K kept as the shorthand for [K, K] in files.
+# The context counts were data.endpoint_context (both ends; default 2), then from fe93d46 to 6ab7df0 data.context_start
+# / context_end (0: endpoint_context); now data.context = [start, end], endpoint_context = K the shorthand for [K, K].
 SPLIT_CONTEXT_KEYS = ("context_start", "context_end")
 OLD_ENDPOINT_DEFAULT = 2
 # What the data stream depended on, recorded in checkpoints since 110d600 (evdm.data.resume.Stream).

@@ -20,8 +20,7 @@ def _on_signal(signum: int, frame: object) -> None:
     text = (f"{name} again: already stopping, last.pt is being saved; wait a few seconds\n" if _received
             else f"{name}: stopping after the current step and saving last.pt\n")
     _received.append(name)
-    # os.write, not print: a handler that prints while the main code is inside print() on the same
-    # buffered stream raises "reentrant call" -- a traceback on the second Ctrl-C.
+    # os.write, not print: print() in a handler that interrupted a print() raises "reentrant call" (a traceback).
     with contextlib.suppress(OSError):
         os.write(2, text.encode())
 

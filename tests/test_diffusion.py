@@ -281,3 +281,22 @@ def test_residual_blend_round_trips_through_loss_and_sampler():
         out = generate(knows_residual, s, clip, prediction=prediction, residual="blend")
         assert torch.allclose(out[:, :, K:-K], middle, atol=1e-4)
         assert torch.equal(out[:, :, :K], start) and torch.equal(out[:, :, -K:], end)
+
+
+def test_residual_floor_keeps_the_blend_where_the_model_changes_it_by_little():
+    """sample.residual_floor: each generated value more than `floor` gray levels away from the blend is the
+    model's, bit for bit; every other value is the blend's, bit for bit; the context frames stay exact."""
+    s = make_schedule("cosine", 100)
+    clip = make_clip()
+    start, end = clip[:, :, :K], clip[:, :, -K:]
+    blend = linear_blend(start, end, M)
+    levels = torch.randint(-6, 7, (B, C, M, H, W), generator=torch.Generator().manual_seed(1)).float()
+    model = Oracle(s, levels * 2 / 255, "x0")  # a model whose change to the blend is whole gray levels
+    free = generate(model, s, clip, prediction="x0", residual="blend")
+    assert torch.allclose(free[:, :, K:-K], (blend + levels * 2 / 255).clamp(-1, 1), atol=1e-4)
+    floored = generate(model, s, clip, prediction="x0", residual="blend", residual_floor=2.5)
+    kept = levels.abs() > 2.5
+    assert 0 < kept.float().mean() < 1
+    assert torch.equal(floored[:, :, K:-K][kept], free[:, :, K:-K][kept])
+    assert torch.equal(floored[:, :, K:-K][~kept], blend[~kept])
+    assert torch.equal(floored[:, :, :K], start) and torch.equal(floored[:, :, -K:], end)

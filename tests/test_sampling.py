@@ -121,6 +121,24 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
     assert (out / "grid_000.gif").is_file()
 
 
+
+def test_residual_floor_flag_reaches_the_sampler(ckpt, images, tmp_path, capsys):
+    """--residual_floor 255 (every change the model makes is below it): the middle frames are the blend."""
+    from evdm.diffusion import linear_blend
+
+    start, end = (torch.from_numpy(np.stack([load_image(p, SIZE, "rgb") for p in pair])).permute(3, 0, 1, 2)[None]
+                  .float() / 127.5 - 1 for pair in (images[:2], images[2:]))
+    blend = to_uint8(linear_blend(start, end, T - 2 * K))[0]
+    middles = {}
+    for floor in ("0", "255"):
+        rc, err = run_main(["--ckpt", ckpt, "--start_images", *images[:2], "--end_images", *images[2:], "--steps", 2,
+                            "--residual_floor", floor, "--out_dir", tmp_path / floor, "--device", "cpu"], capsys)
+        assert rc == 0, err
+        strip = np.asarray(Image.open(tmp_path / floor / "sample_000.png"))
+        middles[floor] = np.stack([frame_at(strip, 0, t, SIZE, SIZE, scale=SCALE) for t in range(K, T - K)])
+    assert np.array_equal(middles["255"], blend) and not np.array_equal(middles["0"], blend)
+
+
 # ---- shards -----------------------------------------------------------------------------------
 
 

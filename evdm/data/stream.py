@@ -3,8 +3,7 @@
 A reader's output is a pure function of (shard list, partition seed, sample seed, rank, worker, batches
 consumed), so a resume replays the pipeline over clip references and skips the pixel reads of batches
 already trained on (`start_batch`). A damaged shard is skipped whole, with one warning line, when it is
-indexed, so resume stays exact with damaged shards present (docs/RELIABILITY.md).
-"""
+indexed, so resume stays exact with damaged shards present (docs/RELIABILITY.md)."""
 
 import hashlib
 import sys
