@@ -1,7 +1,8 @@
 """Fill in the middle of clips with a trained checkpoint (EMA weights by default; a run folder: its best.pt).
 
     python sample.py --ckpt out --start_images s0.png s1.png --end_images e0.png e1.png \
-        --out_dir out/samples --steps 40 --eta 0.0 --guidance_scale 1.8 [--seed 0] [--num_samples N]
+        --out_dir out/samples --steps 40 --eta 0.0 --guidance_scale 1.8 [--residual_floor 4] [--seed 0] \
+        [--num_samples N]
     python sample.py --ckpt out --shards 'shards/val-*.tar' --num 64 --batch_size 16 --out_dir out/samples
     python sample.py --ckpt out --video in.mp4 --out out.mp4 [--batch_size 16] [--steps 10]
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["base", "reverse", "hflip"])
     p.add_argument("--steps", type=int, default=2000, help="training steps (upsample4x.toml: 2000)")
     p.add_argument("--guidance", type=float, nargs="+", default=[None],
-                   help="guidance scales to score at (default: the config's, 1.5)")
+                   help="guidance scales to score at (default: the config's)")
     p.add_argument("--crops", action="store_true", help="add 2x-size crops of the train parts (see above)")
     p.add_argument("--scene-cut", type=float, default=None, metavar="CHANGE",
                    help="train on clips that span no scene cut (preprocess.shard --scene-cut)")
