@@ -65,7 +65,6 @@ def test_evaluate_end_to_end_writes_every_row(setup, tmp_path):
     assert row["psnr"] == rows["model ddim-3 best-of-2"]["psnr"] and row["ssim"] == rows["model ddim-3 best-of-2"]["ssim"]
 
 
-
 def test_residual_floor_is_applied_and_recorded(setup, tmp_path):
     """--residual_floor 255 leaves the blend everywhere: the model's rows score as the blend's; the JSON says so."""
     ckpt, shards = setup
@@ -76,7 +75,8 @@ def test_residual_floor_is_applied_and_recorded(setup, tmp_path):
     rows = {r["method"]: r for r in result["rows"]}
     for metric in ("psnr", "ssim"):
         assert rows["model ddim-1"][metric] == rows["linear blend"][metric]
-    assert result["sample"]["residual_floor"] == 255 and "residual floor 255 gray levels" in result["protocol"]["sampler"]
+    assert result["sample"]["residual_floor"] == 255
+    assert "residual floor 255 gray levels" in result["protocol"]["sampler"]
 
 
 def test_examples_show_the_worst_and_best_clip(setup, tmp_path):

@@ -16,6 +16,7 @@ from conftest import K, SIZE, T, frame_at, make_checkpoint, tiny_config, write_s
 from evdm import sample_io as sampling, visualize
 from evdm.config import with_sample
 from evdm.denoiser import Denoiser, to_uint8
+from evdm.diffusion import linear_blend
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = visualize.strip_scale(SIZE)  # PNG strip enlargement
@@ -121,11 +122,8 @@ def test_sample_py_from_images_subprocess(ckpt, images, tmp_path):
     assert (out / "grid_000.gif").is_file()
 
 
-
 def test_residual_floor_flag_reaches_the_sampler(ckpt, images, tmp_path, capsys):
     """--residual_floor 255 (every change the model makes is below it): the middle frames are the blend."""
-    from evdm.diffusion import linear_blend
-
     start, end = (torch.from_numpy(np.stack([load_image(p, SIZE, "rgb") for p in pair])).permute(3, 0, 1, 2)[None]
                   .float() / 127.5 - 1 for pair in (images[:2], images[2:]))
     blend = to_uint8(linear_blend(start, end, T - 2 * K))[0]
