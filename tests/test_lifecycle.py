@@ -93,8 +93,10 @@ def test_signal_to_the_group_with_workers_saves_and_exits_0(shard_dir, tmp_path,
     assert "Traceback" not in stderr and "killed by signal" not in stderr
     step = assert_saved_at_last_record(out)
     assert step >= 3 and f"interrupted at step {step}" in stdout
-    # No validation or preview ran before the stop: no loss.png, an empty previews/; none is listed.
-    assert f"outputs in {out}/ (last.pt, metrics.jsonl)\n" in stdout
+    # Only the step-0 validation ran before the stop (best.pt, the untrained network): no loss.png, an
+    # empty previews/; neither is listed.
+    assert f"outputs in {out}/ (last.pt, best.pt, metrics.jsonl)\n" in stdout
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 0
     wait_for(lambda: group_gone(proc.pid), "the DataLoader workers to exit", timeout=60)
 
 

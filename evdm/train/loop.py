@@ -116,6 +116,9 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Path:
                                  purge_step=step + 1 if step else None)
     if dist.is_initialized():
         dashboard.message(f"DistributedDataParallel: {run.world_size} process(es), {dist.get_backend()}")
+    if step == 0 and run.is_main:  # best.pt's first candidate: the untrained network (residual "blend": the blend)
+        keep_best(run, 0, validation_loss(run.trainer.eval_denoiser, run.val_u8, cfg))
+        dashboard.message(f"step 0 (untrained): val_loss {run.best.val_loss:.4g}")
     # --- loop ----------------------------------------------------------------------------------
     try:
         with dashboard, tensorboard:
@@ -243,12 +246,10 @@ def check_finite(run: Run, result: StepResult, step: int, dashboard: Dashboard) 
 
 def keep_best(run: Run, step: int, val_loss: float | None) -> None:
     """Rank 0: best.pt at a validation loss lower than any before (a stop request's None counts for nothing)."""
-    if val_loss is None:
-        return
-    if val_loss < run.best.val_loss:
+    if val_loss is not None and val_loss < run.best.val_loss:
         run.best = Best(val_loss, step)
         save(run, step, Path(run.cfg.train.out_dir) / "best.pt")
-    else:
+    elif val_loss is not None:
         run.best.stale += 1
 
 
@@ -258,8 +259,7 @@ def is_val_step(step: int, cfg: TrainConfig) -> bool:
 
 @torch.no_grad()
 def validation_loss(denoiser: Denoiser, val_u8: torch.Tensor, cfg: RunConfig) -> float | None:
-    """Mean diffusion loss over the fixed val clips, with fixed noise, timesteps and no cond drop; None when
-    a stop request cuts it short (the step's record is written without it)."""
+    """Mean diffusion loss on the fixed val clips (fixed noise and timesteps, no cond drop); None if a stop cut it."""
     gen = torch.Generator(device=denoiser.device).manual_seed(VAL_SEED)
     total = 0.0
     was_training = denoiser.net.training
