@@ -27,6 +27,7 @@ from evdm.checkpoint import CheckpointError
 from evdm.cli import add_checkpoint_flag, add_speed_flags, input_files, one_line
 from evdm.config import ConfigError, Context, with_sample
 from evdm.denoiser import Denoiser, resolve_device, to_uint8
+from evdm.diffusion import floor_residual, linear_blend
 from evdm.ffmpeg import FFmpegNotFound
 from evdm.metrics import BASELINES, flicker, hf_ratio, middle_frames_metric, psnr, ssim, to_unit, u8_to_unit
 from evdm.sample_io import SamplingError, batched, iter_shard_clips, progress_bar
@@ -97,12 +98,14 @@ def evaluate(ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, 
              steps_list: tuple[int, ...] | list[int] = (10, 40), guidance_scale: float | None = None,
              residual_floor: float | None = None, device: str | None = None, seed: int = 0, best_of: int = 1,
              use_ema: bool = True, progress: bool = True, precision: str | None = None, compile: str | None = None,
-             extremes: Extremes | None = None, main_steps: int | None = None, peer: str | None = None) -> dict:
+             extremes: Extremes | None = None, main_steps: int | None = None, peer: str | None = None,
+             floors: tuple[float, ...] = ()) -> dict:
     """The JSON-ready `report` of the baselines and the model (DDIM at each of steps_list and at the
     checkpoint's sample.steps) on the first `num` shard clips. main_steps (default max(steps_list)): the main
     row's step count (summary, best-of-N row, examples, comparable row), scored last. None for guidance_scale,
     residual_floor, precision or compile: the checkpoint's. extremes: filled with the worst and the best clip
-    by the main row's PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`)."""
+    by the main row's PSNR. peer: "minterpolate" adds ffmpeg minterpolate's rows (`peer_rows`). floors: a row each,
+    the main row's samples under that residual floor (no extra network call)."""
     dev = resolve_device(device)
     denoiser = Denoiser.load(ckpt_path, dev, use_ema=use_ema, precision=precision, compile=compile)
     cfg = with_sample(denoiser.cfg, sampler="ddim", guidance_scale=guidance_scale, residual_floor=residual_floor)
@@ -117,7 +120,7 @@ def evaluate(ckpt_path: str | Path, shards: str | list[str], *, num: int = 256, 
         for index, batch in enumerate(batched(iter_shard_clips(shards, cfg, num), batch_size)):
             clips = np.stack([np.asarray(c) for _, c in batch])
             score_batch(acc, extremes, denoiser, cfg, clips, steps_list=steps_list, best_of=best_of,
-                        batch_seed=mix_seed(seed, index), lpips_fn=lpips_fn)
+                        batch_seed=mix_seed(seed, index), lpips_fn=lpips_fn, floors=tuple(floors))
             if peer:
                 score_peer(peer_acc, clips, cfg, lpips_fn)
             clips_seen += len(batch)
@@ -147,16 +150,23 @@ class Extremes:
 
 
 def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: np.ndarray, *, steps_list: list[int],
-                best_of: int, batch_seed: int, lpips_fn) -> None:
-    """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count and
-    its best of N, into `acc`; the main row's clips into `extremes`. steps_list: the main row's count last."""
+                best_of: int, batch_seed: int, lpips_fn, floors: tuple[float, ...] = ()) -> None:
+    """Score one batch of uint8 clips [B, T, H, W, C]: every baseline, the model at each step count, its
+    best of N and its main row's samples under each of `floors`, into `acc`; the main row's clips into
+    `extremes`. steps_list: the main row's count last."""
     K, dev = cfg.context, denoiser.device
     u8 = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)
     x_start, _, x_end = K.split(denoiser.to_input(u8))
+    blend_x = linear_blend(x_start, x_end, cfg.middle_frames)
 
-    def model_clip(steps: int, gen_seed: int) -> torch.Tensor:
-        return to_unit(denoiser.generate(x_start, x_end, dataclasses.replace(cfg.sample, steps=steps),
-                                         generator=torch.Generator(device=dev).manual_seed(gen_seed)))
+    def model_clips(steps: int, gen_seed: int, floors: tuple[float, ...] = ()) -> list[torch.Tensor]:
+        """One sample, in [0, 1] under sample.residual_floor and then each of `floors` (a floor applies after
+        sampling, as in Denoiser.generate: every floor's row comes from the same network calls)."""
+        gen = torch.Generator(device=dev).manual_seed(gen_seed)
+        raw = dataclasses.replace(cfg.sample, steps=steps, residual_floor=0.0)
+        s, middle, e = K.split(denoiser.generate(x_start, x_end, raw, generator=gen))
+        return [to_unit(torch.cat([s, floor_residual(middle, blend_x, f), e], dim=2))
+                for f in (cfg.sample.residual_floor, *floors)]
 
     start, truth, end = K.split(u8_to_unit(u8.to(dev)))
     score = lambda middle: _frame_metrics(middle, truth, lpips_fn, context=(start, end))  # noqa: E731
@@ -164,12 +174,14 @@ def score_batch(acc: dict, extremes: Extremes, denoiser: Denoiser, cfg, clips: n
     for name, middle in guesses.items():
         _record(acc, name, score(middle))
     for steps in steps_list:
-        sampled = model_clip(steps, batch_seed)
+        sampled, *floored = model_clips(steps, batch_seed, floors if steps == steps_list[-1] else ())
         _record(acc, f"model ddim-{steps}", single := score(K.split(sampled)[1]))
+    for floor, clip in zip(floors, floored):
+        _record(acc, f"model ddim-{steps_list[-1]} floor {floor:g}", score(K.split(clip)[1]))
     blend = torch.cat([start, guesses[LINEAR_BLEND], end], dim=2)
     extremes.update(single["psnr"].mean(dim=1), clips, sampled, blend)
     if best_of > 1:  # the single-sample row's draw is candidate 0, so best-of-N >= it per clip
-        candidates = [single] + [score(K.split(model_clip(steps_list[-1], batch_seed * 131 + n))[1])
+        candidates = [single] + [score(K.split(model_clips(steps_list[-1], batch_seed * 131 + n)[0])[1])
                                  for n in range(1, best_of)]
         _record(acc, f"model ddim-{steps_list[-1]} best-of-{best_of}", _best_of(candidates))
 
@@ -326,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="DDIM step counts, one row each")
     p.add_argument("--guidance_scale", type=float, help="default: the checkpoint's sample.guidance_scale")
     p.add_argument("--residual_floor", type=float, help="default: the checkpoint's sample.residual_floor")
+    p.add_argument("--floors", type=float, nargs="+", default=[], metavar="F",
+                   help="a row per residual floor F, from the main row's samples (to choose a model's floor)")
     p.add_argument("--main_steps", type=int,
                    help="the step count of the summary (and best-of) row; default: the largest --steps")
     p.add_argument("--best_of", type=int, default=1, help="N > 1 adds a best-of-N row at the main step count")
@@ -340,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     main_steps = [] if args.main_steps is None else [args.main_steps]
     if min(args.num, args.batch_size, args.best_of, *args.steps, *main_steps) < 1:
         p.error("--num, --batch_size, --best_of, --steps and --main_steps must be >= 1")
+    if min(args.floors, default=0) < 0:
+        p.error("--floors must be >= 0 (gray levels)")
     # Before the evaluation, not after: with --best_of 100 a bad path would cost hours of results.
     inputs = input_files(args.ckpt, shards=args.shards)
     for flag, path in (("--json", args.json), ("--examples", args.examples)):
@@ -351,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.ckpt, args.shards, num=args.num, batch_size=args.batch_size, steps_list=args.steps,
                           guidance_scale=args.guidance_scale, residual_floor=args.residual_floor, device=args.device,
                           seed=args.seed, best_of=args.best_of, use_ema=not args.no_ema, precision=args.precision,
-                          compile=args.compile, extremes=extremes, main_steps=args.main_steps, peer=args.peer)
+                          compile=args.compile, extremes=extremes, main_steps=args.main_steps, peer=args.peer,
+                          floors=args.floors)
     except (SamplingError, CheckpointError, ConfigError, peer.PeerError, FFmpegNotFound) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -79,6 +79,32 @@ def test_residual_floor_is_applied_and_recorded(setup, tmp_path):
     assert "residual floor 255 gray levels" in result["protocol"]["sampler"]
 
 
+def test_floors_rows_come_from_the_main_rows_samples(setup, tmp_path):
+    """--floors 0 3 255 on a floor-0 checkpoint: floor 0 is the main row itself, 255 the blend, 3 between; the
+    floor-3 row equals a whole evaluation at --residual_floor 3 (same seeds), so no row drew other samples."""
+    ckpt, shards = setup
+    common = dict(num=4, batch_size=2, steps_list=[1, 2], device="cpu", progress=False)
+    result = ev.evaluate(ckpt, shards, floors=(0.0, 3.0, 255.0), **common)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert [r["method"] for r in result["rows"]][-3:] == ["model ddim-2 floor 0", "model ddim-2 floor 3",
+                                                          "model ddim-2 floor 255"]
+    assert "model ddim-1 floor 0" not in rows  # only the main step count gets floor rows
+    metrics = ("psnr", "ssim", "hf_ratio", "flicker")
+    assert {m: rows["model ddim-2 floor 0"][m] for m in metrics} == {m: rows["model ddim-2"][m] for m in metrics}
+    for m in metrics:  # the blend in [-1, 1], then to [0, 1]: the baseline's to float rounding
+        assert rows["model ddim-2 floor 255"][m] == pytest.approx(rows["linear blend"][m], abs=2e-4)
+    assert rows["model ddim-2 floor 3"]["psnr"] != rows["model ddim-2"]["psnr"]
+    floored = {r["method"]: r for r in ev.evaluate(ckpt, shards, residual_floor=3.0, **common)["rows"]}
+    assert {m: rows["model ddim-2 floor 3"][m] for m in metrics} == {m: floored["model ddim-2"][m] for m in metrics}
+
+
+def test_floors_must_not_be_negative(setup, capsys):
+    ckpt, shards = setup
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--ckpt", str(ckpt), "--shards", shards, "--floors", "4", "-1"])
+    assert exc.value.code == 2 and "--floors must be >= 0" in capsys.readouterr().err
+
+
 def test_examples_show_the_worst_and_best_clip(setup, tmp_path):
     """The examples PNG holds six rows, worst (truth, model, blend) then best, and its truth rows are
     real shard clips; the tracker keeps the lowest and highest PSNR over batches."""
