@@ -106,10 +106,8 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None
     reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or reshaped:
         first = (missing or unexpected or reshaped)[0]
-        raise CheckpointError(
-            f"{path}: weights do not fit the model built from the config: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (first: {first})"
-        )
+        raise CheckpointError(f"{path}: weights do not fit the model built from the config: {len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (first: {first})")
     module.load_state_dict(state)
 
 

@@ -10,6 +10,9 @@ PSNR_CAP_DB = 100.0  # identical frames: MSE floored at 1e-10, i.e. 100 dB inste
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004, sec. III-C
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # the 5-point discrete Laplacian
+HF_FLOOR = 1e-6  # a frame with (almost) no edges: its energy floored so the ratio stays finite
+FLICKER_FLOOR = 1e-4  # the truth's mean change floored: a still truth gives a finite ratio
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +63,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ssim_map.mean(dim=(-3, -2, -1)).view(*lead, C).mean(dim=-1).float()
 
 
-LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # the 5-point discrete Laplacian
-HF_FLOOR = 1e-6  # a frame with (almost) no edges: its energy floored so the ratio stays finite
-
-
 def hf_energy(x: torch.Tensor) -> torch.Tensor:
     """High-frequency energy per frame (mean squared Laplacian): x [..., C, H, W] in [0, 1] -> [...]; blur lowers it."""
     *lead, C, H, W = x.shape
@@ -78,9 +77,6 @@ def hf_ratio(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.shape != y.shape:
         raise ValueError(f"hf_ratio: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     return hf_energy(x) / hf_energy(y).clamp(min=HF_FLOOR)
-
-
-FLICKER_FLOOR = 1e-4  # the truth's mean change floored: a still truth gives a finite ratio
 
 
 def frame_change(x: torch.Tensor) -> torch.Tensor:

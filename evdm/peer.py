@@ -1,10 +1,7 @@
-"""ffmpeg's minterpolate filter as the interpolation peer evdm is scored against. Torch-free.
-
-It fills the frames the model does: a clip's middle at w = (m + 1) / (M + 1) between its last start and
-first end frame (`interpolate_clips`; `run_graph` also runs one pass over a whole video). The observed
-frames are fed at their true instants and the filter asked for the rate that puts an output frame at every
-instant between; RGB travels unconverted as the planes G, B, R labelled yuv444p. docs/GUIDE.md ("Design
-notes") says why."""
+"""ffmpeg's minterpolate filter, the interpolation peer evdm is scored against (torch-free). It fills the frames the
+model does: a clip's middle at w = (m + 1) / (M + 1) between its last start and first end frame (`interpolate_clips`;
+`run_graph` also runs one pass over a whole video), the observed frames fed at their true instants. RGB travels
+unconverted as the planes G, B, R labelled yuv444p; docs/GUIDE.md ("Design notes") says why."""
 
 import itertools
 import os

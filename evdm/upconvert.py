@@ -1,9 +1,7 @@
-"""Whole videos at N times their frame rate with a context (1, 1), T = N + 1 checkpoint.
-
-Every pair of consecutive input frames is a window whose N - 1 middle frames the model generates: F input
-frames become (F - 1) x N + 1 output frames, input frame i at output frame i x N, byte for byte. Videos
-stream through two ffmpeg pipes (preprocess.video's decoder, an encoder that copies the sound); only a
-batch of windows is in memory. `upconvert_array` runs the same windows on frames in memory, for scoring."""
+"""Whole videos at N times their frame rate with a context (1, 1), T = N + 1 checkpoint: each pair of consecutive
+input frames is a window whose N - 1 middle frames the model generates, so F input frames become (F - 1) x N + 1,
+input frame i at output frame i x N, byte for byte. Videos stream through two ffmpeg pipes (preprocess.video's
+decoder, an encoder copying the sound), a batch of windows in memory; `upconvert_array` runs on frames in memory."""
 
 import contextlib
 import errno
@@ -23,6 +21,7 @@ from evdm.cli import warn
 from evdm.config import RunConfig, SampleConfig
 from evdm.denoiser import Denoiser
 from evdm.ffmpeg import ffmpeg_exe
+from evdm.sample_io import batched
 from evdm.seeds import mix_seed
 
 FALLBACK_FPS = 25.0  # a source that states no frame rate (raw streams)
@@ -53,10 +52,7 @@ def upconvert_frames(frames: Iterable[np.ndarray], denoiser: Denoiser, sample_cf
         return
     yield first
     windows = itertools.pairwise(itertools.chain([first], frames))
-    for index in itertools.count():
-        batch = list(itertools.islice(windows, batch_size))
-        if not batch:
-            return
+    for index, batch in enumerate(batched(windows, batch_size)):
         starts, ends = (np.stack([pair[i] for pair in batch])[:, None] for i in (0, 1))  # [B, 1, H, W, C]
         generator = torch.Generator(device=denoiser.device).manual_seed(mix_seed(seed, index))
         for clip in denoiser.generate_u8(starts, ends, sample_cfg, generator=generator):

@@ -22,6 +22,7 @@ Cell = tuple[np.ndarray, tuple[int, int, int]]  # (frame [H, W, C] uint8, border
 FPS = 4.0  # MP4s and GIFs of clips (8 frames: two seconds)
 VIDEO_PX = 256  # MP4s are enlarged (nearest) to about this many pixels across
 STRIP_PX = 128  # and PNG strips / grid GIF frames to about this many
+_video_failures: set[str] = set()  # kinds of MP4 failure already reported by try_save_video
 
 
 def strip_scale(size: int) -> int:
@@ -104,9 +105,6 @@ def save_gif(frames: np.ndarray, path: str | Path, fps: float = 4.0) -> None:
 def save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> None:
     """MP4 of uint8 [T, H, W, 1|3] via ffmpeg, enlarged `scale` times (lossy: inspect PNGs for exact pixels)."""
     write_mp4(frames, path, fps=fps, upscale=scale)
-
-
-_video_failures: set[str] = set()  # kinds of MP4 failure already reported by try_save_video
 
 
 def try_save_video(frames: np.ndarray, path: str | Path, *, fps: float = 4.0, scale: int = 8) -> bool:

@@ -1,7 +1,6 @@
-"""NVIDIA DALI variant of the training loader (data.loader = "dali"): `fn.readers.webdataset` reads the same
-shards (index inferred at start-up), `fn.decoders.numpy` decodes each clip, and the trainer gets uint8
-[B, C, T, H, W] batches on the GPU; ranks read disjoint parts through shard_id / num_shards. `device_id=None`
-runs DALI's CPU-only mode (the equivalence test, the benchmark). No exact resume (the reader cannot
+"""NVIDIA DALI variant of the training loader (data.loader = "dali"): `fn.readers.webdataset` reads the same shards
+(index inferred at start-up), `fn.decoders.numpy` decodes each clip, ranks read disjoint parts (shard_id / num_shards).
+`device_id=None` runs DALI's CPU-only mode (the equivalence test, the benchmark). No exact resume (the reader cannot
 fast-forward); damaged shards are left to DALI's reader."""
 
 import os

@@ -1,12 +1,10 @@
-"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches, and clips read in order (the trainer's
-fixed val subset, sample.py's and evaluate's inputs).
-
-Batches are [B, C, T, H, W] views of [B, T, H, W, C] buffers, the channels_last_3d layout, so no one
-permutes bytes; float conversion, scaling and flips happen on the device (Denoiser.to_input). The
-per-reader stream lives in evdm.data.stream; clips in order follow its damaged-shard policy."""
+"""WebDataset shards -> the trainer's uint8 [B, C, T, H, W] batches, views of [B, T, H, W, C] buffers (the
+channels_last_3d layout: no one permutes bytes; Denoiser.to_input converts them on the device), and clips read in
+order (the val subset, sample.py's and evaluate's inputs) under evdm.data.stream's damaged-shard policy."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Iterator
 
@@ -112,17 +110,15 @@ def read_clips(shards: ShardSet, shape: tuple[int, ...], limit: int | None = Non
     """(sample key, uint8 [T, H, W, C]) for the first `limit` clips (None: all) in sorted shard order;
     a shard is opened only when the clips before it did not reach `limit`."""
     reader = ShardReader(shape, who=shards.key)
-    count = 0
-    for url in sorted(shards.urls):
-        if limit is not None and count >= limit:
-            return
-        keys: list[str] = []
-        refs = reader.refs(url, keys=keys)
-        for key, ref in zip(keys, refs or []):
-            if limit is not None and count >= limit:
-                return
-            yield key, read_clip(ref, shape)
-            count += 1
+
+    def keyed_refs() -> Iterator[tuple[str, object]]:
+        for url in sorted(shards.urls):
+            keys: list[str] = []
+            refs = reader.refs(url, keys=keys) or []
+            yield from zip(keys, refs)
+
+    for key, ref in itertools.islice(keyed_refs(), limit):
+        yield key, read_clip(ref, shape)
 
 
 def load_val_clips(val: ShardSet, cfg: RunConfig) -> torch.Tensor:

@@ -19,6 +19,7 @@ META_EXT = "meta.json"
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 COLOR_CHANNELS = {"rgb": 3, "gray": 1}
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 def make_key(relpath: str, start_frame: int) -> str:
@@ -54,9 +55,6 @@ def encode_sample(key: str, clip: np.ndarray, meta: dict) -> dict[str, bytes | s
 def clip_shape(T: int, size: int, color_mode: str) -> tuple[int, int, int, int]:
     """The [T, H, W, C] shape of a clip for these settings (color_mode: checked by the config and the CLIs)."""
     return (T, size, size, COLOR_CHANNELS[color_mode])
-
-
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
 
 def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -1,9 +1,7 @@
-"""The resumable training stream: shard passes -> shuffle buffer -> batches, in one reader process.
-
-A reader's output is a pure function of (shard list, partition seed, sample seed, rank, worker, batches
-consumed), so a resume replays the pipeline over clip references and skips the pixel reads of batches
-already trained on (`start_batch`). A damaged shard is skipped whole, with one warning line, when it is
-indexed, so resume stays exact with damaged shards present (docs/RELIABILITY.md)."""
+"""The resumable training stream: shard passes -> shuffle buffer -> batches, in one reader process. Its output is a
+pure function of (shard list, partition seed, sample seed, rank, worker, batches consumed), so a resume replays it
+over clip references, reading no pixels of the batches already trained on (`start_batch`). A damaged shard is skipped
+whole, with one warning line, when indexed: resume stays exact with damaged shards present (docs/RELIABILITY.md)."""
 
 import hashlib
 import sys
