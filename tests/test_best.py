@@ -39,6 +39,9 @@ def test_best_pt_holds_the_lowest_validation_loss_and_early_stop_ends_the_run(sh
     # Two validations (steps 5 and 6) without a loss below 2.0: the run stops at step 6, saving last.pt.
     assert last["step"] == 6 and last["best"] == {"val_loss": 2.0, "step": 4, "stale": 2}
     assert same_weights(best, load(out / "step_0000004.pt"))
+    # best.pt is for sampling: without the optimizer's state (resume reads last.pt, which has it).
+    assert best["optimizer"] is None and last["optimizer"] is not None
+    assert (out / "best.pt").stat().st_size < 0.7 * (out / "last.pt").stat().st_size
     assert not list(out.glob("*.tmp*"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in records if r["val_loss"] is not None] == [5.0, 3.0, 4.0, 2.0, 6.0, 7.0]

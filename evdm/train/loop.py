@@ -248,7 +248,7 @@ def keep_best(run: Run, step: int, val_loss: float | None) -> None:
     """Rank 0: best.pt at a validation loss lower than any before (a stop request's None counts for nothing)."""
     if val_loss is not None and val_loss < run.best.val_loss:
         run.best = Best(val_loss, step)
-        save(run, step, Path(run.cfg.train.out_dir) / "best.pt")
+        save(run, step, Path(run.cfg.train.out_dir) / "best.pt", optimizer=False)
     elif val_loss is not None:
         run.best.stale += 1
 
@@ -306,9 +306,10 @@ def write_record(run: Run, record: dict, tensorboard: TensorBoardLog) -> None:
     tensorboard.scalars(record)
 
 
-def save(run: Run, step: int, path: Path) -> None:
-    """Rank 0 writes the checkpoint of `step` (denoiser.net, never a wrapper); TrainingDiverged instead of
-    non-finite weights, so the checkpoint written before stays."""
+def save(run: Run, step: int, path: Path, *, optimizer: bool = True) -> None:
+    """Rank 0 writes the checkpoint of `step` (denoiser.net, never a wrapper; optimizer=False: without the
+    optimizer's state, half the size, for best.pt); TrainingDiverged instead of non-finite weights, so the
+    checkpoint written before stays."""
     t = run.trainer
     ema = t.ema.net if t.ema is not None else None
     if not all_finite(t.denoiser.net, ema):  # every rank: they all stop
@@ -317,8 +318,8 @@ def save(run: Run, step: int, path: Path) -> None:
                                f"or --resume")
     if run.is_main:
         save_checkpoint(path, make_payload(step=step, cfg=run.cfg, model=t.denoiser.net, ema=ema,
-                                           optimizer=t.optimizer, scaler=t.scaler, stream=run.stream.as_dict(),
-                                           best=dataclasses.asdict(run.best)))
+                                           optimizer=t.optimizer if optimizer else None, scaler=t.scaler,
+                                           stream=run.stream.as_dict(), best=dataclasses.asdict(run.best)))
 
 
 def stop_agreed(local: bool, world_size: int, group: dist.ProcessGroup | None) -> bool:
