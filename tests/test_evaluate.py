@@ -1,5 +1,6 @@
 """evaluate(): every row on tiny shards, the JSON, the CLI, and the best-of-N selection."""
 
+import dataclasses
 import glob
 import json
 import subprocess
@@ -96,6 +97,17 @@ def test_floors_rows_come_from_the_main_rows_samples(setup, tmp_path):
     assert rows["model ddim-2 floor 3"]["psnr"] != rows["model ddim-2"]["psnr"]
     floored = {r["method"]: r for r in ev.evaluate(ckpt, shards, residual_floor=3.0, **common)["rows"]}
     assert {m: rows["model ddim-2 floor 3"][m] for m in metrics} == {m: floored["model ddim-2"][m] for m in metrics}
+    # What the rows rely on: Denoiser.generate's floor is its last step, so applying it afterwards is the same.
+    from evdm.denoiser import Denoiser
+    from evdm.diffusion import floor_residual, linear_blend
+
+    denoiser = Denoiser.load(ckpt, torch.device("cpu"))
+    start, end = torch.rand(2, 2, 3, K, SIZE, SIZE).mul(2).sub(1).unbind(0)
+    clip = lambda floor: denoiser.generate(  # noqa: E731
+        start, end, dataclasses.replace(denoiser.cfg.sample, steps=2, residual_floor=floor),
+        generator=torch.Generator().manual_seed(0))[:, :, K:-K]
+    after = floor_residual(clip(0.0), linear_blend(start, end, T - 2 * K), 3.0)
+    assert torch.equal(clip(3.0), after) and not torch.equal(clip(0.0), after)
 
 
 def test_floors_must_not_be_negative(setup, capsys):
