@@ -246,10 +246,12 @@ def check_finite(run: Run, result: StepResult, step: int, dashboard: Dashboard) 
 
 def keep_best(run: Run, step: int, val_loss: float | None) -> None:
     """Rank 0: best.pt at a validation loss lower than any before (a stop request's None counts for nothing)."""
-    if val_loss is not None and val_loss < run.best.val_loss:
+    if val_loss is None:
+        return
+    if val_loss < run.best.val_loss:
         run.best = Best(val_loss, step)
         save(run, step, Path(run.cfg.train.out_dir) / "best.pt", optimizer=False)
-    elif val_loss is not None:
+    else:
         run.best.stale += 1
 
 
